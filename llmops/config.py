@@ -110,13 +110,16 @@ class PrivacyConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound C")
     accountant: Literal["prv", "rdp"] = "prv"
     sampling: Literal["poisson", "shuffle"] = Field("poisson", description="poisson is what the accountant assumes")
-    secure_mode: bool = Field(False, description="Cryptographically secure noise (slower)")
+    secure_mode: bool = Field(False, description="Cryptographically secure noise and sampling (slower)")
+    noise_seed: int | None = Field(None, description="TESTS ONLY: predictable noise voids the guarantee")
     dataset_budget_epsilon: float = Field(10.0, gt=0.0, description="Ledger cap across all runs on this data")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":
         if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("set exactly one of privacy.target_epsilon and privacy.noise_multiplier")
+        if self.secure_mode and self.noise_seed is not None:
+            raise ValueError("secure_mode cannot use a noise_seed (seeded noise is predictable)")
         if self.enabled and self.target_epsilon and self.target_epsilon > self.dataset_budget_epsilon:
             raise ValueError(
                 f"target_epsilon {self.target_epsilon} exceeds dataset_budget_epsilon {self.dataset_budget_epsilon}"
@@ -135,9 +138,11 @@ class TrainingConfig(Section):
     batch_size: int = Field(16, ge=1, description="Expected global (logical) batch per optimizer step")
     micro_batch_size: int = Field(4, ge=1, description="Per-rank physical batch (memory bound)")
     learning_rate: float = Field(5e-4, gt=0.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     seed: int = 42
     deepspeed_config: Path = Field(Path("infra/deepspeed/zero0.json"))
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints")
+    world_size: int = Field(1, ge=1, description="Data-parallel ranks (local: torchrun; cluster: deepspeed launcher)")
 
     @model_validator(mode="after")
     def _batches(self) -> "TrainingConfig":

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -50,3 +51,6 @@ def test_training_flow_runs_existing_steps(prefect_harness, tiny_config):
     assert out["data"]["n_records"] == 200
     assert out["base_model"]["source"] == "tiny"
     assert abs(out["base_eval"]["eval_loss"] - 6.24) < 0.3
+    assert out["finetune"]["privacy"]["private"] and 0 < out["finetune"]["privacy"]["epsilon"] < 10
+    assert Path(out["finetune"]["model_path"], "privacy.json").is_file()
+    assert len(out["train_metrics"]) == 3 and out["eval"]["eval_tokens"] > 0

@@ -1,0 +1,495 @@
+"""Fine-tune a causal LM (LoRA or full) under DP-SGD, always through a DeepSpeed engine.
+
+    python -m tasks.finetune SPEC.json                                  # one rank (what the Prefect task runs)
+    torchrun --nproc_per_node 2 -m tasks.finetune SPEC.json              # N local ranks (gloo on CPU)
+    deepspeed --hostfile infra/hostfile --module tasks.finetune SPEC.json  # a GPU cluster
+
+`plan_finetune` (on the orchestrating process) resolves the privacy parameters, reserves the budget in the
+ledger and writes SPEC.json; every rank then runs `train(spec)`. See tasks/privacy.py for why this is DP.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmops.errors import LLMOpsError
+
+DS_AUTO = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class FinetuneSpec:
+    """Everything a rank needs; JSON on disk so any launcher can start ranks from it."""
+
+    run_id: str
+    model_path: str
+    train_path: str
+    output_dir: str
+    fingerprint: str
+    n_train: int
+    method: str = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    max_len: int = 128
+    dtype: str = "float32"
+    batch_size: int = 16  # expected global batch (Poisson: q * n_train)
+    micro_batch_size: int = 4
+    learning_rate: float = 5e-4
+    optimizer: str = "adamw"
+    steps: int = 10
+    seed: int = 42
+    deepspeed_config: str = "infra/deepspeed/zero0.json"
+    checkpoint_every: int = 50
+    world_size: int = 1
+    private: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.01
+    sampling: str = "poisson"
+    secure_mode: bool = False
+    noise_seed: int | None = None
+    delta: float = 1e-5
+    accountant: str = "prv"
+    ghost: str = "auto"
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FinetuneSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed config
+
+
+def deepspeed_config(path: str | Path, micro: int, gas: int, world: int, dtype: str, private: bool) -> dict:
+    """Load a JSON from infra/deepspeed/ and fill the values the run config owns ("auto")."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LLMOpsError(f"cannot read DeepSpeed config ({e})", str(path), "use one of infra/deepspeed/*.json") from None
+    owned = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": gas}
+    for key, value in owned.items():
+        if cfg.get(key, "auto") not in ("auto", value):
+            raise LLMOpsError(f"{key}={cfg[key]} conflicts with the run config ({value})", str(path),
+                              f'set "{key}": "auto"; the batch sizes come from training.*')
+        cfg[key] = value
+    cfg.setdefault("bf16", {})["enabled"] = dtype == "bfloat16"
+    if cfg.get("fp16", {}).get("enabled"):
+        raise LLMOpsError("fp16 loss scaling is not supported with DP", str(path), "use bf16 or fp32")
+    if private and cfg.get("gradient_clipping", 0):
+        raise LLMOpsError("DeepSpeed gradient_clipping would clip the noisy aggregate, not per sample", str(path),
+                          'set "gradient_clipping": 0 (DP clipping is privacy.max_grad_norm)')
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage > 2:
+        raise LLMOpsError(f"ZeRO stage {stage} is not supported with DP", str(path), "use zero0/1/2 configs")
+    # We own the accumulation boundary: a variable Poisson batch is split into a fixed number of micro-batches.
+    cfg["managed_gradient_accumulation"] = False
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------------- sampling
+
+
+def global_batch(step: int, spec: FinetuneSpec, generator_seed: int | None):
+    """Indices of the global batch for `step` (identical on every rank)."""
+    import torch
+
+    gen = torch.Generator()
+    if generator_seed is None:  # secure mode: unpredictable sampling (Poisson steps are independent)
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    else:
+        gen.manual_seed(generator_seed * 1_000_003 + step)
+    if spec.sampling == "poisson":
+        return torch.nonzero(torch.rand(spec.n_train, generator=gen) < spec.sample_rate).flatten()
+    per_epoch = max(spec.n_train // spec.batch_size, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(spec.n_train, generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch))
+    return perm[k * spec.batch_size:(k + 1) * spec.batch_size]
+
+
+def grad_accumulation_steps(spec: FinetuneSpec) -> int:
+    return max(1, math.ceil(spec.batch_size / (spec.world_size * spec.micro_batch_size)))
+
+
+# ---------------------------------------------------------------------------------------------- model set-up
+
+
+def prepare_trainable(model, spec: FinetuneSpec):
+    """LoRA adapters (base frozen) or full fine-tuning of the Linear layers (embeddings/norms/head frozen)."""
+    import torch.nn as nn
+
+    if spec.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        if missing := [t for t in spec.lora_target_modules if t not in names]:
+            raise LLMOpsError(f"LoRA target modules {missing} not in the model (Linear layers: {sorted(names)[:8]})",
+                              "training.lora_target_modules", "pick names from that list")
+        cfg = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                         target_modules=spec.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    out_emb = model.get_output_embeddings()
+    for mod in model.modules():
+        train = isinstance(mod, nn.Linear) and mod is not out_emb  # the head is tied to the embeddings
+        for p in mod.parameters(recurse=False):
+            p.requires_grad_(train)
+    return model
+
+
+def loss_module(model):
+    """Wrap the LM so DeepSpeed's engine output is a zero-valued *gate*, and per-sample losses go on the side.
+
+    DeepSpeed hooks its backward prologue onto the tensors its forward returns. The clipping pass differentiates
+    the per-sample losses w.r.t. layer outputs (no parameter .grad); if that went through a hooked tensor,
+    DeepSpeed would start a backward it never finishes. Returning `0 * losses.sum()` as the engine output and
+    adding it to the final loss keeps DeepSpeed's prologue exactly on the real backward.
+    """
+    import torch.nn as nn
+
+    from tasks.lm import per_sample_loss
+
+    class LossModule(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.model = lm
+            self.losses = None
+
+        def forward(self, input_ids, attention_mask):
+            self.losses = per_sample_loss(self.model, input_ids, attention_mask)
+            return self.losses.sum() * 0.0
+
+    return LossModule(model)
+
+
+def init_distributed():
+    import deepspeed
+    import torch
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def train(spec: FinetuneSpec) -> dict | None:
+    """One rank's training loop. Rank 0 writes the model, privacy.json and metrics; returns them."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import deepspeed
+    import torch
+
+    from tasks.data import read_texts
+    from tasks.lm import encode
+    from tasks.model import load_model
+    from tasks.privacy import PerSampleClipper, gaussian_noise, make_accountant, make_noise_generator
+
+    rank, world = init_distributed()
+    if world != spec.world_size:
+        raise LLMOpsError(f"launched with {world} ranks but the spec says {spec.world_size}", "training.world_size",
+                          "launch as many ranks as training.world_size")
+    torch.manual_seed(spec.seed)
+    model, tok = load_model(spec.model_path, spec.dtype)
+    model = prepare_trainable(model, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gas = grad_accumulation_steps(spec)
+    ds_cfg = deepspeed_config(spec.deepspeed_config, spec.micro_batch_size, gas, world, spec.dtype, spec.private)
+    optimizer = (torch.optim.SGD(params, lr=spec.learning_rate) if spec.optimizer == "sgd"
+                 else torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0))
+    engine, *_ = deepspeed.initialize(model=loss_module(model), optimizer=optimizer, config=ds_cfg,
+                                      model_parameters=params)
+    device = engine.device
+    texts = read_texts(Path(spec.train_path))
+    if len(texts) != spec.n_train:
+        raise LLMOpsError(f"train split has {len(texts)} records, plan said {spec.n_train}", spec.train_path,
+                          "re-run the flow (the split changed under the run)")
+    data = encode(tok, texts, spec.max_len)
+    out, ckpt_dir = Path(spec.output_dir), Path(spec.output_dir) / "checkpoints"
+    start, history, metrics = 0, [], []
+    if (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False, load_optimizer_states=True)
+        start, history, metrics = client["step"], client["history"], client["metrics"]
+        if rank == 0:
+            print(f"resumed run {spec.run_id} at step {start}/{spec.steps}", flush=True)
+    accountant = make_accountant(spec.accountant, history)
+    sample_seed = None if spec.secure_mode else spec.seed
+    noise_gen = make_noise_generator(spec.secure_mode, None)
+    clipper = PerSampleClipper(engine.module.model, spec.max_grad_norm, spec.ghost) if spec.private else None
+    scale = world / spec.batch_size  # DeepSpeed averages over ranks; we want (sum of clipped grads) / E[batch]
+    bar = _progress(rank, start, spec.steps)
+    engine.train()
+    with clipper if clipper else _null():
+        for step in range(start, spec.steps):
+            t0 = time.perf_counter()
+            idx = global_batch(step, spec, sample_seed)
+            chunks = [c for c in torch.tensor_split(idx[rank::world], gas)]
+            loss_sum, n_samples, n_tokens = 0.0, 0, 0
+            for k, chunk in enumerate(chunks):
+                weight = torch.ones(len(chunk)) if len(chunk) else torch.zeros(1)
+                chunk = chunk if len(chunk) else torch.zeros(1, dtype=torch.long)  # keeps collectives in lockstep
+                ids, mask = data["input_ids"][chunk].to(device), data["attention_mask"][chunk].to(device)
+                with clipper.record() if clipper else _null():
+                    gate = engine(ids, mask)
+                losses = engine.module.losses
+                coef = weight.to(device)
+                if clipper:
+                    coef = coef * clipper.clip_factors(clipper.per_sample_norms(losses))
+                loss = (coef.detach() * losses.float()).sum() * scale + gate
+                if clipper and rank == 0 and k == len(chunks) - 1 and spec.noise_multiplier > 0:
+                    if spec.noise_seed is not None:  # tests only: per-step seeds make resumed == uninterrupted
+                        noise_gen.manual_seed(spec.noise_seed * 1_000_003 + step)
+                    noise = gaussian_noise(params, spec.noise_multiplier * spec.max_grad_norm, noise_gen,
+                                           spec.secure_mode)
+                    loss = loss + sum((z.to(p.device, p.dtype) * p).sum() for z, p in zip(noise, params)) * scale
+                engine.backward(loss, scale_wrt_gas=False)
+                loss_sum += float((weight.to(device) * losses.detach().float()).sum())
+                n_samples += int(weight.sum())
+                n_tokens += int((mask.sum(1) * weight.to(device)).sum())
+            engine.step()
+            if spec.private:
+                accountant.step(noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate)
+            history = [list(h) for h in accountant.history]
+            m = _step_metrics(step, loss_sum, n_samples, n_tokens, world, time.perf_counter() - t0, spec, history)
+            metrics.append(m)
+            _update_bar(bar, m)
+            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+                _checkpoint(engine, ckpt_dir, step + 1, history, metrics)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        return _save_outputs(engine, tok, spec, history, metrics)
+    return None
+
+
+def _step_metrics(step, loss_sum, n_samples, n_tokens, world, seconds, spec, history) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([loss_sum, n_samples, n_tokens], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    from tasks.privacy import epsilon_of
+
+    eps = epsilon_of(history, spec.delta, spec.accountant) if spec.private else math.inf
+    return {"step": step + 1, "loss": float(t[0] / max(t[1], 1)), "batch": int(t[1]), "tokens": int(t[2]),
+            "tokens_per_s": float(t[2] / seconds), "seconds": round(seconds, 3), "epsilon": eps}
+
+
+def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics) -> None:
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", exclude_frozen_parameters=True,
+                           client_state={"step": step, "history": history, "metrics": metrics})
+    if engine.global_rank == 0:
+        for old in ckpt_dir.glob("step*"):
+            if old.name != f"step{step}":
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics) -> dict:
+    from tasks.privacy import epsilon_of
+
+    out = Path(spec.output_dir)
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = engine.module.model
+    if spec.method == "lora":
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        model.save_pretrained(out / "adapter")  # the adapter alone (small; base = spec.model_path)
+        model = model.merge_and_unload()  # a plain HF model: later steps need no PEFT
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    privacy = {
+        "private": spec.private, "epsilon": epsilon_of(history, spec.delta, spec.accountant) if spec.private else None,
+        "delta": spec.delta, "noise_multiplier": spec.noise_multiplier if spec.private else 0.0,
+        "max_grad_norm": spec.max_grad_norm, "sample_rate": spec.sample_rate, "steps": spec.steps,
+        "expected_batch_size": spec.batch_size, "n_train": spec.n_train, "accountant": spec.accountant,
+        "sampling": spec.sampling, "secure_mode": spec.secure_mode, "history": history,
+        "dataset_fingerprint": spec.fingerprint, "world_size": spec.world_size, "method": spec.method,
+    }
+    (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
+    shutil.rmtree(out / "model", ignore_errors=True)
+    tmp.rename(out / "model")
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return {"model_path": str(out / "model"), "privacy": privacy, "metrics": metrics}
+
+
+def _progress(rank: int, start: int, total: int):
+    if rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True)
+
+
+def _update_bar(bar, m: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m['epsilon']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    if len(argv) != 1:
+        print("usage: python -m tasks.finetune SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        result = train(FinetuneSpec.load(argv[0]))
+    except LLMOpsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps({"model_path": result["model_path"], "epsilon": result["privacy"]["epsilon"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------ orchestration side
+
+
+def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
+    """Resolve sigma/delta/steps, pick the run dir, reserve the privacy budget. Returns (spec, cumulative eps)."""
+    import hashlib
+
+    from tasks.privacy import PrivacyLedger, epsilon_of, noise_for_target
+
+    p, t = cfg.privacy, cfg.training
+    n = int(data["n_train"])
+    if t.batch_size > n:
+        raise LLMOpsError(f"batch_size {t.batch_size} exceeds the {n} training records", "training.batch_size",
+                          "lower training.batch_size or add data")
+    q = t.batch_size / n
+    steps = t.max_steps or max(1, math.ceil(t.epochs / q))
+    delta = p.delta or 1.0 / (10 * n)
+    if p.enabled and delta >= 1.0 / n:
+        raise LLMOpsError(f"delta {delta:g} is not below 1/n = {1 / n:g}", "privacy.delta",
+                          "use a delta well below 1/n_train (default 1/(10 n))")
+    sigma = 0.0
+    if p.enabled:
+        sigma = p.noise_multiplier if p.noise_multiplier is not None else noise_for_target(
+            p.target_epsilon, delta, q, steps, p.accountant)
+    key = json.dumps([data["fingerprint"], model["digest"], p.model_dump(mode="json"), t.model_dump(mode="json"),
+                      cfg.model.max_seq_len, cfg.model.dtype], sort_keys=True)
+    run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = Path(cfg.state_dir) / "runs" / run_id
+    spec = FinetuneSpec(
+        run_id=run_id, model_path=model["path"], train_path=data["train_path"], output_dir=str(out),
+        fingerprint=data["fingerprint"], n_train=n, method=t.method, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout, lora_target_modules=list(t.lora_target_modules), max_len=cfg.model.max_seq_len,
+        dtype=cfg.model.dtype, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
+        learning_rate=t.learning_rate, optimizer=t.optimizer, steps=steps, seed=t.seed, deepspeed_config=str(t.deepspeed_config),
+        checkpoint_every=t.checkpoint_every, world_size=t.world_size, private=p.enabled, noise_multiplier=sigma,
+        max_grad_norm=p.max_grad_norm, sample_rate=q, sampling=p.sampling, secure_mode=p.secure_mode,
+        noise_seed=p.noise_seed, delta=delta, accountant=p.accountant,
+    )
+    cumulative = math.inf
+    if p.enabled:
+        ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
+        cumulative = ledger.reserve(run_id, data["fingerprint"], [[sigma, q, steps]], delta, p.accountant,
+                                    p.dataset_budget_epsilon)
+        assert epsilon_of([[sigma, q, steps]], delta, p.accountant) <= p.dataset_budget_epsilon + 1e-9
+    out.mkdir(parents=True, exist_ok=True)
+    spec.save(out / "spec.json")
+    return spec, cumulative
+
+
+def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
+    """Run the ranks: in a subprocess (1 rank) or via torchrun (N local ranks); read rank 0's outputs."""
+    out = Path(spec.output_dir)
+    done = out / "model" / "privacy.json"
+    if done.is_file():  # a completed run with the same inputs: reuse, charge nothing new
+        return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
+                "metrics": json.loads((out / "metrics.json").read_text()), "reused": True}
+    spec_path = out / "spec.json"
+    if spec.world_size == 1:
+        cmd = [sys.executable, "-m", "tasks.finetune", str(spec_path)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.world_size}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tasks.finetune", str(spec_path)]
+    proc = subprocess.run(cmd, env=rank_env(), timeout=timeout_s, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise LLMOpsError(f"training ranks exited with code {proc.returncode}", str(out),
+                          "see the log above; re-running the flow resumes from the last checkpoint")
+    return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
+            "metrics": json.loads((out / "metrics.json").read_text()), "reused": False}
+
+
+def rank_env() -> dict:
+    """Environment for fresh ranks: the project importable, no distributed settings inherited from this process."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict) -> float:
+    from tasks.privacy import PrivacyLedger
+
+    if not spec.private:
+        return math.inf
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
+    ledger.finish(spec.run_id, privacy["history"])
+    return ledger.spent(spec.fingerprint, spec.delta, spec.accountant)
+
+
+def finetune(cfg, data: dict, model: dict) -> dict:
+    """Plan (ledger reservation) → launch ranks → settle the ledger. Returns paths, privacy and metrics."""
+    spec, planned = plan_finetune(cfg, data, model)
+    result = launch(spec)
+    result["cumulative_epsilon"] = finish_ledger(cfg, spec, result["privacy"])
+    result["run_id"] = spec.run_id
+    return result
+
+
+def _task():
+    from prefect import task
+
+    @task(name="dp-finetune", persist_result=False)
+    def dp_finetune_task(cfg, data: dict, model: dict) -> dict:
+        return finetune(cfg, data, model)
+
+    return dp_finetune_task
+
+
+dp_finetune_task = _task()

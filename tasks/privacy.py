@@ -1,0 +1,270 @@
+"""DP-SGD pieces that work inside a DeepSpeed engine, plus the per-dataset privacy ledger.
+
+Opacus has no DeepSpeed support, so we keep Opacus for what is engine-independent (accountants, noise
+calibration, secure noise generation) and do per-sample clipping ourselves, in a way DeepSpeed never sees:
+
+1. one forward; forward hooks record each trainable Linear's input x and output y;
+2. `torch.autograd.grad(sum of per-sample losses, ys)` gives the backprops g without touching any `.grad`
+   (so no DeepSpeed/ZeRO gradient hook fires); per-sample gradient norms follow from (x, g) exactly,
+   either by materialising g^T x per sample or with the ghost-norm identity
+   ||sum_t g_t x_t^T||^2 = sum_{t,s} (g_t.g_s)(x_t.x_s) when that is cheaper;
+3. clip factors c_i = min(1, C / ||grad_i||), and DeepSpeed back-propagates sum_i c_i * loss_i — whose gradient
+   is exactly the sum of clipped per-sample gradients — through its ordinary reduction (ZeRO 0/1/2 alike);
+4. Gaussian noise N(0, sigma^2 C^2) enters once per coordinate per step: only rank 0 adds the linear term
+   <z, theta> to its last micro-batch loss, so the data-parallel reduction carries z exactly once.
+The accountant sees the *global* sample rate q = expected global batch / n_train.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llmops.errors import LLMOpsError
+
+
+class PrivacyError(LLMOpsError):
+    """A run would break the privacy guarantee or budget."""
+
+
+# ----------------------------------------------------------------------------------------------- accounting
+
+
+def make_accountant(kind: str, history: list | None = None):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = PRVAccountant() if kind == "prv" else RDPAccountant()
+    acc.history = [tuple(h) for h in (history or [])]
+    return acc
+
+
+def epsilon_of(history: list, delta: float, kind: str = "prv") -> float:
+    """epsilon of a composed history [(sigma, q, steps), ...] at delta (0 for no private steps)."""
+    history = [h for h in history if h[2] > 0]
+    if not history:
+        return 0.0
+    if any(h[0] == 0 for h in history):
+        return math.inf
+    acc = make_accountant(kind, history)
+    return float(acc.get_epsilon(delta=delta)) if kind == "rdp" else _prv_epsilon(acc, delta)
+
+
+def _prv_epsilon(acc, delta: float) -> float:
+    try:
+        return float(acc.get_epsilon(delta=delta))
+    except (ValueError, RuntimeError):
+        # PRV's discretisation fails far outside its domain (tiny sigma, huge eps): RDP is a valid upper bound.
+        return float(make_accountant("rdp", acc.history).get_epsilon(delta=delta))
+
+
+def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "prv") -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=kind, epsilon_tolerance=0.01))
+
+
+# ----------------------------------------------------------------------------------------- per-sample clipping
+
+
+def dp_linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Trainable Linear layers; refuses models with trainable parameters we cannot clip per sample."""
+    layers, covered = [], set()
+    for name, mod in model.named_modules():
+        params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
+        if not params:
+            continue
+        if not isinstance(mod, nn.Linear):
+            raise PrivacyError(
+                f"trainable {type(mod).__name__} '{name}' has no per-sample gradient rule", "training.method",
+                "train with LoRA or freeze that module (full fine-tuning trains Linear layers only)",
+            )
+        layers.append((name, mod))
+        covered.update(id(p) for p in params)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if missing:
+        raise PrivacyError(f"trainable parameters outside Linear layers: {missing[:3]}", "training.method",
+                           "freeze them or use LoRA")
+    if not layers:
+        raise PrivacyError("model has no trainable parameters", "training.method", "check LoRA target modules")
+    return layers
+
+
+class PerSampleClipper:
+    """Records Linear inputs/outputs in forward; turns per-sample losses into clip factors."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, ghost: str = "auto"):
+        self.layers = dp_linear_modules(model)
+        self.max_grad_norm = max_grad_norm
+        self.ghost = ghost  # "auto" picks the cheaper of ghost-norm and materialised per layer
+        self._calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = []
+        self.recording = False
+
+    def __enter__(self) -> "PerSampleClipper":
+        for _, mod in self.layers:
+            self._handles.append(mod.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, mod, inputs, output) -> None:
+        if self.recording and torch.is_grad_enabled():
+            self._calls.setdefault(id(mod), []).append((inputs[0].detach(), output))
+
+    @contextmanager
+    def record(self):
+        self._calls.clear()
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
+
+    def per_sample_norms(self, losses: torch.Tensor) -> torch.Tensor:
+        """||grad of losses[i] w.r.t. all trainable params||_2 for each sample i, shape (B,)."""
+        mods = {id(m): m for _, m in self.layers}
+        outs = [(key, y) for key, calls in self._calls.items() for _, y in calls]
+        if not outs:
+            raise PrivacyError("no trainable layer ran in forward", "training", "check LoRA target modules")
+        grads = torch.autograd.grad(losses.sum(), [y for _, y in outs], retain_graph=True, allow_unused=True)
+        backprops: dict[int, list[torch.Tensor]] = {}
+        for (key, y), g in zip(outs, grads):
+            backprops.setdefault(key, []).append(torch.zeros_like(y) if g is None else g)
+        sq = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+        for key, calls in self._calls.items():
+            sq += self._layer_sq_norms(mods[key], [x for x, _ in calls], backprops[key])
+        self._calls.clear()
+        return sq.sqrt()
+
+    def _layer_sq_norms(self, mod: nn.Linear, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
+        xs = [x.reshape(x.shape[0], -1, x.shape[-1]).float() for x in xs]  # (B, T, d_in)
+        gs = [g.reshape(g.shape[0], -1, g.shape[-1]).float() for g in gs]  # (B, T, d_out)
+        sq = torch.zeros(xs[0].shape[0], dtype=torch.float32, device=xs[0].device)
+        if mod.weight.requires_grad:
+            t, d_in, d_out = xs[0].shape[1], xs[0].shape[2], gs[0].shape[2]
+            use_ghost = self.ghost == "always" or (
+                self.ghost == "auto" and len(xs) == 1 and t * (d_in + d_out) < d_in * d_out)
+            if use_ghost and len(xs) == 1:
+                x, g = xs[0], gs[0]
+                sq += ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
+            else:  # a layer called more than once needs the summed gradient before the norm
+                gw = sum(torch.einsum("bto,bti->boi", g, x) for x, g in zip(xs, gs))
+                sq += gw.pow(2).sum((1, 2))
+        if mod.bias is not None and mod.bias.requires_grad:
+            sq += sum(g.sum(1) for g in gs).pow(2).sum(1)
+        return sq
+
+    def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        if math.isinf(self.max_grad_norm):
+            return torch.ones_like(norms)
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def make_noise_generator(secure_mode: bool, seed: int | None) -> torch.Generator | None:
+    """Seeded noise is for tests only (predictable noise is no privacy); secure mode never takes a seed."""
+    if secure_mode:
+        if seed is not None:
+            raise PrivacyError("a noise seed with secure_mode makes noise predictable", "privacy.noise_seed",
+                               "remove noise_seed")
+        return None  # opacus' secure path draws from fresh OS entropy each time
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return gen
+
+
+def gaussian_noise(params: list[torch.Tensor], std: float, generator, secure_mode: bool) -> list[torch.Tensor]:
+    from opacus.optimizers.optimizer import _generate_noise
+
+    return [_generate_noise(std, p.detach().float().cpu(), generator, secure_mode) for p in params]
+
+
+# --------------------------------------------------------------------------------------------------- ledger
+
+
+@dataclass
+class LedgerEntry:
+    run_id: str
+    fingerprint: str
+    status: str
+    delta: float
+    accountant: str
+    history: list
+    epsilon: float
+    created: float
+
+
+class PrivacyLedger:
+    """Durable composition of privacy loss per dataset fingerprint (SQLite in the state dir).
+
+    A run *reserves* its full planned (sigma, q, steps) before training starts, so a killed run is charged
+    conservatively; a resumed run reuses its entry (never charged twice); on completion the entry is set to the
+    steps actually taken. Cumulative epsilon composes the histories of all runs under one accountant.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+                status TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, history TEXT NOT NULL,
+                epsilon REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)""")
+
+    @contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level="IMMEDIATE")
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def entries(self, fingerprint: str) -> list[LedgerEntry]:
+        with self._db() as db:
+            rows = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created "
+                              "FROM runs WHERE fingerprint=? ORDER BY created", (fingerprint,)).fetchall()
+        return [LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
+        history = [h for e in self.entries(fingerprint) if e.run_id != exclude for h in e.history]
+        return epsilon_of(history, delta, kind)
+
+    def reserve(self, run_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float) -> float:
+        """Record a planned run; refuse (before any training) if the cumulative epsilon would exceed the budget."""
+        existing = {e.run_id: e for e in self.entries(fingerprint)}
+        if run_id in existing:
+            return self.spent(fingerprint, delta, kind)
+        before = self.spent(fingerprint, delta, kind)
+        prior = [h for e in existing.values() for h in e.history]
+        after = epsilon_of(prior + list(history), delta, kind)
+        if after > budget + 1e-9:
+            raise PrivacyError(
+                f"this run would bring dataset {fingerprint[:12]} to epsilon={after:.2f} "
+                f"(already spent {before:.2f} over {len(existing)} run(s); budget {budget:.2f})",
+                "privacy.dataset_budget_epsilon",
+                "lower privacy.target_epsilon / train fewer steps, or raise the budget if policy allows",
+            )
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)", (run_id, fingerprint, "reserved", delta, kind,
+                       json.dumps(history), epsilon_of(history, delta, kind), now, now))
+        return after
+
+    def finish(self, run_id: str, history: list, status: str = "completed") -> None:
+        with self._db() as db:
+            row = db.execute("SELECT delta, accountant FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise PrivacyError(f"run {run_id} was never reserved", str(self.path), "reserve before training")
+            db.execute("UPDATE runs SET status=?, history=?, epsilon=?, updated=? WHERE run_id=?",
+                       (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), run_id))

@@ -1,0 +1,212 @@
+"""DP fine-tuning through a real DeepSpeed engine (CPU, gloo), tiny model. See tasks/privacy.py for the design."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmops.errors import LLMOpsError
+from tasks.data import prepare_data
+from tasks.finetune import FinetuneSpec, deepspeed_config, global_batch, launch, plan_finetune, train
+from tasks.model import resolve_model
+from tests.conftest import ROOT
+
+DS = ROOT / "infra" / "deepspeed"
+
+
+@pytest.fixture
+def base(tmp_path, tiny_jsonl):
+    data = prepare_data(tiny_jsonl, tmp_path / "state", 0.1)
+    model = resolve_model("tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
+                          max_len=32)
+    spec = FinetuneSpec(run_id="r", model_path=model.path, train_path=data.train_path, output_dir="",
+                        fingerprint=data.fingerprint, n_train=data.n_train, max_len=32, batch_size=8,
+                        micro_batch_size=4, learning_rate=1e-2, steps=3, seed=7, deepspeed_config=str(DS / "zero0.json"),
+                        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / data.n_train, noise_seed=11,
+                        delta=1e-4)
+    return spec, tmp_path
+
+
+def run(spec, tmp_path, name, **kw):
+    s = replace(spec, output_dir=str(tmp_path / name), **kw)
+    Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+    return train(s)
+
+
+def weights(result, adapter=False):
+    path = Path(result["model_path"]).parent / "adapter" / "adapter_model.safetensors" if adapter else \
+        Path(result["model_path"]) / "model.safetensors"
+    return load_file(path)
+
+
+def assert_same(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol)
+
+
+def plain_reference(spec):
+    """The same steps with plain PyTorch (no DeepSpeed, no DP): mean loss over the sampled batch, AdamW."""
+    from tasks.data import read_texts
+    from tasks.finetune import prepare_trainable
+    from tasks.lm import encode, per_sample_loss
+    from tasks.model import load_model
+
+    torch.manual_seed(spec.seed)
+    model, tok = load_model(spec.model_path)
+    model = prepare_trainable(model, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+    data = encode(tok, read_texts(Path(spec.train_path)), spec.max_len)
+    for step in range(spec.steps):
+        idx = global_batch(step, spec, spec.seed)
+        loss = per_sample_loss(model, data["input_ids"][idx], data["attention_mask"][idx]).sum() / spec.batch_size
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def test_no_noise_infinite_clip_equals_non_private_and_plain_pytorch(base):
+    spec, tmp = base
+    dp = run(spec, tmp, "dp", noise_multiplier=0.0, max_grad_norm=math.inf)
+    plain = run(spec, tmp, "plain", private=False)
+    # Float re-association (micro-batches, weighted sums) moves results by ~1e-6; training moves them by ~1e-2.
+    assert_same(weights(dp), weights(plain), rtol=1e-4, atol=2e-5)
+    ref = plain_reference(spec)
+    got = weights(plain)
+    for k in got:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=2e-5)
+    base_w = load_file(Path(spec.model_path) / "model.safetensors")
+    assert max(float((got[k] - base_w[k]).abs().max()) for k in base_w) > 1e-3  # training really moved them
+
+
+def test_dp_run_writes_model_privacy_json_and_metrics(base):
+    spec, tmp = base
+    out = run(spec, tmp, "dp")
+    priv = json.loads((Path(out["model_path"]) / "privacy.json").read_text())
+    for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant"):
+        assert key in priv
+    assert priv["steps"] == 3 and priv["history"] == [[1.0, spec.sample_rate, 3]] and 0 < priv["epsilon"] < 50
+    assert [m["step"] for m in out["metrics"]] == [1, 2, 3]
+    assert all(m["tokens_per_s"] > 0 and m["epsilon"] > 0 for m in out["metrics"])
+    assert out["metrics"][0]["epsilon"] < out["metrics"][-1]["epsilon"]
+    assert (Path(out["model_path"]).parent / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (Path(out["model_path"]).parent / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_give_the_zero0_result(base, stage):
+    spec, tmp = base
+    ref = run(spec, tmp, "z0")
+    got = run(spec, tmp, f"z{stage}", deepspeed_config=str(DS / f"zero{stage}.json"))
+    assert_same(weights(got), weights(ref), rtol=1e-4, atol=2e-5)
+
+
+def test_noise_std_is_sigma_c_over_b(base):
+    """One SGD step (lr=1) with and without seeded noise on the same batch: the difference is exactly z / B."""
+    spec, tmp = base
+    kw = dict(steps=1, optimizer="sgd", learning_rate=1.0, noise_multiplier=2.0, max_grad_norm=0.5)
+    noisy = weights(run(spec, tmp, "noisy", **kw), adapter=True)
+    clean = weights(run(spec, tmp, "clean", **{**kw, "noise_multiplier": 0.0}), adapter=True)
+    diff = torch.cat([(noisy[k] - clean[k]).flatten() for k in noisy])
+    expected = 2.0 * 0.5 / spec.batch_size
+    assert diff.numel() > 3000
+    assert abs(float(diff.std()) / expected - 1) < 0.05
+    assert abs(float(diff.mean())) < 4 * expected / math.sqrt(diff.numel())
+
+
+def test_two_ranks_equal_one_rank(base):
+    spec, tmp = base
+    one = run(spec, tmp, "one")
+    two_spec = replace(spec, output_dir=str(tmp / "two"), world_size=2)
+    Path(two_spec.output_dir).mkdir()
+    two_spec.save(Path(two_spec.output_dir) / "spec.json")
+    two = launch(two_spec, timeout_s=300)
+    assert_same(weights(two), weights(one), rtol=1e-4, atol=2e-5)
+    assert two["privacy"]["history"] == one["privacy"]["history"]  # accountant on the *global* sample rate
+
+
+def test_deepspeed_config_rules(tmp_path):
+    cfg = deepspeed_config(DS / "zero2.json", micro=4, gas=3, world=2, dtype="float32", private=True)
+    assert cfg["train_batch_size"] == 24 and cfg["managed_gradient_accumulation"] is False
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(LLMOpsError, match="gradient_clipping would clip the noisy aggregate"):
+        deepspeed_config(bad, 4, 1, 1, "float32", private=True)
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    with pytest.raises(LLMOpsError, match="conflicts with the run config"):
+        deepspeed_config(bad, 4, 1, 1, "float32", private=True)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(LLMOpsError, match="ZeRO stage 3"):
+        deepspeed_config(bad, 4, 1, 1, "float32", private=True)
+
+
+def test_poisson_sampling_is_global_and_seeded(base):
+    spec, _ = base
+    sizes = [len(global_batch(s, spec, 1)) for s in range(400)]
+    assert abs(sum(sizes) / len(sizes) - spec.batch_size) < 0.5  # E[batch] = q * n
+    assert len(set(sizes)) > 3  # the batch size really varies (Poisson)
+    assert torch.equal(global_batch(5, spec, 1), global_batch(5, spec, 1))
+
+
+def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
+    """SIGKILL the training process after a checkpoint; the re-run resumes and ends exactly where an
+    uninterrupted run ends, and the ledger holds one entry charged once."""
+    from tasks.finetune import finish_ledger
+    from tasks.privacy import PrivacyLedger
+
+    cfg = tiny_config.model_copy(update={"training": tiny_config.training.model_copy(
+        update={"max_steps": 40, "checkpoint_every": 2})})
+    cfg.privacy.noise_seed = 3
+    data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
+    model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    spec, planned = plan_finetune(cfg, data, model)
+    from tasks.finetune import rank_env
+
+    env = rank_env()
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", str(Path(spec.output_dir) / "spec.json")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
+    latest = Path(spec.output_dir) / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL) if proc.poll() is None else None
+    proc.wait()
+    assert latest.is_file(), f"no checkpoint before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    assert 0 < killed_at < 40
+    assert not (Path(spec.output_dir) / "model").exists()
+
+    spec_again, planned_again = plan_finetune(cfg, data, model)  # the re-run finds the same run id
+    assert spec_again.run_id == spec.run_id and planned_again == pytest.approx(planned)
+    resumed = launch(spec_again, timeout_s=300)
+    assert len(resumed["metrics"]) == 40 and resumed["privacy"]["history"][0][2] == 40
+    spent = finish_ledger(cfg, spec_again, resumed["privacy"])
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
+    assert len(ledger.entries(spec.fingerprint)) == 1
+    assert spent == pytest.approx(resumed["privacy"]["epsilon"])
+
+    straight = train(replace(spec, output_dir=str(tmp_path / "straight")))
+    assert_same(weights(resumed), weights(straight), rtol=1e-4, atol=2e-5)
+
+
+def test_plan_refuses_over_budget_before_training(tiny_config):
+    cfg = tiny_config
+    cfg.privacy.noise_multiplier = 0.3  # far too little noise for the budget
+    cfg.training.max_steps = 200
+    data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
+    model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    from tasks.privacy import PrivacyError
+
+    with pytest.raises(PrivacyError, match="budget"):
+        plan_finetune(cfg, data, model)
+    assert not (Path(cfg.state_dir) / "runs").exists()
