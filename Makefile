@@ -27,10 +27,12 @@ $(VENV)/.installed: pyproject.toml
 env: $(VENV)/.installed
 
 demo: env
+	@mkdir -p "$(PREFECT_HOME)"
 	$(VENV)/bin/llmops train --config configs/demo.yaml
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
 test: env
+	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
 
 test-slow: env

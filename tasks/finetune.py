@@ -155,8 +155,9 @@ def loss_module(model):
 
     DeepSpeed hooks its backward prologue onto the tensors its forward returns. The clipping pass differentiates
     the per-sample losses w.r.t. layer outputs (no parameter .grad); if that went through a hooked tensor,
-    DeepSpeed would start a backward it never finishes. Returning `0 * losses.sum()` as the engine output and
-    adding it to the final loss keeps DeepSpeed's prologue exactly on the real backward.
+    DeepSpeed would start a backward it never finishes. The gate is `0 * sum(trainable params)`: it depends on
+    no activation (so backpropagating it is free) and adding it to the surrogate loss puts DeepSpeed's
+    prologue exactly on the real backward.
     """
     import torch.nn as nn
 
@@ -170,7 +171,7 @@ def loss_module(model):
 
         def forward(self, input_ids, attention_mask):
             self.losses = per_sample_loss(self.model, input_ids, attention_mask)
-            return self.losses.sum() * 0.0
+            return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     return LossModule(model)
 
@@ -255,10 +256,12 @@ def train(spec: FinetuneSpec) -> dict | None:
                 with clipper.record() if clipper else _null():
                     gate = engine(ids, mask)
                 losses = engine.module.losses
-                coef = weight.to(device)
-                if clipper:
-                    coef = coef * clipper.clip_factors(clipper.per_sample_norms(losses))
-                loss = (coef.detach() * losses.float()).sum() * scale + gate
+                weight = weight.to(device)
+                if clipper:  # surrogate <G, theta>: its gradient is exactly the clipped sum G
+                    grads, _ = clipper.clipped_sum(losses, weight)
+                    loss = sum((g.to(p.dtype) * p).sum() for p, g in grads) * scale + gate
+                else:
+                    loss = (weight * losses.float()).sum() * scale + gate
                 if clipper and rank == 0 and k == len(chunks) - 1 and spec.noise_multiplier > 0:
                     if spec.noise_seed is not None:  # tests only: per-step seeds make resumed == uninterrupted
                         noise_gen.manual_seed(spec.noise_seed * 1_000_003 + step)
@@ -266,9 +269,9 @@ def train(spec: FinetuneSpec) -> dict | None:
                                            spec.secure_mode)
                     loss = loss + sum((z.to(p.device, p.dtype) * p).sum() for z, p in zip(noise, params)) * scale
                 engine.backward(loss, scale_wrt_gas=False)
-                loss_sum += float((weight.to(device) * losses.detach().float()).sum())
+                loss_sum += float((weight * losses.detach().float()).sum())
                 n_samples += int(weight.sum())
-                n_tokens += int((mask.sum(1) * weight.to(device)).sum())
+                n_tokens += int((mask.sum(1) * weight).sum())
             engine.step()
             if spec.private:
                 accountant.step(noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate)

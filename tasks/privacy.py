@@ -8,10 +8,11 @@ calibration, secure noise generation) and do per-sample clipping ourselves, in a
    (so no DeepSpeed/ZeRO gradient hook fires); per-sample gradient norms follow from (x, g) exactly,
    either by materialising g^T x per sample or with the ghost-norm identity
    ||sum_t g_t x_t^T||^2 = sum_{t,s} (g_t.g_s)(x_t.x_s) when that is cheaper;
-3. clip factors c_i = min(1, C / ||grad_i||), and DeepSpeed back-propagates sum_i c_i * loss_i — whose gradient
-   is exactly the sum of clipped per-sample gradients — through its ordinary reduction (ZeRO 0/1/2 alike);
-4. Gaussian noise N(0, sigma^2 C^2) enters once per coordinate per step: only rank 0 adds the linear term
-   <z, theta> to its last micro-batch loss, so the data-parallel reduction carries z exactly once.
+3. clip factors c_i = min(1, C / ||grad_i||) and the clipped sum G = sum_i c_i g_i^T x_i per layer;
+4. DeepSpeed back-propagates the linear surrogate <G, theta> (gradient: exactly G) through its ordinary
+   data-parallel reduction (ZeRO 0/1/2 alike), so the cost is one real backward, like non-private training;
+5. Gaussian noise N(0, sigma^2 C^2) enters once per coordinate per step: only rank 0 adds the linear term
+   <z, theta> to its last micro-batch surrogate, so the reduction carries z exactly once.
 The accountant sees the *global* sample rate q = expected global batch / n_train.
 """
 from __future__ import annotations
@@ -132,25 +133,53 @@ class PerSampleClipper:
         finally:
             self.recording = False
 
-    def per_sample_norms(self, losses: torch.Tensor) -> torch.Tensor:
-        """||grad of losses[i] w.r.t. all trainable params||_2 for each sample i, shape (B,)."""
+    def _backprops(self, losses: torch.Tensor) -> list[tuple[nn.Linear, list, list]]:
+        """(layer, inputs x, backprops g) per recorded layer; one backward to layer outputs, no .grad touched."""
         mods = {id(m): m for _, m in self.layers}
         outs = [(key, y) for key, calls in self._calls.items() for _, y in calls]
         if not outs:
             raise PrivacyError("no trainable layer ran in forward", "training", "check LoRA target modules")
-        grads = torch.autograd.grad(losses.sum(), [y for _, y in outs], retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), [y for _, y in outs], allow_unused=True)
         backprops: dict[int, list[torch.Tensor]] = {}
         for (key, y), g in zip(outs, grads):
             backprops.setdefault(key, []).append(torch.zeros_like(y) if g is None else g)
-        sq = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+        layers = []
         for key, calls in self._calls.items():
-            sq += self._layer_sq_norms(mods[key], [x for x, _ in calls], backprops[key])
+            xs = [x.reshape(x.shape[0], -1, x.shape[-1]).float() for x, _ in calls]  # (B, T, d_in)
+            gs = [g.reshape(g.shape[0], -1, g.shape[-1]).float() for g in backprops[key]]  # (B, T, d_out)
+            layers.append((mods[key], xs, gs))
         self._calls.clear()
+        return layers
+
+    def per_sample_norms(self, losses: torch.Tensor) -> torch.Tensor:
+        """||grad of losses[i] w.r.t. all trainable params||_2 for each sample i, shape (B,)."""
+        return self._norms(self._backprops(losses), losses.shape[0], losses.device)
+
+    def clipped_sum(self, losses: torch.Tensor, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """[(param, sum_i w_i c_i grad_i)], norms: the clipped gradient sum without any parameter .grad.
+
+        Handing DeepSpeed the linear surrogate sum_p <G_p, p> makes its backward produce exactly G, so the
+        data-parallel reduction, ZeRO partitioning and optimizer see an ordinary gradient.
+        """
+        layers = self._backprops(losses)
+        norms = self._norms(layers, losses.shape[0], losses.device)
+        coef = self.clip_factors(norms) * weights.to(norms)
+        grads = []
+        for mod, xs, gs in layers:
+            if mod.weight.requires_grad:
+                gw = sum(torch.einsum("bto,bti->oi", g * coef[:, None, None], x) for x, g in zip(xs, gs))
+                grads.append((mod.weight, gw))
+            if mod.bias is not None and mod.bias.requires_grad:
+                grads.append((mod.bias, sum((g.sum(1) * coef[:, None]).sum(0) for g in gs)))
+        return grads, norms
+
+    def _norms(self, layers, batch: int, device) -> torch.Tensor:
+        sq = torch.zeros(batch, dtype=torch.float32, device=device)
+        for mod, xs, gs in layers:
+            sq += self._layer_sq_norms(mod, xs, gs)
         return sq.sqrt()
 
     def _layer_sq_norms(self, mod: nn.Linear, xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
-        xs = [x.reshape(x.shape[0], -1, x.shape[-1]).float() for x in xs]  # (B, T, d_in)
-        gs = [g.reshape(g.shape[0], -1, g.shape[-1]).float() for g in gs]  # (B, T, d_out)
         sq = torch.zeros(xs[0].shape[0], dtype=torch.float32, device=xs[0].device)
         if mod.weight.requires_grad:
             t, d_in, d_out = xs[0].shape[1], xs[0].shape[2], gs[0].shape[2]
