@@ -3,21 +3,24 @@
     llmops train --config configs/demo.yaml
     # or as a deployment entrypoint: flows/training.py:training_flow
 
-Steps that exist so far: prepare data (load, fingerprint, split) → resolve the base model →
-held-out evaluation of the base model → DP fine-tuning through DeepSpeed (privacy ledger) → held-out
-evaluation of the fine-tuned model.
+prepare data (load, fingerprint, split) → resolve the base model → DP fine-tune through DeepSpeed (privacy
+ledger) → evaluate candidate (+ the production model on the same split) → gate → register in MLflow
+(alias `candidate` only if the gate passed).
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 
 from llmops.config import PipelineConfig
 from tasks.data import prepare_data
-from tasks.evaluation import evaluate_task
+from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model
+from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
 
 
 @task(name="prepare-data", persist_result=False)
@@ -33,6 +36,23 @@ def resolve_model_task(cfg: PipelineConfig) -> dict:
     return asdict(resolve_model(m.source, cfg.state_dir, m.path, m.tokenizer_path, m.tiny.model_dump(), m.max_seq_len))
 
 
+@task(name="evaluate-production", retries=2, retry_delay_seconds=5, persist_result=False)
+def evaluate_production_task(cfg: PipelineConfig, eval_path: str) -> dict | None:
+    """The model under alias `production`, scored on *this* run's held-out split (a fair comparison)."""
+    from tasks.evaluation import evaluate_model
+
+    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    prod = production_version(uri, cfg.registry.model_name)
+    if prod is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_hf_model(uri, cfg.registry.model_name, str(prod.version), tmp)
+        e = cfg.evaluation
+        out = evaluate_model(str(path), eval_path, e.prompts, e.max_eval_records, cfg.model.max_seq_len,
+                             e.max_new_tokens, cfg.model.dtype)
+    return out | {"version": str(prod.version)}
+
+
 @flow(name="llmops-training", log_prints=True, validate_parameters=True)
 def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
@@ -41,22 +61,30 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                 data["n_train"], data["n_eval"])
     model = resolve_model_task(config)
     logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
-    base_eval = evaluate_task(model["path"], data["eval_path"], config.evaluation.max_eval_records,
-                              config.model.max_seq_len, config.model.dtype)
-    logger.info("base model held-out loss %.4f (perplexity %.2f) on %d tokens", base_eval["eval_loss"],
-                base_eval["perplexity"], base_eval["eval_tokens"])
+
     tuned = dp_finetune_task(config, data, model)
-    privacy = tuned["privacy"]
-    if privacy["private"]:
-        logger.info("DP fine-tune done: epsilon=%.3f delta=%.2g sigma=%.3f C=%.2g q=%.4f steps=%d; dataset total "
-                    "epsilon=%.3f of budget %.1f", privacy["epsilon"], privacy["delta"], privacy["noise_multiplier"],
-                    privacy["max_grad_norm"], privacy["sample_rate"], privacy["steps"], tuned["cumulative_epsilon"],
-                    config.privacy.dataset_budget_epsilon)
+    p = tuned["privacy"]
+    if p["private"]:
+        logger.info("DP fine-tune: epsilon=%.3f delta=%.2g sigma=%.3f C=%.2g q=%.4f steps=%d; dataset total "
+                    "epsilon=%.3f of budget %.1f", p["epsilon"], p["delta"], p["noise_multiplier"], p["max_grad_norm"],
+                    p["sample_rate"], p["steps"], tuned["cumulative_epsilon"], config.privacy.dataset_budget_epsilon)
     else:
         logger.warning("NON-PRIVATE fine-tune (privacy.enabled=false): no privacy guarantee")
-    tuned_eval = evaluate_task(tuned["model_path"], data["eval_path"], config.evaluation.max_eval_records,
-                               config.model.max_seq_len, config.model.dtype)
-    logger.info("fine-tuned held-out loss %.4f (base %.4f)", tuned_eval["eval_loss"], base_eval["eval_loss"])
-    return {"data": data, "base_model": model, "base_eval": base_eval,
-            "finetune": {k: v for k, v in tuned.items() if k != "metrics"}, "train_metrics": tuned["metrics"],
-            "eval": tuned_eval}
+
+    e = config.evaluation
+    candidate = evaluate_candidate_task(tuned["model_path"], data["eval_path"], e.prompts, e.max_eval_records,
+                                        config.model.max_seq_len, e.max_new_tokens, config.model.dtype)
+    incumbent = evaluate_production_task(config, data["eval_path"])
+    policy = GatePolicy(e.max_loss_increase, e.max_latency_ratio, e.require_private)
+    decision = decision_dict(should_promote(candidate, incumbent, policy, p,
+                                            f"v{incumbent['version']}" if incumbent else None))
+    logger.info("candidate held-out loss %.4f (perplexity %.2f); gate %s", candidate["eval_loss"],
+                candidate["perplexity"], decision["summary"])
+
+    registered = register_task(**registration_inputs(
+        config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision, validation=None,
+        flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url))
+    logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
+                " as @candidate" if registered["alias"] else " (gate failed: no alias)")
+    return {"data": data, "base_model": model, "finetune": {k: v for k, v in tuned.items() if k != "metrics"},
+            "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered}

@@ -174,6 +174,8 @@ class EvaluationConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: ["Shall I compare thee", "O Romeo,"])
     max_new_tokens: int = Field(32, ge=1)
     max_loss_increase: float = Field(0.0, ge=0.0, description="Tolerance vs the production model (nats)")
+    max_latency_ratio: float | None = Field(None, gt=0.0, description="e.g. 1.5 = at most 50% slower than production")
+    require_private: bool = Field(True, description="A model trained without DP never becomes a candidate")
 
 
 class RegistryConfig(Section):

@@ -1,11 +1,15 @@
-"""Held-out evaluation: token-weighted loss and perplexity on the eval split.
+"""Evaluation and the release gate.
 
-Later steps (gate vs production, generations, latency) build on `heldout_loss`.
+`evaluate_model` scores a model dir on the held-out split (token-weighted loss/perplexity), generates from fixed
+prompts (greedy, so reruns are comparable), and measures size and generation latency.
+`should_promote` is a pure decision: candidate vs the model under alias `production`, under a `GatePolicy`.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import task
@@ -14,13 +18,14 @@ from tasks.data import read_texts
 
 
 def heldout_loss(model_path: str, eval_path: str, max_records: int = 64, max_len: int = 128,
-                 batch_size: int = 8, dtype: str = "float32") -> dict:
+                 batch_size: int = 8, dtype: str = "float32", model=None, tok=None) -> dict:
     import torch
 
     from tasks.lm import encode, token_nll
     from tasks.model import load_model
 
-    model, tok = load_model(model_path, dtype)
+    if model is None:
+        model, tok = load_model(model_path, dtype)
     model.eval()
     texts = read_texts(Path(eval_path))[:max_records]
     total, count = 0.0, 0
@@ -35,6 +40,98 @@ def heldout_loss(model_path: str, eval_path: str, max_records: int = 64, max_len
             "eval_records": len(texts), "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
+def generate(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[dict], list[float]]:
+    """Greedy generations and per-token latency (seconds) for each prompt."""
+    import torch
+
+    outs, per_token = [], []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        new = gen[0, ids["input_ids"].shape[1]:]
+        per_token.append((time.perf_counter() - t0) / max(len(new), 1))
+        outs.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True)})
+    return outs, per_token
+
+
+def model_size(path: str | Path) -> dict:
+    files = [f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".onnx")]
+    return {"size_bytes": sum(f.stat().st_size for f in files)}
+
+
+def evaluate_model(model_path: str, eval_path: str, prompts: list[str], max_records: int = 64, max_len: int = 128,
+                   max_new_tokens: int = 32, dtype: str = "float32") -> dict:
+    from tasks.model import load_model
+
+    model, tok = load_model(model_path, dtype)
+    out = heldout_loss(model_path, eval_path, max_records, max_len, model=model, tok=tok)
+    generations, latency = generate(model, tok, prompts, max_new_tokens)
+    out.update(model_size(model_path))
+    out["params"] = sum(p.numel() for p in model.parameters())
+    out["latency_ms_per_token_p50"] = 1000 * statistics.median(latency) if latency else None
+    out["generations"] = generations
+    return out
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    max_loss_increase: float = 0.0  # nats the candidate may lose vs production on the same held-out split
+    max_latency_ratio: float | None = None  # e.g. 1.5 = at most 50% slower per token than production
+    require_private: bool = True  # a non-private model is never a release candidate
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    compared_with: str | None = None
+
+    def summary(self) -> str:
+        return ("passed" if self.passed else "failed") + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, privacy: dict | None = None,
+                   incumbent_name: str | None = None) -> Decision:
+    """Pure: decide whether `candidate` may become the release candidate. Every reason is stated."""
+    reasons: list[str] = []
+    ok = True
+    if policy.require_private and not (privacy and privacy.get("private")):
+        ok = False
+        reasons.append("model was trained without differential privacy")
+    if not math.isfinite(candidate["eval_loss"]):
+        return Decision(False, reasons + ["candidate eval loss is not finite"], incumbent_name)
+    if incumbent is None:
+        reasons.append("no production model yet: candidate accepted on its own evaluation")
+        return Decision(ok, reasons, None)
+    delta = candidate["eval_loss"] - incumbent["eval_loss"]
+    if delta > policy.max_loss_increase:
+        ok = False
+        reasons.append(f"held-out loss {candidate['eval_loss']:.4f} is {delta:+.4f} nats vs production "
+                       f"{incumbent['eval_loss']:.4f} (allowed +{policy.max_loss_increase:g})")
+    else:
+        reasons.append(f"held-out loss {candidate['eval_loss']:.4f} vs production {incumbent['eval_loss']:.4f} "
+                       f"({delta:+.4f} nats, allowed +{policy.max_loss_increase:g})")
+    c_lat, i_lat = candidate.get("latency_ms_per_token_p50"), incumbent.get("latency_ms_per_token_p50")
+    if policy.max_latency_ratio and c_lat and i_lat and c_lat / i_lat > policy.max_latency_ratio:
+        ok = False
+        reasons.append(f"latency {c_lat:.1f} ms/token is {c_lat / i_lat:.2f}x production "
+                       f"(allowed {policy.max_latency_ratio:g}x)")
+    return Decision(ok, reasons, incumbent_name)
+
+
 @task(name="evaluate-heldout", persist_result=False)
 def evaluate_task(model_path: str, eval_path: str, max_records: int, max_len: int, dtype: str) -> dict:
     return heldout_loss(model_path, eval_path, max_records, max_len, dtype=dtype)
+
+
+@task(name="evaluate-candidate", persist_result=False)
+def evaluate_candidate_task(model_path: str, eval_path: str, prompts: list[str], max_records: int, max_len: int,
+                            max_new_tokens: int, dtype: str) -> dict:
+    return evaluate_model(model_path, eval_path, prompts, max_records, max_len, max_new_tokens, dtype)
+
+
+def decision_dict(d: Decision) -> dict:
+    return asdict(d) | {"summary": d.summary()}

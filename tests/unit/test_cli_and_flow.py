@@ -44,13 +44,15 @@ def test_cli_bad_data_inside_flow_exits_2_without_traceback(tmp_path):
     assert errors == [f"error: {bad}:2: malformed JSON (Expecting value, column 10) — fix or remove that line"]
 
 
-def test_training_flow_runs_existing_steps(prefect_harness, tiny_config):
+def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_config):
     from flows.training import training_flow
 
-    out = training_flow(config=tiny_config)
-    assert out["data"]["n_records"] == 200
-    assert out["base_model"]["source"] == "tiny"
-    assert abs(out["base_eval"]["eval_loss"] - 6.24) < 0.3
+    cfg = tiny_config
+    cfg.evaluation.require_private = True
+    out = training_flow(config=cfg)
+    assert out["data"]["n_records"] == 200 and out["base_model"]["source"] == "tiny"
     assert out["finetune"]["privacy"]["private"] and 0 < out["finetune"]["privacy"]["epsilon"] < 10
     assert Path(out["finetune"]["model_path"], "privacy.json").is_file()
-    assert len(out["train_metrics"]) == 3 and out["eval"]["eval_tokens"] > 0
+    assert out["eval"]["eval_tokens"] > 0 and len(out["eval"]["generations"]) == 2
+    assert out["production_eval"] is None and out["gate"]["passed"]
+    assert out["registered"]["version"] == "1" and out["registered"]["alias"] == "candidate"

@@ -1,0 +1,343 @@
+"""MLflow 3 tracking and registry with full lineage.
+
+One experiment per pipeline (`registry.experiment`), one MLflow run per training flow run (tagged with the
+Prefect flow-run id and URL), the model logged as a self-contained pyfunc (tasks/mlflow_model.py + the HF dir),
+registered as a new version with lineage tags, alias `candidate` set last — only when the gate passed.
+A failure after the version exists deletes that version, so no half-registered version is ever left behind.
+
+Default store: `sqlite:///<state_dir>/mlflow.db` with artifacts in `<state_dir>/mlartifacts` (no server).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from llmops.errors import LLMOpsError
+
+CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+class RegistryError(LLMOpsError):
+    """Tracking server/registry failure."""
+
+
+def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
+    if configured:
+        return configured
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def retry(fn, attempts: int = 4, base_delay: float = 0.5, what: str = "MLflow call"):
+    """Retry transient tracking errors (connection resets, 5xx, SQLite busy) with exponential backoff."""
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError) as e:
+            transient = isinstance(e, OSError) or getattr(e, "error_code", "") in (
+                "TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED") or "database is locked" in str(e)
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(base_delay * 2 ** i)
+
+
+def experiment_id(client, name: str, state_dir: str | Path, uri: str) -> str:
+    exp = retry(lambda: client.get_experiment_by_name(name))
+    if exp is not None:
+        return exp.experiment_id
+    # With a local sqlite store, keep artifacts in the state dir (not ./mlruns wherever the run started).
+    location = (Path(state_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return retry(lambda: client.create_experiment(name, artifact_location=location))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent.parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, obj, out: dict | None = None) -> dict:
+    """Nested config → flat MLflow params (`privacy.target_epsilon` ...), values as short strings."""
+    out = {} if out is None else out
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(obj)[:500]
+    return out
+
+
+def production_version(uri: str, name: str):
+    """The ModelVersion under alias `production`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        return retry(lambda: client.get_model_version_by_alias(name, PRODUCTION))
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def download_hf_model(uri: str, name: str, alias_or_version: str, dest: str | Path) -> Path:
+    """Local HF dir of a registered version (`models:/name@alias` or a version number)."""
+    import mlflow
+
+    _client(uri)
+    sep = "@" if not str(alias_or_version).isdigit() else "/"
+    root = retry(lambda: mlflow.artifacts.download_artifacts(f"models:/{name}{sep}{alias_or_version}",
+                                                             dst_path=str(dest)))
+    return Path(root) / "artifacts" / "hf_model"
+
+
+def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name: str, model_dir: str, params: dict,
+                       metrics: dict, step_metrics: list[dict], artifacts: dict[str, str], texts: dict[str, str],
+                       tags: dict[str, str], version_tags: dict[str, str], set_alias: bool) -> dict:
+    """Log a run + model, register a version with lineage tags; set `candidate` last (if `set_alias`)."""
+    import mlflow
+
+    client = _client(uri)
+    exp_id = experiment_id(client, experiment, state_dir, uri)
+    run = retry(lambda: client.create_run(exp_id, tags=tags, run_name=tags.get("llmops.run_name")))
+    run_id = run.info.run_id
+    try:
+        _log_run(client, run_id, params, metrics, step_metrics, artifacts, texts)
+        with mlflow.start_run(run_id=run_id):
+            info = retry(lambda: mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), artifacts={"hf_model": model_dir},
+                signature=_signature(), pip_requirements=["torch", "transformers", "safetensors", "mlflow"]))
+        _ensure_model(client, model_name)
+        version = retry(lambda: mlflow.register_model(info.model_uri, model_name, tags=version_tags))
+        _wait_ready(client, model_name, version.version)
+        if set_alias:
+            retry(lambda: client.set_registered_model_alias(model_name, CANDIDATE, version.version))
+        retry(lambda: client.set_terminated(run_id, "FINISHED"))
+    except Exception as e:
+        _delete_versions_of_run(client, model_name, run_id)  # never leave a half-registered version behind
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001
+            pass
+        if isinstance(e, LLMOpsError):
+            raise
+        raise RegistryError(f"registration failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", uri,
+                            "check the tracking server; the run was marked FAILED and no version was kept") from e
+    return {"model_name": model_name, "version": str(version.version), "run_id": run_id, "experiment_id": exp_id,
+            "model_uri": f"models:/{model_name}/{version.version}", "alias": CANDIDATE if set_alias else None}
+
+
+def _delete_versions_of_run(client, model_name: str, run_id: str) -> None:
+    try:
+        for mv in client.search_model_versions(f"name='{model_name}'"):
+            if mv.run_id == run_id:
+                client.delete_model_version(model_name, mv.version)
+    except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+        pass
+
+
+def _ensure_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry(lambda: client.get_registered_model(name))
+    except MlflowException:
+        retry(lambda: client.create_registered_model(name, description="Fine-tuned with llmops (DP-SGD)"))
+
+
+def _wait_ready(client, name: str, version: str, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        mv = retry(lambda: client.get_model_version(name, version))
+        if mv.status == "READY":
+            return
+        if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:
+            raise RegistryError(f"model version {version} is {mv.status}", f"models:/{name}/{version}",
+                                "check the artifact store")
+        time.sleep(1)
+
+
+def _signature():
+    from mlflow.models import infer_signature
+
+    return infer_signature(model_input=["a prompt"], model_output=["a completion"], params={"max_new_tokens": 32})
+
+
+def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: list[dict], artifacts: dict,
+             texts: dict) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]]))
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    for m in step_metrics:
+        for k in ("loss", "epsilon", "tokens_per_s", "batch"):
+            if k in m and m[k] is not None and m[k] == m[k] and abs(float(m[k])) != float("inf"):
+                ms.append(Metric(f"train.{k}", float(m[k]), now, int(m["step"])))
+    for i in range(0, len(ms), 500):
+        retry(lambda: client.log_batch(run_id, metrics=ms[i:i + 500]))
+    for dest, path in artifacts.items():
+        if path and Path(path).exists():
+            p = Path(path)
+            retry(lambda: client.log_artifacts(run_id, str(p), dest) if p.is_dir()
+                  else client.log_artifact(run_id, str(p), dest))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in texts.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        if texts:
+            retry(lambda: client.log_artifacts(run_id, tmp, "reports"))
+
+
+def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, cumulative_epsilon: float | None,
+               budget: float, evaluation: dict, decision: dict, validation: dict | None, config_yaml: str) -> str:
+    p = privacy
+    eps = f"{p['epsilon']:.3f}" if p.get("private") and p.get("epsilon") is not None else "∞ (not private)"
+    rows = "\n".join(f"| {k} | {evaluation[k]:.4g} |" for k in
+                     ("eval_loss", "perplexity", "latency_ms_per_token_p50", "size_bytes", "params")
+                     if isinstance(evaluation.get(k), (int, float)))
+    gens = "\n".join(f"- *{g['prompt']}* → {g['completion'][:160]!r}" for g in evaluation.get("generations", []))
+    val = (f"{'passed' if validation.get('passed') else 'FAILED'}; PII: " +
+           ", ".join(f"{k}={v.get('count', 0)} ({v.get('policy')})" for k, v in validation.get("pii", {}).items())
+           if validation else "not run")
+    sampling_note = ("" if p.get("sampling") == "poisson" else
+                     "\n- Batches were shuffled, not Poisson-sampled: the accountant's amplification assumes Poisson "
+                     "sampling, so epsilon is an approximation (as in Opacus' default loaders).")
+    fp_note = "" if p.get("secure_mode") else (
+        "\n- Noise came from PyTorch's standard generator (secure_mode off): floating-point attacks on the Gaussian "
+        "sampler are not defended against.")
+    return f"""# Model card: {model_name}
+
+## Intended use
+Text generation in the style of the fine-tuning data. Research/demo quality; not for decisions about people.
+
+## Model
+- Base: `{base_model}`; fine-tuning: {p.get('method', '?')} with DP-SGD through DeepSpeed
+  ({p.get('world_size', 1)} rank(s)).
+
+## Data
+- Fingerprint `{data.get('fingerprint')}` ({data.get('n_records')} records: {data.get('n_train')} train /
+  {data.get('n_eval')} held out by content hash), source `{data.get('source')}`.
+- Validation: {val}.
+
+## Privacy guarantee
+- (ε, δ) = ({eps}, {p.get('delta'):.3g}) for this run, record-level, {p.get('accountant', '?').upper()} accountant.
+- Noise multiplier σ = {p.get('noise_multiplier', 0):.4f}, clipping bound C = {p.get('max_grad_norm')},
+  sample rate q = {p.get('sample_rate', 0):.5f}, steps = {p.get('steps')}, expected batch {p.get('expected_batch_size')}.
+- All runs on this dataset so far compose to ε = {cumulative_epsilon if cumulative_epsilon is not None else '?'}
+  (budget {budget}).
+
+### Limits of the guarantee
+- It protects individual *records* of the training set; a person appearing in many records is protected less.
+- It covers the training steps only; pruning/weight quantization are post-processing (free); anything else that read
+  the private data afterwards would have to be charged to the same budget.{sampling_note}{fp_note}
+
+## Evaluation (held-out split)
+| metric | value |
+|---|---|
+{rows}
+
+Gate: **{decision.get('summary', '?')}**
+
+Generations (greedy):
+{gens}
+
+## Configuration
+```yaml
+{config_yaml}```
+"""
+
+
+def _task():
+    from prefect import task
+
+    @task(name="register-model", retries=2, retry_delay_seconds=5, persist_result=False)
+    def register_task(**kwargs) -> dict:
+        return register_candidate(**kwargs)
+
+    return register_task
+
+
+register_task = _task()
+
+
+def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evaluation: dict, decision: dict,
+                        validation: dict | None, flow_run_id: str | None, flow_run_url: str | None,
+                        compression: dict | None = None) -> dict:
+    """Everything `register_candidate` needs, from the flow's step results (pure, no I/O)."""
+    import yaml
+
+    from llmops import __version__
+
+    privacy = tuned["privacy"]
+    cfg_json = json.loads(cfg.model_dump_json())
+    config_yaml = yaml.safe_dump(cfg_json, sort_keys=False)
+    params = flatten("", cfg_json)
+    params.update({f"dp.{k}": str(privacy.get(k)) for k in
+                   ("noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "accountant", "sampling")})
+    metrics = {f"eval.{k}": v for k, v in evaluation.items() if isinstance(v, (int, float)) and v is not None}
+    if privacy.get("private"):
+        metrics["privacy.epsilon"] = privacy["epsilon"]
+        metrics["privacy.epsilon_cumulative"] = tuned.get("cumulative_epsilon")
+    for row in (compression or {}).get("variants", []):
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[f"compression.{row['name']}.{k}"] = v
+    lineage = {
+        "llmops.data_fingerprint": data["fingerprint"],
+        "llmops.base_model_digest": base_model["digest"],
+        "llmops.dp.private": str(privacy.get("private")),
+        "llmops.dp.epsilon": f"{privacy['epsilon']:.6g}" if privacy.get("private") else "inf",
+        "llmops.dp.delta": f"{privacy.get('delta'):.3g}",
+        "llmops.dp.epsilon_cumulative": f"{tuned.get('cumulative_epsilon'):.6g}" if privacy.get("private") else "inf",
+        "llmops.dp.budget": str(cfg.privacy.dataset_budget_epsilon),
+        "llmops.validation": ("passed" if validation.get("passed") else "failed") if validation else "not-run",
+        "llmops.pii": json.dumps({k: v.get("count", 0) for k, v in (validation or {}).get("pii", {}).items()}),
+        "llmops.gate": decision["summary"][:4000],
+        "llmops.git_commit": git_commit(),
+        "llmops.code_version": __version__,
+        "llmops.finetune_run_id": tuned.get("run_id", ""),
+        "prefect.flow_run_id": flow_run_id or "",
+        "prefect.flow_run_url": flow_run_url or "",
+    }
+    card = model_card(model_name=cfg.registry.model_name, base_model=f"{cfg.model.source} {base_model['digest'][:12]}",
+                      data=data, privacy=privacy, cumulative_epsilon=tuned.get("cumulative_epsilon"),
+                      budget=cfg.privacy.dataset_budget_epsilon, evaluation=evaluation, decision=decision,
+                      validation=validation, config_yaml=config_yaml)
+    model_dir = tuned["model_path"]
+    artifacts = {"privacy": str(Path(model_dir) / "privacy.json")}
+    if validation:
+        artifacts["validation/data_docs"] = str(Path(validation["docs_path"]).parent) if validation.get("docs_path") \
+            else None
+    texts = {"model_card.md": card, "evaluation.json": json.dumps(evaluation, indent=2),
+             "gate.json": json.dumps(decision, indent=2), "config.yaml": config_yaml}
+    if validation:
+        texts["validation_summary.md"] = validation.get("summary_md", "")
+    if compression:
+        texts["compression.md"] = compression.get("table_md", "")
+    return dict(uri=tracking_uri(cfg.registry.tracking_uri, cfg.state_dir), state_dir=str(cfg.state_dir),
+                experiment=cfg.registry.experiment, model_name=cfg.registry.model_name, model_dir=model_dir,
+                params=params, metrics=metrics, step_metrics=tuned.get("metrics", []), artifacts=artifacts,
+                texts=texts, tags=lineage | {"llmops.run_name": f"{cfg.name}-{tuned.get('run_id', '')}"},
+                version_tags=lineage, set_alias=bool(decision["passed"]))
