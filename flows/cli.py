@@ -3,6 +3,12 @@
     llmops train --config configs/demo.yaml [--set training.max_steps=5]
     llmops check-config configs/demo.yaml
     llmops prepare-model --config configs/demo.yaml
+    llmops services start|stop                                  # local Prefect server (UI) on 127.0.0.1
+    llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice [--background]
+    llmops approve RUN_ID --approver rm-bob [--reject] [--comment TEXT] [--credential-file F]
+    llmops rollback --config configs/demo.yaml --requested-by ml-alice [--background]
+    llmops users add NAME --role release-manager [--roles-file F]   # credential from prompt or stdin
+    llmops audit verify [--config F]
 
 Errors a user can fix print one line (`error: <where>: <what> — <fix>`) and exit 2; no tracebacks.
 Heavy libraries are imported inside commands so `llmops --help` stays fast.
@@ -100,6 +106,166 @@ def cmd_prepare_model(args) -> int:
     return 0
 
 
+def _state_dir(args) -> Path:
+    from llmops.config import load_config
+
+    return Path(load_config(args.config, _overrides(getattr(args, "set", None))).state_dir) if args.config \
+        else Path(os.environ.get("LLMOPS_HOME", ".llmops"))
+
+
+def cmd_services(args) -> int:
+    from llmops import services
+
+    state = Path(os.environ.get("LLMOPS_HOME", ".llmops"))
+    if args.action == "start":
+        url = services.start_prefect(state)
+        print(f"Prefect server: {url.removesuffix('/api')}  (export PREFECT_API_URL={url})")
+    else:
+        print("stopped" if services.stop_prefect(state) else "not running")
+    return 0
+
+
+def _read_credential(args) -> str:
+    import getpass
+
+    if args.credential_file:
+        return Path(args.credential_file).read_text().strip()
+    if sys.stdin.isatty():
+        return getpass.getpass(f"credential for {args.approver}: ")
+    return sys.stdin.readline().strip()
+
+
+def _resolve_version(cfg, version: str) -> str:
+    if version.isdigit():
+        return version
+    import mlflow
+
+    from tasks.registry import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+    try:
+        return str(client.get_model_version_by_alias(cfg.registry.model_name, version).version)
+    except Exception:  # noqa: BLE001
+        raise LLMOpsError(f"no version under alias '{version}'", f"model {cfg.registry.model_name}",
+                          "train a model that passes the gate, or pass a version number") from None
+
+
+def _background(args, flow_name: str, argv: list[str]) -> int:
+    """Start the flow in a detached process, wait until it pauses, print how to approve it."""
+    import subprocess
+    import time
+
+    from llmops import services
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LLMOpsError("a background approval needs a running Prefect server", "PREFECT_API_URL",
+                          "run `llmops services start` and export the PREFECT_API_URL it prints")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    state = _state_dir(args)
+    log = state / "logs" / f"{flow_name}-{int(time.time())}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                     start_new_session=True)
+    with get_client(sync_client=True) as client:
+        while time.time() - started < 600:
+            for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                             limit=20):
+                created = run.created.timestamp() if run.created else 0
+                if created >= started - 5 and run.state and run.state.is_paused():
+                    return _print_approval_help(run.id, args.requested_by, log, services)
+                if created >= started - 5 and run.state and run.state.is_final():
+                    raise LLMOpsError(f"{flow_name} ended as {run.state.name} before pausing", str(log),
+                                      "read the log")
+            time.sleep(1)
+    raise LLMOpsError(f"{flow_name} did not pause within 10 minutes", str(log), "read the log")
+
+
+def _print_approval_help(run_id, requested_by: str, log: Path, services) -> int:
+    print(f"""
+Promotion is waiting for approval (requested by {requested_by}).
+  Prefect UI : {services.ui_run_url(str(run_id))}
+               -> Resume, switch Approve on, enter approver name + credential, Resume
+  CLI        : .venv/bin/llmops approve {run_id} --approver <release-manager>
+               (prompts for the credential; add --reject --comment "why" to reject)
+  Flow log   : {log}
+""")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    cfg = _config(args)
+    version = _resolve_version(cfg, args.version)
+    if args.background:
+        argv = ["promote", "--config", args.config, "--version", version, "--requested-by", args.requested_by]
+        for s in args.set or []:
+            argv += ["--set", s]
+        return _background(args, "llmops-promotion", argv)
+    from prefect.logging.configuration import setup_logging
+
+    from flows.promotion import promotion_flow
+
+    setup_logging()
+    _quiet_user_errors()
+    print(json.dumps(promotion_flow(version=version, requested_by=args.requested_by, config=cfg), indent=2))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    cfg = _config(args)
+    if args.background:
+        argv = ["rollback", "--config", args.config, "--requested-by", args.requested_by]
+        return _background(args, "llmops-rollback", argv)
+    from flows.promotion import rollback_flow
+
+    print(json.dumps(rollback_flow(requested_by=args.requested_by, config=cfg), indent=2))
+    return 0
+
+
+def cmd_approve(args) -> int:
+    from prefect.flow_runs import resume_flow_run
+
+    secret = _read_credential(args)
+    try:
+        resume_flow_run(args.run_id, run_input={"approve": not args.reject, "approver": args.approver,
+                                                "credential": secret, "comment": args.comment or ""})
+    except Exception as e:  # noqa: BLE001 - Prefect raises several types for a bad id / not paused
+        raise LLMOpsError(f"could not resume ({str(e).splitlines()[0][:200]})", f"flow run {args.run_id}",
+                          "check the run id and that the run is still paused") from None
+    print(f"submitted {'rejection' if args.reject else 'approval'} by {args.approver}; the flow verifies it "
+          f"(see the run's logs and the audit log)")
+    return 0
+
+
+def cmd_users(args) -> int:
+    import getpass
+
+    from tasks.access import DEFAULT_ROLES, Policy
+
+    path = Path(args.roles_file or Path(os.environ.get("LLMOPS_HOME", ".llmops")) / "roles.yaml")
+    policy = Policy.load(path) if path.is_file() else Policy(users={}, roles=dict(DEFAULT_ROLES), path=str(path))
+    if args.credential_file:
+        secret = Path(args.credential_file).read_text().strip()
+    elif sys.stdin.isatty():
+        secret = getpass.getpass(f"new credential for {args.name}: ")
+    else:
+        secret = sys.stdin.readline().strip()
+    policy.add_user(args.name, args.role, secret)
+    policy.save()
+    print(f"{args.name}: roles {sorted(args.role)} saved to {path} (credential stored as a PBKDF2 hash)")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from tasks.access import verify_audit_log
+
+    path = _state_dir(args) / "audit.log"
+    print(f"{path}: {verify_audit_log(path)} entries, chain intact")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmops", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +283,36 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check_config)
     with_config(sub.add_parser("prepare-model", help="convert/cache the base model")).set_defaults(
         func=cmd_prepare_model)
+    sv = sub.add_parser("services", help="start/stop the local Prefect server")
+    sv.add_argument("action", choices=["start", "stop"])
+    sv.set_defaults(func=cmd_services)
+    pr = with_config(sub.add_parser("promote", help="run the promotion flow (pauses for approval)"))
+    pr.add_argument("--version", default="candidate", help="version number or alias (default: candidate)")
+    pr.add_argument("--requested-by", required=True, help="who asks (cannot approve it)")
+    pr.add_argument("--background", action="store_true", help="return once paused; print how to approve")
+    pr.set_defaults(func=cmd_promote)
+    rb = with_config(sub.add_parser("rollback", help="re-point production to @previous (pauses for approval)"))
+    rb.add_argument("--requested-by", required=True)
+    rb.add_argument("--background", action="store_true")
+    rb.set_defaults(func=cmd_rollback)
+    ap = sub.add_parser("approve", help="approve (or --reject) a paused promotion/rollback")
+    ap.add_argument("run_id")
+    ap.add_argument("--approver", required=True)
+    ap.add_argument("--reject", action="store_true")
+    ap.add_argument("--comment")
+    ap.add_argument("--credential-file", help="read the credential from this file instead of a prompt")
+    ap.set_defaults(func=cmd_approve)
+    us = sub.add_parser("users", help="manage approvers (roles file)")
+    us.add_argument("op", choices=["add"])
+    us.add_argument("name")
+    us.add_argument("--role", action="append", required=True)
+    us.add_argument("--roles-file")
+    us.add_argument("--credential-file")
+    us.set_defaults(func=cmd_users)
+    au = sub.add_parser("audit", help="verify the audit log chain")
+    au.add_argument("op", choices=["verify"])
+    au.add_argument("--config", "-c")
+    au.set_defaults(func=cmd_audit, set=None)
     return p
 
 

@@ -83,8 +83,7 @@ Requested by **{requested_by}**. Production now: {('version ' + info['production
 |---|---|---|
 {table}
 
-- Privacy: ε = {t.get('llmops.dp.epsilon')} (δ = {t.get('llmops.dp.delta')}) this run; dataset total ε =
-  {t.get('llmops.dp.epsilon_cumulative')} of budget {t.get('llmops.dp.budget')}
+- Privacy: ε = {t.get('llmops.dp.epsilon')} (δ = {t.get('llmops.dp.delta')}) this run; dataset total ε = {t.get('llmops.dp.epsilon_cumulative')} of budget {t.get('llmops.dp.budget')}
 - Data fingerprint `{t.get('llmops.data_fingerprint', '')[:16]}…`; validation: {t.get('llmops.validation')}; PII: {t.get('llmops.pii')}
 - Gate: {t.get('llmops.gate')}
 - Code: {t.get('llmops.git_commit')}; training run: {t.get('prefect.flow_run_url') or t.get('prefect.flow_run_id')}

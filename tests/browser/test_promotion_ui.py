@@ -1,0 +1,91 @@
+"""A release manager approves a paused promotion in the real Prefect UI (headless Chromium via Playwright)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, _free_port
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                                      reason="needs Debian's chromium (apt-get install chromium)")]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
+             "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
+             "llmops.dp.budget": "10.0", "llmops.data_fingerprint": "ab" * 32, "llmops.dp.delta": "1e-05"}
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    from llmops import services
+
+    port = _free_port()
+    url = services.start_prefect(tmp_path / "state", port)
+    yield url, port
+    services.stop_prefect(tmp_path / "state")
+
+
+def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
+    from playwright.sync_api import sync_playwright
+
+    from tasks.access import Policy
+    from tasks.model import resolve_model
+    from tasks.registry import register_candidate, tracking_uri
+
+    api, port = prefect_server
+    state = tmp_path / "state"
+    policy = Policy(users={}, roles={"release-manager": ["approve-promotion", "rollback"],
+                                     "ml-engineer": ["request-promotion"]}, path=str(state / "roles.yaml"))
+    policy.add_user("rm-bob", ["release-manager"], "bob-browser-secret")
+    policy.add_user("ml-alice", ["ml-engineer"], "alice-browser-secret")
+    policy.save()
+    model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
+    register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
+                       model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
+                       artifacts={}, texts={}, tags={}, version_tags=GOOD_TAGS, set_alias=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"model_name": "m"},
+                                   "promotion": {"approval_timeout_s": 300,
+                                                 "targets": [{"kind": "onprem", "uri": str(tmp_path / "onprem")}]}}))
+    env = dict(os.environ, PREFECT_API_URL=api, LLMOPS_HOME=str(state), LLMOPS_PREFECT_PORT=str(port))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "--config", str(cfg), "--version", "1",
+                        "--requested-by", "ml-alice", "--background"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ui_url = next(line.split(": ", 1)[1].strip() for line in r.stdout.splitlines() if "Prefect UI" in line)
+    assert ui_url.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
+    assert not (tmp_path / "onprem").exists()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
+        page.goto(ui_url)
+        page.get_by_role("button", name="Resume").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Promotion:").wait_for()
+        assert "ε = 2.5" in dialog.inner_text()  # the release manager sees the evidence
+        dialog.get_by_role("switch").click()
+        fields = dialog.locator("textarea, input[type=text], input[type=password]")
+        fields.nth(0).fill("rm-bob")
+        fields.nth(1).fill("bob-browser-secret")
+        fields.nth(2).fill("approved from the UI")
+        dialog.get_by_role("button", name="Submit").click()
+        page.screenshot(path=str(tmp_path / "after-submit.png"))
+        browser.close()
+
+    manifest = tmp_path / "onprem" / "m" / "1" / "manifest.json"
+    deadline = time.time() + 120
+    while not manifest.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert manifest.exists(), "model did not land in the on-prem target"
+    assert json.loads((tmp_path / "onprem" / "m" / "current.json").read_text())["version"] == "1"
+    audit = [json.loads(x) for x in (state / "audit.log").read_text().splitlines()]
+    assert [a["decision"] for a in audit] == ["approved", "promoted"] and audit[0]["approver"] == "rm-bob"
+    assert "bob-browser-secret" not in (state / "audit.log").read_text()
