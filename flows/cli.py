@@ -318,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Cached step results live beside the state they point at: deleting the state dir clears the cache too.
+    home = Path(os.environ.get("LLMOPS_HOME", ".llmops")).resolve()
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
     args = parser().parse_args(argv)
     try:
         return args.func(args)

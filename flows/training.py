@@ -10,30 +10,15 @@ ledger) → evaluate candidate (+ the production model on the same split) → ga
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
-
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from llmops.config import PipelineConfig
-from tasks.data import prepare_data
+from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, should_promote
 from tasks.finetune import dp_finetune_task
-from tasks.model import resolve_model
+from tasks.model import resolve_model_task
 from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
-
-
-@task(name="prepare-data", persist_result=False)
-def prepare_data_task(cfg: PipelineConfig) -> dict:
-    d = cfg.data
-    return asdict(prepare_data(d.path, cfg.state_dir, d.eval_fraction, d.format, d.text_field, d.id_field,
-                               d.max_records, d.max_line_bytes))
-
-
-@task(name="resolve-model", persist_result=False)
-def resolve_model_task(cfg: PipelineConfig) -> dict:
-    m = cfg.model
-    return asdict(resolve_model(m.source, cfg.state_dir, m.path, m.tokenizer_path, m.tiny.model_dump(), m.max_seq_len))
 
 
 @task(name="evaluate-production", retries=2, retry_delay_seconds=5, persist_result=False)
@@ -56,13 +41,14 @@ def evaluate_production_task(cfg: PipelineConfig, eval_path: str) -> dict | None
 @flow(name="llmops-training", log_prints=True, validate_parameters=True)
 def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
-    data = prepare_data_task(config)
+    refresh = {"refresh_cache": not config.use_cache}
+    data = prepare_data_task.with_options(**refresh)(config)
     logger.info("data %s: %d records (%d train / %d eval)", data["fingerprint"][:12], data["n_records"],
                 data["n_train"], data["n_eval"])
-    model = resolve_model_task(config)
+    model = resolve_model_task.with_options(**refresh)(config)
     logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
 
-    tuned = dp_finetune_task(config, data, model)
+    tuned = dp_finetune_task.with_options(**refresh)(config, data, model)
     p = tuned["privacy"]
     if p["private"]:
         logger.info("DP fine-tune: epsilon=%.3f delta=%.2g sigma=%.3f C=%.2g q=%.4f steps=%d; dataset total "
@@ -72,8 +58,9 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
         logger.warning("NON-PRIVATE fine-tune (privacy.enabled=false): no privacy guarantee")
 
     e = config.evaluation
-    candidate = evaluate_candidate_task(tuned["model_path"], data["eval_path"], e.prompts, e.max_eval_records,
-                                        config.model.max_seq_len, e.max_new_tokens, config.model.dtype)
+    candidate = evaluate_candidate_task.with_options(**refresh)(
+        tuned["model_path"], data["eval_path"], e.prompts, e.max_eval_records, config.model.max_seq_len,
+        e.max_new_tokens, config.model.dtype)
     incumbent = evaluate_production_task(config, data["eval_path"])
     policy = GatePolicy(e.max_loss_increase, e.max_latency_ratio, e.require_private)
     decision = decision_dict(should_promote(candidate, incumbent, policy, p,

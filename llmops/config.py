@@ -204,6 +204,7 @@ class PipelineConfig(Section):
         default_factory=lambda: Path(os.environ.get("LLMOPS_HOME", ".llmops")),
         description="Caches, ledger, outputs (env LLMOPS_HOME)",
     )
+    use_cache: bool = Field(True, description="Reuse step results whose input content is unchanged")
     data: DataConfig = Field(default_factory=DataConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -237,3 +237,22 @@ def prepare_data(
         write_jsonl(train, train_path)
         write_jsonl(held, eval_path)
     return DataRef(ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path))
+
+
+def _task():
+    from dataclasses import asdict
+
+    from prefect import task
+
+    from llmops.caching import files_key
+
+    @task(name="prepare-data", cache_policy=files_key(lambda i: [i["cfg"].data.path]), persist_result=True)
+    def prepare_data_task(cfg) -> dict:
+        d = cfg.data
+        return asdict(prepare_data(d.path, cfg.state_dir, d.eval_fraction, d.format, d.text_field, d.id_field,
+                                   d.max_records, d.max_line_bytes))
+
+    return prepare_data_task
+
+
+prepare_data_task = _task()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
+from llmops.caching import CONTENT
 from tasks.data import read_texts
 
 
@@ -127,7 +128,7 @@ def evaluate_task(model_path: str, eval_path: str, max_records: int, max_len: in
     return heldout_loss(model_path, eval_path, max_records, max_len, dtype=dtype)
 
 
-@task(name="evaluate-candidate", persist_result=False)
+@task(name="evaluate-candidate", cache_policy=CONTENT, persist_result=True)
 def evaluate_candidate_task(model_path: str, eval_path: str, prompts: list[str], max_records: int, max_len: int,
                             max_new_tokens: int, dtype: str) -> dict:
     return evaluate_model(model_path, eval_path, prompts, max_records, max_len, max_new_tokens, dtype)

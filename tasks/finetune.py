@@ -488,7 +488,10 @@ def finetune(cfg, data: dict, model: dict) -> dict:
 def _task():
     from prefect import task
 
-    @task(name="dp-finetune", persist_result=False)
+    from llmops.caching import CONTENT
+
+    # Inputs are the config and the data/model dicts (content hashes), so an unchanged re-run reuses the result.
+    @task(name="dp-finetune", cache_policy=CONTENT, persist_result=True)
     def dp_finetune_task(cfg, data: dict, model: dict) -> dict:
         return finetune(cfg, data, model)
 

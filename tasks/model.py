@@ -167,3 +167,32 @@ def load_model(path: str | Path, dtype: str = "float32"):
     except Exception as e:  # safetensors/torch raise many types for corrupt weights; all mean the same here
         raise ModelError(f"cannot load model ({str(e).splitlines()[0]})", str(path), "check the weight files") from None
     return model, tok
+
+
+def _model_files(inputs) -> list:
+    m = inputs["cfg"].model
+    if m.source == "local":
+        return [m.path]
+    if m.source == "tiny":
+        return [m.tokenizer_path or SHIPPED_TOKENIZER]
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    return [Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF] if spec else []
+
+
+def _task():
+    from dataclasses import asdict
+
+    from prefect import task
+
+    from llmops.caching import files_key
+
+    @task(name="resolve-model", cache_policy=files_key(_model_files), persist_result=True)
+    def resolve_model_task(cfg) -> dict:
+        m = cfg.model
+        return asdict(resolve_model(m.source, cfg.state_dir, m.path, m.tokenizer_path, m.tiny.model_dump(),
+                                    m.max_seq_len))
+
+    return resolve_model_task
+
+
+resolve_model_task = _task()

@@ -10,6 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import tempfile as _tempfile  # noqa: E402
+
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _tempfile.mkdtemp(prefix="llmops-test-results-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -56,3 +56,35 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
     assert out["eval"]["eval_tokens"] > 0 and len(out["eval"]["generations"]) == 2
     assert out["production_eval"] is None and out["gate"]["passed"]
     assert out["registered"]["version"] == "1" and out["registered"]["alias"] == "candidate"
+
+
+def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
+    """Same data bytes + config + code: the second run trains nothing and charges no new epsilon."""
+    import time
+
+    from flows.training import training_flow
+    from tasks.privacy import PrivacyLedger
+
+    t0 = time.perf_counter()
+    first = training_flow(config=tiny_config)
+    t1 = time.perf_counter()
+    second = training_flow(config=tiny_config)
+    t2 = time.perf_counter()
+    assert second["finetune"]["run_id"] == first["finetune"]["run_id"]
+    assert second["eval"] == first["eval"]
+    assert (t2 - t1) < 0.7 * (t1 - t0)
+    ledger = PrivacyLedger(Path(tiny_config.state_dir) / "privacy_ledger.sqlite")
+    assert len(ledger.entries(first["data"]["fingerprint"])) == 1
+    # editing one record's bytes changes the cache key: the data step recomputes and the fingerprint moves
+    path = Path(tiny_config.data.path)
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"text": "', '"text": "EDITED ')
+    path.write_text("\n".join(lines) + "\n")
+    from tasks.data import prepare_data_task
+    from prefect import flow
+
+    @flow
+    def only_data(cfg):
+        return prepare_data_task(cfg)
+
+    assert only_data(tiny_config)["fingerprint"] != first["data"]["fingerprint"]
