@@ -55,6 +55,7 @@ def speed(spec, tmp: Path, rounds: int) -> list[tuple]:
                           private=mode == "dp")
                 times[mode] += [m["seconds"] for m in res["metrics"][1:]]  # first step warms up
         dp, plain = statistics.median(times["dp"]), statistics.median(times["plain"])
+        print(f"  {method}: per-step seconds dp={times['dp']} plain={times['plain']}", flush=True)
         rows.append((method, spec.batch_size, spec.max_len, plain, dp, dp / plain))
     return rows
 

@@ -27,8 +27,9 @@ class RegistryError(LLMOpsError):
 
 
 def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
-    if configured:
-        return configured
+    """registry.tracking_uri, else $MLFLOW_TRACKING_URI (workers in infra/), else sqlite in the state dir."""
+    if configured or os.environ.get("MLFLOW_TRACKING_URI"):
+        return configured or os.environ["MLFLOW_TRACKING_URI"]
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
 

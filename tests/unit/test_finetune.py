@@ -135,6 +135,25 @@ def test_two_ranks_equal_one_rank(base):
     assert two["privacy"]["history"] == one["privacy"]["history"]  # accountant on the *global* sample rate
 
 
+@pytest.mark.parametrize("path", sorted(DS.glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_deepspeed_config_loads(path):
+    raw = json.loads(path.read_text())
+    assert raw.get("gradient_clipping", 0) == 0 and all(raw[k] == "auto" for k in
+                                                         ("train_batch_size", "train_micro_batch_size_per_gpu"))
+    if raw["zero_optimization"]["stage"] > 2:
+        with pytest.raises(LLMOpsError, match="not supported with DP"):
+            deepspeed_config(path, 4, 2, 1, "float32", private=True)
+    else:
+        assert deepspeed_config(path, 4, 2, 1, "float32", private=True)["train_batch_size"] == 8
+
+
+def test_zero2_cpu_offload_gives_the_zero0_result(base):
+    spec, tmp = base
+    ref = run(spec, tmp, "z0")
+    got = run(spec, tmp, "offload", deepspeed_config=str(DS / "zero2_offload.json"))
+    assert_same(weights(got), weights(ref), rtol=1e-4, atol=2e-5)
+
+
 def test_deepspeed_config_rules(tmp_path):
     cfg = deepspeed_config(DS / "zero2.json", micro=4, gas=3, world=2, dtype="float32", private=True)
     assert cfg["train_batch_size"] == 24 and cfg["managed_gradient_accumulation"] is False

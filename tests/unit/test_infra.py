@@ -1,0 +1,107 @@
+"""Every shipped infra/deployment file is parsed and checked; a real worker runs a deployment end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmops.config import PipelineConfig
+from tests.conftest import ROOT, _free_port
+
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+
+
+def deployments():
+    return yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+
+
+@pytest.mark.parametrize("dep", deployments(), ids=lambda d: d["name"])
+def test_each_deployment_is_valid(dep):
+    module, func = dep["entrypoint"].split(":")
+    assert (ROOT / module).is_file()
+    import importlib
+
+    flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), func)
+    assert hasattr(flow, "deploy")  # a Prefect flow
+    cfg = PipelineConfig.model_validate(dep["parameters"]["config"])  # the form's default validates
+    if dep["name"] == "train-gpu":
+        assert cfg.training.world_size == 8 and cfg.model.dtype == "bfloat16"
+    assert dep["work_pool"]["name"] in ("llmops-cpu", "llmops-gpu")
+
+
+def test_nightly_schedule_and_anchors():
+    deps = {d["name"]: d for d in deployments()}
+    sched = deps["nightly"]["schedules"][0]
+    assert sched["cron"] == "0 2 * * *" and sched["timezone"] == "Europe/Berlin"
+    # anchors: the on-demand and nightly deployments share one config definition
+    assert deps["train"]["parameters"]["config"] == deps["nightly"]["parameters"]["config"]
+
+
+def test_compose_file_services_and_no_literal_secrets():
+    text = (ROOT / "infra" / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert {"postgres", "prefect-server", "mlflow", "s3", "worker"} <= set(compose["services"])
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} exposes {port} beyond localhost"
+    assert "postgresql+asyncpg://" in compose["services"]["prefect-server"]["environment"][
+        "PREFECT_API_DATABASE_CONNECTION_URL"]
+    for key in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "PREFECT_AUTH"):
+        assert "${" + key in text  # secrets only by reference to the env file
+
+
+def test_k8s_template_requests_gpus():
+    tpl = json.loads((ROOT / "infra" / "k8s" / "gpu-base-job-template.json").read_text())
+    container = tpl["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert tpl["variables"]["properties"]["gpus"]["default"] == 8
+    pvc = yaml.safe_load((ROOT / "infra" / "k8s" / "state-pvc.yaml").read_text())
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_hostfile_example_format():
+    lines = [x for x in (ROOT / "infra" / "hostfile.example").read_text().splitlines() if x and not x.startswith("#")]
+    assert lines and all(len(x.split()) == 2 and x.split()[1].startswith("slots=") for x in lines)
+
+
+def test_retraining_decision_is_pure():
+    from flows.retraining import data_changed
+
+    assert data_changed("abc", None)
+    assert data_changed("abc", {"llmops.data_fingerprint": "xyz"})
+    assert not data_changed("abc", {"llmops.data_fingerprint": "abc"})
+
+
+@pytest.mark.integration
+def test_deploy_all_and_a_worker_runs_a_deployment(tmp_path):
+    from llmops import services
+
+    port = _free_port()
+    api = services.start_prefect(tmp_path / "server", port)
+    env = dict(os.environ, PREFECT_API_URL=api, LLMOPS_REPO=str(ROOT), LLMOPS_HOME=str(tmp_path / "state"),
+               PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(*args, timeout=300):
+        r = subprocess.run([*prefect, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+        return r.stdout
+
+    try:
+        run("work-pool", "create", "llmops-cpu", "--type", "process")
+        run("work-pool", "create", "llmops-gpu", "--type", "kubernetes", "--base-job-template",
+            str(ROOT / "infra" / "k8s" / "gpu-base-job-template.json"))
+        out = run("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML))
+        assert out.count("successfully created") == len(deployments())
+        run("deployment", "run", "llmops-training/train-tiny")
+        run("worker", "start", "--pool", "llmops-cpu", "--run-once", timeout=600)
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'state'}/mlflow.db")
+        mv = client.get_model_version_by_alias("llmops-demo", "candidate")
+        assert mv.tags["llmops.dp.private"] == "True" and mv.tags["prefect.flow_run_id"]
+    finally:
+        services.stop_prefect(tmp_path / "server")
