@@ -88,3 +88,17 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
         return prepare_data_task(cfg)
 
     assert only_data(tiny_config)["fingerprint"] != first["data"]["fingerprint"]
+
+
+def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tiny_config):
+    import mlflow
+
+    from flows.retraining import retraining_flow
+    from tasks.registry import tracking_uri
+
+    first = retraining_flow(config=tiny_config, open_promotion=False)
+    assert first["status"] == "trained"
+    client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
+    client.set_registered_model_alias(tiny_config.registry.model_name, "production", first["registered"]["version"])
+    again = retraining_flow(config=tiny_config, open_promotion=False)
+    assert again["status"] == "skipped" and again["production"] == first["registered"]["version"]
