@@ -77,6 +77,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _wait_http(url: str, proc, timeout: float = 90) -> None:
     import time
     import urllib.request
@@ -111,11 +121,7 @@ def mlflow_server(tmp_path_factory):
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 S3_KEY, S3_SECRET = "llmops-test", "llmops-test-secret-key"
@@ -163,11 +169,7 @@ def s3_server(tmp_path_factory):
                 time.sleep(0.3)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 @pytest.fixture
