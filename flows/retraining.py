@@ -21,14 +21,17 @@ PROMOTION_DEPLOYMENT = "llmops-promotion/promote"
 
 def data_changed(current_fingerprint: str, production_tags: dict | None) -> bool:
     """Pure: retrain when there is no production model or its training data differs."""
-    return production_tags is None or production_tags.get("llmops.data_fingerprint") != current_fingerprint
+    if production_tags is None:
+        return True
+    trained_on = production_tags.get("llmops.source_fingerprint") or production_tags.get("llmops.data_fingerprint")
+    return trained_on != current_fingerprint
 
 
 @flow(name="llmops-retraining", log_prints=True)
 def retraining_flow(config: PipelineConfig = PipelineConfig(), requested_by: str = "scheduler",
                     open_promotion: bool = True) -> dict:
     logger = get_run_logger()
-    data = prepare_data_task(config)
+    data = prepare_data_task(config)  # the fingerprint of the raw data (validation runs inside training)
     prod = production_version(tracking_uri(config.registry.tracking_uri, config.state_dir), config.registry.model_name)
     if not data_changed(data["fingerprint"], dict(prod.tags) if prod else None):
         logger.info("data fingerprint %s unchanged since production v%s: nothing to do", data["fingerprint"][:12],

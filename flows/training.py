@@ -3,9 +3,10 @@
     llmops train --config configs/demo.yaml
     # or as a deployment entrypoint: flows/training.py:training_flow
 
-prepare data (load, fingerprint, split) → resolve the base model → DP fine-tune through DeepSpeed (privacy
-ledger) → evaluate candidate (+ the production model on the same split) → gate → register in MLflow
-(alias `candidate` only if the gate passed).
+resolve the base model → validate the data with Great Expectations (PII/PHI block or redact; bad data stops
+here) → prepare data (fingerprint, split) → DP fine-tune through DeepSpeed (privacy ledger) → evaluate the
+candidate (+ the production model on the same split) → gate → register in MLflow (alias `candidate` only if the
+gate passed).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model_task
+from tasks.validation import validate_task
 from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
 
 
@@ -42,11 +44,19 @@ def evaluate_production_task(cfg: PipelineConfig, eval_path: str) -> dict | None
 def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
     refresh = {"refresh_cache": not config.use_cache}
-    data = prepare_data_task.with_options(**refresh)(config)
-    logger.info("data %s: %d records (%d train / %d eval)", data["fingerprint"][:12], data["n_records"],
-                data["n_train"], data["n_eval"])
     model = resolve_model_task.with_options(**refresh)(config)
     logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
+    validation = None
+    if config.validation.enabled:
+        validation = validate_task(config.data, config.validation, str(config.state_dir / "validation"),
+                                   model["path"])
+        logger.info("data validation passed (%d records%s); Data Docs: %s", validation["n_records"],
+                    ", PII redacted" if validation["redacted"] else "", validation["docs_path"])
+    data = prepare_data_task.with_options(**refresh)(config, validation["data_path"] if validation else None)
+    # The privacy ledger and lineage key on the data as delivered: a redacted copy is the same people's data.
+    data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"]}
+    logger.info("data %s: %d records (%d train / %d eval)", data["fingerprint"][:12], data["n_records"],
+                data["n_train"], data["n_eval"])
 
     tuned = dp_finetune_task.with_options(**refresh)(config, data, model)
     p = tuned["privacy"]
@@ -69,9 +79,11 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                 candidate["perplexity"], decision["summary"])
 
     registered = register_task(**registration_inputs(
-        config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision, validation=None,
+        config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
+        validation=validation,
         flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
-    return {"data": data, "base_model": model, "finetune": {k: v for k, v in tuned.items() if k != "metrics"},
+    return {"validation": validation, "data": data, "base_model": model,
+            "finetune": {k: v for k, v in tuned.items() if k != "metrics"},
             "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered}

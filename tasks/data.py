@@ -246,9 +246,14 @@ def _task():
 
     from llmops.caching import files_key
 
-    @task(name="prepare-data", cache_policy=files_key(lambda i: [i["cfg"].data.path]), persist_result=True)
-    def prepare_data_task(cfg) -> dict:
+    @task(name="prepare-data", cache_policy=files_key(lambda i: [i.get("path") or i["cfg"].data.path]),
+          persist_result=True)
+    def prepare_data_task(cfg, path: str | None = None) -> dict:
+        """Split `path` (the validated, possibly redacted data) or, without validation, `data.path`."""
         d = cfg.data
+        if path and path != str(d.path):  # the redacted copy is JSONL with id/text, capped already
+            return asdict(prepare_data(path, cfg.state_dir, d.eval_fraction, "jsonl", "text", "id", None,
+                                       d.max_line_bytes))
         return asdict(prepare_data(d.path, cfg.state_dir, d.eval_fraction, d.format, d.text_field, d.id_field,
                                    d.max_records, d.max_line_bytes))
 

@@ -417,7 +417,8 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     out = Path(cfg.state_dir) / "runs" / run_id
     spec = FinetuneSpec(
         run_id=run_id, model_path=model["path"], train_path=data["train_path"], output_dir=str(out),
-        fingerprint=data["fingerprint"], n_train=n, method=t.method, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+        fingerprint=data.get("source_fingerprint", data["fingerprint"]), n_train=n, method=t.method,
+        lora_r=t.lora_r, lora_alpha=t.lora_alpha,
         lora_dropout=t.lora_dropout, lora_target_modules=list(t.lora_target_modules), max_len=cfg.model.max_seq_len,
         dtype=cfg.model.dtype, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
         learning_rate=t.learning_rate, optimizer=t.optimizer, steps=steps, seed=t.seed, deepspeed_config=str(t.deepspeed_config),
@@ -428,7 +429,7 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     cumulative = math.inf
     if p.enabled:
         ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
-        cumulative = ledger.reserve(run_id, data["fingerprint"], [[sigma, q, steps]], delta, p.accountant,
+        cumulative = ledger.reserve(run_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
                                     p.dataset_budget_epsilon)
         assert epsilon_of([[sigma, q, steps]], delta, p.accountant) <= p.dataset_budget_epsilon + 1e-9
     out.mkdir(parents=True, exist_ok=True)

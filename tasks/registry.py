@@ -27,9 +27,12 @@ class RegistryError(LLMOpsError):
 
 
 def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
-    """registry.tracking_uri, else $MLFLOW_TRACKING_URI (workers in infra/), else sqlite in the state dir."""
-    if configured or os.environ.get("MLFLOW_TRACKING_URI"):
-        return configured or os.environ["MLFLOW_TRACKING_URI"]
+    """registry.tracking_uri, else $LLMOPS_TRACKING_URI (workers in infra/), else sqlite in the state dir.
+
+    Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so it would leak between runs.
+    """
+    if configured or os.environ.get("LLMOPS_TRACKING_URI"):
+        return configured or os.environ["LLMOPS_TRACKING_URI"]
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
 
@@ -316,6 +319,7 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
                 metrics[f"compression.{row['name']}.{k}"] = v
     lineage = {
         "llmops.data_fingerprint": data["fingerprint"],
+        "llmops.source_fingerprint": data.get("source_fingerprint", data["fingerprint"]),
         "llmops.base_model_digest": base_model["digest"],
         "llmops.dp.private": str(privacy.get("private")),
         "llmops.dp.epsilon": f"{privacy['epsilon']:.6g}" if privacy.get("private") else "inf",
