@@ -3,6 +3,7 @@
     llmops train --config configs/demo.yaml [--set training.max_steps=5]
     llmops check-config configs/demo.yaml
     llmops prepare-model --config configs/demo.yaml
+    llmops validate --config configs/demo.yaml                  # GX + PII/PHI report, no training
     llmops services start|stop                                  # local Prefect server (UI) on 127.0.0.1
     llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice [--background]
     llmops approve RUN_ID --approver rm-bob [--reject] [--comment TEXT] [--credential-file F]
@@ -82,6 +83,29 @@ def cmd_train(args) -> int:
     _quiet_user_errors()
     result = training_flow(config=cfg)
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """Validate the data (GX + PII) without training; exit 2 if it fails."""
+    from tasks.validation import validate_data
+
+    cfg = _config(args)
+    preflight(cfg)
+    tok = None
+    if cfg.model.source == "local":
+        tok = str(cfg.model.path)
+    elif cfg.model.source == "tiny":
+        from tasks.model import SHIPPED_TOKENIZER
+
+        tok = str(cfg.model.tokenizer_path or SHIPPED_TOKENIZER)
+    else:
+        smol = Path(cfg.state_dir) / "models" / "smollm2-135m-instruct"
+        tok = str(smol) if (smol / "tokenizer.json").is_file() else None  # token check skipped until converted
+    rep = validate_data(cfg.data, cfg.validation, Path(cfg.state_dir) / "validation", tok)
+    print(rep.summary_md)
+    if not rep.passed:
+        raise LLMOpsError("data validation failed", str(cfg.data.path), f"see the failures above and {rep.docs_path}")
     return 0
 
 
@@ -281,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="FIELD=VALUE")
     c.add_argument("--show", action="store_true", help="print the config with all defaults filled in")
     c.set_defaults(func=cmd_check_config)
+    with_config(sub.add_parser("validate", help="validate the data (GX + PII/PHI) without training")).set_defaults(
+        func=cmd_validate)
     with_config(sub.add_parser("prepare-model", help="convert/cache the base model")).set_defaults(
         func=cmd_prepare_model)
     sv = sub.add_parser("services", help="start/stop the local Prefect server")

@@ -123,3 +123,19 @@ def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tm
     state = Path(tiny_config.state_dir)
     assert not (state / "runs").exists() and not (state / "privacy_ledger.sqlite").exists()
     assert not (state / "data").exists()  # not even the splits were written
+
+
+def test_cli_validate_reports_and_fails_with_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rows = [dict(r) for r in CLEAN]
+    rows[2]["text"] += " SSN 123-45-6789"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    env = dict(os.environ, LLMOPS_HOME=str(tmp_path / "state"))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--config", str(ROOT / "configs/tiny.yaml"),
+                        "--set", f"data.path={bad}", "--set", "data.max_records=null", "--set",
+                        "validation.min_records=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Data validation: FAILED" in r.stdout and "123-45-6789" not in r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: data validation failed")
