@@ -7,6 +7,8 @@ resolve the base model → validate the data with Great Expectations (PII/PHI bl
 here) → prepare data (fingerprint, split) → DP fine-tune through DeepSpeed (privacy ledger) → evaluate the
 candidate (+ the production model on the same split) → gate → register in MLflow (alias `candidate` only if the
 gate passed).
+With `compression.enabled`, gated compressed variants (and an ONNX edge bundle) are built from the DP model and
+logged with the run.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model_task
+from tasks.compression import compress_task
 from tasks.validation import validate_task
 from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
 
@@ -67,6 +70,13 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     else:
         logger.warning("NON-PRIVATE fine-tune (privacy.enabled=false): no privacy guarantee")
 
+    compression = None
+    if config.compression.enabled:  # post-processing of the DP model (distillation only on public data)
+        compression = compress_task.with_options(**refresh)(
+            tuned["model_path"], str(config.state_dir / "compression" / tuned["run_id"]), config.compression,
+            data["eval_path"], config.model.max_seq_len, data["source_fingerprint"])
+        logger.info("compression: selected %s; edge bundle %s", compression["selected"], compression["edge"])
+
     e = config.evaluation
     candidate = evaluate_candidate_task.with_options(**refresh)(
         tuned["model_path"], data["eval_path"], e.prompts, e.max_eval_records, config.model.max_seq_len,
@@ -80,10 +90,10 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
 
     registered = register_task(**registration_inputs(
         config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
-        validation=validation,
+        validation=validation, compression=compression,
         flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
-    return {"validation": validation, "data": data, "base_model": model,
+    return {"validation": validation, "compression": compression, "data": data, "base_model": model,
             "finetune": {k: v for k, v in tuned.items() if k != "metrics"},
             "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered}

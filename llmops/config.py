@@ -155,17 +155,34 @@ class CompressionConfig(Section):
     enabled: bool = False
     prune_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     prune_method: Literal["magnitude_global", "magnitude_layer", "mlp_channels"] = "magnitude_global"
-    quantize: Literal["none", "int8_weight_only", "int8_dynamic"] = "none"
+    quantize: Literal["none", "int8_weight_only", "int8_dynamic", "both"] = Field(
+        "none", description="torchao int8; both = build both variants")
     distill: bool = False
-    distill_data: Path | None = Field(None, description="PUBLIC text for distillation/calibration")
+    distill_data: Path | None = Field(None, description="PUBLIC text for distillation (never the private set)")
+    student_layers: int | None = Field(None, ge=1, description="Distilled student depth; None = half the teacher's")
+    distill_steps: int = Field(100, ge=1, description="KL+CE optimizer steps on distill_data")
+    distill_batch_size: int = Field(8, ge=1)
+    distill_learning_rate: float = Field(1e-4, gt=0.0)
+    distill_temperature: float = Field(2.0, gt=0.0, description="Softens teacher logits for the KL term")
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha*T^2*KL + (1-alpha)*CE")
+    distill_seed: int = 0
     export_onnx: bool = False
+    onnx_int8: bool = Field(True, description="Also write an onnxruntime dynamic-int8 copy of the ONNX export")
+    onnx_source: Literal["original", "pruned", "distilled"] = Field("original", description="Model exported to ONNX")
     max_perplexity_increase: float = Field(0.02, ge=0.0, description="Relative, e.g. 0.02 = +2%")
     min_speedup: float = Field(1.0, gt=0.0)
+    bench_rounds: int = Field(20, ge=3, description="Timed forward passes per variant, interleaved")
+    bench_threads: int | None = Field(None, ge=1, description="CPU threads while measuring; None = torch default")
+    max_eval_records: int = Field(64, ge=1, description="Held-out records for the perplexity column")
 
     @model_validator(mode="after")
     def _distill_data(self) -> "CompressionConfig":
         if self.enabled and self.distill and self.distill_data is None:
             raise ValueError("compression.distill needs compression.distill_data (public text, not the private set)")
+        if self.export_onnx and self.onnx_source == "pruned" and not self.prune_sparsity:
+            raise ValueError("compression.onnx_source 'pruned' needs compression.prune_sparsity > 0")
+        if self.export_onnx and self.onnx_source == "distilled" and not self.distill:
+            raise ValueError("compression.onnx_source 'distilled' needs compression.distill: true")
         return self
 
 

@@ -315,7 +315,7 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
         metrics["privacy.epsilon_cumulative"] = tuned.get("cumulative_epsilon")
     for row in (compression or {}).get("variants", []):
         for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
                 metrics[f"compression.{row['name']}.{k}"] = v
     lineage = {
         "llmops.data_fingerprint": data["fingerprint"],
@@ -344,6 +344,8 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
     if validation:
         artifacts["validation/data_docs"] = str(Path(validation["docs_path"]).parent) if validation.get("docs_path") \
             else None
+    if compression and compression.get("edge"):
+        artifacts["edge"] = compression["edge"]  # the edge target publishes this bundle
     texts = {"model_card.md": card, "evaluation.json": json.dumps(evaluation, indent=2),
              "gate.json": json.dumps(decision, indent=2), "config.yaml": config_yaml}
     if validation:

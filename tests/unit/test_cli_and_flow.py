@@ -102,3 +102,23 @@ def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tin
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", first["registered"]["version"])
     again = retraining_flow(config=tiny_config, open_promotion=False)
     assert again["status"] == "skipped" and again["production"] == first["registered"]["version"]
+
+
+def test_flow_with_compression_logs_table_and_edge_bundle(prefect_harness, tiny_config):
+    import mlflow
+
+    from flows.training import training_flow
+    from tasks.registry import tracking_uri
+
+    cfg = tiny_config
+    cfg.compression = cfg.compression.model_validate({
+        "enabled": True, "quantize": "int8_weight_only", "export_onnx": True, "onnx_int8": False,
+        "max_perplexity_increase": 0.5, "min_speedup": 0.01, "bench_rounds": 3, "max_eval_records": 8})
+    out = training_flow(config=cfg)
+    names = {v["name"] for v in out["compression"]["variants"]}
+    assert {"int8-weight-only", "onnx"} <= names and out["compression"]["edge"]
+    client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
+    run_id = out["registered"]["run_id"]
+    edge = {a.path for a in client.list_artifacts(run_id, "edge")}
+    assert any(p.endswith(".onnx") for p in edge)
+    assert "reports/compression.md" in {a.path for a in client.list_artifacts(run_id, "reports")}

@@ -1,0 +1,319 @@
+"""Compression on tiny random models: each technique's shapes, reload and logits; the gates and the privacy rule.
+
+    .venv/bin/pytest tests/unit/test_compression.py        # ~40 s on 2 cores
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ConfigDict
+
+from llmops.config import CompressionConfig
+from tasks import compression as c
+from tasks.model import load_model, resolve_model
+from tasks.privacy import PrivacyError
+from tests.conftest import ROOT
+
+MAX_LEN = 32
+EXACT = dict(atol=1e-5, rtol=1e-5)  # same math, different layout (rebuild, reload, student = teacher)
+INT8_ATOL = 0.05  # int8 vs fp32 logits of the tiny model (observed max |diff| ~0.006)
+PUBLIC = ROOT / "data" / "public" / "macbeth.txt"
+
+
+class Cfg(CompressionConfig):
+    """CompressionConfig plus the knobs compression.py reads with defaults (not yet config fields)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    ref = resolve_model("tiny", state, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=64)
+    from tasks.data import prepare_data
+
+    data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", state, 0.2, max_records=200)
+    return ref, data
+
+
+@pytest.fixture
+def model_tok(tiny):
+    return load_model(tiny[0].path)
+
+
+def logits(model, tok, texts=("To be, or not to be, that is the question", "Full fathom five")):
+    from tasks.lm import encode
+
+    b = encode(tok, list(texts), MAX_LEN)
+    with torch.no_grad():
+        return model(**b, use_cache=False).logits, b["attention_mask"].bool()
+
+
+# ----------------------------------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_pruning_is_permanent_and_reaches_the_sparsity(model_tok, tmp_path, scope):
+    model, tok = model_tok
+    achieved = c.prune_magnitude(model, 0.5, scope)
+    assert abs(achieved - 0.5) < 0.01
+    mods = c.compressible_linears(model)
+    if scope == "layer":
+        for m in mods.values():
+            assert abs(float((m.weight == 0).float().mean()) - 0.5) < 0.01
+    assert not any(n.endswith(("weight_orig", "weight_mask")) for n, _ in model.named_parameters())
+    assert not any(n.endswith("weight_mask") for n, _ in model.named_buffers())
+    c.save_hf(model, tok, tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    assert abs(c.linear_sparsity(reloaded) - achieved) < 1e-6  # zeros survive save/reload
+    # the tied output head is the embedding: never pruned
+    assert float((reloaded.get_input_embeddings().weight == 0).float().mean()) < 0.01
+
+
+def test_mlp_channel_pruning_shrinks_the_model_and_keeps_what_matters(model_tok, tmp_path):
+    model, tok = model_tok
+    ref, mask = logits(model, tok)
+    # zero half of every block's MLP channels: removing exactly those must not change the output
+    with torch.no_grad():
+        for layer in model.model.layers:
+            dead = torch.arange(0, layer.mlp.up_proj.out_features, 2)
+            layer.mlp.up_proj.weight[dead] = 0
+    ref, _ = logits(model, tok)
+    pruned, removed = c.prune_mlp_channels(model, 0.5)
+    assert removed == 0.5 and pruned.config.intermediate_size == model.config.intermediate_size // 2
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape[1] == model.config.intermediate_size // 2
+    assert c.count_params(pruned) < c.count_params(model)
+    got, _ = logits(pruned, tok)
+    torch.testing.assert_close(got[mask], ref[mask], **EXACT)
+    c.save_hf(pruned, tok, tmp_path)  # an ordinary HF dir: tasks.model.load_model reads it
+    again, _ = load_model(tmp_path)
+    torch.testing.assert_close(logits(again, tok)[0][mask], ref[mask], **EXACT)
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+
+@pytest.mark.parametrize("mode", c.QUANT_MODES)
+def test_int8_quantization_saves_reloads_and_stays_close(model_tok, tmp_path, mode):
+    model, tok = model_tok
+    ref, mask = logits(model, tok)
+    info = c.build_quantized(model, tok, tmp_path, mode)
+    assert info["linear_bytes_ratio"] <= 0.30  # int8 data + per-row scales vs fp32
+    assert (tmp_path / c.QUANT_FILE).is_file() and c.read_meta(tmp_path)["quantize"] == mode
+    loaded = c.load_variant(tmp_path)
+    qmodel = loaded.logits.model
+    assert type(qmodel.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert qmodel.get_output_embeddings().weight is qmodel.get_input_embeddings().weight  # still tied, fp32
+    got = loaded.logits(*_ids(tok))
+    in_memory = model  # quantize a fresh copy in memory: the reload must be bit-identical to it
+    c.quantize_int8(in_memory, mode)
+    torch.testing.assert_close(got, logits(in_memory, tok)[0], atol=0, rtol=0)
+    assert (got[mask] - ref[mask]).abs().max() < INT8_ATOL
+
+
+def _ids(tok):
+    from tasks.lm import encode
+
+    b = encode(tok, ["To be, or not to be, that is the question", "Full fathom five"], MAX_LEN)
+    return b["input_ids"], b["attention_mask"]
+
+
+def test_corrupt_int8_file_is_a_clear_error(model_tok, tmp_path):
+    model, tok = model_tok
+    c.build_quantized(model, tok, tmp_path, "int8_weight_only")
+    (tmp_path / c.QUANT_FILE).write_bytes(b"junk")
+    with pytest.raises(c.CompressionError, match="cannot load model_int8.pt"):
+        c.load_variant(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+
+
+def test_student_is_initialised_from_teacher_layers(model_tok):
+    teacher, tok = model_tok
+    same, ids = c.make_student(teacher, 2)  # as deep as the teacher: must be the teacher
+    assert ids == [0, 1]
+    torch.testing.assert_close(logits(same, tok)[0], logits(teacher, tok)[0], **EXACT)
+    small, ids = c.make_student(teacher, 1)
+    assert ids == [1] and small.config.num_hidden_layers == 1 and len(small.model.layers) == 1
+    torch.testing.assert_close(small.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    assert c.student_layer_ids(30, 15)[0] == 0 and c.student_layer_ids(30, 15)[-1] == 29
+    with pytest.raises(c.CompressionError, match="student_layers"):
+        c.student_layer_ids(2, 3)
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_student_learns(model_tok, tmp_path):
+    teacher, tok = model_tok
+    t, _ = logits(teacher, tok)
+    ids, am = _ids(tok)
+    loss, kl, _ = c.distill_loss(t, t, ids, am, temperature=2.0, alpha=1.0)
+    assert abs(kl) < 1e-5 and abs(float(loss)) < 1e-5
+    cfg = Cfg(distill_steps=8, distill_batch_size=4, distill_learning_rate=3e-3, student_layers=1)
+    info = c.build_distilled(teacher, tok, tmp_path, PUBLIC, MAX_LEN, cfg)
+    assert info["student_layers"] == 1 and info["distill_final"]["step"] == 8
+    student, _ = load_model(tmp_path)
+    assert student.config.num_hidden_layers == 1
+    assert logits(student, tok)[0].shape == t.shape
+
+
+def test_distilling_on_the_private_set_is_refused_before_any_work(tiny, tmp_path):
+    ref, data = tiny
+    private = data.fingerprint
+    shakespeare = ROOT / "data/sample/shakespeare.jsonl"
+    with pytest.raises(PrivacyError, match="private training set.*public text"):
+        c.check_public(shakespeare, _fp(shakespeare))
+    assert c.check_public(PUBLIC, private) != private  # public text passes
+    cfg = Cfg(enabled=True, distill=True, distill_data=shakespeare, quantize="int8_dynamic")
+    out = tmp_path / "out"
+    with pytest.raises(PrivacyError):
+        c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, _fp(shakespeare))
+    assert not out.exists()  # refused up front: nothing was built, not even the int8 variant
+
+
+def _fp(path):
+    from tasks.data import load_dataset
+
+    return load_dataset(path).fingerprint
+
+
+# ----------------------------------------------------------------------------------------------------- ONNX
+
+
+def test_onnx_export_matches_torch_and_int8_copy_runs(model_tok, tiny, tmp_path):
+    model, tok = model_tok
+    texts = ["To be, or not to be", "Full fathom five thy father lies; of his bones are coral made"]
+    fp32, int8 = tmp_path / "onnx", tmp_path / "onnx-int8"
+    fp32.mkdir()
+    int8.mkdir()
+    check = c.export_onnx(model, tok, fp32, texts, MAX_LEN, "original")
+    assert check["allclose"] and check["max_abs_logit_diff"] < 1e-3
+    q = c.quantize_onnx(fp32, int8, c.logits_module(model), tok, texts, MAX_LEN, "original")
+    assert q["rel_rms_err"] <= c.ONNX_INT8_MAX_REL_ERR
+    assert c.disk_bytes(int8) < c.disk_bytes(fp32)
+    for d in (fp32, int8):  # a self-contained edge bundle: graph + tokenizer + config + what it is
+        assert {"model.onnx", "tokenizer.json", "config.json", c.META} <= {f.name for f in d.iterdir()}
+        run = c.load_variant(d)
+        ids, am = _ids(tok)
+        out = run.logits(ids, am)
+        assert out.shape == (2, MAX_LEN, len(tok))
+        assert run.params == c.count_params(model)
+
+
+def test_logit_comparison_flags_a_mismatch():
+    t = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert c.compare_logits(t + 1e-6, t, mask)["allclose"]
+    bad = t.clone()
+    bad[1, 2, 3] += 0.1
+    res = c.compare_logits(bad, t, mask)
+    assert not res["allclose"] and abs(res["max_abs_logit_diff"] - 0.1) < 1e-5
+    mask[1, 2] = 0  # a padded position is not compared
+    assert c.compare_logits(bad, t, mask)["allclose"]
+
+
+# -------------------------------------------------------------------------------------------- gates + pipeline
+
+
+def test_gate_rejects_quality_loss_and_missing_speedup():
+    base = {"perplexity": 20.0}
+    ok, why = c.gate({"perplexity": 20.3, "speedup": 1.6}, base, 0.02, 1.5)
+    assert ok and "+1.5%" in why
+    ok, why = c.gate({"perplexity": 21.0, "speedup": 2.0}, base, 0.02, 1.5)
+    assert not ok and "perplexity 21.000 is +5.0%" in why
+    ok, why = c.gate({"perplexity": 20.0, "speedup": 1.2}, base, 0.02, 1.5)
+    assert not ok and "speed-up 1.20x is below the required 1.5x" in why
+    ok, _ = c.gate({"perplexity": float("nan"), "speedup": 3.0}, base, 0.02, 1.5)
+    assert not ok
+    vs = [{"name": "a", "passed": True, "speedup": 1.6, "size_bytes": 10, "format": "hf"},
+          {"name": "b", "passed": False, "speedup": 9.0, "size_bytes": 1, "format": "onnx"},
+          {"name": "c", "passed": True, "speedup": 1.6, "size_bytes": 5, "format": "torchao"}]
+    assert c.pick_best(vs)["name"] == "c" and c.pick_best(vs, ("onnx",)) is None
+
+
+def test_atomic_dir_never_leaves_a_half_variant(tmp_path):
+    final = tmp_path / "v"
+    with pytest.raises(RuntimeError):
+        with c.atomic_dir(final) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with c.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with c.atomic_dir(final) as tmp:
+            raise RuntimeError("a failed rebuild keeps the old variant")
+    assert [p.name for p in tmp_path.iterdir()] == ["v"] and (final / "a").read_text() == "1"
+
+
+def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
+    ref, data = tiny
+    cfg = Cfg(enabled=True, prune_sparsity=0.5, prune_method="mlp_channels", quantize="int8_weight_only",
+              distill=True, distill_data=PUBLIC, export_onnx=True, max_perplexity_increase=0.05,
+              min_speedup=1000.0,  # unreachable: every variant must be rejected, and say why
+              distill_steps=2, distill_batch_size=2, bench_rounds=3, max_eval_records=8, bench_threads=1)
+    out = tmp_path / "compressed"
+    res = c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, data.fingerprint)
+    names = [v["name"] for v in res["variants"]]
+    assert names == ["pruned-mlp-channels", "int8-weight-only", "distilled", "onnx", "onnx-int8"]
+    assert res["selected"] is None and res["edge"] is None
+    for v in res["variants"]:
+        assert v["passed"] is False and "below the required 1000x" in v["reason"], v
+        assert v["tokens_per_s"] > 0 and v["latency_ms_p95"] >= v["latency_ms_p50"] > 0
+        assert Path(v["path"]).is_dir() and len(v["digest"]) == 64
+        assert v["name"] in res["table_md"]
+    by = {v["name"]: v for v in res["variants"]}
+    assert by["onnx"]["perplexity"] == pytest.approx(res["baseline"]["perplexity"], rel=1e-4)
+    assert by["int8-weight-only"]["linear_bytes_ratio"] <= 0.30
+    assert by["pruned-mlp-channels"]["params"] < res["baseline"]["params"]
+    assert by["distilled"]["params"] < res["baseline"]["params"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["report.json", "table.md"])  # no tmp left
+    assert json.loads((out / "report.json").read_text())["selected"] is None
+    # the same measurements under achievable gates: something passes and the fastest is passed on
+    for v in res["variants"]:
+        v["passed"], v["reason"] = c.gate(v, res["baseline"], 0.05, 0.0)
+    assert c.pick_best(res["variants"]) is not None
+
+
+def test_nothing_enabled_builds_nothing(tiny, tmp_path):
+    ref, data = tiny
+    res = c.compress(ref.path, str(tmp_path / "o"), Cfg(enabled=True), data.eval_path, MAX_LEN, None)
+    assert res["variants"] == [] and res["selected"] is None and not (tmp_path / "o").exists()
+
+
+def test_onnx_source_must_be_built(tiny, tmp_path):
+    ref, data = tiny
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="onnx_source 'distilled' needs compression.distill"):
+        Cfg(enabled=True, export_onnx=True, onnx_source="distilled")  # refused where the config is built
+    cfg = Cfg.model_construct(**(Cfg().model_dump() | {"enabled": True, "export_onnx": True,
+                                                      "onnx_source": "distilled"}))
+    with pytest.raises(c.CompressionError, match="onnx_source"):  # and again at run time if bypassed
+        c.compress(ref.path, str(tmp_path / "o"), cfg, data.eval_path, MAX_LEN, None)
+
+
+def test_compress_task_publishes_a_table_artifact(prefect_harness, monkeypatch, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    fake = {"variants": [{"name": "x"}], "rows": [{"variant": "x", "gate": "PASS"}], "table_md": "|x|",
+            "selected": "x", "baseline": {}, "edge": None}
+    monkeypatch.setattr(c, "compress", lambda *a, **k: fake)
+
+    @flow
+    def f():
+        return c.compress_task.with_options(cache_policy=None)("m", str(tmp_path), Cfg(), "e", 32, None)
+
+    assert f()["selected"] == "x"
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    arts = [a for a in asyncio.run(latest()) if a.key == "compression"]
+    assert arts and "gate" in json.dumps(arts[0].data)
