@@ -13,20 +13,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from make_sample import MIN_CHARS, blocks  # noqa: E402 - the same block rule as the private sample
+
 PLAY = "macbeth_gut.txt"
-MIN_CHARS = 40  # same rule as data/make_sample.py: drop bare stage directions and headings
-
-
-def blocks(text: str):
-    block: list[str] = []
-    for line in text.splitlines():
-        if line.strip():
-            block.append(line.rstrip())
-        elif block:
-            yield "\n".join(block)
-            block = []
-    if block:
-        yield "\n".join(block)
 
 
 def main(tarball: str, out: str = "data/public/macbeth.txt") -> None:
