@@ -80,10 +80,19 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
         page.screenshot(path=str(tmp_path / "after-submit.png"))
         browser.close()
 
-    manifest = tmp_path / "onprem" / "m" / "1" / "manifest.json"
-    deadline = time.time() + 120
-    while not manifest.exists() and time.time() < deadline:
+    # Wait for the paused run to finish (not just for the manifest: the alias move and the "promoted" audit entry
+    # come after it), then check every effect.
+    import httpx
+
+    run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
+    deadline, run_state = time.time() + 180, None
+    while time.time() < deadline:
+        run_state = (httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json().get("state") or {}).get("type")
+        if run_state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
         time.sleep(0.5)
+    assert run_state == "COMPLETED", f"promotion run ended as {run_state!r}"
+    manifest = tmp_path / "onprem" / "m" / "1" / "manifest.json"
     assert manifest.exists(), "model did not land in the on-prem target"
     assert json.loads((tmp_path / "onprem" / "m" / "current.json").read_text())["version"] == "1"
     audit = [json.loads(x) for x in (state / "audit.log").read_text().splitlines()]
