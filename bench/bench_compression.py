@@ -42,9 +42,9 @@ def goals(res: dict, structured: dict | None) -> list[str]:
     def line(goal, name, value, ok):
         out.append(f"{'MET   ' if ok else 'MISSED'} {goal:<44} {name:<24} {value}")
 
-    for name in ("int8-weight-only", "int8-dynamic"):
+    for name in ("int8-weight-only", "int8-dynamic", "onnx-int8"):
         v = by.get(name)
-        if v and v.get("built", True):
+        if v and v.get("built", True) and "linear_bytes_ratio" in v:
             line("int8 Linear bytes <= 0.30 of fp32", name, f"{v['linear_bytes_ratio']:.3f}",
                  v["linear_bytes_ratio"] <= 0.30)
     for name in ("int8-weight-only", "int8-dynamic", "onnx-int8"):
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--eval-records", type=int, default=64)
     ap.add_argument("--out", default=None, help="where variants go (default: a temp dir, removed)")
+    ap.add_argument("--onnx-int8-method", default="blockwise", choices=["blockwise", "dynamic"])
+    ap.add_argument("--onnx-block-size", type=int, default=32)
     ap.add_argument("--skip", nargs="*", default=[], choices=["distill", "onnx", "structured"])
     args = ap.parse_args()
     if args.threads:  # for the whole run (distillation too): oversubscribed OpenMP threads on a busy box crawl
@@ -96,7 +98,8 @@ def main() -> None:
     cfg = make_cfg(prune_sparsity=args.sparsity, prune_method="magnitude_global", quantize="both",
                    distill="distill" not in args.skip, distill_data=ROOT / "data/public/macbeth.txt",
                    distill_steps=args.distill_steps, distill_batch_size=4, distill_learning_rate=1e-4,
-                   export_onnx="onnx" not in args.skip, **common)
+                   export_onnx="onnx" not in args.skip, onnx_int8_method=args.onnx_int8_method,
+                   onnx_int8_block_size=args.onnx_block_size, **common)
     t0 = time.time()
     res = compress(model.path, str(work / "run1"), cfg, data.eval_path, args.max_len, data.fingerprint)
     print(f"\n## Run 1 ({time.time() - t0:.0f} s)\n\n{res['table_md']}", flush=True)

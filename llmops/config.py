@@ -167,7 +167,10 @@ class CompressionConfig(Section):
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha*T^2*KL + (1-alpha)*CE")
     distill_seed: int = 0
     export_onnx: bool = False
-    onnx_int8: bool = Field(True, description="Also write an onnxruntime dynamic-int8 copy of the ONNX export")
+    onnx_int8: bool = Field(True, description="Also write an onnxruntime int8 copy of the ONNX export")
+    onnx_int8_method: Literal["blockwise", "dynamic"] = Field(
+        "blockwise", description="blockwise = MatMulNBits 8-bit per-block scales; dynamic = per-tensor quantize_dynamic")
+    onnx_int8_block_size: int = Field(32, ge=16, description="Input channels per scale (blockwise); power of two")
     onnx_source: Literal["original", "pruned", "distilled"] = Field("original", description="Model exported to ONNX")
     max_perplexity_increase: float = Field(0.02, ge=0.0, description="Relative, e.g. 0.02 = +2%")
     min_speedup: float = Field(1.0, gt=0.0)
@@ -183,6 +186,9 @@ class CompressionConfig(Section):
             raise ValueError("compression.onnx_source 'pruned' needs compression.prune_sparsity > 0")
         if self.export_onnx and self.onnx_source == "distilled" and not self.distill:
             raise ValueError("compression.onnx_source 'distilled' needs compression.distill: true")
+        if self.onnx_int8_block_size & (self.onnx_int8_block_size - 1):
+            raise ValueError(f"compression.onnx_int8_block_size must be a power of two (16, 32, 64, 128...), "
+                             f"got {self.onnx_int8_block_size}")
         return self
 
 

@@ -182,7 +182,10 @@ def _fp(path):
 # ----------------------------------------------------------------------------------------------------- ONNX
 
 
-def test_onnx_export_matches_torch_and_int8_copy_runs(model_tok, tiny, tmp_path):
+@pytest.mark.parametrize("method", ["blockwise", "dynamic"])
+def test_onnx_export_matches_torch_and_int8_copy_runs(model_tok, tiny, tmp_path, method):
+    import onnx
+
     model, tok = model_tok
     texts = ["To be, or not to be", "Full fathom five thy father lies; of his bones are coral made"]
     fp32, int8 = tmp_path / "onnx", tmp_path / "onnx-int8"
@@ -190,9 +193,17 @@ def test_onnx_export_matches_torch_and_int8_copy_runs(model_tok, tiny, tmp_path)
     int8.mkdir()
     check = c.export_onnx(model, tok, fp32, texts, MAX_LEN, "original")
     assert check["allclose"] and check["max_abs_logit_diff"] < 1e-3
-    q = c.quantize_onnx(fp32, int8, c.logits_module(model), tok, texts, MAX_LEN, "original")
+    q = c.quantize_onnx(fp32, int8, c.logits_module(model), tok, texts, MAX_LEN, "original", method, 32)
     assert q["rel_rms_err"] <= c.ONNX_INT8_MAX_REL_ERR
     assert c.disk_bytes(int8) < c.disk_bytes(fp32)
+    ops = {n.op_type for n in onnx.load(str(int8 / c.ONNX_FILE)).graph.node}
+    assert ("MatMulNBits" in ops) == (method == "blockwise") and ("MatMulInteger" in ops) == (method == "dynamic")
+    assert c.read_meta(int8)["int8_method"] == method
+    # the graph's matmul weights are exactly the torch Linear weights in fp32; int8 (+ scales) is ~1/4 of that
+    fp32_bytes = c.onnx_matmul_weight_bytes(fp32 / c.ONNX_FILE)
+    assert fp32_bytes == c.linear_weight_bytes(model)
+    ratio = c.onnx_matmul_weight_bytes(int8 / c.ONNX_FILE) / fp32_bytes
+    assert 0.25 <= ratio <= (0.25 + 1 / 32 + 0.01 if method == "blockwise" else 0.26), ratio
     for d in (fp32, int8):  # a self-contained edge bundle: graph + tokenizer + config + what it is
         assert {"model.onnx", "tokenizer.json", "config.json", c.META} <= {f.name for f in d.iterdir()}
         run = c.load_variant(d)
@@ -200,6 +211,13 @@ def test_onnx_export_matches_torch_and_int8_copy_runs(model_tok, tiny, tmp_path)
         out = run.logits(ids, am)
         assert out.shape == (2, MAX_LEN, len(tok))
         assert run.params == c.count_params(model)
+
+
+def test_onnx_int8_block_size_is_checked(model_tok, tmp_path):
+    with pytest.raises(ValueError, match="onnx_int8_block_size must be a power of two"):
+        CompressionConfig(export_onnx=True, onnx_int8_block_size=48)
+    with pytest.raises(c.CompressionError, match="power of two"):
+        c.quantize_onnx(tmp_path, tmp_path, None, None, [], MAX_LEN, "original", "blockwise", 24)
 
 
 def test_logit_comparison_flags_a_mismatch():
