@@ -60,14 +60,17 @@ def speed(spec, tmp: Path, rounds: int) -> list[tuple]:
     return rows
 
 
-def quality(spec, data, tmp: Path, steps: int, epsilon: float) -> list[tuple]:
+def quality(spec, data, tmp: Path, steps: int, epsilon: float, dp_lrs: list[float] | None = None) -> list[tuple]:
     from tasks.evaluation import heldout_loss
     from tasks.privacy import noise_for_target
 
     sigma = noise_for_target(epsilon, spec.delta, spec.sample_rate, steps, "prv")
     base = heldout_loss(spec.model_path, data.eval_path, max_records=10**9, max_len=spec.max_len)
     rows = [("base model (no training)", "-", base["eval_loss"], base["eval_tokens"])]
-    for name, kw in (("non-private", {"private": False}), (f"DP eps={epsilon:g}", {"noise_multiplier": sigma})):
+    runs = [("non-private", {"private": False})]
+    runs += [(f"DP eps={epsilon:g}" + (f" lr={lr:g}" if dp_lrs else ""),
+              {"noise_multiplier": sigma, "learning_rate": lr}) for lr in (dp_lrs or [spec.learning_rate])]
+    for name, kw in runs:
         res = run(spec, tmp / name.replace(" ", "_"), steps=steps, **kw)
         ev = heldout_loss(res["model_path"], data.eval_path, max_records=10**9, max_len=spec.max_len)
         eps = res["privacy"]["epsilon"]
@@ -82,9 +85,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate (non-private, and DP unless --dp-lr)")
+    ap.add_argument("--dp-lr", type=float, nargs="*", help="DP learning rates to try (each a row)")
+    ap.add_argument("--lora-r", type=int, default=8)
     args = ap.parse_args()
     state = ROOT / ".llmops"
     data, spec = base_spec(state, args.steps, args.batch, args.max_len)
+    spec = replace(spec, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.only in (None, "speed"):
@@ -93,14 +100,15 @@ def main() -> None:
             for m, b, t, p, d, r in speed(spec, tmp, args.rounds):
                 print(f"{m:<8}{b:>6}{t:>5}{p:>15.2f}{d:>9.2f}{r:>10.3f}")
         if args.only in (None, "quality"):
-            rows, sigma = quality(spec, data, tmp, args.steps, 8.0)
+            rows, sigma = quality(spec, data, tmp, args.steps, 8.0, args.dp_lr)
             print(f"\nTable 2: held-out loss on {data.n_eval} held-out Shakespeare records after {args.steps} LoRA "
-                  f"steps (batch {args.batch}, q={spec.sample_rate:.4f}, sigma={sigma:.3f}, C=1, delta={spec.delta:g})")
+                  f"(r={args.lora_r}) steps (batch {args.batch}, q={spec.sample_rate:.4f}, sigma={sigma:.3f}, C=1, "
+                  f"delta={spec.delta:g}, lr={args.lr:g})")
             print(f"{'run':<26}{'epsilon':>9}{'eval loss':>11}{'tokens':>8}")
             for name, eps, loss, toks in rows:
                 print(f"{name:<26}{eps:>9}{loss:>11.4f}{toks:>8}")
-            gap = rows[2][2] - rows[1][2]
-            print(f"DP - non-private gap: {gap:+.4f} nats")
+            for row in rows[2:]:
+                print(f"{row[0]} - non-private gap: {row[2] - rows[1][2]:+.4f} nats")
 
 
 if __name__ == "__main__":
