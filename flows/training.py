@@ -57,7 +57,8 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                     ", PII redacted" if validation["redacted"] else "", validation["docs_path"])
     data = prepare_data_task.with_options(**refresh)(config, validation["data_path"] if validation else None)
     # The privacy ledger and lineage key on the data as delivered: a redacted copy is the same people's data.
-    data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"]}
+    data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"],
+                   "source_map": validation.get("source_map") if validation else None}
     logger.info("data %s: %d records (%d train / %d eval)", data["fingerprint"][:12], data["n_records"],
                 data["n_train"], data["n_eval"])
 

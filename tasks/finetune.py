@@ -430,11 +430,23 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     if p.enabled:
         ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
         cumulative = ledger.reserve(run_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
-                                    p.dataset_budget_epsilon)
+                                    p.dataset_budget_epsilon, records=training_record_hashes(data))
         assert epsilon_of([[sigma, q, steps]], delta, p.accountant) <= p.dataset_budget_epsilon + 1e-9
     out.mkdir(parents=True, exist_ok=True)
     spec.save(out / "spec.json")
     return spec, cumulative
+
+
+def training_record_hashes(data: dict) -> list[str]:
+    """Content hashes of the records DP training will read, as the ledger's record identities. For a redacted copy,
+    each record maps back to the original record(s) it came from (the same person's data)."""
+    from tasks.data import read_texts, text_hash
+
+    hashes = [text_hash(t) for t in read_texts(Path(data["train_path"]))]
+    if data.get("source_map"):
+        sources = json.loads(Path(data["source_map"]).read_text())
+        hashes = [s for h in hashes for s in sources.get(h, [h])]
+    return sorted(set(hashes))
 
 
 def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:

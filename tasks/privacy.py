@@ -235,11 +235,17 @@ class LedgerEntry:
 
 
 class PrivacyLedger:
-    """Durable composition of privacy loss per dataset fingerprint (SQLite in the state dir).
+    """Durable composition of privacy loss per *record*, across datasets (SQLite in the state dir).
 
-    A run *reserves* its full planned (sigma, q, steps) before training starts, so a killed run is charged
-    conservatively; a resumed run reuses its entry (never charged twice); on completion the entry is set to the
-    steps actually taken. Cumulative epsilon composes the histories of all runs under one accountant.
+    Every run is recorded with its dataset fingerprint and (sigma, q, steps) history; the dataset's training
+    records are recorded by content hash. A record's epsilon composes the histories of every run whose dataset
+    contained it, whatever that dataset was called: retraining on a grown, shrunk or edited copy of the data keeps
+    paying for the records it shares with earlier runs. A dataset's spent epsilon is the worst over its records;
+    the budget is enforced per record (`dataset_budget_epsilon` caps what any one record can lose).
+
+    A run *reserves* its full planned history before training starts, so a killed run is charged conservatively; a
+    resumed run reuses its entry (never charged twice); on completion the entry is set to the steps actually taken.
+    Runs recorded without record hashes count for every record of their dataset fingerprint.
     """
 
     def __init__(self, path: str | Path):
@@ -249,6 +255,9 @@ class PrivacyLedger:
             db.execute("""CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
                 status TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, history TEXT NOT NULL,
                 epsilon REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)""")
+            db.execute("""CREATE TABLE IF NOT EXISTS members (fingerprint TEXT NOT NULL, record TEXT NOT NULL,
+                PRIMARY KEY (fingerprint, record)) WITHOUT ROWID""")
+            db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
 
     @contextmanager
     def _db(self):
@@ -265,29 +274,77 @@ class PrivacyLedger:
                               "FROM runs WHERE fingerprint=? ORDER BY created", (fingerprint,)).fetchall()
         return [LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
 
-    def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
-        history = [h for e in self.entries(fingerprint) if e.run_id != exclude for h in e.history]
-        return epsilon_of(history, delta, kind)
-
-    def reserve(self, run_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float) -> float:
-        """Record a planned run; refuse (before any training) if the cumulative epsilon would exceed the budget."""
-        existing = {e.run_id: e for e in self.entries(fingerprint)}
-        if run_id in existing:
-            return self.spent(fingerprint, delta, kind)
-        before = self.spent(fingerprint, delta, kind)
-        prior = [h for e in existing.values() for h in e.history]
-        after = epsilon_of(prior + list(history), delta, kind)
-        if after > budget + 1e-9:
-            raise PrivacyError(
-                f"this run would bring dataset {fingerprint[:12]} to epsilon={after:.2f} "
-                f"(already spent {before:.2f} over {len(existing)} run(s); budget {budget:.2f})",
-                "privacy.dataset_budget_epsilon",
-                "lower privacy.target_epsilon / train fewer steps, or raise the budget if policy allows",
-            )
-        now = time.time()
+    def records(self, fingerprint: str) -> list[str]:
         with self._db() as db:
+            return [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
+
+    def _signatures(self, db, fingerprint: str, records: list[str] | None,
+                    exclude: str | None) -> tuple[dict[frozenset, int], dict[str, list]]:
+        """Group the dataset's records by the set of prior runs that trained on them: {run-id set: n records}."""
+        histories = {r[0]: (r[1], json.loads(r[2])) for r in db.execute("SELECT run_id, fingerprint, history FROM runs")
+                     if r[0] != exclude}
+        same = frozenset(rid for rid, (fp, _) in histories.items() if fp == fingerprint)
+        if records is None:
+            records = [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
+        if not records:
+            return ({same: 1} if same else {}), {k: v[1] for k, v in histories.items()}
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (record TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.execute("DELETE FROM wanted")
+        db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((r,) for r in records))
+        runs_of_fp: dict[str, set] = {}
+        for rid, (fp, _) in histories.items():
+            runs_of_fp.setdefault(fp, set()).add(rid)
+        per_record: dict[str, set] = {}
+        for rec, fp in db.execute("SELECT m.record, m.fingerprint FROM members m JOIN wanted w ON m.record = w.record"):
+            per_record.setdefault(rec, set()).update(runs_of_fp.get(fp, ()))
+        db.execute("DELETE FROM wanted")
+        groups: dict[frozenset, int] = {}
+        for rec in set(records):
+            sig = frozenset(per_record.get(rec, set()) | same)
+            groups[sig] = groups.get(sig, 0) + 1
+        return groups, {k: v[1] for k, v in histories.items()}
+
+    def _worst(self, groups: dict[frozenset, int], histories: dict[str, list], extra: list, delta: float,
+               kind: str) -> tuple[float, int]:
+        """(worst record epsilon, how many prior runs that record was in)."""
+        worst, n_runs = 0.0, 0
+        for sig in groups:
+            history = [h for rid in sorted(sig) for h in histories.get(rid, [])] + list(extra)
+            eps = epsilon_of(history, delta, kind) if history else 0.0
+            if eps > worst or (eps == worst and len(sig) > n_runs):
+                worst, n_runs = eps, len(sig)
+        return worst, n_runs
+
+    def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
+        """Worst epsilon over the records of `fingerprint`, composing every run that trained on each record."""
+        with self._db() as db:
+            groups, histories = self._signatures(db, fingerprint, None, exclude)
+        return self._worst(groups, histories, [], delta, kind)[0]
+
+    def reserve(self, run_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float,
+                records: list[str] | None = None) -> float:
+        """Record a planned run on `records` (content hashes of its training records); refuse, before any
+        training and leaving nothing behind, if any record's composed epsilon would exceed the budget."""
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                groups, histories = self._signatures(db, fingerprint, None, None)
+                return self._worst(groups, histories, [], delta, kind)[0]
+            groups, histories = self._signatures(db, fingerprint, records, None)
+            before, _ = self._worst(groups, histories, [], delta, kind)
+            after, n_prior = self._worst(groups or {frozenset(): 1}, histories, list(history), delta, kind)
+            if after > budget + 1e-9:
+                shared = "" if not records else " (records shared with earlier runs count, whatever their dataset)"
+                raise PrivacyError(
+                    f"this run would bring records of dataset {fingerprint[:12]} to epsilon={after:.2f} "
+                    f"(already spent {before:.2f} over {n_prior} run(s){shared}; budget {budget:.2f})",
+                    "privacy.dataset_budget_epsilon",
+                    "lower privacy.target_epsilon / train fewer steps, or raise the budget if policy allows",
+                )
+            now = time.time()
             db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)", (run_id, fingerprint, "reserved", delta, kind,
                        json.dumps(history), epsilon_of(history, delta, kind), now, now))
+            if records:
+                db.executemany("INSERT OR IGNORE INTO members VALUES (?,?)", ((fingerprint, r) for r in records))
         return after
 
     def finish(self, run_id: str, history: list, status: str = "completed") -> None:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmops.errors import DataError
-from tasks.data import Record, fingerprint, is_eval, load_dataset, normalise
+from tasks.data import Record, fingerprint, is_eval, load_dataset, normalise, text_hash
 
 # ------------------------------------------------------------------------------------------- PII detectors
 
@@ -121,6 +121,7 @@ class ValidationReport:
     redacted: bool = False
     docs_path: str = ""
     summary_md: str = ""
+    source_map: str | None = None  # redacted copy: JSON {redacted record hash: [source record hashes]} (ledger)
 
 
 def derived_table(records: list[Record], mrn: list[re.Pattern], eval_fraction: float, tok=None):
@@ -248,9 +249,18 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
                  "examples": [ds.records[i].where.rsplit("/", 1)[-1] for i in df.index[df[f"pii_{cat}"] > 0][:5]]}
            for cat in PLACEHOLDER}
     to_redact = {c for c, v in pii.items() if v["policy"] == "redact" and v["count"]}
-    records, data_path, redacted = ds.records, str(data_cfg.path), False
+    records, data_path, redacted, source_map = ds.records, str(data_cfg.path), False, None
     if to_redact:
         records = [Record(r.id, redact(r.text, s, to_redact), r.where) for r, s in zip(ds.records, spans)]
+        # The privacy ledger charges a redacted record to the person's original record: keep hash -> source hashes.
+        sources: dict[str, list[str]] = {}
+        for new, old in zip(records, ds.records):
+            sources.setdefault(text_hash(new.text), []).append(text_hash(old.text))
+        source_map = out / "redacted.sources.json"
+        tmp = source_map.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sources))
+        tmp.replace(source_map)
+        source_map = str(source_map)
         data_path = str(_write_redacted(records, out / "redacted.jsonl"))
         df, _ = derived_table(records, mrn, data_cfg.eval_fraction, tok)
         redacted = True
@@ -258,7 +268,7 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     failures = _failures(result, df, val_cfg.pii)
     report = ValidationReport(passed=bool(result.success), fingerprint=fingerprint(r.text for r in records),
                               source_fingerprint=ds.fingerprint, data_path=data_path, n_records=len(records),
-                              failures=failures, pii=pii, redacted=redacted, docs_path=docs)
+                              failures=failures, pii=pii, redacted=redacted, docs_path=docs, source_map=source_map)
     report.summary_md = summary_markdown(report, data_cfg.path)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
     return report

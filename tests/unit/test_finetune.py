@@ -229,3 +229,48 @@ def test_plan_refuses_over_budget_before_training(tiny_config):
     with pytest.raises(PrivacyError, match="budget"):
         plan_finetune(cfg, data, model)
     assert not (Path(cfg.state_dir) / "runs").exists()
+
+
+def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config, tiny_jsonl, tmp_path):
+    """The scheduled-retraining case: day 2's file = day 1's records + new ones (a new fingerprint). Day 1's
+    epsilon carries over to the shared records, so a run that fits the budget alone is refused on day 2."""
+    from tasks.privacy import PrivacyError, PrivacyLedger
+
+    cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
+        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 7.0})})
+    model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    day1 = asdict(prepare_data(tiny_jsonl, cfg.state_dir, cfg.data.eval_fraction))
+    spec1, eps1 = plan_finetune(cfg, day1, model)
+    assert 5.5 < eps1 <= 6.0
+    lines = tiny_jsonl.read_text().splitlines()
+    grown = tmp_path / "day2.jsonl"
+    grown.write_text("\n".join(lines + [json.dumps({"id": f"new{i}", "text": f"A new line of verse, number {i}."})
+                                        for i in range(20)]) + "\n")
+    day2 = asdict(prepare_data(grown, cfg.state_dir, cfg.data.eval_fraction))
+    assert day2["fingerprint"] != day1["fingerprint"]
+    with pytest.raises(PrivacyError, match="records shared with earlier runs"):
+        plan_finetune(cfg, day2, model)
+    fresh = tmp_path / "other.jsonl"  # data with no record in common: its own budget
+    fresh.write_text("".join(json.dumps({"id": f"o{i}", "text": f"Unrelated record {i} about the weather."}) + "\n"
+                             for i in range(len(lines))))
+    other = asdict(prepare_data(fresh, cfg.state_dir, cfg.data.eval_fraction))
+    spec3, eps3 = plan_finetune(cfg, other, model)
+    assert eps3 == pytest.approx(eps1, rel=0.05)
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
+    assert len(ledger.records(day1["fingerprint"])) == day1["n_train"]
+
+
+def test_redacted_records_are_charged_to_their_source_records(tmp_path):
+    from tasks.data import text_hash
+    from tasks.finetune import training_record_hashes
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                             for i, t in enumerate(["Call me at [PHONE]", "plain line"])))
+    src = {text_hash("Call me at [PHONE]"): [text_hash("Call me at 555 123 4567"), text_hash("Call me at 555 765 4321")]}
+    (tmp_path / "map.json").write_text(json.dumps(src))
+    got = training_record_hashes({"train_path": str(train), "source_map": str(tmp_path / "map.json")})
+    assert got == sorted([text_hash("Call me at 555 123 4567"), text_hash("Call me at 555 765 4321"),
+                          text_hash("plain line")])
+    assert training_record_hashes({"train_path": str(train)}) == sorted([text_hash("Call me at [PHONE]"),
+                                                                         text_hash("plain line")])

@@ -113,7 +113,7 @@ def test_ledger_composes_refuses_and_never_double_charges(tmp_path):
     after1 = ledger.reserve("run1", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0)
     assert 4.8 < after1 <= 5.0
     assert ledger.reserve("run1", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0) == pytest.approx(after1)
-    with pytest.raises(PrivacyError, match=r"would bring dataset fp to epsilon=.*already spent (4\.9\d|5\.00) over 1 run"):
+    with pytest.raises(PrivacyError, match=r"would bring records of dataset fp to epsilon=.*already spent (4\.9\d|5\.00) over 1 run"):
         ledger.reserve("run2", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0)
     assert [e.run_id for e in ledger.entries("fp")] == ["run1"]  # the refused run left nothing behind
     ledger.reserve("other-data", "fp2", [[sigma, q, steps]], delta, "prv", budget=6.0)  # budgets are per dataset
@@ -122,6 +122,33 @@ def test_ledger_composes_refuses_and_never_double_charges(tmp_path):
     assert again.spent("fp", delta) < after1
     entry = again.entries("fp")[0]
     assert entry.status == "completed" and entry.history == [[sigma, q, steps // 2]]
+
+
+def test_ledger_charges_records_across_datasets(tmp_path):
+    """Retraining on a grown copy of the data (a new fingerprint) keeps paying for the records it shares."""
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    delta, q, steps = 1e-5, 0.02, 200
+    sigma = noise_for_target(5.0, delta, q, steps)
+    run = [[sigma, q, steps]]
+    alone = epsilon_of(run, delta, "prv")
+    old = [f"r{i}" for i in range(100)]
+    ledger.reserve("day1", "fp-day1", run, delta, "prv", budget=6.0, records=old)
+    grown = old + [f"r{i}" for i in range(100, 150)]  # 50 new records appended
+    with pytest.raises(PrivacyError, match=r"records of dataset fp-day2 to epsilon=.*over 1 run\(s\) \(records shared"):
+        ledger.reserve("day2", "fp-day2", run, delta, "prv", budget=6.0, records=grown)
+    assert ledger.entries("fp-day2") == [] and ledger.records("fp-day2") == []  # refused: nothing left behind
+    shrunk = old[:10]  # a subset is the same people too
+    with pytest.raises(PrivacyError):
+        ledger.reserve("subset", "fp-subset", run, delta, "prv", budget=6.0, records=shrunk)
+    fresh = [f"n{i}" for i in range(100)]  # disjoint data: only its own run counts
+    assert ledger.reserve("other", "fp-other", run, delta, "prv", budget=6.0, records=fresh) == pytest.approx(alone)
+    # with a larger budget the grown set is accepted; its worst record (an old one) has paid twice
+    both = ledger.reserve("day2", "fp-day2", run, delta, "prv", budget=20.0, records=grown)
+    assert both == pytest.approx(epsilon_of(run * 2, delta, "prv")) and both > alone + 1
+    assert ledger.spent("fp-day2", delta) == pytest.approx(both)
+    assert ledger.spent("fp-day1", delta) == pytest.approx(both)  # day 1's records were charged again by day 2
+    assert ledger.spent("fp-other", delta) == pytest.approx(alone)
+    assert sorted(ledger.records("fp-day1")) == sorted(old)
 
 
 def test_secure_mode_refuses_seed_and_draws_fresh_noise():

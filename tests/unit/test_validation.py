@@ -94,6 +94,11 @@ def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
     redacted = [json.loads(x)["text"] for x in Path(rep.data_path).read_text().splitlines()]
     assert "[EMAIL]" in redacted[3] and "[PHONE]" in redacted[7] and len(redacted) == len(rows)
     assert rep.fingerprint != rep.source_fingerprint
+    from tasks.data import text_hash  # the ledger charges each redacted record to the original it came from
+
+    sources = json.loads(Path(rep.source_map).read_text())
+    assert sources[text_hash(redacted[3])] == [text_hash(rows[3]["text"])]
+    assert sources[text_hash(redacted[0])] == [text_hash(rows[0]["text"])]
     for f in (tmp_path / "out").rglob("*"):  # reports, Data Docs, GX stores: no raw value anywhere
         if f.is_file() and f.name != "redacted.jsonl":
             body = f.read_bytes()
