@@ -258,8 +258,8 @@ Text generation in the style of the fine-tuning data. Research/demo quality; not
 - (ε, δ) = ({eps}, {p.get('delta'):.3g}) for this run, record-level, {p.get('accountant', '?').upper()} accountant.
 - Noise multiplier σ = {p.get('noise_multiplier', 0):.4f}, clipping bound C = {p.get('max_grad_norm')},
   sample rate q = {p.get('sample_rate', 0):.5f}, steps = {p.get('steps')}, expected batch {p.get('expected_batch_size')}.
-- All runs on this dataset so far compose to ε = {cumulative_epsilon if cumulative_epsilon is not None else '?'}
-  (budget {budget}).
+- All runs so far that trained on this dataset's records (under any dataset name) compose, for its most-charged
+  record, to ε = {cumulative_epsilon if cumulative_epsilon is not None else '?'} (budget {budget} per record).
 
 ### Limits of the guarantee
 - It protects individual *records* of the training set; a person appearing in many records is protected less.
