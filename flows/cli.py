@@ -290,6 +290,26 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_ledger(args) -> int:
+    from tasks.privacy import PrivacyLedger
+
+    path = _state_dir(args) / "privacy_ledger.sqlite"
+    if not path.is_file():
+        print(f"{path}: no privacy ledger yet (no private training run has been planned)")
+        return 0
+    rows = PrivacyLedger(path).summary()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{path}: {len(rows)} dataset(s); epsilon = the most-charged record's, composing every run that trained "
+          "on it under any dataset name")
+    print(f"{'dataset':<18}{'runs':>5}{'records':>9}{'epsilon':>9}{'delta':>10}  accountant  last run")
+    for r in rows:
+        print(f"{r['fingerprint'][:16]:<18}{r['runs']:>5}{r['records']:>9}{r['epsilon']:>9.3f}{r['delta']:>10.2g}  "
+              f"{r['accountant']:<10}  {r['last_run']}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmops", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -335,6 +355,10 @@ def parser() -> argparse.ArgumentParser:
     us.add_argument("--roles-file")
     us.add_argument("--credential-file")
     us.set_defaults(func=cmd_users)
+    lg = sub.add_parser("ledger", help="show the privacy ledger: epsilon spent per dataset (worst record)")
+    lg.add_argument("--config", "-c")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=cmd_ledger, set=None)
     au = sub.add_parser("audit", help="verify the audit log chain")
     au.add_argument("op", choices=["verify"])
     au.add_argument("--config", "-c")

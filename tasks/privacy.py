@@ -315,6 +315,24 @@ class PrivacyLedger:
                 worst, n_runs = eps, len(sig)
         return worst, n_runs
 
+    def summary(self) -> list[dict]:
+        """One row per dataset fingerprint: runs, recorded training records, worst-record epsilon (at the delta and
+        accountant of its latest run)."""
+        with self._db() as db:
+            runs = db.execute("SELECT fingerprint, run_id, status, delta, accountant, created FROM runs "
+                              "ORDER BY created").fetchall()
+            counts = dict(db.execute("SELECT fingerprint, COUNT(*) FROM members GROUP BY fingerprint").fetchall())
+        by_fp: dict[str, list] = {}
+        for r in runs:
+            by_fp.setdefault(r[0], []).append(r)
+        out = []
+        for fp, rs in by_fp.items():
+            last = rs[-1]
+            out.append({"fingerprint": fp, "runs": len(rs), "statuses": sorted({r[2] for r in rs}),
+                        "records": counts.get(fp, 0), "delta": last[3], "accountant": last[4],
+                        "epsilon": self.spent(fp, last[3], last[4]), "last_run": last[1], "updated": last[5]})
+        return out
+
     def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
         """Worst epsilon over the records of `fingerprint`, composing every run that trained on each record."""
         with self._db() as db:

@@ -122,3 +122,27 @@ def test_flow_with_compression_logs_table_and_edge_bundle(prefect_harness, tiny_
     edge = {a.path for a in client.list_artifacts(run_id, "edge")}
     assert any(p.endswith(".onnx") for p in edge)
     assert "reports/compression.md" in {a.path for a in client.list_artifacts(run_id, "reports")}
+
+
+def test_cli_ledger_shows_worst_record_epsilon(tmp_path):
+    import json
+    import os
+
+    from tasks.privacy import PrivacyLedger, epsilon_of, noise_for_target
+
+    env = dict(os.environ, LLMOPS_HOME=str(tmp_path))
+    r = llmops("ledger", env=env)
+    assert r.returncode == 0 and "no privacy ledger yet" in r.stdout
+    delta, q, steps = 1e-5, 0.05, 50
+    run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
+    ledger = PrivacyLedger(tmp_path / "privacy_ledger.sqlite")
+    ledger.reserve("a", "f" * 64, run, delta, "prv", 10.0, records=["x", "y"])
+    ledger.reserve("b", "e" * 64, run, delta, "prv", 10.0, records=["y", "z", "w"])  # shares record y
+    r = llmops("ledger", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = {x["fingerprint"][:1]: x for x in json.loads(r.stdout)}
+    twice = epsilon_of(run * 2, delta, "prv")
+    assert rows["f"]["epsilon"] == rows["e"]["epsilon"] == pytest.approx(twice)  # record y paid for both runs
+    assert rows["f"]["records"] == 2 and rows["e"]["records"] == 3 and rows["e"]["runs"] == 1
+    text = llmops("ledger", env=env).stdout
+    assert "2 dataset(s)" in text and f"{twice:.3f}" in text
