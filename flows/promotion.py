@@ -11,6 +11,7 @@ targets written; then MLflow alias `production` moves (the old one becomes `prev
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,28 @@ def _client(cfg: PipelineConfig):
 
 def _audit(cfg: PipelineConfig) -> AuditLog:
     return AuditLog(Path(cfg.state_dir) / "audit.log")
+
+
+TAGGED_FIELDS = ("ts", "action", "decision", "approver", "requested_by", "approved_by", "reason", "comment",
+                 "from_version", "flow_run_id")
+
+
+def _decide(cfg: PipelineConfig, audit: AuditLog, **entry) -> dict:
+    """Append a decision to the audit log (the record of truth, hash-chained) and tag it on the MLflow model version
+    as `llmops.decision.NNN` (who, what, when, why; never a credential)."""
+    record = audit.append(**entry)
+    name, version = entry.get("model"), entry.get("version")
+    try:
+        client, _ = _client(cfg)
+        tags = retry(lambda: client.get_model_version(name, version)).tags
+        n = sum(1 for k in tags if k.startswith("llmops.decision."))
+        value = json.dumps({k: (record[k][:200] if isinstance(record[k], str) else record[k])
+                            for k in TAGGED_FIELDS if record.get(k) not in (None, "")}, sort_keys=True)
+        retry(lambda: client.set_model_version_tag(name, version, f"llmops.decision.{n + 1:03d}", value[:4000]))
+    except Exception as e:  # noqa: BLE001 - the audit log already holds the decision
+        get_run_logger().warning("decision %s is in the audit log but could not be tagged on %s v%s (%s)",
+                                 entry.get("decision"), name, version, type(e).__name__)
+    return record
 
 
 def _policy(cfg: PipelineConfig) -> Policy:
@@ -116,7 +139,7 @@ def collect_approvals(cfg: PipelineConfig, action: str, subject: dict, summary: 
             form = pause_flow_run(wait_for_input=ApprovalInput.with_initial_data(description=summary),
                                   timeout=cfg.promotion.approval_timeout_s, poll_interval=2)
         except FlowPauseTimeout:
-            audit.append(action=action, decision="timeout", **subject, flow_run_id=str(flow_run.id))
+            _decide(cfg, audit, action=action, decision="timeout", **subject, flow_run_id=str(flow_run.id))
             raise PromotionError(f"no approval within {cfg.promotion.approval_timeout_s}s: nothing was changed",
                                  f"flow run {flow_run.id}", "start the flow again when an approver is available")
         _forget_run_input()
@@ -128,21 +151,21 @@ def collect_approvals(cfg: PipelineConfig, action: str, subject: dict, summary: 
                       requested_by)
         except AccessDenied as e:
             bad += 1
-            audit.append(decision="denied", reason=e.what, **entry)
+            _decide(cfg, audit, decision="denied", reason=e.what, **entry)
             logger.warning("approval refused: %s (%d/%d bad attempts)", e.what, bad, MAX_BAD_ATTEMPTS)
             if bad >= MAX_BAD_ATTEMPTS:
                 raise PromotionError("too many refused approval attempts", f"flow run {flow_run.id}",
                                      "start a new promotion") from None
             continue
         if not form.approve:
-            audit.append(decision="rejected", **entry)
+            _decide(cfg, audit, decision="rejected", **entry)
             raise PromotionError(f"rejected by {form.approver}: {form.comment or 'no comment'}", action,
                                  "nothing was changed")
         if form.approver in approvals:
-            audit.append(decision="duplicate", **entry)
+            _decide(cfg, audit, decision="duplicate", **entry)
             continue
         approvals.append(form.approver)
-        audit.append(decision="approved", **entry)
+        _decide(cfg, audit, decision="approved", **entry)
         logger.info("approval %d/%d by %s", len(approvals), cfg.promotion.required_approvals, form.approver)
     return approvals
 
@@ -182,8 +205,8 @@ def promotion_flow(version: str, requested_by: str, config: PipelineConfig = Pip
     subject = {"model": name, "version": str(version)}
     info = read_version(cfg, str(version))
     if problems := check_evidence(info["tags"]):
-        audit.append(action="promote", decision="refused", reason="; ".join(problems), requested_by=requested_by,
-                     **subject, flow_run_id=str(flow_run.id))
+        _decide(cfg, audit, action="promote", decision="refused", reason="; ".join(problems),
+                requested_by=requested_by, **subject, flow_run_id=str(flow_run.id))
         raise PromotionError("; ".join(problems), f"models:/{name}/{version}", "train a model that passes every check")
     summary = summary_markdown(name, str(version), info, requested_by, "Promotion")
     create_markdown_artifact(summary, key="promotion-summary", description=f"{name} v{version}")
@@ -192,8 +215,8 @@ def promotion_flow(version: str, requested_by: str, config: PipelineConfig = Pip
     client, _ = _client(cfg)
     old = move_production_alias(client, name, str(version))
     client.set_model_version_tag(name, str(version), "llmops.approved_by", ",".join(approvals))
-    audit.append(action="promote", decision="promoted", approved_by=approvals, previous=old, **subject,
-                 flow_run_id=str(flow_run.id))
+    _decide(cfg, audit, action="promote", decision="promoted", approved_by=approvals, previous=old, **subject,
+            flow_run_id=str(flow_run.id))
     logger.info("%s v%s is now @production (previous: %s); targets: %s", name, version, old, results)
     return {"status": "promoted", "version": str(version), "previous": old, "approved_by": approvals,
             "targets": results}
@@ -217,6 +240,6 @@ def rollback_flow(requested_by: str, config: PipelineConfig = PipelineConfig()) 
     results = publish_everywhere(cfg, prev, info, approvals)  # idempotent: re-points the targets
     client.set_registered_model_alias(name, "production", prev)
     client.set_registered_model_alias(name, "previous", cur)
-    audit.append(action="rollback", decision="rolled-back", approved_by=approvals, **subject,
-                 flow_run_id=str(flow_run.id))
+    _decide(cfg, audit, action="rollback", decision="rolled-back", approved_by=approvals, **subject,
+            flow_run_id=str(flow_run.id))
     return {"status": "rolled-back", "production": prev, "previous": cur, "targets": results}

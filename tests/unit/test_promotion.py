@@ -271,6 +271,13 @@ def test_promotion_flow_needs_two_distinct_authorised_approvals(prefect_harness,
     client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
     assert str(client.get_model_version_by_alias("m", "production").version) == "1"
     assert client.get_model_version("m", "1").tags["llmops.approved_by"] == "bob,carol"
+    tags = client.get_model_version("m", "1").tags  # every decision is also tagged on the version, in order
+    decisions = [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith("llmops.decision."))]
+    assert [(d["decision"], d.get("approver")) for d in decisions] == [
+        ("denied", "bob"), ("denied", "eve"), ("denied", "alice"), ("approved", "bob"), ("duplicate", "bob"),
+        ("approved", "carol"), ("promoted", None)]
+    assert decisions[-1]["approved_by"] == ["bob", "carol"] and decisions[0]["reason"]
+    assert not any(secret in json.dumps(tags) for secret in ("bob-secret-4567", "carol-secret-89", "not-bobs-secret"))
     assert json.loads((tmp_path / "onprem/m/current.json").read_text())["version"] == "1"
     s3t = cfg.promotion.targets[1]
     assert S3Target(s3t.uri, s3t.endpoint_url).read_manifest("m", "1")["approved_by"] == ["bob", "carol"]
@@ -306,3 +313,6 @@ def test_rejection_promotes_nothing(prefect_harness, registered, tmp_path):
     assert not (tmp_path / "onprem" / "m").exists()
     client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
     assert "production" not in client.get_registered_model("m").aliases
+    tags = client.get_model_version("m", "2").tags
+    rejected = json.loads(tags["llmops.decision.001"])
+    assert rejected["decision"] == "rejected" and rejected["approver"] == "bob" and rejected["comment"] == "loss regressed"
