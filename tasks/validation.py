@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmops.errors import DataError
-from tasks.data import Record, fingerprint, is_eval, load_dataset, normalise, text_hash
+from tasks.data import Record, fingerprint, is_eval, load_dataset, normalise, text_hash, write_jsonl
 
 # ------------------------------------------------------------------------------------------- PII detectors
 
@@ -261,7 +261,7 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
         tmp.write_text(json.dumps(sources))
         tmp.replace(source_map)
         source_map = str(source_map)
-        data_path = str(_write_redacted(records, out / "redacted.jsonl"))
+        data_path = str(write_jsonl(records, out / "redacted.jsonl"))
         df, _ = derived_table(records, mrn, data_cfg.eval_fraction, tok)
         redacted = True
     result, docs = run_gx(df, val_cfg, out, "records")
@@ -272,15 +272,6 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     report.summary_md = summary_markdown(report, data_cfg.path)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
     return report
-
-
-def _write_redacted(records: list[Record], path: Path) -> Path:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({"id": r.id, "text": r.text}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def summary_markdown(rep: ValidationReport, source) -> str:
