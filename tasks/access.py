@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from llmops.errors import LLMOpsError
+from llmops.files import write_text_atomic
 
 ACTIONS = ("trigger-training", "request-promotion", "approve-promotion", "rollback")
 DEFAULT_ROLES = {
@@ -76,12 +77,8 @@ class Policy:
         return cls(users=data.get("users") or {}, roles=roles, path=str(p))
 
     def save(self) -> None:
-        p = Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump({"roles": self.roles, "users": self.users}, sort_keys=True))
-        os.chmod(tmp, 0o600)
-        tmp.replace(p)
+        write_text_atomic(self.path, yaml.safe_dump({"roles": self.roles, "users": self.users}, sort_keys=True),
+                          mode=0o600)
 
     def add_user(self, name: str, roles: list[str], secret: str) -> None:
         if unknown := sorted(set(roles) - set(self.roles)):

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmops.errors import LLMOpsError
+from llmops.files import write_text_atomic
 
 META = "compression.json"  # in every variant dir: what it is and how to reload it
 QUANT_FILE = "model_int8.pt"
@@ -945,11 +946,8 @@ def torch_threads() -> int:
 
 
 def _write_report(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(result, indent=2, default=str)), ("table.md", result["table_md"])):
-        tmp = out / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
 
 
 # ----------------------------------------------------------------------------------------------- Prefect task

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llmops.errors import LLMOpsError
+from llmops.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
@@ -204,10 +205,7 @@ class DirTarget:
         return {"target": self.uri, "skipped": False, "files": len(manifest["files"])}
 
     def point_current(self, model_name: str, version: str) -> None:
-        p = self.root / model_name / POINTER
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": model_name, "version": str(version)}))
-        tmp.replace(p)
+        write_text_atomic(self.root / model_name / POINTER, json.dumps({"model": model_name, "version": str(version)}))
 
 
 class EdgeTarget(DirTarget):

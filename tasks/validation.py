@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmops.errors import DataError
+from llmops.files import write_text_atomic
 from tasks.data import Record, fingerprint, is_eval, load_dataset, normalise, text_hash, write_jsonl
 
 # ------------------------------------------------------------------------------------------- PII detectors
@@ -256,11 +257,7 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
         sources: dict[str, list[str]] = {}
         for new, old in zip(records, ds.records):
             sources.setdefault(text_hash(new.text), []).append(text_hash(old.text))
-        source_map = out / "redacted.sources.json"
-        tmp = source_map.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sources))
-        tmp.replace(source_map)
-        source_map = str(source_map)
+        source_map = str(write_text_atomic(out / "redacted.sources.json", json.dumps(sources)))
         data_path = str(write_jsonl(records, out / "redacted.jsonl"))
         df, _ = derived_table(records, mrn, data_cfg.eval_fraction, tok)
         redacted = True
