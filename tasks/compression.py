@@ -659,17 +659,13 @@ def load_variant(path: str | Path) -> Loaded:
 
 
 def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
-    import torch.nn.functional as F
-
-    from tasks.lm import encode
+    from tasks.lm import encode, logits_nll
 
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         b = encode(runner.tok, texts[i:i + batch_size], max_len)
-        logits = runner.logits(b["input_ids"], b["attention_mask"])[:, :-1]
-        mask = b["attention_mask"][:, 1:].bool()
-        total += float(F.cross_entropy(logits[mask].float(), b["input_ids"][:, 1:][mask], reduction="sum"))
-        count += int(mask.sum())
+        nll, n = logits_nll(runner.logits(b["input_ids"], b["attention_mask"]), b["input_ids"], b["attention_mask"])
+        total, count = total + nll, count + n
     loss = total / max(count, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 

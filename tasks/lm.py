@@ -24,8 +24,11 @@ def per_sample_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
     """(summed NLL, number of predicted tokens) for token-weighted perplexity."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = input_ids[:, 1:]
+    return logits_nll(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, attention_mask)
+
+
+def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
+    """`token_nll` from logits already computed (by any runtime: torch, torchao, onnxruntime)."""
     mask = attention_mask[:, 1:].bool()
-    nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    nll = F.cross_entropy(logits[:, :-1][mask].float(), input_ids[:, 1:][mask], reduction="sum")
     return float(nll.detach()), int(mask.sum())
