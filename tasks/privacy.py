@@ -279,15 +279,16 @@ class PrivacyLedger:
             return [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
 
     def _signatures(self, db, fingerprint: str, records: list[str] | None,
-                    exclude: str | None) -> tuple[dict[frozenset, int], dict[str, list]]:
-        """Group the dataset's records by the set of prior runs that trained on them: {run-id set: n records}."""
+                    exclude: str | None) -> tuple[set[frozenset], dict[str, list]]:
+        """The distinct sets of prior runs that trained on the dataset's records (one set per group of records that
+        share a history), and every prior run's history."""
         histories = {r[0]: (r[1], json.loads(r[2])) for r in db.execute("SELECT run_id, fingerprint, history FROM runs")
                      if r[0] != exclude}
         same = frozenset(rid for rid, (fp, _) in histories.items() if fp == fingerprint)
         if records is None:
             records = [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
         if not records:
-            return ({same: 1} if same else {}), {k: v[1] for k, v in histories.items()}
+            return ({same} if same else set()), {k: v[1] for k, v in histories.items()}
         db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (record TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute("DELETE FROM wanted")
         db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((r,) for r in records))
@@ -298,13 +299,10 @@ class PrivacyLedger:
         for rec, fp in db.execute("SELECT m.record, m.fingerprint FROM members m JOIN wanted w ON m.record = w.record"):
             per_record.setdefault(rec, set()).update(runs_of_fp.get(fp, ()))
         db.execute("DELETE FROM wanted")
-        groups: dict[frozenset, int] = {}
-        for rec in set(records):
-            sig = frozenset(per_record.get(rec, set()) | same)
-            groups[sig] = groups.get(sig, 0) + 1
+        groups = {frozenset(per_record.get(rec, set()) | same) for rec in records}
         return groups, {k: v[1] for k, v in histories.items()}
 
-    def _worst(self, groups: dict[frozenset, int], histories: dict[str, list], extra: list, delta: float,
+    def _worst(self, groups: set[frozenset], histories: dict[str, list], extra: list, delta: float,
                kind: str) -> tuple[float, int]:
         """(worst record epsilon, how many prior runs that record was in)."""
         worst, n_runs = 0.0, 0
@@ -318,26 +316,30 @@ class PrivacyLedger:
     def summary(self) -> list[dict]:
         """One row per dataset fingerprint: runs, recorded training records, worst-record epsilon (at the delta and
         accountant of its latest run)."""
+        out = []
         with self._db() as db:
             runs = db.execute("SELECT fingerprint, run_id, status, delta, accountant, created FROM runs "
                               "ORDER BY created").fetchall()
             counts = dict(db.execute("SELECT fingerprint, COUNT(*) FROM members GROUP BY fingerprint").fetchall())
-        by_fp: dict[str, list] = {}
-        for r in runs:
-            by_fp.setdefault(r[0], []).append(r)
-        out = []
-        for fp, rs in by_fp.items():
-            last = rs[-1]
-            out.append({"fingerprint": fp, "runs": len(rs), "statuses": sorted({r[2] for r in rs}),
-                        "records": counts.get(fp, 0), "delta": last[3], "accountant": last[4],
-                        "epsilon": self.spent(fp, last[3], last[4]), "last_run": last[1], "updated": last[5]})
+            by_fp: dict[str, list] = {}
+            for r in runs:
+                by_fp.setdefault(r[0], []).append(r)
+            for fp, rs in by_fp.items():
+                last = rs[-1]
+                out.append({"fingerprint": fp, "runs": len(rs), "statuses": sorted({r[2] for r in rs}),
+                            "records": counts.get(fp, 0), "delta": last[3], "accountant": last[4],
+                            "epsilon": self._spent(db, fp, last[3], last[4]), "last_run": last[1],
+                            "updated": last[5]})
         return out
+
+    def _spent(self, db, fingerprint: str, delta: float, kind: str, exclude: str | None = None) -> float:
+        groups, histories = self._signatures(db, fingerprint, None, exclude)
+        return self._worst(groups, histories, [], delta, kind)[0]
 
     def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
         """Worst epsilon over the records of `fingerprint`, composing every run that trained on each record."""
         with self._db() as db:
-            groups, histories = self._signatures(db, fingerprint, None, exclude)
-        return self._worst(groups, histories, [], delta, kind)[0]
+            return self._spent(db, fingerprint, delta, kind, exclude)
 
     def reserve(self, run_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float,
                 records: list[str] | None = None) -> float:
@@ -345,11 +347,10 @@ class PrivacyLedger:
         training and leaving nothing behind, if any record's composed epsilon would exceed the budget."""
         with self._db() as db:
             if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
-                groups, histories = self._signatures(db, fingerprint, None, None)
-                return self._worst(groups, histories, [], delta, kind)[0]
+                return self._spent(db, fingerprint, delta, kind)
             groups, histories = self._signatures(db, fingerprint, records, None)
             before, _ = self._worst(groups, histories, [], delta, kind)
-            after, n_prior = self._worst(groups or {frozenset(): 1}, histories, list(history), delta, kind)
+            after, n_prior = self._worst(groups or {frozenset()}, histories, list(history), delta, kind)
             if after > budget + 1e-9:
                 shared = "" if not records else " (records shared with earlier runs count, whatever their dataset)"
                 raise PrivacyError(
