@@ -92,7 +92,6 @@ def cmd_validate(args) -> int:
 
     cfg = _config(args)
     preflight(cfg)
-    tok = None
     if cfg.model.source == "local":
         tok = str(cfg.model.path)
     elif cfg.model.source == "tiny":
@@ -100,7 +99,9 @@ def cmd_validate(args) -> int:
 
         tok = str(cfg.model.tokenizer_path or SHIPPED_TOKENIZER)
     else:
-        smol = Path(cfg.state_dir) / "models" / "smollm2-135m-instruct"
+        from tasks.model import SMOLLM2_DIR, model_cache
+
+        smol = model_cache(cfg.state_dir) / SMOLLM2_DIR
         tok = str(smol) if (smol / "tokenizer.json").is_file() else None  # token check skipped until converted
     rep = validate_data(cfg.data, cfg.validation, Path(cfg.state_dir) / "validation", tok)
     print(rep.summary_md)

