@@ -44,13 +44,13 @@ from typing import Any, Callable
 
 from llmops.errors import LLMOpsError
 from llmops.files import write_text_atomic
+from tasks.model import WEIGHT_SUFFIXES, disk_bytes
 
 META = "compression.json"  # in every variant dir: what it is and how to reload it
 QUANT_FILE = "model_int8.pt"
 ONNX_FILE = "model.onnx"
 ONNX_RTOL = ONNX_ATOL = 1e-3  # fp32 ONNX vs torch: |onnx - torch| <= atol + rtol*|torch| on every unpadded logit
 ONNX_INT8_MAX_REL_ERR = 0.25  # int8 ONNX: RMS(onnx - torch) / std(torch logits); quality is gated by perplexity
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".data")
 
 log = logging.getLogger("llmops.compression")
 
@@ -111,10 +111,6 @@ def write_meta(path: Path, **meta) -> None:
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / META
     return json.loads(p.read_text()) if p.is_file() else {"format": "hf", "technique": "none"}
-
-
-def disk_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def tensor_bytes(t) -> int:

@@ -58,19 +58,14 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[
     return outs, per_token
 
 
-def model_size(path: str | Path) -> dict:
-    files = [f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".onnx")]
-    return {"size_bytes": sum(f.stat().st_size for f in files)}
-
-
 def evaluate_model(model_path: str, eval_path: str, prompts: list[str], max_records: int = 64, max_len: int = 128,
                    max_new_tokens: int = 32, dtype: str = "float32") -> dict:
-    from tasks.model import load_model
+    from tasks.model import disk_bytes, load_model
 
     model, tok = load_model(model_path, dtype)
     out = heldout_loss(model_path, eval_path, max_records, max_len, model=model, tok=tok)
     generations, latency = generate(model, tok, prompts, max_new_tokens)
-    out.update(model_size(model_path))
+    out["size_bytes"] = disk_bytes(model_path)
     out["params"] = sum(p.numel() for p in model.parameters())
     out["latency_ms_per_token_p50"] = 1000 * statistics.median(latency) if latency else None
     out["generations"] = generations

