@@ -52,35 +52,12 @@ ONNX_FILE = "model.onnx"
 ONNX_RTOL = ONNX_ATOL = 1e-3  # fp32 ONNX vs torch: |onnx - torch| <= atol + rtol*|torch| on every unpadded logit
 ONNX_INT8_MAX_REL_ERR = 0.25  # int8 ONNX: RMS(onnx - torch) / std(torch logits); quality is gated by perplexity
 
+ONNX_SOURCE_KIND = {"pruned": "prune", "distilled": "distill"}  # compression.onnx_source -> the variant it exports
 log = logging.getLogger("llmops.compression")
 
 
 class CompressionError(LLMOpsError):
     """A compression step cannot run as configured."""
-
-
-# Defaults for knobs not (yet) in CompressionConfig; a config field of the same name wins.
-DEFAULTS: dict[str, Any] = {
-    "student_layers": None,  # None = half the teacher's depth
-    "distill_steps": 100,  # optimizer steps; CPU-sized, enough to show the trend, not to converge
-    "distill_batch_size": 8,
-    "distill_learning_rate": 1e-4,
-    "distill_temperature": 2.0,  # softens teacher logits so the KL carries more than the argmax
-    "distill_alpha": 0.5,  # loss = alpha * T^2 * KL + (1 - alpha) * CE
-    "distill_seed": 0,
-    "onnx_int8": True,  # also write an onnxruntime int8 copy (what wins on CPU)
-    "onnx_int8_method": "blockwise",  # blockwise (MatMulNBits, 8 bit) | dynamic (quantize_dynamic, per tensor)
-    "onnx_int8_block_size": 32,  # input channels per scale for blockwise; 32 kept SmolLM2 within +0.2% perplexity
-    "onnx_source": "original",  # which fp32 model to export: original | pruned | distilled
-    "bench_rounds": 20,  # timed forward passes per variant, interleaved across variants
-    "max_eval_records": 64,  # held-out records for perplexity
-    "bench_threads": None,  # CPU threads for torch and onnxruntime while measuring; None = torch's default
-}
-
-
-def option(cfg, name: str):
-    value = getattr(cfg, name, None)
-    return DEFAULTS[name] if value is None and name in DEFAULTS else value
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
@@ -427,14 +404,14 @@ def build_distilled(teacher, tok, out: Path, data_path: Path, max_len: int, cfg)
     from tasks.lm import encode
 
     n_teacher = len(decoder_layers(teacher)[1])
-    n_student = option(cfg, "student_layers") or max(1, n_teacher // 2)
-    steps, bs = int(option(cfg, "distill_steps")), int(option(cfg, "distill_batch_size"))
-    temp, alpha = float(option(cfg, "distill_temperature")), float(option(cfg, "distill_alpha"))
-    torch.manual_seed(option(cfg, "distill_seed"))
+    n_student = cfg.student_layers or max(1, n_teacher // 2)
+    steps, bs = cfg.distill_steps, cfg.distill_batch_size
+    temp, alpha = cfg.distill_temperature, cfg.distill_alpha
+    torch.manual_seed(cfg.distill_seed)
     student, ids = make_student(teacher, n_student)
     texts = [r.text for r in load_dataset(data_path).records]
-    rng = random.Random(option(cfg, "distill_seed"))
-    opt = torch.optim.AdamW(student.parameters(), lr=float(option(cfg, "distill_learning_rate")), weight_decay=0.0)
+    rng = random.Random(cfg.distill_seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_learning_rate, weight_decay=0.0)
     teacher.eval()
     student.train()
     order: list[str] = []
@@ -776,15 +753,15 @@ def plan(cfg) -> list[tuple[str, dict]]:
         out.append(("distilled", {"kind": "distill"}))
     if cfg.export_onnx:
         out.append(("onnx", {"kind": "onnx"}))
-        if option(cfg, "onnx_int8"):
+        if cfg.onnx_int8:
             out.append(("onnx-int8", {"kind": "onnx_int8"}))
     return out
 
 
 def _check_config(cfg, steps: list[tuple[str, dict]]) -> None:
-    src = option(cfg, "onnx_source")
+    src = cfg.onnx_source
     kinds = {spec["kind"] for _, spec in steps}
-    need = {"pruned": "prune", "distilled": "distill"}.get(src)
+    need = ONNX_SOURCE_KIND.get(src)
     if cfg.export_onnx and src != "original" and need not in kinds:
         raise CompressionError(f"onnx_source is '{src}' but that variant is not built", "compression.onnx_source",
                                f"enable {need} or export the original")
@@ -798,15 +775,15 @@ def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
 
     steps = plan(cfg)
     out = Path(out_dir)
-    if not getattr(cfg, "enabled", True) or not steps:
-        why = "compression is disabled" if not getattr(cfg, "enabled", True) else "no technique is enabled"
+    if not cfg.enabled or not steps:
+        why = "compression is disabled" if not cfg.enabled else "no technique is enabled"
         return {"variants": [], "baseline": None, "table_md": f"{why}\n", "selected": None, "edge": None,
                 "note": why}
     _check_config(cfg, steps)
     distill_fp = None
     if cfg.distill:  # refuse before any work: the privacy rule is not a late surprise
         distill_fp = check_public(cfg.distill_data, private_fingerprint)
-    texts = read_texts(Path(eval_path))[: int(option(cfg, "max_eval_records"))]
+    texts = read_texts(Path(eval_path))[: cfg.max_eval_records]
     if not texts:
         raise CompressionError("no held-out records", eval_path, "pass the held-out split written by the data step")
     model, tok = load_model(model_path)
@@ -854,32 +831,35 @@ def _build(spec: dict, model, tok, tmp: Path, cfg, built: dict, texts: list[str]
     if kind == "distill":
         info = build_distilled(model, tok, tmp, Path(cfg.distill_data), max_len, cfg)
         return info | {"distill_data_fingerprint": distill_fp}
-    src_name = option(cfg, "onnx_source")
+    src_name = cfg.onnx_source
     if kind == "onnx":
-        src = model if src_name == "original" else _load_torch(built[{"pruned": "prune"}.get(src_name, "distill")])
+        src = _onnx_source_model(src_name, model, built)
         return {"onnx_check": export_onnx(src, tok, tmp, texts, max_len, src_name), "onnx_source": src_name}
     if kind == "onnx_int8":
         if "onnx" not in built:
             raise CompressionError("the fp32 ONNX export failed, so there is nothing to quantize", str(tmp),
                                    "see the onnx variant's reason")
-        src = model if src_name == "original" else _load_torch(built[{"pruned": "prune"}.get(src_name, "distill")])
+        src = _onnx_source_model(src_name, model, built)
         check = quantize_onnx(built["onnx"], tmp, logits_module(src), tok, texts, max_len, src_name,
-                              option(cfg, "onnx_int8_method"), int(option(cfg, "onnx_int8_block_size")))
+                              cfg.onnx_int8_method, cfg.onnx_int8_block_size)
         return {"onnx_check": check, "onnx_source": src_name}
     raise CompressionError(f"unknown variant kind '{kind}'", "compression", "this is a bug")
 
 
-def _load_torch(path: Path):
+def _onnx_source_model(src_name: str, model, built: dict[str, Path]):
+    """The fp32 torch model `onnx_source` names: the fine-tuned original, or the pruned/distilled variant on disk."""
+    if src_name == "original":
+        return model
     from tasks.model import load_model
 
-    return load_model(path)[0].eval()
+    return load_model(built[ONNX_SOURCE_KIND[src_name]])[0].eval()
 
 
 def measure(model_path: str, variants: list[dict], texts: list[str], max_len: int, cfg) -> dict:
     """Run the original and every built variant (reloaded from disk) on the same text; gate; pick the best."""
     import torch
 
-    threads = option(cfg, "bench_threads")
+    threads = cfg.bench_threads
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))  # ORT sessions created below take the same count
@@ -903,7 +883,7 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
         if r.linear_bytes is not None:
             v["linear_bytes"] = r.linear_bytes
     batch = timing_input(runners["original"].tok, texts, max_len)
-    timing = time_variants(runners, batch, int(option(cfg, "bench_rounds")))
+    timing = time_variants(runners, batch, cfg.bench_rounds)
     base = base_entry
     base.update(timing["original"], speedup=1.0, size_ratio=1.0, ppl_delta=0.0, linear_bytes_ratio=1.0,
                 size_mb=round(base["size_bytes"] / 1e6, 1))
@@ -921,7 +901,7 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
     rows = table_rows(base, variants)
     note = (f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
             f"(max_len {max_len}); latency = one forward of a batch-1, {max_len}-token sequence, "
-            f"{int(option(cfg, 'bench_rounds'))} interleaved rounds, {torch_threads()} CPU thread(s); "
+            f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
             f"tokens/s = {max_len} / p50.")
     selected = pick_best(variants)
     edge = pick_best(variants, ("onnx",))

@@ -24,7 +24,7 @@ PUBLIC = ROOT / "data" / "public" / "macbeth.txt"
 
 
 class Cfg(CompressionConfig):
-    """CompressionConfig plus the knobs compression.py reads with defaults (not yet config fields)."""
+    """CompressionConfig that also accepts unknown knobs (a test may set one the config does not define)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
