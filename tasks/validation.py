@@ -11,7 +11,6 @@ copy (typed placeholders like `[EMAIL]`), re-validates it, and training uses the
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -137,7 +136,7 @@ def derived_table(records: list[Record], mrn: list[re.Pattern], eval_fraction: f
         spans_by_row.append(spans)
         norm = normalise(r.text)
         row = {"id": r.id, "n_chars": len(r.text), "is_blank": int(not norm), "n_bad_chars": len(CONTROL.findall(r.text)),
-               "text_hash": hashlib.sha256(norm.encode()).hexdigest(), "is_eval": int(is_eval(r.text, eval_fraction))}
+               "text_hash": text_hash(r.text), "is_eval": int(is_eval(r.text, eval_fraction))}
         row["is_train"] = 1 - row["is_eval"]
         if n_tokens is not None:
             row["n_tokens"] = n_tokens[i]
@@ -253,13 +252,13 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     records, data_path, redacted, source_map = ds.records, str(data_cfg.path), False, None
     if to_redact:
         records = [Record(r.id, redact(r.text, s, to_redact), r.where) for r, s in zip(ds.records, spans)]
+        source_df, (df, _) = df, derived_table(records, mrn, data_cfg.eval_fraction, tok)
         # The privacy ledger charges a redacted record to the person's original record: keep hash -> source hashes.
         sources: dict[str, list[str]] = {}
-        for new, old in zip(records, ds.records):
-            sources.setdefault(text_hash(new.text), []).append(text_hash(old.text))
+        for new, old in zip(df["text_hash"], source_df["text_hash"]):
+            sources.setdefault(new, []).append(old)
         source_map = str(write_text_atomic(out / "redacted.sources.json", json.dumps(sources)))
         data_path = str(write_jsonl(records, out / "redacted.jsonl"))
-        df, _ = derived_table(records, mrn, data_cfg.eval_fraction, tok)
         redacted = True
     result, docs = run_gx(df, val_cfg, out, "records")
     failures = _failures(result, df, val_cfg.pii)
