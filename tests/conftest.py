@@ -28,6 +28,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def isolated_governance(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own governance dir (ledger, audit log, keys), never the user's ~/.config/llmops."""
+    path = tmp_path / "governance" / "governance.yaml"
+    monkeypatch.setenv("LLMOPS_GOVERNANCE", str(path))
+    return path
+
+
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     d = tmp_path / "state"
