@@ -3,13 +3,36 @@
 Targets implement one small protocol (`Target`). Every target writes the model files first and the
 `manifest.json` (file list + sha256 of each file) *last*, so a reader that looks for the manifest never sees a
 partial model; re-publishing a version whose manifest already matches is a no-op (idempotent).
+
+Directory targets (`DirTarget`, `EdgeTarget`) hold `<root>/<model>/<version>/` and `<root>/<model>/current.json`
+(the version readers should use). A publish never deletes a version directory before its replacement is in place:
+1. debris of publishes whose process died (SIGKILL, OOM, power loss) is cleaned first (`clean_debris`);
+2. the files are copied into `<root>/<model>/.tmp-<pid>-<uuid>` (same filesystem, so renames are atomic), each
+   copied file is hashed once and compared with the source manifest, the manifest is written last, all fsynced;
+3. a new version is renamed into place. An existing one is swapped atomically with Linux
+   `renameat2(RENAME_EXCHANGE)`; where the filesystem lacks it (NFS) the old copy is renamed to
+   `.old-<pid>-<uuid>-<version>`, the new one renamed into place, and on any error the old one renamed back;
+4. the replaced copy (now in `.tmp-*` or `.old-*`) is removed.
+So `current.json` always names a complete directory, except after a crash between the two renames of step 3
+without RENAME_EXCHANGE: then `<version>` is missing and `.old-<pid>-<uuid>-<version>` beside it tells a reader
+where the complete copy is; the next publish (`clean_debris`) renames it back.
+Debris names: `.tmp-<pid>-<uuid>` and `.old-<pid>-<uuid>-<version>`, `<pid>` being the publishing process.
+`clean_debris` touches only those whose pid is not alive on this host, never a live publish's.
+
+S3 credentials come from the target's spec (`credentials_file`, an AWS shared-credentials INI read by the worker),
+not from the process environment, so a worker can hold a different key per target.
 """
 from __future__ import annotations
 
 import base64
+import configparser
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -51,14 +74,17 @@ def check_evidence(version_tags: dict) -> list[str]:
     return problems
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_manifest(src: Path, model_name: str, version: str, extra: dict | None = None) -> dict:
-    files = {}
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        files[f.relative_to(src).as_posix()] = {"sha256": h.hexdigest(), "bytes": f.stat().st_size}
+    files = {f.relative_to(src).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+             for f in sorted(p for p in src.rglob("*") if p.is_file())}
     return {"model": model_name, "version": str(version), "files": files, **(extra or {})}
 
 
@@ -101,6 +127,31 @@ def composite_sha256(path: Path, part_size: int) -> str:
     return f"{base64.b64encode(digests.digest()).decode()}-{n}"
 
 
+def read_s3_credentials(path: str | Path) -> dict:
+    """boto3 client keyword arguments from an AWS shared-credentials INI file's [default] section."""
+    where = str(path)
+    fix = ("give the promotion worker a readable AWS shared-credentials file with aws_access_key_id and "
+           "aws_secret_access_key under [default], or fix the target's credentials_file")
+    ini = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            ini.read_file(f)
+    except OSError as e:
+        raise PromotionError(f"cannot read the S3 credentials file ({e.strerror or type(e).__name__})", where,
+                             fix) from None
+    except (configparser.Error, UnicodeDecodeError) as e:  # the message could quote a secret: name the kind only
+        raise PromotionError(f"the S3 credentials file is not an INI file ({type(e).__name__})", where, fix) from None
+    if not ini.has_section("default"):
+        raise PromotionError("the S3 credentials file has no [default] section", where, fix)
+    section = ini["default"]
+    keys = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    creds = {k: section[k].strip() for k in keys if section.get(k, "").strip()}
+    missing = [k for k in keys[:2] if k not in creds]
+    if missing:
+        raise PromotionError(f"the S3 credentials file has no {' / '.join(missing)} in [default]", where, fix)
+    return creds
+
+
 @dataclass
 class S3Target:
     """s3://bucket/prefix/<model>/<version>/... via boto3 (AWS S3 or any S3-compatible endpoint)."""
@@ -108,6 +159,7 @@ class S3Target:
     uri: str
     endpoint_url: str | None = None
     sse: str | None = None  # "AES256" or "aws:kms" where the store supports it
+    credentials_file: str | Path | None = None  # None = boto3's default chain (env, ~/.aws, instance role)
     name: str = "s3"
 
     def __post_init__(self) -> None:
@@ -115,12 +167,15 @@ class S3Target:
             raise PromotionError(f"not an s3:// URI: {self.uri}", "promotion.targets[].uri", "use s3://bucket/prefix")
         self.bucket, _, self.prefix = self.uri[5:].partition("/")
         self.prefix = self.prefix.strip("/")
+        if self.credentials_file is not None:
+            read_s3_credentials(self.credentials_file)  # fail before any upload; the secrets are not kept on self
 
     def _client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url,
+        creds = read_s3_credentials(self.credentials_file) if self.credentials_file is not None else {}
+        return boto3.client("s3", endpoint_url=self.endpoint_url, **creds,
                             config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
                                           read_timeout=60))
 
@@ -171,7 +226,7 @@ class S3Target:
 
 @dataclass
 class DirTarget:
-    """A filesystem/NFS directory: copy into a temp dir on the same filesystem, then atomic rename."""
+    """A filesystem/NFS directory: copy into a temp dir on the same filesystem, then rename-swap (module docstring)."""
 
     uri: str
     name: str = "onprem"
@@ -185,23 +240,22 @@ class DirTarget:
 
     def publish(self, src: Path, manifest: dict) -> dict:
         model, version = manifest["model"], manifest["version"]
-        final = self.root / model / version
+        home = self.root / model
+        clean_debris(home)  # may rename back a version dir a killed swap had moved aside
         if self.read_manifest(model, version) == manifest:
             return {"target": self.uri, "skipped": True}
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
+        home.mkdir(parents=True, exist_ok=True)
+        tmp, replaced = home / f".tmp-{os.getpid()}-{uuid.uuid4().hex}", None
         try:
             shutil.copytree(src, tmp)
-            for rel, meta in manifest["files"].items():
-                if file_manifest(tmp, model, version)["files"].get(rel) != meta:
-                    raise PromotionError("copied file differs from source", str(tmp / rel), "check the disk")
+            _verify_copy(tmp, manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_tree(tmp)
-            if final.exists():  # an earlier, incomplete or different copy: replace it whole
-                shutil.rmtree(final)
-            tmp.rename(final)
+            replaced = _swap_in(tmp, home / version)
+            _fsync_dir(home)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in {tmp, replaced} - {None}:  # after an exchange, tmp holds the replaced copy
+                _remove_tree(leftover)
         return {"target": self.uri, "skipped": False, "files": len(manifest["files"])}
 
     def point_current(self, model_name: str, version: str) -> None:
@@ -220,6 +274,103 @@ class EdgeTarget(DirTarget):
         return super().publish(src, manifest)
 
 
+def _verify_copy(root: Path, manifest: dict) -> None:
+    """Hash each copied file once and compare it with the source manifest (computed by the caller)."""
+    for rel, meta in manifest["files"].items():
+        p = root / rel
+        got = {"sha256": sha256_file(p), "bytes": p.stat().st_size} if p.is_file() else None
+        if got != {"sha256": meta["sha256"], "bytes": meta["bytes"]}:
+            raise PromotionError("copied file differs from the source manifest", str(p),
+                                 "check the disk and that the source model did not change; re-run the promotion")
+
+
+_DEBRIS = re.compile(r"\.(tmp|old)-([1-9][0-9]*)-([0-9a-f]+)(?:-(.+))?")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process / not a pid we could have written
+        return True
+    return True
+
+
+def clean_debris(root: Path) -> list[Path]:
+    """Remove the `.tmp-<pid>-*` / `.old-<pid>-*` dirs under `root` whose process is gone; return what was removed.
+
+    A `.old-<pid>-<uuid>-<version>` whose `<version>` is missing (killed between the two renames of a swap) is the
+    last complete copy: it is renamed back instead. Dirs of live processes are never touched (pid-only check: a
+    target shared by several hosts over NFS must give each publishing host its own root or accept the rare race).
+    """
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.iterdir()):
+        m = _DEBRIS.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m[2])):
+            continue
+        try:
+            if m[1] == "old" and m[4] and not (root / m[4]).exists():
+                p.rename(root / m[4])
+                continue
+            shutil.rmtree(p)
+        except FileNotFoundError:  # another publisher cleaned it first
+            continue
+        removed.append(p)
+    return removed
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the OS or the filesystem cannot (then nothing moved)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _swap_in(new: Path, final: Path) -> Path | None:
+    """Put the complete dir `new` at `final`, never deleting `final` first; return where the replaced copy now is."""
+    if not final.exists():
+        new.rename(final)
+        return None
+    if _exchange(new, final):
+        return new
+    old = final.with_name(f".old-{os.getpid()}-{uuid.uuid4().hex}-{final.name}")
+    final.rename(old)
+    try:
+        new.rename(final)
+    except BaseException:
+        old.rename(final)
+        raise
+    return old
+
+
+def _remove_tree(path: Path) -> None:
+    # best effort: the publish already succeeded or failed; what is left is debris for the next clean_debris
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _fsync_tree(root: Path) -> None:
     for f in root.rglob("*"):
         if f.is_file():
@@ -227,9 +378,18 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def make_target(kind: str, uri: str, endpoint_url: str | None = None, sse: str | None = None) -> Target:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def make_target(kind: str, uri: str, endpoint_url: str | None = None, sse: str | None = None,
+                credentials_file: str | Path | None = None) -> Target:
     if kind == "s3" or (kind == "onprem" and uri.startswith("s3://")):
-        return S3Target(uri, endpoint_url, sse, name=kind)
+        return S3Target(uri, endpoint_url, sse, credentials_file=credentials_file, name=kind)
     if kind == "onprem":
         return DirTarget(uri)
     if kind == "edge":

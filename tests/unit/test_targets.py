@@ -1,0 +1,324 @@
+"""Directory and S3 targets under failure: rename-swap re-publish, debris of killed publishes, one hash per copied
+file, S3 credentials from the target's spec.
+
+    .venv/bin/python -m pytest tests/unit/test_targets.py -q
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+import tasks.promotion as promo
+from tasks.promotion import (MANIFEST, DirTarget, EdgeTarget, PromotionError, S3Target, clean_debris, file_manifest,
+                             make_target)
+from tests.conftest import ROOT, S3_KEY, S3_SECRET
+
+
+def _model(d: Path, n: int = 3, tag: str = "a") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (d / f"shard-{i:03d}.bin").write_bytes(f"{tag}-{i}".encode() * 1000)
+    (d / "config.json").write_text(json.dumps({"tag": tag}))
+    return d
+
+
+def _complete(version_dir: Path) -> dict:
+    """The version dir's manifest, after checking every file it lists against it (and nothing missing)."""
+    man = json.loads((version_dir / MANIFEST).read_text())
+    on_disk = file_manifest(version_dir, man["model"], man["version"])["files"]
+    on_disk.pop(MANIFEST)
+    assert on_disk == man["files"], f"{version_dir} does not match its manifest"
+    return man
+
+
+def _current(home: Path) -> dict:
+    """What a reader sees: the manifest of the directory current.json points to, verified."""
+    return _complete(home / json.loads((home / "current.json").read_text())["version"])
+
+
+def _debris(home: Path) -> list[str]:
+    return sorted(p.name for p in home.iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+@pytest.fixture
+def published(tmp_path):
+    """Version 1 published and current; a different source for the same version (e.g. approvals added)."""
+    target = DirTarget(str(tmp_path / "onprem"))
+    v1 = _model(tmp_path / "src-a", tag="a")
+    man_a = file_manifest(v1, "m", "1")
+    target.publish(v1, man_a)
+    target.point_current("m", "1")
+    v1b = _model(tmp_path / "src-b", tag="b")
+    return target, tmp_path / "onprem" / "m", man_a, v1b, file_manifest(v1b, "m", "1", {"approved_by": ["bob"]})
+
+
+@pytest.fixture(params=["exchange", "two-renames"])
+def swap_mode(request, monkeypatch):
+    """renameat2(RENAME_EXCHANGE) on local filesystems; two renames + roll-back where it is missing (NFS)."""
+    if request.param == "two-renames":
+        monkeypatch.setattr(promo, "_exchange", lambda a, b: False)
+    elif promo._renameat2() is None:
+        pytest.skip("no renameat2 in this libc")
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------ 1. rename-swap
+
+
+def test_republish_replaces_the_version_dir_whole(published, swap_mode):
+    target, home, _, src_b, man_b = published
+    assert target.publish(src_b, man_b)["skipped"] is False
+    assert _current(home) == man_b and _debris(home) == []
+    assert target.publish(src_b, man_b)["skipped"] is True  # idempotent
+
+
+def test_rename_into_place_failing_keeps_the_old_version_complete(published, swap_mode, monkeypatch):
+    """Today's code deletes the old dir, then renames: a failure (or crash) there leaves current.json dangling."""
+    target, home, man_a, src_b, man_b = published
+    real_rename = Path.rename
+
+    def rename(self, dst):
+        if Path(dst) == home / "1" and self.name.startswith(".tmp-"):
+            raise OSError("crash while renaming into place")
+        return real_rename(self, dst)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    if swap_mode == "exchange":  # the exchange is one syscall: make that the step that fails
+        monkeypatch.setattr(promo, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError("crash in exchange")))
+    with pytest.raises(OSError, match="crash"):
+        target.publish(src_b, man_b)
+    assert _current(home) == man_a and _debris(home) == []
+
+
+def test_removing_the_replaced_copy_failing_leaves_the_new_version_complete(published, swap_mode, monkeypatch):
+    target, home, _, src_b, man_b = published
+    monkeypatch.setattr(promo, "_remove_tree", lambda p: (_ for _ in ()).throw(OSError("crash before removal")))
+    with pytest.raises(OSError, match="crash before removal"):
+        target.publish(src_b, man_b)
+    assert _current(home) == man_b
+
+
+CHILD = """
+import os, shutil, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import tasks.promotion as promo
+from tasks.promotion import DirTarget, file_manifest
+
+src, target_dir, marker, stage = sys.argv[1:5]
+real_copytree, real_copy2, copied = shutil.copytree, shutil.copy2, []
+
+def slow_copy(s, d, **kw):  # slow enough that the parent kills us mid-copy
+    copied.append(s)
+    if len(copied) == 5:
+        Path(marker).write_text("copying")
+    time.sleep(0.05)
+    return real_copy2(s, d, **kw)
+
+shutil.copytree = lambda s, d, **kw: real_copytree(s, d, copy_function=slow_copy, **kw)
+if stage == "between-renames":  # no RENAME_EXCHANGE (NFS) and killed after moving the old copy aside
+    promo._exchange = lambda a, b: False
+    real_rename = Path.rename
+    def rename(self, dst):
+        if self.name.startswith(".tmp-"):
+            Path(marker).write_text("between")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rename(self, dst)
+    Path.rename = rename
+    shutil.copytree = real_copytree
+man = file_manifest(Path(src), "m", "1", {{"approved_by": ["bob"]}})
+DirTarget(target_dir).publish(Path(src), man)
+"""
+
+
+def _kill_publish(tmp_path: Path, src: Path, stage: str) -> int:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(root=str(ROOT)))
+    marker = tmp_path / f"marker-{stage}"
+    child = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "onprem"), str(marker), stage],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read()[-2000:]
+        assert time.time() < deadline, "child never reached the kill point"
+        time.sleep(0.01)
+    if stage == "mid-copy":
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    return child.pid
+
+
+# ------------------------------------------------------------------------------------------ 2. debris
+
+
+def test_sigkill_mid_copy_then_rerun_leaves_no_debris(published, tmp_path):
+    target, home, man_a, _, _ = published
+    big = _model(tmp_path / "src-big", n=60, tag="big")
+    pid = _kill_publish(tmp_path, big, "mid-copy")
+    assert [d for d in _debris(home) if d.startswith(f".tmp-{pid}-")]  # the kill really left a half copy
+    assert _current(home) == man_a  # readers were never affected
+    man_big = file_manifest(big, "m", "1", {"approved_by": ["bob"]})
+    assert target.publish(big, man_big)["skipped"] is False
+    assert _debris(home) == [] and _current(home) == man_big
+
+
+def test_sigkill_between_the_two_renames_is_repaired_by_the_next_publish(published, tmp_path):
+    target, home, man_a, src_b, man_b = published
+    pid = _kill_publish(tmp_path, src_b, "between-renames")
+    assert not (home / "1").exists()  # the one window without RENAME_EXCHANGE; a reader can tell where it went:
+    (old,) = [d for d in _debris(home) if d.startswith(".old-")]
+    assert old.startswith(f".old-{pid}-") and old.endswith("-1") and _complete(home / old) == man_a
+    assert target.publish(src_b, man_b)["skipped"] is False
+    assert _debris(home) == [] and _current(home) == man_b
+
+
+def test_clean_debris_spares_live_processes_and_strangers(tmp_path):
+    home = tmp_path / "m"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f".tmp-{dead.pid}-ab12", f".old-{dead.pid}-cd34-7", f".tmp-{live.pid}-ef56", f".tmp-{os.getpid()}-0a",
+                 f".old-{live.pid}-99-3", "7", ".tmp-notapid-1", ".tmp-0-1", "keep"]
+        for n in names:
+            (home / n).mkdir(parents=True)
+            (home / n / "f").write_text(n)
+        (home / f".tmp-{dead.pid}-ffff").symlink_to(home / "keep")
+        assert clean_debris(home) == [home / f".old-{dead.pid}-cd34-7", home / f".tmp-{dead.pid}-ab12"]
+        assert sorted(p.name for p in home.iterdir()) == sorted(set(names) - {f".tmp-{dead.pid}-ab12",
+                                                                              f".old-{dead.pid}-cd34-7"}
+                                                                | {f".tmp-{dead.pid}-ffff"})
+        assert (home / "keep" / "f").read_text() == "keep"
+        # a dead swap's old copy whose version dir is missing is renamed back, not removed
+        (home / f".old-{dead.pid}-cd35-8").mkdir()
+        (home / f".old-{dead.pid}-cd35-8" / "f").write_text("v8")
+        assert clean_debris(home) == [] and (home / "8" / "f").read_text() == "v8"
+    finally:
+        live.kill()
+        live.wait()
+    assert clean_debris(tmp_path / "missing") == []
+
+
+def test_failed_copy_leaves_nothing(published, monkeypatch):
+    target, home, man_a, src_b, man_b = published
+    (src_b / "config.json").write_text("changed after the manifest was computed")
+    with pytest.raises(PromotionError, match="copied file differs from the source manifest"):
+        target.publish(src_b, man_b)
+    assert _debris(home) == [] and _current(home) == man_a
+
+
+# ------------------------------------------------------------------------------------------ 3. hash once
+
+
+@pytest.mark.parametrize("n", [1, 40])
+def test_copy_verification_hashes_each_file_once(tmp_path, monkeypatch, n):
+    src = _model(tmp_path / "src", n=n - 1)  # n - 1 shards + config.json
+    man = file_manifest(src, "m", "1")  # the caller's source hashing, not counted
+    calls = []
+    real = promo.sha256_file
+    monkeypatch.setattr(promo, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    DirTarget(str(tmp_path / "onprem")).publish(src, man)
+    assert sorted(calls) == sorted(man["files"]) and len(calls) == n
+
+
+# ------------------------------------------------------------------------------------------ 5. kept behaviour
+
+
+def test_edge_target_still_needs_onnx_and_manifest_is_last(tmp_path, monkeypatch):
+    src = _model(tmp_path / "src")
+    with pytest.raises(PromotionError, match="no .onnx file"):
+        EdgeTarget(str(tmp_path / "edge")).publish(src, file_manifest(src, "m", "1"))
+    (src / "model.onnx").write_bytes(b"onnx")
+    man, seen = file_manifest(src, "m", "1"), []
+    real_write = Path.write_text
+
+    def write_text(self, data, *a, **kw):
+        if self.name == MANIFEST:  # every listed file is already in place, byte for byte
+            seen.append(file_manifest(self.parent, "m", "1")["files"])
+        return real_write(self, data, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert EdgeTarget(str(tmp_path / "edge")).publish(src, man)["files"] == 5
+    assert seen == [man["files"]] and _complete(tmp_path / "edge" / "m" / "1") == man
+
+
+# ------------------------------------------------------------------------------------------ 4. S3 credentials
+
+
+def _no_aws_env(monkeypatch, tmp_path):
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # a region is not a credential
+
+
+def _creds_file(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    path.chmod(0o600)
+    return path
+
+
+def test_s3_credentials_come_from_the_target_spec(s3_server, tmp_path, monkeypatch):
+    from botocore.exceptions import NoCredentialsError
+
+    _no_aws_env(monkeypatch, tmp_path)
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY,
+                 aws_secret_access_key=S3_SECRET).create_bucket(Bucket="llmops-creds")
+    src = _model(tmp_path / "src")
+    man = file_manifest(src, "m", "3")
+    with pytest.raises(NoCredentialsError):  # the environment really holds no keys
+        S3Target("s3://llmops-creds/p", s3_server).read_manifest("m", "3")
+    creds = _creds_file(tmp_path / "credentials", f"""
+        [other]
+        aws_access_key_id = wrong
+        [default]
+        aws_access_key_id = {S3_KEY}
+        aws_secret_access_key = {S3_SECRET}
+        """)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key-must-not-be-used")  # the spec wins over the environment
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-must-not-be-used")
+    target = make_target("s3", "s3://llmops-creds/p", s3_server, None, credentials_file=creds)
+    assert target.publish(src, man) == {"target": "s3://llmops-creds/p", "skipped": False, "files": 4}
+    target.point_current("m", "3")
+    assert target.read_manifest("m", "3") == man and target.publish(src, man)["skipped"] is True
+    assert S3_SECRET not in repr(target)
+
+
+@pytest.mark.parametrize("body,match", [
+    (None, "cannot read the S3 credentials file"),
+    ("dir", "cannot read the S3 credentials file"),
+    ("[default]\naws_access_key_id = k\n", "no aws_secret_access_key in \\[default\\]"),
+    ("[prod]\naws_access_key_id = k\naws_secret_access_key = s3cr3t-value\n", "no \\[default\\] section"),
+    ("aws_secret_access_key = s3cr3t-value\n", "not an INI file"),
+    ("[default]\naws_access_key_id = \naws_secret_access_key = s3cr3t-value\n", "no aws_access_key_id in"),
+])
+def test_bad_credentials_file_says_which_file_and_what_to_do(tmp_path, body, match):
+    path = tmp_path / "credentials"
+    if body == "dir":
+        path.mkdir()
+    elif body is not None:
+        _creds_file(path, body)
+    with pytest.raises(PromotionError, match=match) as e:
+        make_target("s3", "s3://b/p", credentials_file=path)
+    assert e.value.where == str(path) and "aws_access_key_id" in e.value.fix
+    assert "s3cr3t-value" not in str(e.value)
+
+
+def test_session_token_is_passed_to_boto3(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(boto3, "client", lambda *a, **kw: seen.update(kw))
+    creds = _creds_file(tmp_path / "c", "[default]\naws_access_key_id=AK\naws_secret_access_key=SK\n"
+                                        "aws_session_token=TOK\n")
+    S3Target("s3://b/p", "http://127.0.0.1:1", credentials_file=str(creds))._client()
+    assert (seen["aws_access_key_id"], seen["aws_secret_access_key"], seen["aws_session_token"]) == ("AK", "SK", "TOK")
