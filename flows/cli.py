@@ -5,10 +5,12 @@
     llmops prepare-model --config configs/demo.yaml
     llmops validate --config configs/demo.yaml                  # GX + PII/PHI report, no training
     llmops services start|stop                                  # local Prefect server (UI) on 127.0.0.1
-    llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice [--background]
-    llmops approve RUN_ID --approver rm-bob [--reject] [--comment TEXT] [--credential-file F]
-    llmops rollback --config configs/demo.yaml --requested-by ml-alice [--background]
-    llmops users add NAME --role release-manager [--roles-file F]   # credential from prompt or stdin
+    llmops governance init|show|target NAME --kind K --uri U    # admin: the policy outside any run config
+    llmops users add NAME --role release-manager [--key-out F]  # admin: enrol; prints the private key once
+    llmops promote --config configs/demo.yaml --requested-by ml-alice --key-file alice.key [--background]
+    llmops approval-code RUN_ID --approver rm-bob --key-file bob.key [--reject]   # single-use, this run only
+    llmops approve RUN_ID --approver rm-bob --key-file bob.key [--reject] [--comment TEXT]
+    llmops rollback --config configs/demo.yaml --requested-by rm-carol --key-file carol.key [--background]
     llmops audit verify [--config F]
 
 Errors a user can fix print one line (`error: <where>: <what> — <fix>`) and exit 2; no tracebacks.
@@ -150,14 +152,12 @@ def cmd_services(args) -> int:
     return 0
 
 
-def _read_credential(args) -> str:
-    import getpass
-
-    if args.credential_file:
-        return Path(args.credential_file).read_text().strip()
-    if sys.stdin.isatty():
-        return getpass.getpass(f"credential for {args.approver}: ")
-    return sys.stdin.readline().strip()
+def _key_file(args) -> Path:
+    path = args.key_file or os.environ.get("LLMOPS_KEY_FILE")
+    if not path:
+        raise LLMOpsError("no private key given", "--key-file",
+                          "pass the key file `llmops users add` gave you (or set LLMOPS_KEY_FILE)")
+    return Path(path)
 
 
 def _resolve_version(cfg, version: str) -> str:
@@ -175,8 +175,9 @@ def _resolve_version(cfg, version: str) -> str:
                           "train a model that passes the gate, or pass a version number") from None
 
 
-def _background(args, flow_name: str, argv: list[str]) -> int:
-    """Start the flow in a detached process, wait until it pauses, print how to approve it."""
+def _background(args, flow_name: str) -> int:
+    """Re-run this very command (every option kept, minus --background) in a detached process, wait until its
+    flow pauses, print how to approve it."""
     import subprocess
     import time
 
@@ -192,8 +193,9 @@ def _background(args, flow_name: str, argv: list[str]) -> int:
     log = state / "logs" / f"{flow_name}-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                     start_new_session=True)
+    argv = [a for a in args.argv if a != "--background"]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
     with get_client(sync_client=True) as client:
         while time.time() - started < 600:
             for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
@@ -204,101 +206,200 @@ def _background(args, flow_name: str, argv: list[str]) -> int:
                 if created >= started - 5 and run.state and run.state.is_final():
                     raise LLMOpsError(f"{flow_name} ended as {run.state.name} before pausing", str(log),
                                       "read the log")
+            if proc.poll() not in (None, 0):
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+                raise LLMOpsError(f"{flow_name} stopped before pausing: {tail[0][:300]}", str(log), "read the log")
             time.sleep(1)
     raise LLMOpsError(f"{flow_name} did not pause within 10 minutes", str(log), "read the log")
 
 
 def _print_approval_help(run_id, requested_by: str, log: Path, services) -> int:
     print(f"""
-Promotion is waiting for approval (requested by {requested_by}).
+Waiting for approval (requested by {requested_by}, signed).
   Prefect UI : {services.ui_run_url(str(run_id))}
-               -> Resume, switch Approve on, enter approver name + credential, Resume
-  CLI        : .venv/bin/llmops approve {run_id} --approver <release-manager>
-               (prompts for the credential; add --reject --comment "why" to reject)
+               1. llmops approval-code {run_id} --approver <release-manager> --key-file <their key>
+               2. in the UI: Resume, switch Approve on, enter the approver name + that code, Resume
+  CLI        : llmops approve {run_id} --approver <release-manager> --key-file <their key>
+               (add --reject --comment "why" to reject)
   Flow log   : {log}
 """)
     return 0
+
+
+def _signed_request(args, action: str, model: str, version: str) -> str:
+    from tasks.access import load_private_key, make_request
+
+    return make_request(load_private_key(_key_file(args)), args.requested_by, action, model, version)
 
 
 def cmd_promote(args) -> int:
     cfg = _config(args)
     version = _resolve_version(cfg, args.version)
     if args.background:
-        argv = ["promote", "--config", args.config, "--version", version, "--requested-by", args.requested_by]
-        for s in args.set or []:
-            argv += ["--set", s]
-        return _background(args, "llmops-promotion", argv)
+        return _background(args, "llmops-promotion")
     from prefect.logging.configuration import setup_logging
 
     from flows.promotion import promotion_flow
 
+    request = _signed_request(args, "promote", cfg.registry.model_name, version)
     setup_logging()
     _quiet_user_errors()
-    print(json.dumps(promotion_flow(version=version, requested_by=args.requested_by, config=cfg), indent=2))
+    print(json.dumps(promotion_flow(version=version, request=request, config=cfg), indent=2))
     return 0
 
 
 def cmd_rollback(args) -> int:
     cfg = _config(args)
     if args.background:
-        argv = ["rollback", "--config", args.config, "--requested-by", args.requested_by]
-        return _background(args, "llmops-rollback", argv)
-    from flows.promotion import rollback_flow
+        return _background(args, "llmops-rollback")
+    import mlflow
 
-    print(json.dumps(rollback_flow(requested_by=args.requested_by, config=cfg), indent=2))
+    from flows.promotion import _alias, rollback_flow
+    from tasks.registry import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+    prev = _alias(client, cfg.registry.model_name, "previous")
+    if not prev:
+        raise LLMOpsError("nothing to roll back to (no @previous)", f"model {cfg.registry.model_name}",
+                          "promote at least two versions first")
+    request = _signed_request(args, "rollback", cfg.registry.model_name, prev)
+    print(json.dumps(rollback_flow(request=request, config=cfg), indent=2))
+    return 0
+
+
+def cmd_approval_code(args) -> int:
+    """Print the single-use code for one run and one decision (approve, or --reject)."""
+    from tasks.access import approval_code, load_private_key
+
+    code = approval_code(load_private_key(_key_file(args)), args.run_id, approve=not args.reject)
+    print(code)
+    print(f"({'reject' if args.reject else 'approve'} code for flow run {args.run_id} only, valid once; enter it "
+          f"with approver '{args.approver}')", file=sys.stderr)
     return 0
 
 
 def cmd_approve(args) -> int:
     from prefect.flow_runs import resume_flow_run
 
-    secret = _read_credential(args)
+    from tasks.access import approval_code, load_private_key
+
+    code = args.code or approval_code(load_private_key(_key_file(args)), args.run_id, approve=not args.reject)
     try:
         resume_flow_run(args.run_id, run_input={"approve": not args.reject, "approver": args.approver,
-                                                "credential": secret, "comment": args.comment or ""})
+                                                "code": code, "comment": args.comment or ""})
     except Exception as e:  # noqa: BLE001 - Prefect raises several types for a bad id / not paused
         raise LLMOpsError(f"could not resume ({str(e).splitlines()[0][:200]})", f"flow run {args.run_id}",
                           "check the run id and that the run is still paused") from None
     print(f"submitted {'rejection' if args.reject else 'approval'} by {args.approver}; the flow verifies it "
-          f"(see the run's logs and the audit log)")
+          f"(see the run's logs and `llmops audit verify`)")
     return 0
+
+
+def _write_secret(path: Path, text: str) -> None:
+    from llmops.files import write_text_atomic
+
+    if path.exists():
+        raise LLMOpsError("key file already exists", str(path), "choose another --key-out or move the old one away")
+    write_text_atomic(path, text, mode=0o600)
 
 
 def cmd_users(args) -> int:
-    import getpass
+    from llmops.governance import load_governance
+    from tasks.access import enrol_user
 
-    from tasks.access import DEFAULT_ROLES, Policy
-
-    path = Path(args.roles_file or Path(os.environ.get("LLMOPS_HOME", ".llmops")) / "roles.yaml")
-    policy = Policy.load(path) if path.is_file() else Policy(users={}, roles=dict(DEFAULT_ROLES), path=str(path))
-    if args.credential_file:
-        secret = Path(args.credential_file).read_text().strip()
-    elif sys.stdin.isatty():
-        secret = getpass.getpass(f"new credential for {args.name}: ")
+    g = load_governance(required=True)
+    if args.op == "list":
+        for name, u in sorted(g.users.items()):
+            print(f"{name:<20} {', '.join(u.roles)}")
+        return 0
+    if not args.role:
+        raise LLMOpsError("no role given", "--role", f"use one or more of {sorted(g.roles)}")
+    if args.key_out and Path(args.key_out).exists():
+        raise LLMOpsError("key file already exists", args.key_out, "choose another --key-out or move the old one away")
+    pem = enrol_user(g, args.name, args.role)
+    if args.key_out:
+        _write_secret(Path(args.key_out), pem)
+        print(f"{args.name}: roles {sorted(set(args.role))} enrolled in {g.path}; private key written to "
+              f"{args.key_out} (mode 600). Hand it to {args.name}; llmops keeps only the public key.")
     else:
-        secret = sys.stdin.readline().strip()
-    policy.add_user(args.name, args.role, secret)
-    policy.save()
-    print(f"{args.name}: roles {sorted(args.role)} saved to {path} (credential stored as a PBKDF2 hash)")
+        print(f"{args.name}: roles {sorted(set(args.role))} enrolled in {g.path}. Private key (shown once; "
+              f"save it as a mode-600 file and pass it with --key-file; llmops keeps only the public key):",
+              file=sys.stderr)
+        print(pem, end="")
     return 0
 
 
+def cmd_governance(args) -> int:
+    from llmops.governance import TargetSpec, load_governance
+    from tasks.access import init_governance
+
+    if args.op == "init":
+        g = init_governance()
+        print(f"governance created: {g.path} (mode 600) with an audit signing key; next: `llmops users add`, "
+              f"`llmops governance target`")
+        return 0
+    g = load_governance(required=True)
+    if args.op == "target":
+        if not (args.name and args.kind and args.uri):
+            raise LLMOpsError("a target needs a name, --kind and --uri", "llmops governance target",
+                              "e.g. llmops governance target onprem --kind onprem --uri /srv/models")
+        spec = {"kind": args.kind, "uri": args.uri, "endpoint_url": args.endpoint_url,
+                "credentials_file": args.credentials_file, "models": args.models or ["*"]}
+        g.targets[args.name] = TargetSpec(**spec)
+        g.save()
+        print(f"target '{args.name}' ({args.kind} {args.uri}) saved in {g.path}")
+        return 0
+    data = g.model_dump(mode="json")
+    for u in data["users"].values():
+        u["public_key"] = u["public_key"][:12] + "…"
+    print(f"# {g.path}\n# digest {g.digest()}")
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def audit_anchors(cfg) -> list[tuple[int, str, str]]:
+    """(seq, line hash, where) of every decision anchored on MLflow model versions."""
+    import mlflow
+
+    from tasks.registry import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+    anchors = []
+    for rm in client.search_registered_models():
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            for k, v in (mv.tags or {}).items():
+                if k.startswith("llmops.decision."):
+                    try:
+                        seq, h = json.loads(v)["audit"].split(":")
+                        anchors.append((int(seq), h, f"{rm.name} v{mv.version} {k}"))
+                    except (ValueError, KeyError, TypeError):
+                        anchors.append((-1, "", f"{rm.name} v{mv.version} {k} (malformed anchor)"))
+    return anchors
+
+
 def cmd_audit(args) -> int:
+    from llmops.governance import load_governance
     from tasks.access import verify_audit_log
 
-    path = _state_dir(args) / "audit.log"
-    print(f"{path}: {verify_audit_log(path)} entries, chain intact")
+    g = load_governance(required=True)
+    anchors = audit_anchors(_config(args)) if args.config else []
+    n = verify_audit_log(g.audit_log, g.audit.public_key, anchors)
+    print(f"{g.audit_log}: {n} entries, signatures and chain intact"
+          + (f"; {len(anchors)} registry anchors match" if args.config else
+             " (pass --config to also check the registry anchors: truncation and deletion)"))
     return 0
 
 
 def cmd_ledger(args) -> int:
-    from tasks.privacy import PrivacyLedger
+    """The deployment's ledger (governance file: privacy.ledger), whatever the run config or LLMOPS_HOME say."""
+    from llmops.governance import load_governance
+    from tasks.privacy import open_ledger
 
-    path = _state_dir(args) / "privacy_ledger.sqlite"
-    if not path.is_file():
+    path = load_governance().ledger
+    if "://" not in path and not Path(path).is_file():
         print(f"{path}: no privacy ledger yet (no private training run has been planned)")
         return 0
-    rows = PrivacyLedger(path).summary()
+    rows = open_ledger(path).summary()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -335,32 +436,53 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_services)
     pr = with_config(sub.add_parser("promote", help="run the promotion flow (pauses for approval)"))
     pr.add_argument("--version", default="candidate", help="version number or alias (default: candidate)")
-    pr.add_argument("--requested-by", required=True, help="who asks (cannot approve it)")
+    pr.add_argument("--requested-by", required=True, help="your enrolled user name (the request is signed)")
+    pr.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
     pr.add_argument("--background", action="store_true", help="return once paused; print how to approve")
     pr.set_defaults(func=cmd_promote)
     rb = with_config(sub.add_parser("rollback", help="re-point production to @previous (pauses for approval)"))
-    rb.add_argument("--requested-by", required=True)
+    rb.add_argument("--requested-by", required=True, help="your enrolled user name (needs request-rollback)")
+    rb.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
     rb.add_argument("--background", action="store_true")
     rb.set_defaults(func=cmd_rollback)
-    ap = sub.add_parser("approve", help="approve (or --reject) a paused promotion/rollback")
+    ac = sub.add_parser("approval-code", help="print your single-use code for one paused run",
+                        epilog="example: llmops approval-code 0b6c...e1 --approver rm-bob --key-file ~/bob.key")
+    ac.add_argument("run_id")
+    ac.add_argument("--approver", required=True)
+    ac.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
+    ac.add_argument("--reject", action="store_true", help="a code that rejects instead")
+    ac.set_defaults(func=cmd_approval_code)
+    ap = sub.add_parser("approve", help="approve (or --reject) a paused promotion/rollback",
+                        epilog="example: llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key")
     ap.add_argument("run_id")
     ap.add_argument("--approver", required=True)
+    ap.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
+    ap.add_argument("--code", help="a code from `llmops approval-code` instead of --key-file")
     ap.add_argument("--reject", action="store_true")
     ap.add_argument("--comment")
-    ap.add_argument("--credential-file", help="read the credential from this file instead of a prompt")
     ap.set_defaults(func=cmd_approve)
-    us = sub.add_parser("users", help="manage approvers (roles file)")
-    us.add_argument("op", choices=["add"])
-    us.add_argument("name")
-    us.add_argument("--role", action="append", required=True)
-    us.add_argument("--roles-file")
-    us.add_argument("--credential-file")
+    us = sub.add_parser("users", help="enrol users in governance (admin): roles ml-engineer, release-manager, admin",
+                        epilog="example: llmops users add rm-bob --role release-manager --key-out bob.key")
+    us.add_argument("op", choices=["add", "list"])
+    us.add_argument("name", nargs="?")
+    us.add_argument("--role", action="append")
+    us.add_argument("--key-out", help="write the new private key here (mode 600) instead of printing it")
     us.set_defaults(func=cmd_users)
+    gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target",
+                        epilog="example: llmops governance target onprem --kind onprem --uri /srv/models")
+    gv.add_argument("op", choices=["init", "show", "target"])
+    gv.add_argument("name", nargs="?", help="target name (for `target`)")
+    gv.add_argument("--kind", choices=["onprem", "s3", "edge"])
+    gv.add_argument("--uri")
+    gv.add_argument("--endpoint-url")
+    gv.add_argument("--credentials-file", help="AWS shared-credentials INI the promotion worker reads")
+    gv.add_argument("--models", nargs="*", help="registered models allowed to go there (default: all)")
+    gv.set_defaults(func=cmd_governance)
     lg = sub.add_parser("ledger", help="show the privacy ledger: epsilon spent per dataset (worst record)")
     lg.add_argument("--config", "-c")
     lg.add_argument("--json", action="store_true")
     lg.set_defaults(func=cmd_ledger, set=None)
-    au = sub.add_parser("audit", help="verify the audit log chain")
+    au = sub.add_parser("audit", help="verify the signed audit log (and its registry anchors with --config)")
     au.add_argument("op", choices=["verify"])
     au.add_argument("--config", "-c")
     au.set_defaults(func=cmd_audit, set=None)
@@ -373,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(os.environ.get("LLMOPS_HOME", ".llmops")).resolve()
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except LLMOpsError as e:

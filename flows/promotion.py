@@ -1,18 +1,22 @@
 """Promotion and rollback flows: wiring only (logic in tasks/promotion.py and tasks/access.py).
 
-    llmops promote --config configs/demo.yaml --version 3 --requested-by alice   # pauses for approval
-    llmops approve <flow-run-id> --approver bob                                   # or: Resume in the Prefect UI
-    llmops rollback --config configs/demo.yaml --requested-by alice               # pauses for approval too
+    llmops promote --config configs/demo.yaml --version 3 --requested-by ml-alice --key-file alice.key --background
+    llmops approval-code <flow-run-id> --approver rm-bob --key-file bob.key     # prints a single-use code
+    llmops approve <flow-run-id> --approver rm-bob --key-file bob.key           # or: Resume in the Prefect UI
+    llmops rollback --config configs/demo.yaml --requested-by rm-carol --key-file carol.key
 
-The flow checks the candidate's evidence, then pauses with a form (approve, approver, credential, comment).
-Each submitted form is authenticated against the roles file, audited, and removed from Prefect's run-input
-store right after it is read. Only after `promotion.required_approvals` distinct authorised approvals are the
-targets written; then MLflow alias `production` moves (the old one becomes `previous`).
+The flow reads governance from its own environment (never from the run config), verifies the signed request,
+checks the candidate's evidence, then pauses with a form (approve, approver, code, comment). Each submitted code is
+verified against the approver's enrolled public key, bound to this run and decision, consumed once, and audited;
+the form is removed from Prefect's run-input store right after it is read. After enough distinct approvals the
+production alias is re-read (compare-and-swap: refused if it moved since the request), the targets are written,
+and the alias moves. A promotion whose process dies is found by the next one and audited as "aborted".
 """
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,21 +25,62 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from llmops.config import PipelineConfig
-from tasks.access import AccessDenied, AuditLog, Policy, authorize
+from llmops.governance import Governance, TargetSpec, load_governance
+from tasks.access import AccessDenied, AuditLog, GovernanceStore, verify_approval, verify_request
 from tasks.promotion import PromotionError, check_evidence, file_manifest, make_target, move_production_alias
 from tasks.registry import download_hf_model, retry, tracking_uri
-
-MAX_BAD_ATTEMPTS = 5
 
 
 class ApprovalInput(RunInput):
     approve: bool = Field(False, title="Approve", description="On = approve, off = reject")
-    approver: str = Field(..., title="Approver", description="Your user name in the roles file")
-    credential: SecretStr = Field(..., title="Credential", description="Your approver credential (never stored)")
+    approver: str = Field(..., title="Approver", description="Your user name in governance")
+    code: str = Field(..., title="Approval code",
+                      description="Printed by `llmops approval-code <this run id> --approver YOU` (add --reject to "
+                                  "reject): valid for this run and decision only, once")
     comment: str = Field("", title="Comment", description="Why (kept in the audit log)")
+
+
+@dataclass
+class Gov:
+    g: Governance
+    store: GovernanceStore
+    audit: AuditLog
+
+
+def _governance() -> Gov:
+    g = load_governance(required=True)
+    return Gov(g, GovernanceStore(g.state_db), AuditLog.for_governance(g))
+
+
+@dataclass
+class PolicyInForce:
+    """Governance, tightened (never loosened) by the run config."""
+
+    required: int
+    timeout_s: int
+    targets: dict[str, TargetSpec]
+    digest: str
+    approvers: list[str]
+
+
+def policy_in_force(g: Governance, cfg: PipelineConfig, model: str, action: str) -> PolicyInForce:
+    pc = cfg.promotion
+    allowed = {n: t for n, t in g.targets.items() if t.allows(model)}
+    if pc.targets is not None:
+        if bad := [n for n in pc.targets if n not in allowed]:
+            raise PromotionError(f"target(s) {bad} are not allowed for model '{model}' by governance", "promotion.targets",
+                                 f"choose among {sorted(allowed)} (an admin manages targets in {g.path})")
+        allowed = {n: allowed[n] for n in pc.targets}
+    if not allowed:
+        raise PromotionError(f"governance allows no target for model '{model}'", str(g.path),
+                             "an admin adds one: `llmops governance target NAME --kind onprem --uri DIR`")
+    perm = "approve-promotion" if action == "promote" else "approve-rollback"
+    return PolicyInForce(required=max(g.approvals.required_for(model), pc.required_approvals or 0),
+                         timeout_s=min(g.approvals.timeout_s, pc.approval_timeout_s or g.approvals.timeout_s),
+                         targets=allowed, digest=g.digest(), approvers=g.holders(perm))
 
 
 def _client(cfg: PipelineConfig):
@@ -45,34 +90,28 @@ def _client(cfg: PipelineConfig):
     return mlflow.MlflowClient(uri), uri
 
 
-def _audit(cfg: PipelineConfig) -> AuditLog:
-    return AuditLog(Path(cfg.state_dir) / "audit.log")
+TAGGED_FIELDS = ("seq", "ts", "action", "decision", "approver", "requested_by", "approved_by", "reason", "comment",
+                 "from_version", "flow_run_id", "policy")
 
 
-TAGGED_FIELDS = ("ts", "action", "decision", "approver", "requested_by", "approved_by", "reason", "comment",
-                 "from_version", "flow_run_id")
-
-
-def _decide(cfg: PipelineConfig, audit: AuditLog, **entry) -> dict:
-    """Append a decision to the audit log (the record of truth, hash-chained) and tag it on the MLflow model version
-    as `llmops.decision.NNN` (who, what, when, why; never a credential)."""
-    record = audit.append(**entry)
+def _decide(cfg: PipelineConfig, gov: Gov, **entry) -> dict:
+    """Append a decision to the signed audit log (the record of truth) and anchor it on the MLflow version as
+    `llmops.decision.NNN` (who, what, when, why, the policy digest, and the audit line's seq:hash)."""
+    record = gov.audit.append(policy=gov.g.digest()[:16], **entry)
     name, version = entry.get("model"), entry.get("version")
     try:
         client, _ = _client(cfg)
         tags = retry(lambda: client.get_model_version(name, version)).tags
         n = sum(1 for k in tags if k.startswith("llmops.decision."))
-        value = json.dumps({k: (record[k][:200] if isinstance(record[k], str) else record[k])
-                            for k in TAGGED_FIELDS if record.get(k) not in (None, "")}, sort_keys=True)
-        retry(lambda: client.set_model_version_tag(name, version, f"llmops.decision.{n + 1:03d}", value[:4000]))
+        value = {k: (record[k][:200] if isinstance(record[k], str) else record[k])
+                 for k in TAGGED_FIELDS if record.get(k) not in (None, "")}
+        value["audit"] = f"{record['seq']}:{record['hash']}"
+        retry(lambda: client.set_model_version_tag(name, version, f"llmops.decision.{n + 1:03d}",
+                                                   json.dumps(value, sort_keys=True)[:4000]))
     except Exception as e:  # noqa: BLE001 - the audit log already holds the decision
-        get_run_logger().warning("decision %s is in the audit log but could not be tagged on %s v%s (%s)",
+        get_run_logger().warning("decision %s is in the audit log but could not be anchored on %s v%s (%s)",
                                  entry.get("decision"), name, version, type(e).__name__)
     return record
-
-
-def _policy(cfg: PipelineConfig) -> Policy:
-    return Policy.load(cfg.promotion.roles_file or Path(cfg.state_dir) / "roles.yaml")
 
 
 @task(name="read-version", retries=2, retry_delay_seconds=3, persist_result=False)
@@ -81,17 +120,24 @@ def read_version(cfg: PipelineConfig, version: str) -> dict:
     name = cfg.registry.model_name
     mv = retry(lambda: client.get_model_version(name, version))
     run = retry(lambda: client.get_run(mv.run_id))
-    try:
-        prod = retry(lambda: client.get_model_version_by_alias(name, "production"))
-        prod_metrics = retry(lambda: client.get_run(prod.run_id)).data.metrics
-        prod_version = str(prod.version)
-    except Exception:  # noqa: BLE001 - no production model yet
-        prod_metrics, prod_version = {}, None
+    prod_version, prod_metrics = _alias(client, name, "production"), {}
+    if prod_version:
+        prod_metrics = retry(lambda: client.get_run(client.get_model_version(name, prod_version).run_id)).data.metrics
     return {"tags": dict(mv.tags), "metrics": run.data.metrics, "run_id": mv.run_id,
             "production_version": prod_version, "production_metrics": prod_metrics}
 
 
-def summary_markdown(name: str, version: str, info: dict, requested_by: str, action: str) -> str:
+def _alias(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(retry(lambda: client.get_model_version_by_alias(name, alias)).version)
+    except MlflowException:
+        return None
+
+
+def summary_markdown(name: str, version: str, info: dict, requested_by: str, action: str,
+                     policy: PolicyInForce) -> str:
     t, m, pm = info["tags"], info["metrics"], info["production_metrics"]
     rows = []
     for key in ("eval.eval_loss", "eval.perplexity", "eval.latency_ms_per_token_p50", "eval.size_bytes"):
@@ -99,8 +145,9 @@ def summary_markdown(name: str, version: str, info: dict, requested_by: str, act
             prod = f"{pm[key]:.4g}" if key in pm else "—"
             rows.append(f"| {key.removeprefix('eval.')} | {m[key]:.4g} | {prod} |")
     table = "\n".join(rows)
+    targets = ", ".join(f"{n} ({t.kind} {t.uri})" for n, t in policy.targets.items())
     return f"""## {action}: `{name}` version {version}
-Requested by **{requested_by}**. Production now: {('version ' + info['production_version']) if info['production_version'] else 'none'}.
+Requested by **{requested_by}** (signed request, verified). Production now: {('version ' + info['production_version']) if info['production_version'] else 'none'}.
 
 | metric | candidate | production |
 |---|---|---|
@@ -110,13 +157,15 @@ Requested by **{requested_by}**. Production now: {('version ' + info['production
 - Data fingerprint `{t.get('llmops.data_fingerprint', '')[:16]}…`; validation: {t.get('llmops.validation')}; PII: {t.get('llmops.pii')}
 - Gate: {t.get('llmops.gate')}
 - Code: {t.get('llmops.git_commit')}; training run: {t.get('prefect.flow_run_url') or t.get('prefect.flow_run_id')}
+- **Policy in force** (governance digest `{policy.digest[:16]}`): {policy.required} distinct approval(s) from {', '.join(policy.approvers) or 'nobody enrolled'}; targets: {targets}
 
-Approve: switch **Approve** on, enter your user name and credential, then **Resume**. Off = reject.
+Approve: run `llmops approval-code {flow_run.id} --approver YOU --key-file YOUR.key` (add `--reject` to reject),
+switch **Approve** on (off = reject), enter your user name and the code, then **Resume**.
 """
 
 
 def _forget_run_input() -> None:
-    """Delete the submitted form (it held a credential) from Prefect's run-input store."""
+    """Delete the submitted form from Prefect's run-input store (a code is single-use, but keep the store clean)."""
     from prefect.client.orchestration import get_client
 
     run_id = flow_run.id
@@ -129,117 +178,225 @@ def _forget_run_input() -> None:
                 client.delete_flow_run_input(flow_run_id=run_id, key=item.key)
 
 
-def collect_approvals(cfg: PipelineConfig, action: str, subject: dict, summary: str, requested_by: str) -> list[str]:
-    """Pause until enough distinct authorised approvals arrive; a rejection or timeout raises PromotionError."""
-    logger, audit, policy = get_run_logger(), _audit(cfg), _policy(cfg)
-    approvals: list[str] = []
-    bad = 0
-    while len(approvals) < cfg.promotion.required_approvals:
+def collect_approvals(cfg: PipelineConfig, gov: Gov, action: str, subject: dict, summary: str, requested_by: str,
+                      policy: PolicyInForce) -> list[str]:
+    """Pause until `policy.required` distinct verified approvals arrive; a verified rejection or a timeout raises
+    PromotionError. Invalid submissions are audited and the run keeps waiting (nobody can kill it with junk)."""
+    logger, approvals, run_id = get_run_logger(), [], str(flow_run.id)
+    while len(approvals) < policy.required:
         try:
             form = pause_flow_run(wait_for_input=ApprovalInput.with_initial_data(description=summary),
-                                  timeout=cfg.promotion.approval_timeout_s, poll_interval=2)
+                                  timeout=policy.timeout_s, poll_interval=2)
         except FlowPauseTimeout:
-            _decide(cfg, audit, action=action, decision="timeout", **subject, flow_run_id=str(flow_run.id))
-            raise PromotionError(f"no approval within {cfg.promotion.approval_timeout_s}s: nothing was changed",
-                                 f"flow run {flow_run.id}", "start the flow again when an approver is available")
+            _decide(cfg, gov, decision="timeout", **subject, flow_run_id=run_id)
+            raise PromotionError(f"no approval within {policy.timeout_s}s: nothing was changed",
+                                 f"flow run {run_id}", "start the flow again when an approver is available")
         _forget_run_input()
-        secret = form.credential.get_secret_value()
-        entry = dict(action=action, approver=form.approver, requested_by=requested_by, comment=form.comment[:500],
-                     **subject, flow_run_id=str(flow_run.id))
+        approver = form.approver.strip()[:64]
+        entry = dict(approver=approver, requested_by=requested_by, comment=form.comment[:500],
+                     **subject, flow_run_id=run_id)
         try:
-            authorize(policy, form.approver, secret, "approve-promotion" if action == "promote" else "rollback",
-                      requested_by)
+            verify_approval(gov.g, gov.store, run_id=run_id, approver=approver, code=form.code,
+                            approve=form.approve, action=action, requested_by=requested_by)
         except AccessDenied as e:
-            bad += 1
-            _decide(cfg, audit, decision="denied", reason=e.what, **entry)
-            logger.warning("approval refused: %s (%d/%d bad attempts)", e.what, bad, MAX_BAD_ATTEMPTS)
-            if bad >= MAX_BAD_ATTEMPTS:
-                raise PromotionError("too many refused approval attempts", f"flow run {flow_run.id}",
-                                     "start a new promotion") from None
+            _decide(cfg, gov, decision="denied", reason=e.what, **entry)
+            logger.warning("submission refused: %s", e.what)
             continue
         if not form.approve:
-            _decide(cfg, audit, decision="rejected", **entry)
-            raise PromotionError(f"rejected by {form.approver}: {form.comment or 'no comment'}", action,
+            _decide(cfg, gov, decision="rejected", **entry)
+            raise PromotionError(f"rejected by {approver}: {form.comment or 'no comment'}", action,
                                  "nothing was changed")
-        if form.approver in approvals:
-            _decide(cfg, audit, decision="duplicate", **entry)
+        if approver in approvals:
+            _decide(cfg, gov, decision="duplicate", **entry)
             continue
-        approvals.append(form.approver)
-        _decide(cfg, audit, decision="approved", **entry)
-        logger.info("approval %d/%d by %s", len(approvals), cfg.promotion.required_approvals, form.approver)
+        approvals.append(approver)
+        _decide(cfg, gov, decision="approved", **entry)
+        logger.info("approval %d/%d by %s", len(approvals), policy.required, approver)
     return approvals
 
 
 @task(name="publish-target", retries=2, retry_delay_seconds=5, persist_result=False)
-def publish_task(kind: str, uri: str, endpoint_url: str | None, sse: str | None, src: str, manifest: dict) -> dict:
-    return make_target(kind, uri, endpoint_url, sse).publish(Path(src), manifest)
+def publish_task(spec: dict, src: str, manifest: dict) -> dict:
+    return _target(TargetSpec(**spec), spec.get("credentials_file")).publish(Path(src), manifest)
 
 
-def publish_everywhere(cfg: PipelineConfig, version: str, info: dict, approved_by: list[str]) -> list[dict]:
+def _target(t: TargetSpec, creds=None):
+    return make_target(t.kind, t.uri, t.endpoint_url, t.sse, credentials_file=creds)
+
+
+def _spec(g: Governance, t: TargetSpec) -> dict:
+    """Target spec with the credentials path resolved against governance (the path, never the secret)."""
+    d = t.model_dump(mode="json")
+    if t.credentials_file:
+        d["credentials_file"] = str(g.resolve(t.credentials_file))
+    return d
+
+
+def _workdir(g: Governance, run_id: str) -> Path:
+    return g.resolve(g.state) / "work" / run_id
+
+
+def publish_everywhere(cfg: PipelineConfig, gov: Gov, policy: PolicyInForce, version: str, info: dict,
+                       approved_by: list[str]) -> list[dict]:
     client, uri = _client(cfg)
-    name = cfg.registry.model_name
+    name, work = cfg.registry.model_name, _workdir(gov.g, str(flow_run.id))
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, mode=0o700)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = download_hf_model(uri, name, version, Path(tmp) / "model")
+    try:
+        model_dir = download_hf_model(uri, name, version, work / "model")
         extra = {"data_fingerprint": info["tags"].get("llmops.data_fingerprint"),
-                 "epsilon": info["tags"].get("llmops.dp.epsilon"), "approved_by": approved_by}
-        for t in cfg.promotion.targets:
+                 "epsilon": info["tags"].get("llmops.dp.epsilon"), "approved_by": approved_by,
+                 "policy": policy.digest}
+        manifests = {}
+        for tname, t in policy.targets.items():
             src = model_dir
             if t.kind == "edge":
-                src = Path(tmp) / "edge"
+                src = work / "edge"
                 try:
-                    client.download_artifacts(info["run_id"], "edge", str(Path(tmp)))
+                    client.download_artifacts(info["run_id"], "edge", str(work))
                 except Exception:  # noqa: BLE001 - reported by the edge target as a missing bundle
                     src.mkdir(exist_ok=True)
-            manifest = file_manifest(src, name, version, extra)
-            results.append(publish_task(t.kind, t.uri, t.endpoint_url, getattr(t, "sse", None), str(src), manifest))
-    for t in cfg.promotion.targets:  # pointers move only after every target holds the full model
-        make_target(t.kind, t.uri, t.endpoint_url, getattr(t, "sse", None)).point_current(name, version)
+            key = str(src)
+            manifests.setdefault(key, file_manifest(src, name, version, extra))  # hash each tree once
+            results.append(publish_task(_spec(gov.g, t), key, manifests[key]))
+        for tname, t in policy.targets.items():  # pointers move only after every target holds the full model
+            spec = _spec(gov.g, t)
+            _target(t, spec.get("credentials_file")).point_current(name, version)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
-@flow(name="llmops-promotion", log_prints=True)
-def promotion_flow(version: str, requested_by: str, config: PipelineConfig = PipelineConfig()) -> dict:
-    cfg, logger, audit = config, get_run_logger(), _audit(config)
+def recover_aborted(cfg: PipelineConfig, gov: Gov) -> list[str]:
+    """Promotions whose process died (SIGKILL, OOM, reboot): audit them as aborted, mark their Prefect run Failed,
+    and remove their download and target debris. Runs at the start of every promotion and rollback."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from tasks.promotion import clean_debris
+
+    done = []
+    for it in gov.store.dead_intents():
+        rid = it["run_id"]
+        _decide(cfg, gov, action=it.get("action", "promote"), decision="aborted", model=it.get("model"),
+                version=it.get("version"), flow_run_id=rid, requested_by=it.get("requested_by"),
+                reason=f"process {it['pid']} died during stage '{it.get('stage')}'; nothing after it happened")
+        shutil.rmtree(_workdir(gov.g, rid), ignore_errors=True)
+        for t in gov.g.targets.values():
+            if t.kind in ("onprem", "edge") and not t.uri.startswith("s3://"):
+                clean_debris(Path(t.uri.removeprefix("file://")) / str(it.get("model")))
+        try:
+            with get_client(sync_client=True) as pc:
+                pc.set_flow_run_state(rid, Failed(message="aborted: the promotion process died"), force=True)
+        except Exception as e:  # noqa: BLE001 - the audit entry is what counts
+            get_run_logger().warning("could not mark flow run %s failed (%s)", rid, type(e).__name__)
+        gov.store.end_intent(rid)
+        done.append(rid)
+    return done
+
+
+def _start(cfg: PipelineConfig, action: str, request: str, version: str) -> tuple[Gov, str]:
+    """Governance from this process's environment; recover dead runs; verify the signed request (audited)."""
+    gov = _governance()
+    recover_aborted(cfg, gov)
     name = cfg.registry.model_name
-    subject = {"model": name, "version": str(version)}
-    info = read_version(cfg, str(version))
-    if problems := check_evidence(info["tags"]):
-        _decide(cfg, audit, action="promote", decision="refused", reason="; ".join(problems),
-                requested_by=requested_by, **subject, flow_run_id=str(flow_run.id))
-        raise PromotionError("; ".join(problems), f"models:/{name}/{version}", "train a model that passes every check")
-    summary = summary_markdown(name, str(version), info, requested_by, "Promotion")
-    create_markdown_artifact(summary, key="promotion-summary", description=f"{name} v{version}")
-    approvals = collect_approvals(cfg, "promote", subject, summary, requested_by)
-    results = publish_everywhere(cfg, str(version), info, approvals)
-    client, _ = _client(cfg)
-    old = move_production_alias(client, name, str(version))
-    client.set_model_version_tag(name, str(version), "llmops.approved_by", ",".join(approvals))
-    _decide(cfg, audit, action="promote", decision="promoted", approved_by=approvals, previous=old, **subject,
-            flow_run_id=str(flow_run.id))
+    try:
+        body = verify_request(gov.g, gov.store, request, action, name, version)
+    except AccessDenied as e:
+        _decide(cfg, gov, action=action, decision="refused", reason=e.what, model=name, version=str(version),
+                flow_run_id=str(flow_run.id))
+        raise
+    return gov, body["user"]
+
+
+def _stage(gov: Gov, subject: dict, requested_by: str, stage: str) -> None:
+    gov.store.begin_intent(str(flow_run.id), {**subject, "requested_by": requested_by, "stage": stage})
+
+
+def _refuse(cfg: PipelineConfig, gov: Gov, what: str, where: str, fix: str, **entry) -> None:
+    _decide(cfg, gov, decision="refused", reason=what, flow_run_id=str(flow_run.id), **entry)
+    raise PromotionError(what, where, fix)
+
+
+@flow(name="llmops-promotion", log_prints=True)
+def promotion_flow(version: str, request: str, config: PipelineConfig = PipelineConfig()) -> dict:
+    """`request`: a signed request from `llmops promote` (see tasks/access.make_request); not a secret."""
+    cfg, logger, version = config, get_run_logger(), str(version)
+    name = cfg.registry.model_name
+    gov, requested_by = _start(cfg, "promote", request, version)
+    subject = {"action": "promote", "model": name, "version": version}
+    _stage(gov, subject, requested_by, "approval")
+    try:
+        info = read_version(cfg, version)
+        if problems := check_evidence(info["tags"]):
+            _refuse(cfg, gov, "; ".join(problems), f"models:/{name}/{version}", "train a model that passes every check",
+                    requested_by=requested_by, **subject)
+        policy = policy_in_force(gov.g, cfg, name, "promote")
+        summary = summary_markdown(name, version, info, requested_by, "Promotion", policy)
+        create_markdown_artifact(summary, key="promotion-summary", description=f"{name} v{version}")
+        _decide(cfg, gov, decision="requested", requested_by=requested_by, flow_run_id=str(flow_run.id),
+                reason=f"{policy.required} approval(s); targets {sorted(policy.targets)}", **subject)
+        approvals = collect_approvals(cfg, gov, "promote", subject, summary, requested_by, policy)
+        client, _ = _client(cfg)
+        now = _alias(client, name, "production")
+        if now != info["production_version"]:  # compare-and-swap: the approvers saw another production
+            _refuse(cfg, gov, f"production moved from {info['production_version']} to {now} since the request",
+                    f"models:/{name}@production", "request the promotion again so approvers see the current state",
+                    requested_by=requested_by, approved_by=approvals, **subject)
+        _stage(gov, subject, requested_by, "publish")
+        try:
+            results = publish_everywhere(cfg, gov, policy, version, info, approvals)
+            old = move_production_alias(client, name, version)
+            client.set_model_version_tag(name, version, "llmops.approved_by", ",".join(approvals))
+        except Exception as e:
+            _decide(cfg, gov, decision="aborted", requested_by=requested_by, approved_by=approvals,
+                    reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
+            raise
+        _decide(cfg, gov, decision="promoted", requested_by=requested_by, approved_by=approvals, previous=old,
+                flow_run_id=str(flow_run.id), **subject)
+    finally:
+        gov.store.end_intent(str(flow_run.id))
     logger.info("%s v%s is now @production (previous: %s); targets: %s", name, version, old, results)
-    return {"status": "promoted", "version": str(version), "previous": old, "approved_by": approvals,
-            "targets": results}
+    return {"status": "promoted", "version": version, "previous": old, "approved_by": approvals,
+            "requested_by": requested_by, "policy": policy.digest, "targets": results}
 
 
 @flow(name="llmops-rollback", log_prints=True)
-def rollback_flow(requested_by: str, config: PipelineConfig = PipelineConfig()) -> dict:
-    cfg, audit = config, _audit(config)
+def rollback_flow(request: str, config: PipelineConfig = PipelineConfig()) -> dict:
+    """Re-point production to @previous. `request` is signed for action 'rollback' and the version rolled back to."""
+    cfg = config
     client, _ = _client(cfg)
     name = cfg.registry.model_name
-    try:
-        prev = str(client.get_model_version_by_alias(name, "previous").version)
-        cur = str(client.get_model_version_by_alias(name, "production").version)
-    except Exception:  # noqa: BLE001
+    prev, cur = _alias(client, name, "previous"), _alias(client, name, "production")
+    if not prev or not cur:
         raise PromotionError("nothing to roll back to (no @previous / @production)", f"model {name}",
-                             "promote at least two versions first") from None
-    subject = {"model": name, "version": prev, "from_version": cur}
-    info = read_version(cfg, prev)
-    summary = summary_markdown(name, prev, info, requested_by, f"Rollback from v{cur} to")
-    approvals = collect_approvals(cfg, "rollback", subject, summary, requested_by)
-    results = publish_everywhere(cfg, prev, info, approvals)  # idempotent: re-points the targets
-    client.set_registered_model_alias(name, "production", prev)
-    client.set_registered_model_alias(name, "previous", cur)
-    _decide(cfg, audit, action="rollback", decision="rolled-back", approved_by=approvals, **subject,
-            flow_run_id=str(flow_run.id))
+                             "promote at least two versions first")
+    gov, requested_by = _start(cfg, "rollback", request, prev)
+    subject = {"action": "rollback", "model": name, "version": prev, "from_version": cur}
+    _stage(gov, subject, requested_by, "approval")
+    try:
+        info = read_version(cfg, prev)
+        policy = policy_in_force(gov.g, cfg, name, "rollback")
+        summary = summary_markdown(name, prev, info, requested_by, f"Rollback from v{cur} to", policy)
+        _decide(cfg, gov, decision="requested", requested_by=requested_by, flow_run_id=str(flow_run.id), **subject)
+        approvals = collect_approvals(cfg, gov, "rollback", subject, summary, requested_by, policy)
+        now = (_alias(client, name, "production"), _alias(client, name, "previous"))
+        if now != (cur, prev):  # a promotion landed while this rollback waited: re-applying it would be stale
+            _refuse(cfg, gov, f"production/previous moved from {cur}/{prev} to {now[0]}/{now[1]} since the request",
+                    f"models:/{name}@production", "request the rollback again if it is still wanted",
+                    requested_by=requested_by, approved_by=approvals, **subject)
+        _stage(gov, subject, requested_by, "publish")
+        try:
+            results = publish_everywhere(cfg, gov, policy, prev, info, approvals)  # idempotent: re-points targets
+            client.set_registered_model_alias(name, "production", prev)
+            client.set_registered_model_alias(name, "previous", cur)
+        except Exception as e:
+            _decide(cfg, gov, decision="aborted", requested_by=requested_by, approved_by=approvals,
+                    reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
+            raise
+        _decide(cfg, gov, decision="rolled-back", requested_by=requested_by, approved_by=approvals,
+                flow_run_id=str(flow_run.id), **subject)
+    finally:
+        gov.store.end_intent(str(flow_run.id))
     return {"status": "rolled-back", "production": prev, "previous": cur, "targets": results}

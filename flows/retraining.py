@@ -50,16 +50,32 @@ def retraining_flow(config: PipelineConfig = PipelineConfig(), requested_by: str
 
 
 def _open_promotion(config: PipelineConfig, version: str, requested_by: str) -> dict:
+    """Start the promotion deployment with a request signed by `requested_by`, a service identity whose private
+    key this worker holds (governance `service_keys`); approvers are still people."""
     from prefect.deployments import run_deployment
 
+    from llmops.governance import load_governance
+    from tasks.access import AccessDenied, load_private_key, make_request
+
     logger = get_run_logger()
+    g = load_governance()
+    try:
+        if requested_by not in g.service_keys:
+            raise AccessDenied(f"this worker holds no key for '{requested_by}'", f"{g.path}: service_keys",
+                               f"an admin enrols it (`llmops users add {requested_by} --role ml-engineer --key-out "
+                               f"F`) and lists F under service_keys")
+        key = load_private_key(g.resolve(g.service_keys[requested_by]))
+        request = make_request(key, requested_by, "promote", config.registry.model_name, version)
+    except AccessDenied as e:
+        logger.warning("no promotion opened: %s", e)
+        return {"started": False, "reason": str(e)}
     try:
         run = run_deployment(PROMOTION_DEPLOYMENT, timeout=0, parameters={
-            "version": version, "requested_by": requested_by, "config": config.model_dump(mode="json")})
+            "version": version, "request": request, "config": config.model_dump(mode="json")})
     except Exception as e:  # noqa: BLE001 - no such deployment (local run) or API error
         logger.warning("could not start deployment %s (%s); start the promotion yourself: llmops promote "
-                       "--config <cfg> --version %s --requested-by %s --background", PROMOTION_DEPLOYMENT,
-                       str(e).splitlines()[0][:200], version, requested_by)
+                       "--config <cfg> --version %s --requested-by <you> --key-file <your key> --background",
+                       PROMOTION_DEPLOYMENT, str(e).splitlines()[0][:200], version)
         return {"started": False}
     logger.info("promotion flow run %s started; it waits for a release manager's approval", run.id)
     return {"started": True, "flow_run_id": str(run.id)}

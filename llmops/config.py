@@ -207,18 +207,26 @@ class RegistryConfig(Section):
     model_name: str = "llmops-demo"
 
 
-class PromotionTarget(Section):
-    kind: Literal["s3", "onprem", "edge"]
-    uri: str = Field(..., description="s3://bucket/prefix, a directory, or an edge bundle directory")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, SeaweedFS); None = AWS")
-    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="Server-side encryption for S3 targets")
-
-
 class PromotionConfig(Section):
-    targets: list[PromotionTarget] = Field(default_factory=list)
-    required_approvals: int = Field(1, ge=1)
-    approval_timeout_s: int = Field(3600, ge=10)
-    roles_file: Path | None = None
+    """Run-side promotion settings. Who approves, how many, which targets exist and their credentials are
+    governance (llmops/governance.py), not run parameters: these fields can only tighten it."""
+
+    targets: list[str] | None = Field(
+        None, description="Names of governance targets to publish to (a subset); None = every target allowed for the model")
+    required_approvals: int | None = Field(None, ge=1, description="Ask for more approvals than governance (never fewer)")
+    approval_timeout_s: int | None = Field(None, ge=10, description="Wait less than governance's limit")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _governance_is_not_a_run_setting(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if moved := sorted(set(data) & {"roles_file", "approvers", "roles", "audit_key", "ledger"}):
+                raise ValueError(f"promotion.{moved[0]} is governance, not a run setting: an admin sets it in the "
+                                 "governance file (`llmops governance show`)")
+            if any(isinstance(t, dict) for t in data.get("targets") or []):
+                raise ValueError("promotion.targets names governance targets (e.g. [onprem, edge]); their kind, URI "
+                                 "and credentials live in the governance file (`llmops governance show`)")
+        return data
 
 
 class PipelineConfig(Section):

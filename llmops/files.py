@@ -13,9 +13,12 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        # created with its final mode: a secret is never readable by others, not even for an instant
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         if mode is not None:
-            os.chmod(tmp, mode)
+            os.chmod(tmp, mode)  # umask may have removed bits the caller asked for
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

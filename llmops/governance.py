@@ -88,6 +88,9 @@ class Governance(_Strict):
     privacy: PrivacyGovernance = Field(default_factory=PrivacyGovernance)
     audit: AuditGovernance = Field(default_factory=AuditGovernance)
     state: Path = Field(Path("state"), description="Used codes, lockouts, promotion intents (SQLite)")
+    service_keys: dict[str, Path] = Field(
+        default_factory=dict, description="Enrolled identities whose private key this worker holds, e.g. the nightly "
+                                          "retraining's `scheduler` (it may request, never approve)")
 
     # where it was loaded from (not part of the digest)
     _path: Path | None = None

@@ -1,0 +1,339 @@
+"""The paused promotion/rollback flows against a real (harness) Prefect API, as an insider would attack them.
+
+Requester `alice` (ml-engineer), release managers `bob`, `carol`; `eve` (ml-engineer) and `mallory` (not enrolled)
+are attackers. Governance requires 2 approvals for model `m` and allows targets `onprem` and `s3` (credentials from a
+file only the worker reads). Each test is one attack (or one property) from the approvals issue.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from llmops.governance import TargetSpec, load_governance
+from tasks.access import (AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request,
+                          verify_audit_log)
+from tests.conftest import ROOT, S3_KEY, S3_SECRET
+
+GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
+             "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
+             "llmops.dp.budget": "10.0", "llmops.data_fingerprint": "ab" * 32, "llmops.dp.delta": "1e-05"}
+USERS = {"alice": ["ml-engineer"], "bob": ["release-manager"], "carol": ["release-manager"], "eve": ["ml-engineer"]}
+
+
+@pytest.fixture
+def world(tmp_path, s3_server, monkeypatch):
+    """Governance + keys + a sqlite MLflow with versions 1..3 of `m` (passing evidence) + an S3 bucket."""
+    import uuid
+
+    from llmops.config import PipelineConfig
+    from llmops.files import write_text_atomic
+    from tasks.model import resolve_model
+    from tasks.registry import register_candidate, tracking_uri
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the worker's credentials file is the only source
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    g = init_governance()
+    keys = {}
+    for name, roles in USERS.items():
+        keys[name] = write_text_atomic(tmp_path / "keys" / f"{name}.key", enrol_user(g, name, roles), mode=0o600)
+    creds = write_text_atomic(g.home / "s3-credentials", f"[default]\naws_access_key_id = {S3_KEY}\n"
+                                                         f"aws_secret_access_key = {S3_SECRET}\n", mode=0o600)
+    bucket = f"llmops-flow-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY,
+                 aws_secret_access_key=S3_SECRET).create_bucket(Bucket=bucket)
+    g.approvals.models = {"m": 2}
+    g.approvals.timeout_s = 120
+    g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem")),
+                 "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server,
+                                  credentials_file=creds)}
+    g.save()
+    state = tmp_path / "state"
+    model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
+    uri = tracking_uri(None, state)
+    for _ in range(3):
+        register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="m", model_dir=model.path,
+                           params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
+                           tags={}, version_tags=GOOD_TAGS, set_alias=True)
+    cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "m"}})
+    import mlflow
+
+    return {"cfg": cfg, "g": load_governance(required=True), "keys": {n: load_private_key(p) for n, p in keys.items()},
+            "key_files": keys, "tmp": tmp_path, "bucket": bucket, "mlflow": mlflow.MlflowClient(uri)}
+
+
+def _request(w, user="alice", version="1", action="promote"):
+    return make_request(w["keys"][user], user, action, "m", version)
+
+
+def _start(fn, **kw):
+    out = {}
+
+    def go():
+        try:
+            out["result"] = fn(**kw)
+        except Exception as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, out
+
+
+def _paused(flow_name, exclude=(), timeout=120):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))):
+                if run.state and run.state.is_paused() and str(run.id) not in exclude:
+                    return str(run.id)
+            time.sleep(0.3)
+    raise AssertionError(f"no paused {flow_name} run")
+
+
+def _submit(run_id, approver, code, approve=True, comment=""):
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(run_id, run_input={"approve": approve, "approver": approver, "code": code, "comment": comment})
+
+
+def _wait_paused_again(run_id, n_before, timeout=60):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + timeout
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            states = client.read_flow_run_states(run_id)
+            if sum(1 for s in states if s.is_paused()) > n_before and client.read_flow_run(run_id).state.is_paused():
+                return
+            time.sleep(0.3)
+    raise AssertionError("flow did not pause again")
+
+
+def _audit(w):
+    return AuditLog.for_governance(w["g"]).entries()
+
+
+def _anchors(w):
+    from flows.cli import audit_anchors
+
+    return audit_anchors(w["cfg"])
+
+
+def _alias(w, alias):
+    from flows.promotion import _alias
+
+    return _alias(w["mlflow"], "m", alias)
+
+
+def test_two_distinct_verified_approvals_then_publish(prefect_harness, world):
+    from flows.promotion import promotion_flow
+    from tasks.promotion import S3Target
+
+    w, keys = world, world["keys"]
+    t, out = _start(promotion_flow, version="1", request=_request(w), config=w["cfg"])
+    run = _paused("llmops-promotion")
+    assert not (w["tmp"] / "onprem" / "m").exists()  # nothing published while waiting
+    bob = approval_code(keys["bob"], run)
+    attempts = [("bob", "x" * 86),                               # junk code
+                ("mallory", approval_code(keys["eve"], run)),    # not enrolled
+                ("eve", approval_code(keys["eve"], run)),        # enrolled, no approve permission
+                ("alice", approval_code(keys["alice"], run)),    # the requester (not even allowed to approve)
+                ("bob", bob),                                    # 1st valid approval
+                ("bob", bob)]                                    # the same code again
+    for i, (who, code) in enumerate(attempts):
+        _submit(run, who, code)
+        _wait_paused_again(run, i + 1)
+    _submit(run, "carol", approval_code(keys["carol"], run))
+    t.join(timeout=120)
+    assert out.get("result", {}).get("status") == "promoted", out
+    assert out["result"]["approved_by"] == ["bob", "carol"] and out["result"]["requested_by"] == "alice"
+
+    audit = _audit(w)
+    assert [a["decision"] for a in audit] == ["requested", "denied", "denied", "denied", "denied", "approved",
+                                              "denied", "approved", "promoted"]
+    assert "already used" in audit[6]["reason"] and audit[-1]["policy"] == w["g"].digest()[:16]
+    anchors = _anchors(w)
+    assert len(anchors) == 9 and verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, anchors) == 9
+    assert _alias(w, "production") == "1"
+    assert json.loads((w["tmp"] / "onprem/m/current.json").read_text())["version"] == "1"
+    s3t = w["g"].targets["s3"]
+    man = S3Target(s3t.uri, s3t.endpoint_url, credentials_file=s3t.credentials_file).read_manifest("m", "1")
+    assert man["approved_by"] == ["bob", "carol"] and man["policy"] == w["g"].digest()
+    for f in w["key_files"].values():  # no private key material anywhere in the audit or the registry
+        secret = f.read_text().split("\n")[1]
+        assert secret not in w["g"].audit_log.read_text()
+        assert secret not in json.dumps(w["mlflow"].get_model_version("m", "1").tags)
+
+
+def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harness, world):
+    """The attacker polls Prefect's unauthenticated run-input API and replays what bob typed, on another run."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.promotion import promotion_flow
+
+    w, keys = world, world["keys"]
+    w["g"].approvals.models = {}
+    w["g"].save()  # one approval is enough here
+    t_a, out_a = _start(promotion_flow, version="1", request=_request(w, version="1"), config=w["cfg"])
+    run_a = _paused("llmops-promotion")
+    t_b, out_b = _start(promotion_flow, version="2", request=_request(w, version="2"), config=w["cfg"])
+    run_b = _paused("llmops-promotion", exclude={run_a})
+    api, captured = PREFECT_API_URL.value(), None
+    _submit(run_a, "bob", approval_code(keys["bob"], run_a, approve=False), approve=False, comment="not yet")
+    deadline = time.time() + 10
+    while time.time() < deadline and captured is None:  # what an attacker sees before the flow deletes it
+        for item in httpx.post(f"{api}/flow_runs/{run_a}/input/filter", json={"prefix": "paused-", "limit": 50},
+                               timeout=5).json():
+            if item["key"].endswith("-response"):
+                captured = json.loads(item["value"])
+        time.sleep(0.05)
+    t_a.join(timeout=60)
+    assert "rejected by bob" in str(out_a.get("error"))
+    form = captured or {"approver": "bob", "code": approval_code(keys["bob"], run_a, approve=False)}
+    _submit(run_b, form["approver"], form["code"], approve=False)  # replayed on run B
+    _wait_paused_again(run_b, 1)
+    _submit(run_b, "carol", approval_code(keys["carol"], run_b))
+    t_b.join(timeout=120)
+    assert out_b.get("result", {}).get("status") == "promoted", out_b
+    b_entries = [a for a in _audit(w) if a.get("flow_run_id") == run_b]
+    assert [(a["decision"], a.get("approver")) for a in b_entries] == [
+        ("requested", None), ("denied", "bob"), ("approved", "carol"), ("promoted", None)]
+
+
+def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, tmp_path, capsys):
+    from flows.cli import main
+    from flows.promotion import promotion_flow
+    from llmops.config import PipelineConfig
+
+    w, keys = world, world["keys"]
+    # --set of governance keys fails at config load, before anything runs
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"state_dir: {w['cfg'].state_dir}\nregistry: {{model_name: m}}\n")
+    assert main(["check-config", str(cfg_file), "--set", f"promotion.roles_file={tmp_path}/roles.yaml"]) == 2
+    assert "governance, not a run setting" in capsys.readouterr().err
+    # a target the governance does not list: refused, audited, nothing published
+    bad = PipelineConfig.model_validate({**w["cfg"].model_dump(), "promotion": {"targets": ["mine"]}})
+    with pytest.raises(Exception, match="not allowed for model 'm'"):
+        promotion_flow(version="1", request=_request(w), config=bad)
+    # fewer approvals than governance: governance's 2 still apply
+    loose = PipelineConfig.model_validate({**w["cfg"].model_dump(), "promotion": {"required_approvals": 1}})
+    t, out = _start(promotion_flow, version="1", request=_request(w), config=loose)
+    run = _paused("llmops-promotion")
+    _submit(run, "bob", approval_code(keys["bob"], run))
+    _wait_paused_again(run, 1)  # still waiting after one approval
+    assert "2 distinct approval(s)" in _summary(run)
+    _submit(run, "carol", approval_code(keys["carol"], run, approve=False), approve=False)
+    t.join(timeout=60)
+    assert "rejected by carol" in str(out.get("error")) and not (w["tmp"] / "onprem" / "m").exists()
+
+
+def _summary(run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return "\n".join(a.data for a in arts if a.key == "promotion-summary")
+
+
+def test_forged_requester_is_refused_and_audited(prefect_harness, world):
+    from flows.promotion import promotion_flow
+
+    w = world
+    forged = json.loads(_request(w, user="eve"))
+    forged["user"] = "nobody"  # `--requested-by nobody`, so that eve could approve her own model
+    with pytest.raises(Exception, match="does not verify for user 'nobody'"):
+        promotion_flow(version="1", request=json.dumps(forged), config=w["cfg"])
+    with pytest.raises(Exception, match="not a signed llmops request"):
+        promotion_flow(version="1", request="alice", config=w["cfg"])
+    assert [a["decision"] for a in _audit(w)] == ["refused", "refused"]
+    assert _alias(w, "production") is None
+
+
+def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
+    from flows.promotion import rollback_flow
+
+    w, keys, client = world, world["keys"], world["mlflow"]
+    w["g"].approvals.models = {}
+    w["g"].save()
+    client.set_registered_model_alias("m", "production", "2")
+    client.set_registered_model_alias("m", "previous", "1")
+    t, out = _start(rollback_flow, request=make_request(keys["bob"], "bob", "rollback", "m", "1"), config=w["cfg"])
+    run = _paused("llmops-rollback")
+    client.set_registered_model_alias("m", "production", "3")
+    client.set_registered_model_alias("m", "previous", "2")
+    _submit(run, "carol", approval_code(keys["carol"], run))
+    t.join(timeout=60)
+    assert "moved from 2/1 to 3/2" in str(out.get("error"))
+    assert _alias(w, "production") == "3" and _alias(w, "previous") == "2"
+    assert [a["decision"] for a in _audit(w)][-1] == "refused"
+    assert not (w["tmp"] / "onprem" / "m").exists()
+
+
+CHILD = """
+import os, sys, time, shutil
+import tasks.promotion as promo
+real = shutil.copy2
+def slow_copy(src, dst, *a, **k):
+    time.sleep(0.3)
+    return real(src, dst, *a, **k)
+shutil.copy2 = slow_copy
+from llmops.config import PipelineConfig
+from flows.promotion import promotion_flow
+cfg = PipelineConfig.model_validate_json(sys.argv[1])
+promotion_flow(version="1", request=sys.argv[2], config=cfg)
+"""
+
+
+def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_harness, world):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.promotion import promotion_flow
+
+    w, keys = world, world["keys"]
+    w["g"].approvals.models = {}
+    w["g"].targets.pop("s3")
+    w["g"].save()
+    for i in range(8):  # enough files that the slowed copy takes seconds
+        (Path(w["cfg"].state_dir) / f"pad{i}").write_text("x")
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)], env=env,
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = _paused("llmops-promotion", timeout=180)
+    _submit(run, "bob", approval_code(keys["bob"], run))
+    model_root = w["tmp"] / "onprem" / "m"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in
+                                             (model_root.iterdir() if model_root.exists() else [])):
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert any(p.name.startswith(".tmp-") for p in model_root.iterdir())  # debris of the killed copy
+    assert not (model_root / "current.json").exists()
+    # the next promotion (here: of version 2) recovers the dead one first
+    t, out = _start(promotion_flow, version="2", request=_request(w, version="2"), config=w["cfg"])
+    run2 = _paused("llmops-promotion", exclude={run})
+    with get_client(sync_client=True) as pc:
+        assert pc.read_flow_run(run).state.is_failed()
+    aborted = [a for a in _audit(w) if a["decision"] == "aborted"]
+    assert len(aborted) == 1 and aborted[0]["flow_run_id"] == run and "stage 'publish'" in aborted[0]["reason"]
+    assert not [p for p in model_root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert not (w["g"].resolve(w["g"].state) / "work" / run).exists()  # the download is gone too
+    _submit(run2, "carol", approval_code(keys["carol"], run2))
+    t.join(timeout=120)
+    assert out.get("result", {}).get("status") == "promoted", out
+    assert json.loads((model_root / "current.json").read_text())["version"] == "2"
+    assert verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, _anchors(w)) == len(_audit(w))
