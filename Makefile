@@ -28,19 +28,23 @@ env: $(VENV)/.installed
 
 LLMOPS_PREFECT_PORT ?= 4200
 DEMO_API := http://127.0.0.1:$(LLMOPS_PREFECT_PORT)/api
-DEMO_CREDS := $(LLMOPS_HOME)/demo-credentials
+DEMO_KEYS := $(LLMOPS_HOME)/demo-keys
+LLMOPS := $(VENV)/bin/llmops
 
-# The demo: a local Prefect server (UI at :4200), demo approvers with random credentials (files, mode 600),
-# the training flow on the real SmolLM2, then a promotion left waiting for a release manager's approval.
+# The demo: a local Prefect server (UI at :4200); governance (admin-owned, ~/.config/llmops unless LLMOPS_GOVERNANCE
+# says otherwise) with demo users whose private keys go to $(DEMO_KEYS) (mode 600) and two targets in this clone;
+# the training flow on the real SmolLM2; then a signed promotion request left waiting for a release manager.
 demo: env
-	@mkdir -p "$(PREFECT_HOME)" "$(DEMO_CREDS)"
-	$(VENV)/bin/llmops services start
-	@test -f "$(LLMOPS_HOME)/roles.yaml" || for u in ml-alice:ml-engineer rm-bob:release-manager rm-carol:release-manager; do \
-	  n=$${u%%:*}; r=$${u##*:}; (umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(18))' > "$(DEMO_CREDS)/$$n"); \
-	  $(VENV)/bin/llmops users add $$n --role $$r --credential-file "$(DEMO_CREDS)/$$n"; done
-	PREFECT_API_URL=$(DEMO_API) $(VENV)/bin/llmops train --config configs/demo.yaml
-	PREFECT_API_URL=$(DEMO_API) $(VENV)/bin/llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice --background
-	@echo "Demo approvers' credentials: $(DEMO_CREDS)/rm-bob (e.g. --credential-file $(DEMO_CREDS)/rm-bob). Stop the server: .venv/bin/llmops services stop"
+	@mkdir -p "$(PREFECT_HOME)"
+	$(LLMOPS) services start
+	@$(LLMOPS) governance show >/dev/null 2>&1 || $(LLMOPS) governance init
+	@for u in ml-alice:ml-engineer rm-bob:release-manager rm-carol:release-manager; do n=$${u%%:*}; r=$${u##*:}; \
+	  test -f "$(DEMO_KEYS)/$$n.key" || $(LLMOPS) users add $$n --role $$r --key-out "$(DEMO_KEYS)/$$n.key"; done
+	@$(LLMOPS) governance target onprem --kind onprem --uri "$(LLMOPS_HOME)/targets/onprem"
+	@$(LLMOPS) governance target edge --kind edge --uri "$(LLMOPS_HOME)/targets/edge"
+	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) train --config configs/demo.yaml
+	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) promote --config configs/demo.yaml --version candidate --requested-by ml-alice --key-file "$(DEMO_KEYS)/ml-alice.key" --background
+	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Stop the server: $(LLMOPS) services stop"
 
 demo-stop:
 	$(VENV)/bin/llmops services stop

@@ -175,7 +175,7 @@ def _resolve_version(cfg, version: str) -> str:
                           "train a model that passes the gate, or pass a version number") from None
 
 
-def _background(args, flow_name: str) -> int:
+def _background(args, flow_name: str, registry: str = "") -> int:
     """Re-run this very command (every option kept, minus --background) in a detached process, wait until its
     flow pauses, print how to approve it."""
     import subprocess
@@ -202,7 +202,7 @@ def _background(args, flow_name: str) -> int:
                                              limit=20):
                 created = run.created.timestamp() if run.created else 0
                 if created >= started - 5 and run.state and run.state.is_paused():
-                    return _print_approval_help(run.id, args.requested_by, log, services)
+                    return _print_approval_help(run.id, args.requested_by, log, services, registry)
                 if created >= started - 5 and run.state and run.state.is_final():
                     raise LLMOpsError(f"{flow_name} ended as {run.state.name} before pausing", str(log),
                                       "read the log")
@@ -213,9 +213,13 @@ def _background(args, flow_name: str) -> int:
     raise LLMOpsError(f"{flow_name} did not pause within 10 minutes", str(log), "read the log")
 
 
-def _print_approval_help(run_id, requested_by: str, log: Path, services) -> int:
+def _print_approval_help(run_id, requested_by: str, log: Path, services, registry: str = "") -> int:
+    from llmops.governance import load_governance
+
+    g = load_governance()
+    who = ", ".join(g.holders("approve-promotion")) or "nobody yet (an admin runs `llmops users add`)"
     print(f"""
-Waiting for approval (requested by {requested_by}, signed).
+Waiting for approval (requested by {requested_by}, signed). Release managers: {who}.{registry}
   Prefect UI : {services.ui_run_url(str(run_id))}
                1. llmops approval-code {run_id} --approver <release-manager> --key-file <their key>
                2. in the UI: Resume, switch Approve on, enter the approver name + that code, Resume
@@ -236,7 +240,12 @@ def cmd_promote(args) -> int:
     cfg = _config(args)
     version = _resolve_version(cfg, args.version)
     if args.background:
-        return _background(args, "llmops-promotion")
+        from tasks.registry import tracking_uri
+
+        uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+        where = f"\n  MLflow     : models:/{cfg.registry.model_name}/{version} (tracking URI {uri}; `mlflow ui " \
+                f"--backend-store-uri {uri}` shows it with its model card)" if "://" in uri else ""
+        return _background(args, "llmops-promotion", where)
     from prefect.logging.configuration import setup_logging
 
     from flows.promotion import promotion_flow

@@ -34,33 +34,36 @@ def prefect_server(tmp_path):
 def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     from playwright.sync_api import sync_playwright
 
-    from tasks.access import Policy
+    from llmops.files import write_text_atomic
+    from llmops.governance import TargetSpec, load_governance
+    from tasks.access import approval_code, enrol_user, init_governance, load_private_key
     from tasks.model import resolve_model
     from tasks.registry import register_candidate, tracking_uri
 
     api, port = prefect_server
     state = tmp_path / "state"
-    policy = Policy(users={}, roles={"release-manager": ["approve-promotion", "rollback"],
-                                     "ml-engineer": ["request-promotion"]}, path=str(state / "roles.yaml"))
-    policy.add_user("rm-bob", ["release-manager"], "bob-browser-secret")
-    policy.add_user("ml-alice", ["ml-engineer"], "alice-browser-secret")
-    policy.save()
+    g = init_governance()  # in this test's own LLMOPS_GOVERNANCE (conftest), inherited by the CLI subprocess
+    keys = {n: write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600)
+            for n, r in (("rm-bob", "release-manager"), ("ml-alice", "ml-engineer"))}
+    g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem"))}
+    g.save()
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
                        model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
                        artifacts={}, texts={}, tags={}, version_tags=GOOD_TAGS, set_alias=True)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"model_name": "m"},
-                                   "promotion": {"approval_timeout_s": 300,
-                                                 "targets": [{"kind": "onprem", "uri": str(tmp_path / "onprem")}]}}))
+                                   "promotion": {"approval_timeout_s": 300}}))
     env = dict(os.environ, PREFECT_API_URL=api, LLMOPS_HOME=str(state), LLMOPS_PREFECT_PORT=str(port))
     r = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "--config", str(cfg), "--version", "1",
-                        "--requested-by", "ml-alice", "--background"], env=env, cwd=ROOT, capture_output=True,
+                        "--requested-by", "ml-alice", "--key-file", str(keys["ml-alice"]), "--background"], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ui_url = next(line.split(": ", 1)[1].strip() for line in r.stdout.splitlines() if "Prefect UI" in line)
     assert ui_url.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
     assert not (tmp_path / "onprem").exists()
+    run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
+    code = approval_code(load_private_key(keys["rm-bob"]), run_id)  # what `llmops approval-code` prints
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -74,9 +77,10 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
         dialog.get_by_role("switch").click()
         fields = dialog.locator("textarea, input[type=text], input[type=password]")
         fields.nth(0).fill("rm-bob")
-        fields.nth(1).fill("bob-browser-secret")
+        fields.nth(1).fill(code)
         fields.nth(2).fill("approved from the UI")
         dialog.get_by_role("button", name="Submit").click()
+        submitted = time.time()
         page.screenshot(path=str(tmp_path / "after-submit.png"))
         browser.close()
 
@@ -84,7 +88,6 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     # come after it), then check every effect.
     import httpx
 
-    run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
     deadline, run_state = time.time() + 180, None
     while time.time() < deadline:
         run_state = (httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json().get("state") or {}).get("type")
@@ -94,7 +97,8 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     assert run_state == "COMPLETED", f"promotion run ended as {run_state!r}"
     manifest = tmp_path / "onprem" / "m" / "1" / "manifest.json"
     assert manifest.exists(), "model did not land in the on-prem target"
+    print(f"submit -> model in on-prem target: {manifest.stat().st_mtime - submitted:.1f} s")
     assert json.loads((tmp_path / "onprem" / "m" / "current.json").read_text())["version"] == "1"
-    audit = [json.loads(x) for x in (state / "audit.log").read_text().splitlines()]
-    assert [a["decision"] for a in audit] == ["approved", "promoted"] and audit[0]["approver"] == "rm-bob"
-    assert "bob-browser-secret" not in (state / "audit.log").read_text()
+    audit = [json.loads(x) for x in load_governance().audit_log.read_text().splitlines()]
+    assert [a["decision"] for a in audit] == ["requested", "approved", "promoted"] and audit[1]["approver"] == "rm-bob"
+    assert audit[0]["requested_by"] == "ml-alice"

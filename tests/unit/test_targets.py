@@ -261,6 +261,7 @@ def _no_aws_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # a region is not a credential
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # an earlier test's session caches the env's keys
 
 
 def _creds_file(path: Path, body: str) -> Path:
