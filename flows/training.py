@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from llmops.config import PipelineConfig
 from tasks.data import prepare_data_task
-from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, should_promote
+from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model_task
 from tasks.compression import compress_task
@@ -59,30 +59,35 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     # The privacy ledger and lineage key on the data as delivered: a redacted copy is the same people's data.
     data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"],
                    "source_map": validation.get("source_map") if validation else None}
-    logger.info("data %s: %d records (%d train / %d eval)", data["fingerprint"][:12], data["n_records"],
-                data["n_train"], data["n_eval"])
+    logger.info("data %s: %d records (%d train / %d eval; %d duplicate train records removed)",
+                data["fingerprint"][:12], data["n_records"], data["n_train"], data["n_eval"],
+                data.get("n_duplicates_removed", 0))
 
     tuned = dp_finetune_task.with_options(**refresh)(config, data, model)
     p = tuned["privacy"]
     if p["private"]:
         logger.info("DP fine-tune: epsilon=%.3f delta=%.2g sigma=%.3f C=%.2g q=%.4f steps=%d; dataset total "
                     "epsilon=%.3f of budget %.1f", p["epsilon"], p["delta"], p["noise_multiplier"], p["max_grad_norm"],
-                    p["sample_rate"], p["steps"], tuned["cumulative_epsilon"], config.privacy.dataset_budget_epsilon)
+                    p["sample_rate"], p["steps"], tuned["cumulative_epsilon"], tuned["budget"])
     else:
-        logger.warning("NON-PRIVATE fine-tune (privacy.enabled=false): no privacy guarantee")
+        logger.warning("NON-PRIVATE fine-tune: no privacy guarantee (%s)", "; ".join(p["not_private_because"]))
+    # Metrics that leave the machine are computed on public text when the team provides it; otherwise on the private
+    # held-out split (not covered by epsilon, and the model card says so).
+    e = config.evaluation
+    eval_path = public_eval_task(str(e.public_eval_path), str(config.state_dir / "public-eval"),
+                                 [data["train_path"], data["eval_path"]]) if e.public_eval_path else data["eval_path"]
 
     compression = None
     if config.compression.enabled:  # post-processing of the DP model (distillation only on public data)
         compression = compress_task.with_options(**refresh)(
             tuned["model_path"], str(config.state_dir / "compression" / tuned["run_id"]), config.compression,
-            data["eval_path"], config.model.max_seq_len, data["source_fingerprint"])
+            eval_path, config.model.max_seq_len, [data["train_path"], data["eval_path"]])
         logger.info("compression: selected %s; edge bundle %s", compression["selected"], compression["edge"])
 
-    e = config.evaluation
     candidate = evaluate_candidate_task.with_options(**refresh)(
-        tuned["model_path"], data["eval_path"], e.prompts, e.max_eval_records, config.model.max_seq_len,
+        tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,
         e.max_new_tokens, config.model.dtype)
-    incumbent = evaluate_production_task(config, data["eval_path"])
+    incumbent = evaluate_production_task(config, eval_path)
     policy = GatePolicy(e.max_loss_increase, e.max_latency_ratio, e.require_private)
     decision = decision_dict(should_promote(candidate, incumbent, policy, p,
                                             f"v{incumbent['version']}" if incumbent else None))

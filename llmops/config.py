@@ -31,6 +31,8 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share, split by content hash")
     max_records: int | None = Field(None, gt=0, description="Cap for quick runs; None = all records")
     max_line_bytes: int = Field(1_000_000, gt=0, description="A longer JSONL/text line is rejected as corrupt")
+    # Duplicates (same normalised text) in the train split are removed before training and reported: a record
+    # present k times would otherwise be charged once but lose k times as much.
 
 
 PiiPolicy = Literal["block", "redact", "allow"]
@@ -103,24 +105,34 @@ class ModelConfig(Section):
 
 
 class PrivacyConfig(Section):
-    enabled: bool = Field(True, description="False = plain SGD, for comparison only")
+    enabled: bool = Field(True, description="False = plain SGD, for comparison only (never promotable)")
     target_epsilon: float | None = Field(8.0, gt=0.0)
     noise_multiplier: float | None = Field(None, ge=0.0)
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="None = 1 / (10 * n_train)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound C")
     accountant: Literal["prv", "rdp"] = "prv"
-    sampling: Literal["poisson", "shuffle"] = Field("poisson", description="poisson is what the accountant assumes")
-    secure_mode: bool = Field(False, description="Cryptographically secure noise and sampling (slower)")
-    noise_seed: int | None = Field(None, description="TESTS ONLY: predictable noise voids the guarantee")
-    dataset_budget_epsilon: float = Field(10.0, gt=0.0, description="Ledger cap across all runs on this data")
+    sampling: Literal["poisson", "shuffle"] = Field(
+        "poisson", description="poisson is what the accountant assumes; shuffle runs are marked NOT private")
+    secure_mode: bool = Field(False, description="Opacus' secure Gaussian sampler (floating-point attacks; slower). "
+                                                 "Batch sampling always uses the OS CSPRNG")
+    reproducible_insecure: bool = Field(
+        False, description="Seeded batches (training.seed) and noise (noise_seed) for tests/debugging: the model is "
+                           "marked NOT private and can never pass the gate or be promoted")
+    noise_seed: int | None = Field(None, description="Only with reproducible_insecure: predictable noise")
+    dataset_budget_epsilon: float | None = Field(
+        None, gt=0.0, description="Tighten only: the budget is min(this, the governance file's); None = governance's")
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> "PrivacyConfig":
         if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("set exactly one of privacy.target_epsilon and privacy.noise_multiplier")
-        if self.secure_mode and self.noise_seed is not None:
-            raise ValueError("secure_mode cannot use a noise_seed (seeded noise is predictable)")
-        if self.enabled and self.target_epsilon and self.target_epsilon > self.dataset_budget_epsilon:
+        if self.noise_seed is not None and not self.reproducible_insecure:
+            raise ValueError("noise_seed makes the noise predictable: it needs privacy.reproducible_insecure: true "
+                             "(and such a model is never private)")
+        if self.secure_mode and self.reproducible_insecure:
+            raise ValueError("secure_mode and reproducible_insecure contradict each other")
+        if (self.enabled and self.target_epsilon and self.dataset_budget_epsilon is not None
+                and self.target_epsilon > self.dataset_budget_epsilon):
             raise ValueError(
                 f"target_epsilon {self.target_epsilon} exceeds dataset_budget_epsilon {self.dataset_budget_epsilon}"
             )
@@ -139,7 +151,8 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(4, ge=1, description="Per-rank physical batch (memory bound)")
     learning_rate: float = Field(5e-4, gt=0.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    seed: int = 42
+    seed: int = Field(42, description="Model init/dropout only; batches come from the OS CSPRNG unless "
+                                       "privacy.reproducible_insecure")
     deepspeed_config: Path = Field(Path("infra/deepspeed/zero0.json"))
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints")
     world_size: int = Field(1, ge=1, description="Data-parallel ranks (local: torchrun; cluster: deepspeed launcher)")
@@ -199,6 +212,9 @@ class EvaluationConfig(Section):
     max_loss_increase: float = Field(0.0, ge=0.0, description="Tolerance vs the production model (nats)")
     max_latency_ratio: float | None = Field(None, gt=0.0, description="e.g. 1.5 = at most 50% slower than production")
     require_private: bool = Field(True, description="A model trained without DP never becomes a candidate")
+    public_eval_path: Path | None = Field(
+        None, description="Public text to evaluate and gate on (none of it may be training data); None = the private "
+                          "held-out split, whose metrics are not covered by epsilon")
 
 
 class RegistryConfig(Section):
@@ -233,7 +249,7 @@ class PipelineConfig(Section):
     name: str = Field("llmops", pattern=r"^[A-Za-z0-9_.-]+$")
     state_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("LLMOPS_HOME", ".llmops")),
-        description="Caches, ledger, outputs (env LLMOPS_HOME)",
+        description="Caches and outputs (env LLMOPS_HOME); the privacy ledger is governance's",
     )
     use_cache: bool = Field(True, description="Reuse step results whose input content is unchanged")
     data: DataConfig = Field(default_factory=DataConfig)

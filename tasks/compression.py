@@ -24,8 +24,9 @@ Variants (each selectable in `compression.*`):
                     `quantize_dynamic`; on SmolLM2 its activation outliers cost ~+75% perplexity, so it is gated out.
 
 Privacy: pruning, weight-only int8 and dynamic int8 are post-processing of the DP model and cost no epsilon; none of
-the techniques here uses calibration data. Distillation reads text, so it is refused (PrivacyError) when that text is
-the private training set (same dataset fingerprint) — distill on public text instead.
+the techniques here uses calibration data. Distillation reads text, so it is refused (PrivacyError) when any record of
+that text (by normalised identity) is a private training/held-out record or in the privacy ledger — distill on public
+text instead.
 """
 from __future__ import annotations
 
@@ -333,23 +334,29 @@ def load_quantized(path: Path, mode: str):
 # ------------------------------------------------------------------------------------------------- distillation
 
 
-def check_public(data_path: str | Path | None, private_fingerprint: str | None) -> str:
-    """Fingerprint of the distillation text; PrivacyError if it is the private training data."""
+def check_public(data_path: str | Path | None, private_paths: list[str] | None) -> str:
+    """Fingerprint of the distillation text; PrivacyError if any of its records is private.
+
+    Record-level, by normalised identity: against this run's train/held-out splits (`private_paths`) and every
+    record the deployment's privacy ledger has charged. Whole-dataset fingerprints would accept the private set
+    plus one extra line, or a re-ordered, re-spaced copy of it.
+    """
     from tasks.data import load_dataset
-    from tasks.privacy import PrivacyError
+    from tasks.privacy import PrivacyError, count_private
 
     if data_path is None:
         raise PrivacyError("distillation needs text and none was declared public", "compression.distill_data",
                            "set compression.distill_data to public text (e.g. data/public/macbeth.txt)")
-    fp = load_dataset(Path(data_path)).fingerprint
-    if private_fingerprint is not None and fp == private_fingerprint:
+    ds = load_dataset(Path(data_path))
+    if overlap := count_private([r.text for r in ds.records], private_paths or []):
         raise PrivacyError(
-            f"distillation data is the private training set (fingerprint {fp[:12]}); reading it again would spend "
-            "privacy budget the ledger has not granted", "compression.distill_data",
+            f"{overlap} of {len(ds.records)} distillation record(s) are in the private training set or the privacy "
+            "ledger; reading them again would spend privacy budget the ledger has not granted",
+            "compression.distill_data",
             "point compression.distill_data at public text (e.g. data/public/macbeth.txt), or disable distillation")
-    if private_fingerprint is None:
-        log.warning("no private fingerprint given: cannot check that %s is not the training data", data_path)
-    return fp
+    if not private_paths:
+        log.warning("no private splits given: %s checked against the privacy ledger only", data_path)
+    return ds.fingerprint
 
 
 def student_layer_ids(n_teacher: int, n_student: int) -> list[int]:
@@ -768,7 +775,7 @@ def _check_config(cfg, steps: list[tuple[str, dict]]) -> None:
 
 
 def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
-             private_fingerprint: str | None) -> dict:
+             private_paths: list[str] | None) -> dict:
     """Build, reload, measure and gate every configured variant of `model_path`; see the module docstring."""
     from tasks.data import read_texts
     from tasks.model import dir_digest, load_model
@@ -782,7 +789,7 @@ def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
     _check_config(cfg, steps)
     distill_fp = None
     if cfg.distill:  # refuse before any work: the privacy rule is not a late surprise
-        distill_fp = check_public(cfg.distill_data, private_fingerprint)
+        distill_fp = check_public(cfg.distill_data, private_paths)
     texts = read_texts(Path(eval_path))[: cfg.max_eval_records]
     if not texts:
         raise CompressionError("no held-out records", eval_path, "pass the held-out split written by the data step")
@@ -937,10 +944,10 @@ def _task():
 
     @task(name="compress", cache_policy=files_key(_compress_files), persist_result=True)
     def compress_task(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
-                      private_fingerprint: str | None) -> dict:
+                      private_paths: list[str] | None) -> dict:
         from prefect.artifacts import create_table_artifact
 
-        result = compress(model_path, out_dir, cfg, eval_path, max_len, private_fingerprint)
+        result = compress(model_path, out_dir, cfg, eval_path, max_len, private_paths)
         if result["variants"]:
             create_table_artifact(table=result["rows"], key="compression",
                                   description=f"Compression variants vs original (selected: {result['selected']})")

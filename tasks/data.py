@@ -1,9 +1,12 @@
 """Load text records from JSONL / CSV / plain text (files or directories) and fingerprint them.
 
-The fingerprint identifies the *content* of a dataset for lineage, caching and the privacy ledger:
-sha256 over the sorted sha256 digests of each record's normalised text (NFC, \\n line ends, stripped),
-so re-ordering records or re-encoding line endings does not create a "new" dataset.
-The train/eval split is by content hash too: stable across runs, re-orderings and appended data.
+A record's identity (`text_hash`, what the privacy ledger charges) is the sha256 of its `identity` text: Unicode
+NFKC, zero-width/format and control characters removed, every whitespace run collapsed to one space. A requester who
+appends an invisible U+200B, swaps a space for U+00A0 or re-wraps lines has not made a "new" record.
+The fingerprint identifies the *content* of a dataset for lineage and caching: sha256 over the sorted record hashes,
+so re-ordering records does not create a "new" dataset.
+The train/eval split is by content hash too: stable across runs, re-orderings and appended data. Duplicate records
+(same identity) in the train split are removed before training and counted (`DataRef.n_duplicates_removed`).
 """
 from __future__ import annotations
 
@@ -43,8 +46,33 @@ def normalise(text: str) -> str:
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
 
 
+# Invisible code points that NFKC keeps: format (Cf: U+200B..U+200F, U+2060, U+FEFF, soft hyphen ...), control (Cc,
+# whitespace aside), surrogates, variation selectors and the combining grapheme joiner.
+_INVISIBLE = {"Cf", "Cc", "Cs"}
+_EXTRA_INVISIBLE = {0x034F, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x1810)}
+
+
+def identity(text: str) -> str:
+    """The text a record is identified by: NFKC, invisible characters dropped, whitespace runs -> one space."""
+    text = unicodedata.normalize("NFKC", text)
+    kept = "".join(ch for ch in text if ch.isspace() or (
+        unicodedata.category(ch) not in _INVISIBLE and ord(ch) not in _EXTRA_INVISIBLE))
+    return " ".join(kept.split())
+
+
 def text_hash(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()
+    return hashlib.sha256(identity(text).encode("utf-8")).hexdigest()
+
+
+def dedupe(records: list[Record]) -> tuple[list[Record], int]:
+    """First occurrence of each record identity, and how many duplicates were dropped."""
+    seen, out = set(), []
+    for r in records:
+        h = text_hash(r.text)
+        if h not in seen:
+            seen.add(h)
+            out.append(r)
+    return out, len(records) - len(out)
 
 
 def fingerprint(texts) -> str:
@@ -216,6 +244,7 @@ class DataRef:
     n_train: int
     n_eval: int
     source: str
+    n_duplicates_removed: int = 0  # train-split records dropped because their identity was already there
 
 
 def prepare_data(
@@ -226,6 +255,8 @@ def prepare_data(
     """Load, fingerprint and split; the splits land in <state_dir>/data/<fingerprint>/ (content-addressed)."""
     ds = load_dataset(path, fmt, text_field, id_field, max_records, max_line_bytes)
     train, held = split(ds, eval_fraction)
+    train, n_dup = dedupe(train)  # identical identities always land on the same side of the split
+    held, _ = dedupe(held)
     if not train or not held:
         raise DataError(
             f"split left {len(train)} train and {len(held)} eval records", str(path),
@@ -236,7 +267,8 @@ def prepare_data(
     if not (train_path.exists() and eval_path.exists()):
         write_jsonl(train, train_path)
         write_jsonl(held, eval_path)
-    return DataRef(ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path))
+    return DataRef(ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path),
+                   n_dup)
 
 
 def _task():

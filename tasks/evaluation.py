@@ -58,6 +58,21 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[
     return outs, per_token
 
 
+def public_eval_split(path: str | Path, out_dir: str | Path, private_paths: list[str]) -> str:
+    """`evaluation.public_eval_path` as a held-out file the evaluators read, refused if any record of it (by
+    normalised identity) is one of `private_paths`' records or in the privacy ledger: a "public" eval set that
+    holds private records would release metrics computed on them outside the mechanism."""
+    from tasks.data import load_dataset, write_jsonl
+    from tasks.privacy import PrivacyError, count_private
+
+    ds = load_dataset(Path(path))
+    if overlap := count_private([r.text for r in ds.records], private_paths):
+        raise PrivacyError(f"{overlap} record(s) of the public evaluation data are private training/held-out records",
+                           f"evaluation.public_eval_path={path}",
+                           "use text that was never part of any training set (or unset public_eval_path)")
+    return str(write_jsonl(ds.records, Path(out_dir) / f"public-eval-{ds.fingerprint[:16]}.jsonl"))
+
+
 def evaluate_model(model_path: str, eval_path: str, prompts: list[str], max_records: int = 64, max_len: int = 128,
                    max_new_tokens: int = 32, dtype: str = "float32") -> dict:
     from tasks.model import disk_bytes, load_model
@@ -92,11 +107,19 @@ class Decision:
 def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, privacy: dict | None = None,
                    incumbent_name: str | None = None) -> Decision:
     """Pure: decide whether `candidate` may become the release candidate. Every reason is stated."""
+    from tasks.privacy import guarantee_problems
+
     reasons: list[str] = []
     ok = True
-    if policy.require_private and not (privacy and privacy.get("private")):
+    privacy = privacy or {}
+    problems = guarantee_problems(privacy)
+    if privacy.get("reproducible_insecure"):  # no policy knob loosens this: its batches and noise are predictable
         ok = False
-        reasons.append("model was trained without differential privacy")
+        reasons.append("reproducible_insecure: seeded batches/noise, never a release candidate")
+    elif policy.require_private and problems:
+        ok = False
+        reasons.append("model was trained without differential privacy" if not privacy.get(
+            "dp_sgd", privacy.get("private")) else "no privacy guarantee: " + "; ".join(problems))
     if not math.isfinite(candidate["eval_loss"]):
         return Decision(False, reasons + ["candidate eval loss is not finite"], incumbent_name)
     if incumbent is None:
@@ -127,6 +150,12 @@ def evaluate_task(model_path: str, eval_path: str, max_records: int, max_len: in
 def evaluate_candidate_task(model_path: str, eval_path: str, prompts: list[str], max_records: int, max_len: int,
                             max_new_tokens: int, dtype: str) -> dict:
     return evaluate_model(model_path, eval_path, prompts, max_records, max_len, max_new_tokens, dtype)
+
+
+@task(name="public-eval-data", persist_result=False)
+def public_eval_task(path: str, out_dir: str, private_paths: list[str]) -> str:
+    """Checked every run (no cache): the ledger grows between runs."""
+    return public_eval_split(path, out_dir, private_paths)
 
 
 def decision_dict(d: Decision) -> dict:

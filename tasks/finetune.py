@@ -5,7 +5,10 @@
     deepspeed --hostfile infra/hostfile --module tasks.finetune SPEC.json  # a GPU cluster
 
 `plan_finetune` (on the orchestrating process) resolves the privacy parameters, reserves the budget in the
-ledger and writes SPEC.json; every rank then runs `train(spec)`. See tasks/privacy.py for why this is DP.
+deployment's ledger under a fresh attempt id and writes SPEC.json; every rank then runs `train(spec)`. Rank 0 draws
+each step's Poisson sample from the OS CSPRNG and broadcasts it; each rank trains its disjoint share.
+Released per-step metrics carry epsilon only: the exact training loss and batch size are shown on the local
+console, never written to MLflow or Prefect. See tasks/privacy.py for why this is DP.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ DS_AUTO = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accum
 class FinetuneSpec:
     """Everything a rank needs; JSON on disk so any launcher can start ranks from it."""
 
-    run_id: str
+    run_id: str  # content key of the run (its directory); not the ledger's charge key
     model_path: str
     train_path: str
     output_dir: str
@@ -57,10 +60,12 @@ class FinetuneSpec:
     sample_rate: float = 0.01
     sampling: str = "poisson"
     secure_mode: bool = False
+    reproducible_insecure: bool = False  # seeded batches and noise: never a privacy guarantee
     noise_seed: int | None = None
     delta: float = 1e-5
     accountant: str = "prv"
     ghost: str = "auto"
+    attempt_id: str = ""  # the ledger's charge key for this training attempt (random, from plan_finetune)
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -105,20 +110,44 @@ def deepspeed_config(path: str | Path, micro: int, gas: int, world: int, dtype: 
 
 
 def global_batch(step: int, spec: FinetuneSpec, generator_seed: int | None):
-    """Indices of the global batch for `step` (identical on every rank)."""
+    """Indices of the global batch for `step`. `generator_seed=None`: a fresh CSPRNG Poisson sample (call on one
+    rank and share it: `shared_batch`); a seed reproduces the batches (reproducible_insecure only)."""
     import torch
 
-    gen = torch.Generator()
-    if generator_seed is None:  # secure mode: unpredictable sampling (Poisson steps are independent)
-        gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    else:
-        gen.manual_seed(generator_seed * 1_000_003 + step)
+    from tasks.privacy import poisson_sample
+
     if spec.sampling == "poisson":
-        return torch.nonzero(torch.rand(spec.n_train, generator=gen) < spec.sample_rate).flatten()
+        return poisson_sample(spec.n_train, spec.sample_rate,
+                              None if generator_seed is None else generator_seed * 1_000_003 + step)
     per_epoch = max(spec.n_train // spec.batch_size, 1)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(spec.n_train, generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch))
     return perm[k * spec.batch_size:(k + 1) * spec.batch_size]
+
+
+def shared_batch(step: int, spec: FinetuneSpec, generator_seed: int | None, world: int, group=None):
+    """The one global sample of `step`: drawn on rank 0, broadcast to every rank (gloo), so that all ranks train
+    disjoint shares of the same Poisson sample. Ranks drawing their own samples would put a record into two ranks'
+    shares of one step (sensitivity 2C) and the result would not be a Poisson sample."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return global_batch(step, spec, generator_seed)
+    rank = dist.get_rank()
+    idx = global_batch(step, spec, generator_seed) if rank == 0 else None
+    size = torch.tensor([len(idx) if idx is not None else 0], dtype=torch.long)
+    dist.broadcast(size, 0, group=group)
+    if rank != 0:
+        idx = torch.empty(int(size), dtype=torch.long)
+    if int(size):
+        dist.broadcast(idx, 0, group=group)
+    return idx
+
+
+def rank_share(idx, rank: int, world: int):
+    """This rank's disjoint part of the global sample."""
+    return idx[rank::world]
 
 
 def grad_accumulation_steps(spec: FinetuneSpec) -> int:
@@ -213,6 +242,12 @@ def train(spec: FinetuneSpec) -> dict | None:
     if world != spec.world_size:
         raise LLMOpsError(f"launched with {world} ranks but the spec says {spec.world_size}", "training.world_size",
                           "launch as many ranks as training.world_size")
+    if spec.noise_seed is not None and not spec.reproducible_insecure:
+        raise LLMOpsError("noise_seed without reproducible_insecure", "privacy.noise_seed",
+                          "remove noise_seed, or set privacy.reproducible_insecure: true (never private)")
+    import torch.distributed as dist
+
+    sample_group = dist.new_group(backend="gloo") if world > 1 else None  # CPU broadcast even when NCCL trains
     torch.manual_seed(spec.seed)
     model, tok = load_model(spec.model_path, spec.dtype)
     model = prepare_trainable(model, spec)
@@ -233,12 +268,18 @@ def train(spec: FinetuneSpec) -> dict | None:
     start, history, metrics = 0, [], []
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False, load_optimizer_states=True)
+        if client.get("attempt_id") != spec.attempt_id:
+            from tasks.privacy import PrivacyError
+
+            raise PrivacyError("checkpoint belongs to another training attempt than the one the ledger charged",
+                               str(ckpt_dir), "delete the checkpoints directory and re-run (a new attempt is charged)")
         start, history, metrics = client["step"], client["history"], client["metrics"]
         if rank == 0:
             print(f"resumed run {spec.run_id} at step {start}/{spec.steps}", flush=True)
     accountant = make_accountant(spec.accountant, history)
-    sample_seed = None if spec.secure_mode else spec.seed
+    sample_seed = spec.seed if spec.reproducible_insecure else None  # else: CSPRNG, drawn on rank 0 per step
     noise_gen = make_noise_generator(spec.secure_mode, None)
+    step_seconds = []
     clipper = PerSampleClipper(engine.module.model, spec.max_grad_norm, spec.ghost) if spec.private else None
     scale = world / spec.batch_size  # DeepSpeed averages over ranks; we want (sum of clipped grads) / E[batch]
     bar = _progress(rank, start, spec.steps)
@@ -246,8 +287,8 @@ def train(spec: FinetuneSpec) -> dict | None:
     with clipper if clipper else _null():
         for step in range(start, spec.steps):
             t0 = time.perf_counter()
-            idx = global_batch(step, spec, sample_seed)
-            chunks = [c for c in torch.tensor_split(idx[rank::world], gas)]
+            idx = shared_batch(step, spec, sample_seed, world, sample_group)
+            chunks = [c for c in torch.tensor_split(rank_share(idx, rank, world), gas)]
             loss_sum, n_samples, n_tokens = 0.0, 0, 0
             for k, chunk in enumerate(chunks):
                 weight = torch.ones(len(chunk)) if len(chunk) else torch.zeros(1)
@@ -263,7 +304,7 @@ def train(spec: FinetuneSpec) -> dict | None:
                 else:
                     loss = (weight * losses.float()).sum() * scale + gate
                 if clipper and rank == 0 and k == len(chunks) - 1 and spec.noise_multiplier > 0:
-                    if spec.noise_seed is not None:  # tests only: per-step seeds make resumed == uninterrupted
+                    if spec.noise_seed is not None:  # reproducible_insecure: resumed == uninterrupted
                         noise_gen.manual_seed(spec.noise_seed * 1_000_003 + step)
                     noise = gaussian_noise(params, spec.noise_multiplier * spec.max_grad_norm, noise_gen,
                                            spec.secure_mode)
@@ -277,14 +318,15 @@ def train(spec: FinetuneSpec) -> dict | None:
                 accountant.step(noise_multiplier=spec.noise_multiplier, sample_rate=spec.sample_rate)
             history = [list(h) for h in accountant.history]
             m = _step_metrics(step, loss_sum, n_samples, n_tokens, world, time.perf_counter() - t0, spec, history)
-            metrics.append(m)
-            _update_bar(bar, m)
+            _update_bar(bar, m)  # exact loss/batch: local console only
+            metrics.append({"step": m["step"], "epsilon": m["epsilon"]})  # what may leave the machine
+            step_seconds.append(m["seconds"])
             if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
-                _checkpoint(engine, ckpt_dir, step + 1, history, metrics)
+                _checkpoint(engine, ckpt_dir, step + 1, history, metrics, spec.attempt_id)
     if bar is not None:
         bar.close()
-    if rank == 0:
-        return _save_outputs(engine, tok, spec, history, metrics)
+    if rank == 0:  # step_seconds: in memory for benchmarks, never persisted (step time tracks batch size)
+        return _save_outputs(engine, tok, spec, history, metrics) | {"step_seconds": step_seconds}
     return None
 
 
@@ -302,9 +344,10 @@ def _step_metrics(step, loss_sum, n_samples, n_tokens, world, seconds, spec, his
             "tokens_per_s": float(t[2] / seconds), "seconds": round(seconds, 3), "epsilon": eps}
 
 
-def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics) -> None:
+def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", exclude_frozen_parameters=True,
-                           client_state={"step": step, "history": history, "metrics": metrics})
+                           client_state={"step": step, "history": history, "metrics": metrics,
+                                         "attempt_id": attempt_id})
     if engine.global_rank == 0:
         for old in ckpt_dir.glob("step*"):
             if old.name != f"step{step}":
@@ -312,7 +355,7 @@ def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics) -> None:
 
 
 def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics) -> dict:
-    from tasks.privacy import epsilon_of
+    from tasks.privacy import epsilon_of, guarantee_problems
 
     out = Path(spec.output_dir)
     tmp = out / "model.tmp"
@@ -325,13 +368,17 @@ def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics) -> dict:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     privacy = {
-        "private": spec.private, "epsilon": epsilon_of(history, spec.delta, spec.accountant) if spec.private else None,
+        "dp_sgd": spec.private, "epsilon": epsilon_of(history, spec.delta, spec.accountant) if spec.private else None,
         "delta": spec.delta, "noise_multiplier": spec.noise_multiplier if spec.private else 0.0,
         "max_grad_norm": spec.max_grad_norm, "sample_rate": spec.sample_rate, "steps": spec.steps,
         "expected_batch_size": spec.batch_size, "n_train": spec.n_train, "accountant": spec.accountant,
-        "sampling": spec.sampling, "secure_mode": spec.secure_mode, "history": history,
-        "dataset_fingerprint": spec.fingerprint, "world_size": spec.world_size, "method": spec.method,
+        "sampling": spec.sampling, "sampling_rng": "seeded" if spec.reproducible_insecure else "os.urandom",
+        "secure_mode": spec.secure_mode, "reproducible_insecure": spec.reproducible_insecure,
+        "noise_seed": spec.noise_seed, "history": history, "dataset_fingerprint": spec.fingerprint,
+        "world_size": spec.world_size, "method": spec.method, "attempt_id": spec.attempt_id,
     }
+    privacy["not_private_because"] = guarantee_problems(privacy)
+    privacy["private"] = not privacy["not_private_because"]  # a guarantee holds, not merely "DP-SGD ran"
     (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2))
     shutil.rmtree(out / "model", ignore_errors=True)
     tmp.rename(out / "model")
@@ -351,7 +398,8 @@ def _progress(rank: int, start: int, total: int):
 def _update_bar(bar, m: dict) -> None:
     if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", eps=f"{m['epsilon']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", batch=m["batch"], eps=f"{m['epsilon']:.2f}",
+                        tok_s=f"{m['tokens_per_s']:.0f}")
 
 
 def _has_cuda() -> bool:
@@ -390,11 +438,22 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------ orchestration side
 
 
+def privacy_budget(cfg) -> float:
+    """The per-record budget in force: the governance file's, lowered (never raised) by the run config."""
+    from llmops.governance import load_governance
+
+    governed = load_governance().privacy.dataset_budget_epsilon
+    asked = cfg.privacy.dataset_budget_epsilon
+    return governed if asked is None else min(governed, asked)
+
+
 def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
-    """Resolve sigma/delta/steps, pick the run dir, reserve the privacy budget. Returns (spec, cumulative eps)."""
+    """Resolve sigma/delta/steps, pick the run dir, reserve the privacy budget for this attempt in the deployment's
+    ledger. Returns (spec, cumulative eps). A run dir whose intact checkpoint (or finished model) belongs to an
+    attempt the ledger knows continues that attempt; anything else is a new attempt, charged in full."""
     import hashlib
 
-    from tasks.privacy import PrivacyLedger, epsilon_of, noise_for_target
+    from tasks.privacy import new_attempt_id, noise_for_target, open_ledger
 
     p, t = cfg.privacy, cfg.training
     n = int(data["n_train"])
@@ -424,17 +483,48 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
         learning_rate=t.learning_rate, optimizer=t.optimizer, steps=steps, seed=t.seed, deepspeed_config=str(t.deepspeed_config),
         checkpoint_every=t.checkpoint_every, world_size=t.world_size, private=p.enabled, noise_multiplier=sigma,
         max_grad_norm=p.max_grad_norm, sample_rate=q, sampling=p.sampling, secure_mode=p.secure_mode,
-        noise_seed=p.noise_seed, delta=delta, accountant=p.accountant,
+        noise_seed=p.noise_seed, delta=delta, accountant=p.accountant, reproducible_insecure=p.reproducible_insecure,
     )
     cumulative = math.inf
     if p.enabled:
-        ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
-        cumulative = ledger.reserve(run_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
-                                    p.dataset_budget_epsilon, records=training_record_hashes(data))
-        assert epsilon_of([[sigma, q, steps]], delta, p.accountant) <= p.dataset_budget_epsilon + 1e-9
+        ledger = open_ledger()
+        spec.attempt_id = _continuing_attempt(out, ledger) or new_attempt_id()
+        cumulative = ledger.reserve(spec.attempt_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
+                                    privacy_budget(cfg), records=training_record_hashes(data), run_key=run_id)
+    else:  # nothing to charge: a non-private run is never a candidate (guarantee_problems)
+        spec.attempt_id = _spec_attempt(out) or new_attempt_id()
+    if not (out / "spec.json").is_file() or _spec_attempt(out) != spec.attempt_id:
+        for stale in ("checkpoints", "model"):  # another attempt's state: never resumed or reused by this one
+            shutil.rmtree(out / stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     spec.save(out / "spec.json")
     return spec, cumulative
+
+
+def _spec_attempt(out: Path) -> str | None:
+    try:
+        return json.loads((out / "spec.json").read_text()).get("attempt_id") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _continuing_attempt(out: Path, ledger) -> str | None:
+    """The attempt id to continue in `out`, if its state is intact and the ledger charged that attempt: an unfinished
+    attempt with a checkpoint (resume) or a finished one whose model is there (reuse, nothing is trained)."""
+    attempt = _spec_attempt(out)
+    entry = ledger.entry(attempt) if attempt else None
+    if entry is None:
+        return None
+    latest = out / "checkpoints" / "latest"
+    if entry.status == "reserved" and latest.is_file() and (out / "checkpoints" / latest.read_text().strip()).is_dir():
+        return attempt
+    done = out / "model" / "privacy.json"
+    if entry.status == "completed" and done.is_file():
+        try:
+            return attempt if json.loads(done.read_text()).get("attempt_id") == attempt else None
+        except ValueError:
+            return None
+    return None
 
 
 def training_record_hashes(data: dict) -> list[str]:
@@ -480,12 +570,12 @@ def rank_env() -> dict:
 
 
 def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict) -> float:
-    from tasks.privacy import PrivacyLedger
+    from tasks.privacy import open_ledger
 
     if not spec.private:
         return math.inf
-    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
-    ledger.finish(spec.run_id, privacy["history"])
+    ledger = open_ledger()
+    ledger.finish(spec.attempt_id, privacy["history"])
     return ledger.spent(spec.fingerprint, spec.delta, spec.accountant)
 
 
@@ -493,8 +583,11 @@ def finetune(cfg, data: dict, model: dict) -> dict:
     """Plan (ledger reservation) → launch ranks → settle the ledger. Returns paths, privacy and metrics."""
     spec, planned = plan_finetune(cfg, data, model)
     result = launch(spec)
+    result.pop("step_seconds", None)
     result["cumulative_epsilon"] = finish_ledger(cfg, spec, result["privacy"])
+    result["budget"] = privacy_budget(cfg)
     result["run_id"] = spec.run_id
+    result["attempt_id"] = spec.attempt_id
     return result
 
 

@@ -1,4 +1,4 @@
-"""DP-SGD pieces that work inside a DeepSpeed engine, plus the per-dataset privacy ledger.
+"""DP-SGD pieces that work inside a DeepSpeed engine, plus the deployment's privacy ledger.
 
 Opacus has no DeepSpeed support, so we keep Opacus for what is engine-independent (accountants, noise
 calibration, secure noise generation) and do per-sample clipping ourselves, in a way DeepSpeed never sees:
@@ -14,12 +14,23 @@ calibration, secure noise generation) and do per-sample clipping ourselves, in a
 5. Gaussian noise N(0, sigma^2 C^2) enters once per coordinate per step: only rank 0 adds the linear term
    <z, theta> to its last micro-batch surrogate, so the reduction carries z exactly once.
 The accountant sees the *global* sample rate q = expected global batch / n_train.
+
+The epsilon we report must hold against an informed adversary: one who reads the model card, the MLflow params and
+the Prefect API, controls a run's config and can re-run, delete run directories or edit records. So:
+- the Poisson sample is drawn from the OS CSPRNG (`poisson_sample`), once per step, on rank 0, and shared by
+  broadcast; a public seed (`training.seed`, `privacy.noise_seed`) is used only under
+  `privacy.reproducible_insecure`, which `guarantee_problems` turns into "not private";
+- the ledger (`PrivacyLedger`) lives where governance says, reserves under `BEGIN IMMEDIATE` (check and write in one
+  locked transaction) and charges every *attempt*, keyed by a random attempt id, not by a run directory;
+- a record is identified by its normalised text (tasks/data.py `identity`), so an invisible edit is the same record;
+- trainable parameters shared between hooked layers are refused (their per-layer norms would under-count).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -88,6 +99,13 @@ def dp_linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
                 f"trainable {type(mod).__name__} '{name}' has no per-sample gradient rule", "training.method",
                 "train with LoRA or freeze that module (full fine-tuning trains Linear layers only)",
             )
+        if shared := [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad and id(p) in covered]:
+            # the norm is summed per layer: a weight used by two layers would have its two gradient parts
+            # measured separately, under-estimating the per-sample norm (and so the sensitivity)
+            raise PrivacyError(
+                f"trainable parameter '{name}.{shared[0]}' is shared with another layer; per-sample norms would be "
+                "under-estimated", "training.method",
+                "untie the weights, freeze the shared parameter, or train with LoRA (adapters are never shared)")
         layers.append((name, mod))
         covered.update(id(p) for p in params)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
@@ -201,6 +219,43 @@ class PerSampleClipper:
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+def poisson_sample(n: int, q: float, seed: int | None = None) -> torch.Tensor:
+    """Indices of a Poisson sample: each of n records independently with probability <= q.
+
+    Without a seed every draw comes from os.urandom (64 bits per record, threshold floor(q * 2^64), so the real
+    inclusion probability never exceeds the q the accountant uses). A seed is for `reproducible_insecure` only:
+    anyone who knows it knows every batch, and then subsampling amplifies nothing.
+    """
+    import numpy as np
+
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
+    threshold = math.floor(q * 2 ** 64) if q < 1 else 2 ** 64
+    draws = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    keep = np.ones(n, dtype=bool) if threshold >= 2 ** 64 else draws < np.uint64(threshold)
+    return torch.from_numpy(np.flatnonzero(keep).astype(np.int64))
+
+
+def guarantee_problems(privacy: dict) -> list[str]:
+    """Why a run's (epsilon, delta) is *not* a differential-privacy guarantee (empty = it is). Pure; the trainer,
+    the gate and the registry all ask this one function."""
+    problems = []
+    if not privacy.get("dp_sgd", privacy.get("private")):
+        problems.append("trained without DP-SGD (privacy.enabled=false)")
+        return problems
+    if not privacy.get("noise_multiplier"):
+        problems.append("noise_multiplier is 0: no noise, no privacy")
+    eps = privacy.get("epsilon")
+    if eps is None or not math.isfinite(float(eps)):
+        problems.append("epsilon is infinite")
+    if privacy.get("sampling", "poisson") != "poisson":
+        problems.append(f"sampling '{privacy.get('sampling')}' is not the Poisson sampling the accountant assumes")
+    if privacy.get("reproducible_insecure"):
+        problems.append("reproducible_insecure: batches and noise follow a known seed, so epsilon does not hold")
+    return problems
+
+
 def make_noise_generator(secure_mode: bool, seed: int | None) -> torch.Generator | None:
     """Seeded noise is for tests only (predictable noise is no privacy); secure mode never takes a seed."""
     if secure_mode:
@@ -224,7 +279,7 @@ def gaussian_noise(params: list[torch.Tensor], std: float, generator, secure_mod
 
 @dataclass
 class LedgerEntry:
-    run_id: str
+    run_id: str  # the attempt id (one per training attempt)
     fingerprint: str
     status: str
     delta: float
@@ -232,56 +287,118 @@ class LedgerEntry:
     history: list
     epsilon: float
     created: float
+    run_key: str = ""  # the run's content key (its directory name): several attempts may share it
+
+
+def new_attempt_id() -> str:
+    """A fresh, unguessable id per training attempt: the ledger's charge key (never derived from the run config)."""
+    return secrets.token_hex(12)
+
+
+def open_ledger(location: str | None = None) -> "PrivacyLedger":
+    """The deployment's ledger, where governance puts it (`privacy.ledger`), never in a run's state dir.
+
+    A requester who can change the run config or LLMOPS_HOME must not get a fresh, empty ledger that way.
+    """
+    if location is None:
+        from llmops.governance import load_governance
+
+        location = load_governance().ledger
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        raise PrivacyError(f"privacy ledger '{scheme}://...' is not yet supported (SQLite only)",
+                           "governance file: privacy.ledger",
+                           "use an SQLite path on the machine that runs training until team mode adds Postgres")
+    return PrivacyLedger(location)
+
+
+def count_private(texts, private_paths=()) -> int:
+    """How many of `texts` are private records, by normalised identity: records of `private_paths` (this run's
+    train/held-out splits) or records any attempt in the deployment's ledger trained on. Text that reaches a model
+    outside DP-SGD (distillation, a "public" eval set) must count zero."""
+    from tasks.data import read_texts, text_hash
+
+    hashes = {text_hash(t) for t in texts}
+    private = {text_hash(t) for p in private_paths for t in read_texts(Path(p))}
+    return len(hashes & private) + open_ledger().known(hashes - private)
 
 
 class PrivacyLedger:
-    """Durable composition of privacy loss per *record*, across datasets (SQLite in the state dir).
+    """Durable composition of privacy loss per *record*, across datasets and runs (SQLite, owned by governance).
 
-    Every run is recorded with its dataset fingerprint and (sigma, q, steps) history; the dataset's training
-    records are recorded by content hash. A record's epsilon composes the histories of every run whose dataset
-    contained it, whatever that dataset was called: retraining on a grown, shrunk or edited copy of the data keeps
-    paying for the records it shares with earlier runs. A dataset's spent epsilon is the worst over its records;
-    the budget is enforced per record (`dataset_budget_epsilon` caps what any one record can lose).
+    Every training *attempt* is recorded with its dataset fingerprint and (sigma, q, steps) history; the dataset's
+    training records are recorded by normalised content hash. A record's epsilon composes the histories of every
+    attempt whose dataset contained it, whatever that dataset was called: retraining on a grown, shrunk or edited copy
+    of the data keeps paying for the records it shares with earlier runs. A dataset's spent epsilon is the worst over
+    its records; the budget is enforced per record (`dataset_budget_epsilon` caps what any one record can lose).
 
-    A run *reserves* its full planned history before training starts, so a killed run is charged conservatively; a
-    resumed run reuses its entry (never charged twice); on completion the entry is set to the steps actually taken.
-    Runs recorded without record hashes count for every record of their dataset fingerprint.
+    An attempt *reserves* its full planned history before training starts, so a killed attempt is charged in full.
+    The key is a random attempt id: deleting a run directory and running again is a new attempt, charged again; only
+    a resume from an intact checkpoint of the same attempt reuses that attempt's charge. `reserve` checks and writes
+    in one transaction opened with `BEGIN IMMEDIATE` (the write lock is taken before the first read), so of
+    concurrent reservations that together exceed the budget exactly the ones that fit pass.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
+        with self._tx() as db:
             db.execute("""CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
                 status TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, history TEXT NOT NULL,
-                epsilon REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL)""")
+                epsilon REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, run_key TEXT NOT NULL DEFAULT '')""")
             db.execute("""CREATE TABLE IF NOT EXISTS members (fingerprint TEXT NOT NULL, record TEXT NOT NULL,
                 PRIMARY KEY (fingerprint, record)) WITHOUT ROWID""")
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
+            if "run_key" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:  # a ledger from before attempts
+                db.execute("ALTER TABLE runs ADD COLUMN run_key TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
-    def _db(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level="IMMEDIATE")
+    def _tx(self):
+        """One transaction holding SQLite's write lock from its first statement (reads included)."""
+        db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
         try:
-            with db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         finally:
             db.close()
 
+
     def entries(self, fingerprint: str) -> list[LedgerEntry]:
-        with self._db() as db:
-            rows = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created "
-                              "FROM runs WHERE fingerprint=? ORDER BY created", (fingerprint,)).fetchall()
-        return [LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+        with self._tx() as db:
+            rows = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
+                              "run_key FROM runs WHERE fingerprint=? ORDER BY created", (fingerprint,)).fetchall()
+        return [LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8]) for r in rows]
+
+    def entry(self, attempt_id: str) -> LedgerEntry | None:
+        with self._tx() as db:
+            r = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
+                           "run_key FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+        return LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8]) if r else None
 
     def records(self, fingerprint: str) -> list[str]:
-        with self._db() as db:
+        with self._tx() as db:
             return [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
+
+    def known(self, records) -> int:
+        """How many of `records` (normalised content hashes) any recorded attempt trained on."""
+        with self._tx() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS probe (record TEXT PRIMARY KEY) WITHOUT ROWID")
+            db.execute("DELETE FROM probe")
+            db.executemany("INSERT OR IGNORE INTO probe VALUES (?)", ((r,) for r in records))
+            n = db.execute("SELECT COUNT(DISTINCT p.record) FROM probe p JOIN members m ON m.record = p.record"
+                           ).fetchone()[0]
+            db.execute("DELETE FROM probe")
+        return int(n)
 
     def _signatures(self, db, fingerprint: str, records: list[str] | None,
                     exclude: str | None) -> tuple[set[frozenset], dict[str, list]]:
-        """The distinct sets of prior runs that trained on the dataset's records (one set per group of records that
-        share a history), and every prior run's history."""
+        """The distinct sets of prior attempts that trained on the dataset's records (one set per group of records
+        that share a history), and every prior attempt's history."""
         histories = {r[0]: (r[1], json.loads(r[2])) for r in db.execute("SELECT run_id, fingerprint, history FROM runs")
                      if r[0] != exclude}
         same = frozenset(rid for rid, (fp, _) in histories.items() if fp == fingerprint)
@@ -304,7 +421,7 @@ class PrivacyLedger:
 
     def _worst(self, groups: set[frozenset], histories: dict[str, list], extra: list, delta: float,
                kind: str) -> tuple[float, int]:
-        """(worst record epsilon, how many prior runs that record was in)."""
+        """(worst record epsilon, how many prior attempts that record was in)."""
         worst, n_runs = 0.0, 0
         for sig in groups:
             history = [h for rid in sorted(sig) for h in histories.get(rid, [])] + list(extra)
@@ -314,10 +431,10 @@ class PrivacyLedger:
         return worst, n_runs
 
     def summary(self) -> list[dict]:
-        """One row per dataset fingerprint: runs, recorded training records, worst-record epsilon (at the delta and
-        accountant of its latest run)."""
+        """One row per dataset fingerprint: attempts, recorded training records, worst-record epsilon (at the delta
+        and accountant of its latest attempt)."""
         out = []
-        with self._db() as db:
+        with self._tx() as db:
             runs = db.execute("SELECT fingerprint, run_id, status, delta, accountant, created FROM runs "
                               "ORDER BY created").fetchall()
             counts = dict(db.execute("SELECT fingerprint, COUNT(*) FROM members GROUP BY fingerprint").fetchall())
@@ -337,39 +454,53 @@ class PrivacyLedger:
         return self._worst(groups, histories, [], delta, kind)[0]
 
     def spent(self, fingerprint: str, delta: float, kind: str = "prv", exclude: str | None = None) -> float:
-        """Worst epsilon over the records of `fingerprint`, composing every run that trained on each record."""
-        with self._db() as db:
+        """Worst epsilon over the records of `fingerprint`, composing every attempt that trained on each record."""
+        with self._tx() as db:
             return self._spent(db, fingerprint, delta, kind, exclude)
 
-    def reserve(self, run_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float,
-                records: list[str] | None = None) -> float:
-        """Record a planned run on `records` (content hashes of its training records); refuse, before any
-        training and leaving nothing behind, if any record's composed epsilon would exceed the budget."""
-        with self._db() as db:
-            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+    def reserve(self, attempt_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float,
+                records: list[str] | None = None, run_key: str = "") -> float:
+        """Record a planned attempt on `records` (normalised content hashes of its training records); refuse,
+        before any training and leaving nothing behind, if any record's composed epsilon would exceed the budget.
+        Reserving the same attempt id again (a resume) charges nothing new."""
+        if not all(h[0] > 0 for h in history):
+            raise PrivacyError("a run without noise (noise_multiplier=0) has epsilon = inf and cannot be charged "
+                               "as private", "privacy.noise_multiplier",
+                               "set privacy.noise_multiplier > 0 (or target_epsilon), or privacy.enabled: false for "
+                               "a non-private comparison run")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (attempt_id,)).fetchone():
                 return self._spent(db, fingerprint, delta, kind)
             groups, histories = self._signatures(db, fingerprint, records, None)
             before, _ = self._worst(groups, histories, [], delta, kind)
             after, n_prior = self._worst(groups or {frozenset()}, histories, list(history), delta, kind)
-            if after > budget + 1e-9:
+            if not math.isfinite(budget) or not after <= budget + 1e-9:
                 shared = "" if not records else " (records shared with earlier runs count, whatever their dataset)"
                 raise PrivacyError(
                     f"this run would bring records of dataset {fingerprint[:12]} to epsilon={after:.2f} "
                     f"(already spent {before:.2f} over {n_prior} run(s){shared}; budget {budget:.2f})",
                     "privacy.dataset_budget_epsilon",
-                    "lower privacy.target_epsilon / train fewer steps, or raise the budget if policy allows",
+                    "lower privacy.target_epsilon / train fewer steps; the budget is the governance file's "
+                    "privacy.dataset_budget_epsilon (a run config can only lower it)",
                 )
             now = time.time()
-            db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)", (run_id, fingerprint, "reserved", delta, kind,
-                       json.dumps(history), epsilon_of(history, delta, kind), now, now))
+            db.execute("INSERT INTO runs (run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
+                       "updated, run_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (attempt_id, fingerprint, "reserved", delta, kind, json.dumps(history),
+                        epsilon_of(history, delta, kind), now, now, run_key))
             if records:
                 db.executemany("INSERT OR IGNORE INTO members VALUES (?,?)", ((fingerprint, r) for r in records))
         return after
 
-    def finish(self, run_id: str, history: list, status: str = "completed") -> None:
-        with self._db() as db:
-            row = db.execute("SELECT delta, accountant FROM runs WHERE run_id=?", (run_id,)).fetchone()
+    def finish(self, attempt_id: str, history: list, status: str = "completed") -> None:
+        """Settle an attempt at what it actually did (never more than it reserved)."""
+        with self._tx() as db:
+            row = db.execute("SELECT delta, accountant, history FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
             if row is None:
-                raise PrivacyError(f"run {run_id} was never reserved", str(self.path), "reserve before training")
+                raise PrivacyError(f"attempt {attempt_id} was never reserved", str(self.path), "reserve before training")
+            reserved = json.loads(row[2])
+            if epsilon_of(history, row[0], row[1]) > epsilon_of(reserved, row[0], row[1]) + 1e-9:
+                raise PrivacyError(f"attempt {attempt_id} did more than it reserved", str(self.path),
+                                   "re-plan the run (its reservation is kept)")
             db.execute("UPDATE runs SET status=?, history=?, epsilon=?, updated=? WHERE run_id=?",
-                       (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), run_id))
+                       (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), attempt_id))

@@ -31,6 +31,7 @@ import errno
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -64,6 +65,15 @@ def check_evidence(version_tags: dict) -> list[str]:
         problems.append(f"evaluation gate: {version_tags.get('llmops.gate', 'missing')}")
     if version_tags.get("llmops.dp.private") != "True":
         problems.append("model was not trained with differential privacy")
+    if version_tags.get("llmops.dp.reproducible_insecure") == "True":
+        problems.append("model was trained with privacy.reproducible_insecure (seeded batches/noise): never promotable")
+    if version_tags.get("llmops.dp.sampling", "poisson") != "poisson":
+        problems.append(f"sampling '{version_tags['llmops.dp.sampling']}' is not Poisson: epsilon does not hold")
+    try:
+        if not math.isfinite(float(version_tags.get("llmops.dp.epsilon", "inf"))):
+            problems.append("privacy epsilon is infinite (or missing)")
+    except ValueError:
+        problems.append(f"privacy epsilon tag is not a number: {version_tags.get('llmops.dp.epsilon')!r}")
     try:
         spent = float(version_tags["llmops.dp.epsilon_cumulative"])
         budget = float(version_tags["llmops.dp.budget"])

@@ -206,7 +206,9 @@ def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: lis
         retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]]))
     ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
     for m in step_metrics:
-        for k in ("loss", "epsilon", "tokens_per_s", "batch"):
+        # Only epsilon per step: the exact training loss, batch size and throughput are computed from the sampled
+        # training records outside the mechanism (batch size reveals the Poisson sample's size), so they stay local.
+        for k in ("epsilon",):
             if k in m and m[k] is not None and m[k] == m[k] and abs(float(m[k])) != float("inf"):
                 ms.append(Metric(f"train.{k}", float(m[k]), now, int(m["step"])))
     for i in range(0, len(ms), 500):
@@ -224,19 +226,31 @@ def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: lis
 
 
 def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, cumulative_epsilon: float | None,
-               budget: float, evaluation: dict, decision: dict, validation: dict | None, config_yaml: str) -> str:
+               budget: float, evaluation: dict, decision: dict, validation: dict | None, config_yaml: str,
+               public_eval: str | None = None) -> str:
+    from tasks.privacy import guarantee_problems
+
     p = privacy
-    eps = f"{p['epsilon']:.3f}" if p.get("private") and p.get("epsilon") is not None else "∞ (not private)"
+    problems = guarantee_problems(p)
+    eps = f"{p['epsilon']:.3f}" if not problems else "∞ (not private)"
     rows = "\n".join(f"| {k} | {evaluation[k]:.4g} |" for k in
                      ("eval_loss", "perplexity", "latency_ms_per_token_p50", "size_bytes", "params")
                      if isinstance(evaluation.get(k), (int, float)))
+    eval_label = (f"public data `{public_eval}`, none of it training data" if public_eval else
+                  "held-out private records: NOT covered by ε — these metrics are computed on records that were not "
+                  "trained on, outside the DP mechanism; set evaluation.public_eval_path to gate on public data")
     gens = "\n".join(f"- *{g['prompt']}* → {g['completion'][:160]!r}" for g in evaluation.get("generations", []))
     val = (f"{'passed' if validation.get('passed') else 'FAILED'}; PII: " +
            ", ".join(f"{k}={v.get('count', 0)} ({v.get('policy')})" for k, v in validation.get("pii", {}).items())
            if validation else "not run")
-    sampling_note = ("" if p.get("sampling") == "poisson" else
-                     "\n- Batches were shuffled, not Poisson-sampled: the accountant's amplification assumes Poisson "
-                     "sampling, so epsilon is an approximation (as in Opacus' default loaders).")
+    not_private = ("" if not problems else "\n\n**NOT PRIVATE** — no differential-privacy guarantee holds for this "
+                   "model: " + "; ".join(problems) + ". It can never pass the gate or be promoted.")
+    sampling_note = ("\n- Batches: Poisson sampling from the OS CSPRNG, one global sample per step shared by all "
+                     "ranks (training.seed does not determine them)." if p.get("sampling") == "poisson"
+                     and not p.get("reproducible_insecure") else "")
+    if p.get("reproducible_insecure"):
+        sampling_note = (f"\n- reproducible_insecure: batches from training.seed and noise from noise_seed="
+                         f"{p.get('noise_seed')}; anyone who knows them knows every batch.")
     fp_note = "" if p.get("secure_mode") else (
         "\n- Noise came from PyTorch's standard generator (secure_mode off): floating-point attacks on the Gaussian "
         "sampler are not defended against.")
@@ -251,10 +265,11 @@ Text generation in the style of the fine-tuning data. Research/demo quality; not
 
 ## Data
 - Fingerprint `{data.get('fingerprint')}` ({data.get('n_records')} records: {data.get('n_train')} train /
-  {data.get('n_eval')} held out by content hash), source `{data.get('source')}`.
+  {data.get('n_eval')} held out by content hash), source `{data.get('source')}`; {data.get('n_duplicates_removed', 0)}
+  duplicate train records (same normalised text) removed before training.
 - Validation: {val}.
 
-## Privacy guarantee
+## Privacy guarantee{not_private}
 - (ε, δ) = ({eps}, {p.get('delta'):.3g}) for this run, record-level, {p.get('accountant', '?').upper()} accountant.
 - Noise multiplier σ = {p.get('noise_multiplier', 0):.4f}, clipping bound C = {p.get('max_grad_norm')},
   sample rate q = {p.get('sample_rate', 0):.5f}, steps = {p.get('steps')}, expected batch {p.get('expected_batch_size')}.
@@ -265,8 +280,9 @@ Text generation in the style of the fine-tuning data. Research/demo quality; not
 - It protects individual *records* of the training set; a person appearing in many records is protected less.
 - It covers the training steps only; pruning/weight quantization are post-processing (free); anything else that read
   the private data afterwards would have to be charged to the same budget.{sampling_note}{fp_note}
+- Exact per-step training loss and batch sizes are not released (they are computed outside the mechanism).
 
-## Evaluation (held-out split)
+## Evaluation ({eval_label})
 | metric | value |
 |---|---|
 {rows}
@@ -308,9 +324,14 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
     config_yaml = yaml.safe_dump(cfg_json, sort_keys=False)
     params = flatten("", cfg_json)
     params.update({f"dp.{k}": str(privacy.get(k)) for k in
-                   ("noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "accountant", "sampling")})
+                   ("noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "accountant", "sampling",
+                    "reproducible_insecure")})
+    from tasks.privacy import guarantee_problems
+
+    private = not guarantee_problems(privacy)
+    budget = tuned.get("budget", cfg.privacy.dataset_budget_epsilon)
     metrics = {f"eval.{k}": v for k, v in evaluation.items() if isinstance(v, (int, float)) and v is not None}
-    if privacy.get("private"):
+    if private:
         metrics["privacy.epsilon"] = privacy["epsilon"]
         metrics["privacy.epsilon_cumulative"] = tuned.get("cumulative_epsilon")
     for row in (compression or {}).get("variants", []):
@@ -321,11 +342,14 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
         "llmops.data_fingerprint": data["fingerprint"],
         "llmops.source_fingerprint": data.get("source_fingerprint", data["fingerprint"]),
         "llmops.base_model_digest": base_model["digest"],
-        "llmops.dp.private": str(privacy.get("private")),
-        "llmops.dp.epsilon": f"{privacy['epsilon']:.6g}" if privacy.get("private") else "inf",
+        "llmops.dp.private": str(private),
+        "llmops.dp.epsilon": f"{privacy['epsilon']:.6g}" if private else "inf",
         "llmops.dp.delta": f"{privacy.get('delta'):.3g}",
-        "llmops.dp.epsilon_cumulative": f"{tuned.get('cumulative_epsilon'):.6g}" if privacy.get("private") else "inf",
-        "llmops.dp.budget": str(cfg.privacy.dataset_budget_epsilon),
+        "llmops.dp.epsilon_cumulative": f"{tuned.get('cumulative_epsilon'):.6g}" if private else "inf",
+        "llmops.dp.budget": str(budget),
+        "llmops.dp.sampling": str(privacy.get("sampling")),
+        "llmops.dp.reproducible_insecure": str(bool(privacy.get("reproducible_insecure"))),
+        "llmops.dp.attempt_id": str(tuned.get("attempt_id", "")),
         "llmops.validation": ("passed" if validation.get("passed") else "failed") if validation else "not-run",
         "llmops.pii": json.dumps({k: v.get("count", 0) for k, v in (validation or {}).get("pii", {}).items()}),
         "llmops.gate": decision["summary"][:4000],
@@ -337,8 +361,9 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
     }
     card = model_card(model_name=cfg.registry.model_name, base_model=f"{cfg.model.source} {base_model['digest'][:12]}",
                       data=data, privacy=privacy, cumulative_epsilon=tuned.get("cumulative_epsilon"),
-                      budget=cfg.privacy.dataset_budget_epsilon, evaluation=evaluation, decision=decision,
-                      validation=validation, config_yaml=config_yaml)
+                      budget=budget, evaluation=evaluation, decision=decision,
+                      validation=validation, config_yaml=config_yaml,
+                      public_eval=str(cfg.evaluation.public_eval_path) if cfg.evaluation.public_eval_path else None)
     model_dir = tuned["model_path"]
     artifacts = {"privacy": str(Path(model_dir) / "privacy.json")}
     if validation:

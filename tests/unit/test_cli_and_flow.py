@@ -63,7 +63,7 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     import time
 
     from flows.training import training_flow
-    from tasks.privacy import PrivacyLedger
+    from tasks.privacy import open_ledger
 
     t0 = time.perf_counter()
     first = training_flow(config=tiny_config)
@@ -73,7 +73,7 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     assert second["finetune"]["run_id"] == first["finetune"]["run_id"]
     assert second["eval"] == first["eval"]
     assert (t2 - t1) < 0.7 * (t1 - t0)
-    ledger = PrivacyLedger(Path(tiny_config.state_dir) / "privacy_ledger.sqlite")
+    ledger = open_ledger()  # the deployment's (governance) ledger, not the state dir's
     assert len(ledger.entries(first["data"]["fingerprint"])) == 1
     # editing one record's bytes changes the cache key: the data step recomputes and the fingerprint moves
     path = Path(tiny_config.data.path)
@@ -135,7 +135,9 @@ def test_cli_ledger_shows_worst_record_epsilon(tmp_path):
     assert r.returncode == 0 and "no privacy ledger yet" in r.stdout
     delta, q, steps = 1e-5, 0.05, 50
     run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
-    ledger = PrivacyLedger(tmp_path / "privacy_ledger.sqlite")
+    from llmops.governance import load_governance
+
+    ledger = PrivacyLedger(load_governance().ledger)  # LLMOPS_GOVERNANCE is inherited by the CLI process
     ledger.reserve("a", "f" * 64, run, delta, "prv", 10.0, records=["x", "y"])
     ledger.reserve("b", "e" * 64, run, delta, "prv", 10.0, records=["y", "z", "w"])  # shares record y
     r = llmops("ledger", "--json", env=env)

@@ -161,15 +161,15 @@ def test_distillation_loss_is_zero_for_identical_logits_and_student_learns(model
 
 def test_distilling_on_the_private_set_is_refused_before_any_work(tiny, tmp_path):
     ref, data = tiny
-    private = data.fingerprint
+    private = [data.train_path, data.eval_path]
     shakespeare = ROOT / "data/sample/shakespeare.jsonl"
     with pytest.raises(PrivacyError, match="private training set.*public text"):
-        c.check_public(shakespeare, _fp(shakespeare))
-    assert c.check_public(PUBLIC, private) != private  # public text passes
+        c.check_public(shakespeare, private)
+    assert c.check_public(PUBLIC, private) == _fp(PUBLIC)  # public text passes
     cfg = Cfg(enabled=True, distill=True, distill_data=shakespeare, quantize="int8_dynamic")
     out = tmp_path / "out"
     with pytest.raises(PrivacyError):
-        c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, _fp(shakespeare))
+        c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, private)
     assert not out.exists()  # refused up front: nothing was built, not even the int8 variant
 
 
@@ -273,7 +273,7 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
               min_speedup=1000.0,  # unreachable: every variant must be rejected, and say why
               distill_steps=2, distill_batch_size=2, bench_rounds=3, max_eval_records=8, bench_threads=1)
     out = tmp_path / "compressed"
-    res = c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, data.fingerprint)
+    res = c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, [data.train_path, data.eval_path])
     names = [v["name"] for v in res["variants"]]
     assert names == ["pruned-mlp-channels", "int8-weight-only", "distilled", "onnx", "onnx-int8"]
     assert res["selected"] is None and res["edge"] is None
@@ -347,7 +347,7 @@ def test_real_smollm2_blockwise_int8_onnx_keeps_quality(tmp_path):
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", tmp_path / "state", 0.1)
     cfg = Cfg(enabled=True, export_onnx=True, onnx_int8=True, max_perplexity_increase=0.02, min_speedup=0.1,
               bench_rounds=3, max_eval_records=16)
-    res = c.compress(model.path, str(tmp_path / "out"), cfg, data.eval_path, 64, data.fingerprint)
+    res = c.compress(model.path, str(tmp_path / "out"), cfg, data.eval_path, 64, [data.train_path, data.eval_path])
     by = {v["name"]: v for v in res["variants"]}
     q = by["onnx-int8"]
     assert q["passed"], q["reason"]

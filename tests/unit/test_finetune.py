@@ -31,7 +31,7 @@ def base(tmp_path, tiny_jsonl):
                         fingerprint=data.fingerprint, n_train=data.n_train, max_len=32, batch_size=8,
                         micro_batch_size=4, learning_rate=1e-2, steps=3, seed=7, deepspeed_config=str(DS / "zero0.json"),
                         noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / data.n_train, noise_seed=11,
-                        delta=1e-4)
+                        delta=1e-4, reproducible_insecure=True)  # the invariants compare runs on the same batches
     return spec, tmp_path
 
 
@@ -91,13 +91,16 @@ def test_no_noise_infinite_clip_equals_non_private_and_plain_pytorch(base):
 
 def test_dp_run_writes_model_privacy_json_and_metrics(base):
     spec, tmp = base
-    out = run(spec, tmp, "dp")
+    out = run(spec, tmp, "dp", reproducible_insecure=False, noise_seed=None)
     priv = json.loads((Path(out["model_path"]) / "privacy.json").read_text())
     for key in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant"):
         assert key in priv
     assert priv["steps"] == 3 and priv["history"] == [[1.0, spec.sample_rate, 3]] and 0 < priv["epsilon"] < 50
+    assert priv["private"] and priv["not_private_because"] == [] and priv["sampling_rng"] == "os.urandom"
     assert [m["step"] for m in out["metrics"]] == [1, 2, 3]
-    assert all(m["tokens_per_s"] > 0 and m["epsilon"] > 0 for m in out["metrics"])
+    assert all(set(m) == {"step", "epsilon"} and m["epsilon"] > 0 for m in out["metrics"])  # no loss, no batch size
+    assert json.loads((Path(out["model_path"]).parent / "metrics.json").read_text()) == out["metrics"]
+    assert len(out["step_seconds"]) == 3  # in memory only (benchmarks), never written
     assert out["metrics"][0]["epsilon"] < out["metrics"][-1]["epsilon"]
     assert (Path(out["model_path"]).parent / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path(out["model_path"]).parent / "checkpoints").exists()
@@ -181,10 +184,11 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     """SIGKILL the training process after a checkpoint; the re-run resumes and ends exactly where an
     uninterrupted run ends, and the ledger holds one entry charged once."""
     from tasks.finetune import finish_ledger
-    from tasks.privacy import PrivacyLedger
+    from tasks.privacy import open_ledger
 
     cfg = tiny_config.model_copy(update={"training": tiny_config.training.model_copy(
         update={"max_steps": 40, "checkpoint_every": 2})})
+    cfg.privacy.reproducible_insecure = True  # seeded, so the resumed run can be compared with a straight one
     cfg.privacy.noise_seed = 3
     data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
@@ -210,8 +214,8 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     resumed = launch(spec_again, timeout_s=300)
     assert len(resumed["metrics"]) == 40 and resumed["privacy"]["history"][0][2] == 40
     spent = finish_ledger(cfg, spec_again, resumed["privacy"])
-    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
-    assert len(ledger.entries(spec.fingerprint)) == 1
+    ledger = open_ledger()
+    assert len(ledger.entries(spec.fingerprint)) == 1 and ledger.entries(spec.fingerprint)[0].run_id == spec.attempt_id
     assert spent == pytest.approx(resumed["privacy"]["epsilon"])
 
     straight = train(replace(spec, output_dir=str(tmp_path / "straight")))
@@ -234,7 +238,7 @@ def test_plan_refuses_over_budget_before_training(tiny_config):
 def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config, tiny_jsonl, tmp_path):
     """The scheduled-retraining case: day 2's file = day 1's records + new ones (a new fingerprint). Day 1's
     epsilon carries over to the shared records, so a run that fits the budget alone is refused on day 2."""
-    from tasks.privacy import PrivacyError, PrivacyLedger
+    from tasks.privacy import PrivacyError, open_ledger
 
     cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
         update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 7.0})})
@@ -256,7 +260,7 @@ def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config,
     other = asdict(prepare_data(fresh, cfg.state_dir, cfg.data.eval_fraction))
     spec3, eps3 = plan_finetune(cfg, other, model)
     assert eps3 == pytest.approx(eps1, rel=0.05)
-    ledger = PrivacyLedger(Path(cfg.state_dir) / "privacy_ledger.sqlite")
+    ledger = open_ledger()
     assert len(ledger.records(day1["fingerprint"])) == day1["n_train"]
 
 

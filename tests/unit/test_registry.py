@@ -9,7 +9,8 @@ import pytest
 from tasks.evaluation import GatePolicy, should_promote
 from tasks.registry import CANDIDATE, RegistryError, production_version, register_candidate, tracking_uri
 
-PRIVATE = {"private": True, "epsilon": 3.0}
+PRIVATE = {"private": True, "dp_sgd": True, "epsilon": 3.0, "noise_multiplier": 1.0, "sampling": "poisson",
+           "reproducible_insecure": False}
 
 
 @pytest.mark.parametrize("cand,inc,policy,passed,why", [
@@ -64,7 +65,8 @@ def check_registered(uri, out):
     assert mv.tags["llmops.data_fingerprint"] == "f" * 64 and mv.tags["llmops.dp.epsilon"] == "3"
     run = client.get_run(out["run_id"])
     assert run.data.tags["prefect.flow_run_id"] == "abc" and run.info.status == "FINISHED"
-    assert [m.value for m in client.get_metric_history(out["run_id"], "train.loss")] == [3.0, 2.9]
+    assert [m.value for m in client.get_metric_history(out["run_id"], "train.epsilon")] == [0.5, 0.7]
+    assert client.get_metric_history(out["run_id"], "train.loss") == []  # exact training loss never leaves
     names = {a.path for a in client.list_artifacts(out["run_id"], "reports")}
     assert "reports/model_card.md" in names
     assert {a.path for a in client.list_artifacts(out["run_id"], "privacy")} == {"privacy/privacy.json"}

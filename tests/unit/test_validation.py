@@ -126,7 +126,9 @@ def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tm
     with pytest.raises(DataValidationError, match="ssn: 1 hit"):
         training_flow(config=tiny_config)
     state = Path(tiny_config.state_dir)
-    assert not (state / "runs").exists() and not (state / "privacy_ledger.sqlite").exists()
+    from llmops.governance import load_governance
+
+    assert not (state / "runs").exists() and not Path(load_governance().ledger).exists()
     assert not (state / "data").exists()  # not even the splits were written
 
 
