@@ -276,11 +276,31 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def _describe_run(run_id: str) -> str:
+    """What the approver is about to sign, read from the Prefect API (empty if it cannot be reached)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return ""
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run_id)
+        p = run.parameters or {}
+        req = json.loads(p.get("request") or "{}")
+        model = ((p.get("config") or {}).get("registry") or {}).get("model_name", "?")
+        return (f"flow run {run_id} ({run.name}): {req.get('action', '?')} {model} v{req.get('version', '?')}, "
+                f"requested by {req.get('user', '?')}; state {run.state.name if run.state else '?'}")
+    except Exception as e:  # noqa: BLE001 - informational only
+        return f"(could not read flow run {run_id} from Prefect: {type(e).__name__})"
+
+
 def cmd_approval_code(args) -> int:
     """Print the single-use code for one run and one decision (approve, or --reject)."""
     from tasks.access import approval_code, load_private_key
 
     code = approval_code(load_private_key(_key_file(args)), args.run_id, approve=not args.reject)
+    if about := _describe_run(args.run_id):
+        print(about, file=sys.stderr)
     print(code)
     print(f"({'reject' if args.reject else 'approve'} code for flow run {args.run_id} only, valid once; enter it "
           f"with approver '{args.approver}')", file=sys.stderr)
@@ -372,7 +392,10 @@ def audit_anchors(cfg) -> list[tuple[int, str, str]]:
 
     from tasks.registry import tracking_uri
 
-    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []  # no registry yet, so nothing was ever anchored (and do not create one here)
+    client = mlflow.MlflowClient(uri)
     anchors = []
     for rm in client.search_registered_models():
         for mv in client.search_model_versions(f"name='{rm.name}'"):
@@ -387,15 +410,17 @@ def audit_anchors(cfg) -> list[tuple[int, str, str]]:
 
 
 def cmd_audit(args) -> int:
+    """Signatures + chain of the governance audit log, and every decision anchored in the registry (the run
+    config's MLflow, or the default one): truncating or deleting the log is caught against those anchors."""
+    from llmops.config import PipelineConfig
     from llmops.governance import load_governance
     from tasks.access import verify_audit_log
 
     g = load_governance(required=True)
-    anchors = audit_anchors(_config(args)) if args.config else []
+    cfg = _config(args) if args.config else PipelineConfig()
+    anchors = audit_anchors(cfg)
     n = verify_audit_log(g.audit_log, g.audit.public_key, anchors)
-    print(f"{g.audit_log}: {n} entries, signatures and chain intact"
-          + (f"; {len(anchors)} registry anchors match" if args.config else
-             " (pass --config to also check the registry anchors: truncation and deletion)"))
+    print(f"{g.audit_log}: {n} entries, signatures and chain intact; {len(anchors)} registry anchor(s) match")
     return 0
 
 

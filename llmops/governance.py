@@ -173,6 +173,9 @@ def load_governance(path: str | Path | None = None, required: bool = False) -> G
         g = Governance()
         g._path = p
         return g
+    if p.stat().st_mode & 0o022:
+        raise ConfigError("governance file is writable by others: anyone could change who approves", str(p),
+                          f"chmod 600 {p} (owned by the admin / promotion worker user)")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         g = Governance.model_validate(data)

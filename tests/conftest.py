@@ -33,6 +33,7 @@ def isolated_governance(tmp_path, monkeypatch) -> Path:
     """Every test gets its own governance dir (ledger, audit log, keys), never the user's ~/.config/llmops."""
     path = tmp_path / "governance" / "governance.yaml"
     monkeypatch.setenv("LLMOPS_GOVERNANCE", str(path))
+    monkeypatch.setenv("LLMOPS_HOME", str(tmp_path / "llmops-home"))  # nor the checkout's .llmops
     return path
 
 

@@ -267,3 +267,36 @@ def test_cli_users_add_prints_key_once_and_stores_public_key(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == code
     assert main(["users", "add", "x", "--role", "wizard"]) == 2
     assert "unknown roles ['wizard']" in capsys.readouterr().err
+
+
+def test_world_writable_governance_is_refused(gov):
+    g = gov[0]
+    os.chmod(g.path, 0o666)
+    with pytest.raises(ConfigError, match="writable by others"):
+        load_governance(required=True)
+
+
+def test_background_keeps_every_cli_option(gov, tmp_path, monkeypatch):
+    """`promote/rollback --background` re-runs the very same command line (minus --background) detached."""
+    import subprocess
+
+    from flows.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_popen(argv, **kw):
+        seen["argv"] = argv
+        raise Stop
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"state_dir: {tmp_path}/state\n")
+    argv = ["rollback", "--config", str(cfg), "--set", "promotion.required_approvals=3", "--set",
+            "registry.model_name=other", "--requested-by", "bob", "--key-file", str(gov[3]["bob"]), "--background"]
+    with pytest.raises(Stop):
+        main(argv)
+    assert seen["argv"][-len(argv) + 1:] == [a for a in argv if a != "--background"]

@@ -29,7 +29,9 @@ def test_each_deployment_is_valid(dep):
     cfg = PipelineConfig.model_validate(dep["parameters"]["config"])  # the form's default validates
     if dep["name"] == "train-gpu":
         assert cfg.training.world_size == 8 and cfg.model.dtype == "bfloat16"
-    assert dep["work_pool"]["name"] in ("llmops-cpu", "llmops-gpu")
+    assert dep["work_pool"]["name"] in ("llmops-cpu", "llmops-gpu", "llmops-promotion")
+    # promotions run only on the pool whose worker holds governance (keys, target credentials)
+    assert (dep["work_pool"]["name"] == "llmops-promotion") == (func in ("promotion_flow", "rollback_flow"))
 
 
 def test_nightly_schedule_and_anchors():
@@ -92,6 +94,7 @@ def test_deploy_all_and_a_worker_runs_a_deployment(tmp_path):
 
     try:
         run("work-pool", "create", "llmops-cpu", "--type", "process")
+        run("work-pool", "create", "llmops-promotion", "--type", "process")
         run("work-pool", "create", "llmops-gpu", "--type", "kubernetes", "--base-job-template",
             str(ROOT / "infra" / "k8s" / "gpu-base-job-template.json"))
         out = run("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML))

@@ -19,7 +19,7 @@ import pytest
 from llmops.governance import TargetSpec, load_governance
 from tasks.access import (AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request,
                           verify_audit_log)
-from tests.conftest import ROOT, S3_KEY, S3_SECRET
+from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port
 
 GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
              "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
@@ -337,3 +337,59 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     assert out.get("result", {}).get("status") == "promoted", out
     assert json.loads((model_root / "current.json").read_text())["version"] == "2"
     assert verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, _anchors(w)) == len(_audit(w))
+
+
+@pytest.mark.integration
+def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(world, tmp_path):
+    """Requester and approver only talk to the Prefect API with their keys; the `llmops-promotion` worker's own
+    environment points at governance (public keys, audit key, target credentials) and publishes."""
+    from prefect.client.orchestration import get_client
+
+    from llmops import services
+
+    w = world
+    w["g"].approvals.models = {}
+    w["g"].save()
+    port = _free_port()
+    api = services.start_prefect(tmp_path / "server", port)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMOPS_GOVERNANCE", "AWS_", "PREFECT_API"))}
+    requester_env = dict(base, PREFECT_API_URL=api, HOME=str(tmp_path / "requester-home"))
+    worker_env = dict(base, PREFECT_API_URL=api, LLMOPS_REPO=str(ROOT), LLMOPS_GOVERNANCE=str(w["g"].path),
+                      AWS_DEFAULT_REGION="us-east-1", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(*args, env=requester_env, timeout=300):
+        r = subprocess.run([*prefect, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+        return r.stdout
+
+    worker = None
+    try:
+        run("work-pool", "create", "llmops-promotion", "--type", "process")
+        run("--no-prompt", "deploy", "--name", "promote", "--prefect-file", str(ROOT / "deployments/prefect.yaml"))
+        params = {"version": "1", "request": _request(w), "config": json.loads(w["cfg"].model_dump_json())}
+        out = run("deployment", "run", "llmops-promotion/promote", "--params", json.dumps(params))
+        run_id = next(tok for line in out.splitlines() if "UUID" in line for tok in line.split() if len(tok) == 36)
+        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "llmops-promotion"], env=worker_env,
+                                  cwd=ROOT, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT)
+        import prefect.settings as ps
+
+        with ps.temporary_settings({ps.PREFECT_API_URL: api}):
+            deadline = time.time() + 240
+            with get_client(sync_client=True) as pc:
+                while not pc.read_flow_run(run_id).state.is_paused():
+                    assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                    time.sleep(1)
+                _submit(run_id, "bob", approval_code(w["keys"]["bob"], run_id))
+                while not pc.read_flow_run(run_id).state.is_final():
+                    assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                    time.sleep(1)
+                assert pc.read_flow_run(run_id).state.is_completed(), (tmp_path / "worker.log").read_text()[-3000:]
+        assert json.loads((w["tmp"] / "onprem/m/current.json").read_text())["version"] == "1"
+        assert [a["decision"] for a in _audit(w)] == ["requested", "approved", "promoted"]
+        assert _alias(w, "production") == "1"
+    finally:
+        if worker:
+            worker.terminate()
+            worker.wait(timeout=30)
+        services.stop_prefect(tmp_path / "server")
