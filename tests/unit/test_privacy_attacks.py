@@ -65,7 +65,7 @@ def test_a_two_rank_step_never_trains_a_record_twice(tiny_spec):
     happens when every rank draws its own sample and takes idx[rank::world])."""
     spec, tmp = tiny_spec
     spec = replace(spec, output_dir=str(tmp / "two"), world_size=2, batch_size=96, micro_batch_size=24,
-                   sample_rate=96 / spec.n_train, steps=3)
+                   sample_rate=96 / spec.n_train, steps=3, secure_mode=True)  # secure: the mode that drew per rank
     Path(spec.output_dir).mkdir()
     spec.save(Path(spec.output_dir) / "spec.json")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
