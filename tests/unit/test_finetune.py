@@ -278,3 +278,24 @@ def test_redacted_records_are_charged_to_their_source_records(tmp_path):
                           text_hash("plain line")])
     assert training_record_hashes({"train_path": str(train)}) == sorted([text_hash("Call me at [PHONE]"),
                                                                          text_hash("plain line")])
+
+
+def test_only_an_intact_checkpoint_of_a_reserved_attempt_is_continued(tiny_config):
+    """Re-planning continues the ledger's attempt only when its checkpoint is there (resume) or its finished model
+    is (reuse, nothing trained); a run dir without either is a new attempt, charged in full."""
+    from tasks.privacy import open_ledger
+
+    cfg = tiny_config
+    data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
+    model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    first, eps1 = plan_finetune(cfg, data, model)
+    ckpt = Path(first.output_dir) / "checkpoints"
+    (ckpt / "step2").mkdir(parents=True)
+    (ckpt / "latest").write_text("step2")
+    again, eps_again = plan_finetune(cfg, data, model)
+    assert again.attempt_id == first.attempt_id and eps_again == pytest.approx(eps1)  # a resume: no new charge
+    (ckpt / "step2").rmdir()  # the checkpoint it points to is gone: not intact
+    third, eps3 = plan_finetune(cfg, data, model)
+    assert third.attempt_id != first.attempt_id and eps3 > eps1 + 0.1
+    assert not ckpt.exists()  # the other attempt's state is never resumed by this one
+    assert {e.run_id for e in open_ledger().entries(first.fingerprint)} == {first.attempt_id, third.attempt_id}
