@@ -21,6 +21,7 @@ from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model_task
+from tasks.privacy import guarantee_problems
 from tasks.compression import compress_task
 from tasks.validation import validate_task
 from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
@@ -70,7 +71,7 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                     "epsilon=%.3f of budget %.1f", p["epsilon"], p["delta"], p["noise_multiplier"], p["max_grad_norm"],
                     p["sample_rate"], p["steps"], tuned["cumulative_epsilon"], tuned["budget"])
     else:
-        logger.warning("NON-PRIVATE fine-tune: no privacy guarantee (%s)", "; ".join(p["not_private_because"]))
+        logger.warning("NON-PRIVATE fine-tune: no privacy guarantee (%s)", "; ".join(guarantee_problems(p)))
     # Metrics that leave the machine are computed on public text when the team provides it; otherwise on the private
     # held-out split (not covered by epsilon, and the model card says so).
     e = config.evaluation
