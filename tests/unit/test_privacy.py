@@ -159,3 +159,52 @@ def test_secure_mode_refuses_seed_and_draws_fresh_noise():
     ref = [torch.zeros(1000)]
     a, b = gaussian_noise(ref, 1.0, None, True)[0], gaussian_noise(ref, 1.0, None, True)[0]
     assert not torch.equal(a, b) and 0.9 < float(a.std()) < 1.1
+
+
+def test_ledger_location_and_budget_come_from_governance(isolated_governance, tiny_config):
+    """Not from the run config or the state dir: the governance file names the ledger and caps the budget."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from tasks.data import prepare_data
+    from tasks.finetune import plan_finetune, privacy_budget
+    from tasks.privacy import open_ledger
+
+    isolated_governance.parent.mkdir(parents=True, exist_ok=True)
+    isolated_governance.write_text(yaml.safe_dump({"privacy": {"ledger": "team/ledger.sqlite",
+                                                               "dataset_budget_epsilon": 4.0}}))
+    isolated_governance.chmod(0o600)
+    cfg = tiny_config
+    assert privacy_budget(cfg) == 4.0
+    cfg.privacy.dataset_budget_epsilon = 3.0  # a run may tighten ...
+    assert privacy_budget(cfg) == 3.0
+    cfg.privacy.dataset_budget_epsilon = 50.0  # ... never loosen
+    assert privacy_budget(cfg) == 4.0
+    data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
+    model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    spec, _ = plan_finetune(cfg, data, model)
+    ledger_file = isolated_governance.parent / "team" / "ledger.sqlite"
+    assert open_ledger().path == ledger_file and ledger_file.is_file()
+    assert [e.run_id for e in PrivacyLedger(ledger_file).entries(spec.fingerprint)] == [spec.attempt_id]
+    assert not list(cfg.state_dir.rglob("*ledger*"))
+
+
+def test_postgres_ledger_is_refused_until_team_mode_supports_it():
+    from tasks.privacy import open_ledger
+
+    with pytest.raises(PrivacyError, match="not yet supported") as e:
+        open_ledger("postgresql://ledger@db/llmops")
+    assert "governance file: privacy.ledger" in str(e.value)
+
+
+def test_csprng_poisson_sample_rate_and_independence():
+    from tasks.privacy import poisson_sample
+
+    draws = [poisson_sample(10_000, 0.05) for _ in range(20)]
+    sizes = [len(d) for d in draws]
+    assert abs(sum(sizes) / len(sizes) - 500) < 25  # E[|batch|] = q n
+    assert len({tuple(d.tolist()) for d in draws}) == 20  # never the same sample twice
+    assert all(bool((d[1:] > d[:-1]).all()) for d in draws)  # sorted, no repeats
+    assert torch.equal(poisson_sample(1000, 0.1, seed=3), poisson_sample(1000, 0.1, seed=3))  # reproducible mode
+    assert len(poisson_sample(100, 1.0)) == 100 and len(poisson_sample(100, 0.0)) == 0
