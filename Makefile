@@ -42,6 +42,7 @@ demo: env
 	  test -f "$(DEMO_KEYS)/$$n.key" || $(LLMOPS) users add $$n --role $$r --key-out "$(DEMO_KEYS)/$$n.key"; done
 	@$(LLMOPS) governance target onprem --kind onprem --uri "$(LLMOPS_HOME)/targets/onprem"
 	@$(LLMOPS) governance target edge --kind edge --uri "$(LLMOPS_HOME)/targets/edge"
+	@$(LLMOPS) governance registry --uri "sqlite:///$(LLMOPS_HOME)/mlflow.db"
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) train --config configs/demo.yaml
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) promote --config configs/demo.yaml --version candidate --requested-by ml-alice --key-file "$(DEMO_KEYS)/ml-alice.key" --background
 	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Stop the server: $(LLMOPS) services stop"

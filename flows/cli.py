@@ -236,8 +236,16 @@ def _signed_request(args, action: str, model: str, version: str) -> str:
     return make_request(load_private_key(_key_file(args)), args.requested_by, action, model, version)
 
 
+def _promotion_config(args):
+    """The run config with governance's pinned registry (if this machine has governance)."""
+    from flows.promotion import pinned_config
+    from llmops.governance import load_governance
+
+    return pinned_config(_config(args), load_governance())
+
+
 def cmd_promote(args) -> int:
-    cfg = _config(args)
+    cfg = _promotion_config(args)
     version = _resolve_version(cfg, args.version)
     if args.background:
         from tasks.registry import tracking_uri
@@ -258,7 +266,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    cfg = _config(args)
+    cfg = _promotion_config(args)
     if args.background:
         return _background(args, "llmops-rollback")
     import mlflow
@@ -368,6 +376,14 @@ def cmd_governance(args) -> int:
               f"`llmops governance target`")
         return 0
     g = load_governance(required=True)
+    if args.op == "registry":
+        if not args.uri:
+            raise LLMOpsError("no --uri given", "llmops governance registry",
+                              "e.g. --uri http://mlflow.internal:5000 or sqlite:////srv/llmops/mlflow.db")
+        g.registry_uri = args.uri
+        g.save()
+        print(f"promotions now read evidence from and move aliases in {args.uri} only")
+        return 0
     if args.op == "target":
         if not (args.name and args.kind and args.uri):
             raise LLMOpsError("a target needs a name, --kind and --uri", "llmops governance target",
@@ -416,8 +432,10 @@ def cmd_audit(args) -> int:
     from llmops.governance import load_governance
     from tasks.access import verify_audit_log
 
+    from flows.promotion import pinned_config
+
     g = load_governance(required=True)
-    cfg = _config(args) if args.config else PipelineConfig()
+    cfg = pinned_config(_config(args) if args.config else PipelineConfig(), g)
     anchors = audit_anchors(cfg)
     n = verify_audit_log(g.audit_log, g.audit.public_key, anchors)
     print(f"{g.audit_log}: {n} entries, signatures and chain intact; {len(anchors)} registry anchor(s) match")
@@ -502,9 +520,9 @@ def parser() -> argparse.ArgumentParser:
     us.add_argument("--role", action="append")
     us.add_argument("--key-out", help="write the new private key here (mode 600) instead of printing it")
     us.set_defaults(func=cmd_users)
-    gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target",
+    gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target, pin the registry",
                         epilog="example: llmops governance target onprem --kind onprem --uri /srv/models")
-    gv.add_argument("op", choices=["init", "show", "target"])
+    gv.add_argument("op", choices=["init", "show", "target", "registry"])
     gv.add_argument("name", nargs="?", help="target name (for `target`)")
     gv.add_argument("--kind", choices=["onprem", "s3", "edge"])
     gv.add_argument("--uri")

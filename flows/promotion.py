@@ -296,6 +296,18 @@ def recover_aborted(cfg: PipelineConfig, gov: Gov) -> list[str]:
     return done
 
 
+def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:
+    """The run config with governance's registry: a requester must not point a promotion at an MLflow of their own
+    (where any evidence tag can be written)."""
+    if not g.registry_uri:
+        return cfg
+    mine = cfg.registry.tracking_uri
+    if mine and mine != g.registry_uri:
+        raise PromotionError(f"registry.tracking_uri {mine!r} is not the registry governance pins for promotions",
+                             "registry.tracking_uri", f"leave it unset (governance uses {g.registry_uri!r})")
+    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": g.registry_uri})})
+
+
 def _start(cfg: PipelineConfig, action: str, request: str, version: str) -> tuple[Gov, str]:
     """Governance from this process's environment; recover dead runs; verify the signed request (audited)."""
     gov = _governance()
@@ -322,7 +334,7 @@ def _refuse(cfg: PipelineConfig, gov: Gov, what: str, where: str, fix: str, **en
 @flow(name="llmops-promotion", log_prints=True)
 def promotion_flow(version: str, request: str, config: PipelineConfig = PipelineConfig()) -> dict:
     """`request`: a signed request from `llmops promote` (see tasks/access.make_request); not a secret."""
-    cfg, logger, version = config, get_run_logger(), str(version)
+    cfg, logger, version = pinned_config(config, load_governance(required=True)), get_run_logger(), str(version)
     name = cfg.registry.model_name
     gov, requested_by = _start(cfg, "promote", request, version)
     subject = {"action": "promote", "model": name, "version": version}
@@ -365,7 +377,7 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
 @flow(name="llmops-rollback", log_prints=True)
 def rollback_flow(request: str, config: PipelineConfig = PipelineConfig()) -> dict:
     """Re-point production to @previous. `request` is signed for action 'rollback' and the version rolled back to."""
-    cfg = config
+    cfg = pinned_config(config, load_governance(required=True))
     client, _ = _client(cfg)
     name = cfg.registry.model_name
     prev, cur = _alias(client, name, "previous"), _alias(client, name, "production")

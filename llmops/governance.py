@@ -88,6 +88,9 @@ class Governance(_Strict):
     privacy: PrivacyGovernance = Field(default_factory=PrivacyGovernance)
     audit: AuditGovernance = Field(default_factory=AuditGovernance)
     state: Path = Field(Path("state"), description="Used codes, lockouts, promotion intents (SQLite)")
+    registry_uri: str | None = Field(
+        None, description="MLflow tracking URI that promotions read evidence from and move aliases in; a run config "
+                          "naming another one is refused. None = the run config's (single-user setups only)")
     service_keys: dict[str, Path] = Field(
         default_factory=dict, description="Enrolled identities whose private key this worker holds, e.g. the nightly "
                                           "retraining's `scheduler` (it may request, never approve)")

@@ -54,6 +54,7 @@ def world(tmp_path, s3_server, monkeypatch):
     g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem")),
                  "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server,
                                   credentials_file=creds)}
+    g.registry_uri = tracking_uri(None, tmp_path / "state")  # promotions read evidence here only
     g.save()
     state = tmp_path / "state"
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
@@ -223,6 +224,11 @@ def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, 
     cfg_file.write_text(f"state_dir: {w['cfg'].state_dir}\nregistry: {{model_name: m}}\n")
     assert main(["check-config", str(cfg_file), "--set", f"promotion.roles_file={tmp_path}/roles.yaml"]) == 2
     assert "governance, not a run setting" in capsys.readouterr().err
+    # the requester's own MLflow, where they can write any evidence tag: refused
+    own = PipelineConfig.model_validate({**w["cfg"].model_dump(), "registry": {
+        "model_name": "m", "tracking_uri": f"sqlite:///{tmp_path}/mine.db"}})
+    with pytest.raises(Exception, match="not the registry governance pins"):
+        promotion_flow(version="1", request=_request(w), config=own)
     # a target the governance does not list: refused, audited, nothing published
     bad = PipelineConfig.model_validate({**w["cfg"].model_dump(), "promotion": {"targets": ["mine"]}})
     with pytest.raises(Exception, match="not allowed for model 'm'"):
@@ -284,12 +290,11 @@ def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
 
 CHILD = """
 import os, sys, time, shutil
-import tasks.promotion as promo
-real = shutil.copy2
-def slow_copy(src, dst, *a, **k):
-    time.sleep(0.3)
-    return real(src, dst, *a, **k)
-shutil.copy2 = slow_copy
+real_copytree, real_copy2 = shutil.copytree, shutil.copy2
+def slow_copy(src, dst, *a, **k):  # slow enough that the parent kills us mid-copy into the target
+    time.sleep(0.5)
+    return real_copy2(src, dst, *a, **k)
+shutil.copytree = lambda s, d, **kw: real_copytree(s, d, **{**kw, "copy_function": slow_copy})
 from llmops.config import PipelineConfig
 from flows.promotion import promotion_flow
 cfg = PipelineConfig.model_validate_json(sys.argv[1])
@@ -307,8 +312,6 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     w["g"].approvals.models = {}
     w["g"].targets.pop("s3")
     w["g"].save()
-    for i in range(8):  # enough files that the slowed copy takes seconds
-        (Path(w["cfg"].state_dir) / f"pad{i}").write_text("x")
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)], env=env,
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
