@@ -296,6 +296,17 @@ def recover_aborted(cfg: PipelineConfig, gov: Gov) -> list[str]:
     return done
 
 
+def ledger_problems(g: Governance, tags: dict) -> list[str]:
+    """Cross-check the version's privacy tags against the deployment's ledger (see tasks.promotion.check_ledger)."""
+    from tasks.promotion import check_ledger
+    from tasks.privacy import open_ledger
+
+    ledger = open_ledger(g.ledger)
+    entry = ledger.entry(tags.get("llmops.dp.attempt_id", "")) if tags.get("llmops.dp.attempt_id") else None
+    spent = ledger.spent(entry.fingerprint, entry.delta, entry.accountant) if entry else None
+    return check_ledger(tags, entry, spent, g.privacy.dataset_budget_epsilon)
+
+
 def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:
     """The run config with governance's registry: a requester must not point a promotion at an MLflow of their own
     (where any evidence tag can be written)."""
@@ -341,7 +352,7 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
     _stage(gov, subject, requested_by, "approval")
     try:
         info = read_version(cfg, version)
-        if problems := check_evidence(info["tags"]):
+        if problems := check_evidence(info["tags"]) + ledger_problems(gov.g, info["tags"]):
             _refuse(cfg, gov, "; ".join(problems), f"models:/{name}/{version}", "train a model that passes every check",
                     requested_by=requested_by, **subject)
         policy = policy_in_force(gov.g, cfg, name, "promote")

@@ -84,6 +84,34 @@ def check_evidence(version_tags: dict) -> list[str]:
     return problems
 
 
+def check_ledger(version_tags: dict, entry, spent: float | None, budget: float) -> list[str]:
+    """The version's privacy claims against the deployment's ledger. Evidence tags can be written by anyone with
+    EDIT on the registered model; the ledger is governance-side (not a run's), so a claim with no charged,
+    completed attempt behind it, or a smaller epsilon than the ledger's, is refused. Pure: the caller reads the ledger
+    (`entry` = the attempt's LedgerEntry or None, `spent` = its dataset's worst-record epsilon)."""
+    aid = version_tags.get("llmops.dp.attempt_id")
+    if not aid:
+        return ["no llmops.dp.attempt_id tag: the version cannot be matched to a charged training attempt"]
+    if entry is None:
+        return [f"training attempt {aid} is not in the deployment's privacy ledger (evidence tags not backed by a "
+                "charged private run)"]
+    problems = []
+    if entry.status != "completed":
+        problems.append(f"ledger: training attempt {aid} is '{entry.status}', not completed")
+    if not math.isfinite(entry.epsilon):
+        problems.append(f"ledger: training attempt {aid} has epsilon = inf")
+    try:
+        claimed = float(version_tags.get("llmops.dp.epsilon", "nan"))
+        if not abs(claimed - entry.epsilon) <= 1e-3 * max(1.0, entry.epsilon):
+            problems.append(f"epsilon tag {claimed:.6g} disagrees with the ledger's {entry.epsilon:.6g} for attempt {aid}")
+    except ValueError:
+        problems.append("epsilon tag is not a number")
+    if spent is not None and spent > budget + 1e-9:
+        problems.append(f"ledger: the dataset's worst-record epsilon {spent:.3f} exceeds the governance budget "
+                        f"{budget:.3f}")
+    return problems
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, _free_port, ledger_backed_tags
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -50,7 +50,8 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
                        model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
-                       artifacts={}, texts={}, tags={}, version_tags=GOOD_TAGS, set_alias=True)
+                       artifacts={}, texts={}, tags={}, version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"])),
+                       set_alias=True)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"model_name": "m"},
                                    "promotion": {"approval_timeout_s": 300}}))
@@ -73,7 +74,8 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
         page.get_by_role("button", name="Resume").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("Promotion:").wait_for()
-        assert "ε = 2.5" in dialog.inner_text()  # the release manager sees the evidence
+        shown = dialog.inner_text()  # the release manager sees the evidence and the policy in force
+        assert f"ε = {tags['llmops.dp.epsilon']}" in shown and f"digest {g.digest()[:16]}" in shown
         dialog.get_by_role("switch").click()
         fields = dialog.locator("textarea, input[type=text], input[type=password]")
         fields.nth(0).fill("rm-bob")

@@ -19,7 +19,7 @@ import pytest
 from llmops.governance import TargetSpec, load_governance
 from tasks.access import (AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request,
                           verify_audit_log)
-from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port
+from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port, ledger_backed_tags
 
 GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
              "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
@@ -59,10 +59,10 @@ def world(tmp_path, s3_server, monkeypatch):
     state = tmp_path / "state"
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     uri = tracking_uri(None, state)
-    for _ in range(3):
+    for i in range(3):  # each backed by a charged, completed attempt in the governance ledger
         register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="m", model_dir=model.path,
                            params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
-                           tags={}, version_tags=GOOD_TAGS, set_alias=True)
+                           tags={}, version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"]), set_alias=True)
     cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "m"}})
     import mlflow
 
@@ -266,6 +266,32 @@ def test_forged_requester_is_refused_and_audited(prefect_harness, world):
         promotion_flow(version="1", request="alice", config=w["cfg"])
     assert [a["decision"] for a in _audit(w)] == ["refused", "refused"]
     assert _alias(w, "production") is None
+
+
+def test_evidence_tags_not_backed_by_the_ledger_are_refused(prefect_harness, world):
+    """An ML engineer with EDIT on the registered model writes passing privacy tags on a version by hand."""
+    from flows.promotion import promotion_flow
+    from tasks.registry import register_candidate, tracking_uri
+
+    w = world
+    uri, state = tracking_uri(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
+    real = ledger_backed_tags(GOOD_TAGS, ["rec-x"])
+    cases = {"4": GOOD_TAGS,  # no attempt behind it (e.g. a non-private model re-tagged)
+             "5": {**real, "llmops.dp.epsilon": "0.5"},  # a smaller epsilon than was charged
+             "6": {**GOOD_TAGS, "llmops.dp.attempt_id": "f" * 24}}  # an attempt id the ledger never saw
+    from tasks.model import resolve_model
+
+    model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
+    for version, tags in cases.items():
+        out = register_candidate(uri=uri, state_dir=state, experiment="e", model_name="m", model_dir=model.path,
+                                 params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
+                                 tags={}, version_tags=tags, set_alias=False)
+        assert str(out["version"]) == version
+    for version, why in (("4", "no llmops.dp.attempt_id tag"), ("5", "disagrees with the ledger"),
+                         ("6", "is not in the deployment's privacy ledger")):
+        with pytest.raises(Exception, match=why):
+            promotion_flow(version=version, request=_request(w, version=version), config=w["cfg"])
+    assert [a["decision"] for a in _audit(w)] == ["refused"] * 3 and _alias(w, "production") is None
 
 
 def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
