@@ -354,6 +354,7 @@ def cmd_users(args) -> int:
     if args.key_out and Path(args.key_out).exists():
         raise LLMOpsError("key file already exists", args.key_out, "choose another --key-out or move the old one away")
     pem = enrol_user(g, args.name, args.role)
+    _audit_admin(g, "user-enrolled", user=args.name, roles=sorted(set(args.role)))
     if args.key_out:
         _write_secret(Path(args.key_out), pem)
         print(f"{args.name}: roles {sorted(set(args.role))} enrolled in {g.path}; private key written to "
@@ -366,12 +367,21 @@ def cmd_users(args) -> int:
     return 0
 
 
+def _audit_admin(g, decision: str, **entry) -> None:
+    """Governance changes are decisions too: signed into the same audit log, with the new policy digest."""
+    from tasks.access import AuditLog
+
+    AuditLog.for_governance(g).append(action="governance", decision=decision, policy=g.digest()[:16],
+                                      by=os.environ.get("USER", "?"), **entry)
+
+
 def cmd_governance(args) -> int:
     from llmops.governance import TargetSpec, load_governance
     from tasks.access import init_governance
 
     if args.op == "init":
         g = init_governance()
+        _audit_admin(g, "governance-created")
         print(f"governance created: {g.path} (mode 600) with an audit signing key; next: `llmops users add`, "
               f"`llmops governance target`")
         return 0
@@ -382,6 +392,7 @@ def cmd_governance(args) -> int:
                               "e.g. --uri http://mlflow.internal:5000 or sqlite:////srv/llmops/mlflow.db")
         g.registry_uri = args.uri
         g.save()
+        _audit_admin(g, "registry-pinned", registry=args.uri)
         print(f"promotions now read evidence from and move aliases in {args.uri} only")
         return 0
     if args.op == "target":
@@ -392,6 +403,7 @@ def cmd_governance(args) -> int:
                 "credentials_file": args.credentials_file, "models": args.models or ["*"]}
         g.targets[args.name] = TargetSpec(**spec)
         g.save()
+        _audit_admin(g, "target-set", target=args.name, kind=args.kind, uri=args.uri, models=spec["models"])
         print(f"target '{args.name}' ({args.kind} {args.uri}) saved in {g.path}")
         return 0
     data = g.model_dump(mode="json")

@@ -267,6 +267,10 @@ def test_cli_users_add_prints_key_once_and_stores_public_key(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == code
     assert main(["users", "add", "x", "--role", "wizard"]) == 2
     assert "unknown roles ['wizard']" in capsys.readouterr().err
+    # admin changes are audited (signed) like every other decision
+    assert [(e["decision"], e.get("user")) for e in AuditLog.for_governance(g).entries()] == [
+        ("governance-created", None), ("user-enrolled", "rm-dan")]
+    assert verify_audit_log(g.audit_log, g.audit.public_key) == 2
 
 
 def test_world_writable_governance_is_refused(gov):
