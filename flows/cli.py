@@ -332,14 +332,6 @@ def cmd_approve(args) -> int:
     return 0
 
 
-def _write_secret(path: Path, text: str) -> None:
-    from llmops.files import write_text_atomic
-
-    if path.exists():
-        raise LLMOpsError("key file already exists", str(path), "choose another --key-out or move the old one away")
-    write_text_atomic(path, text, mode=0o600)
-
-
 def cmd_users(args) -> int:
     from llmops.governance import load_governance
     from tasks.access import enrol_user
@@ -356,7 +348,9 @@ def cmd_users(args) -> int:
     pem = enrol_user(g, args.name, args.role)
     _audit_admin(g, "user-enrolled", user=args.name, roles=sorted(set(args.role)))
     if args.key_out:
-        _write_secret(Path(args.key_out), pem)
+        from llmops.files import write_text_atomic
+
+        write_text_atomic(args.key_out, pem, mode=0o600)
         print(f"{args.name}: roles {sorted(set(args.role))} enrolled in {g.path}; private key written to "
               f"{args.key_out} (mode 600). Hand it to {args.name}; llmops keeps only the public key.")
     else:

@@ -23,3 +23,14 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process / not a pid we could have written
+        return True
+    return True

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from llmops.errors import LLMOpsError
+from llmops.files import pid_alive
 from llmops.governance import Governance
 
 APPROVAL_DOMAIN = "llmops-approval-v1"
@@ -266,17 +267,7 @@ class GovernanceStore:
         with self._tx() as db:
             rows = db.execute("SELECT run_id, pid, host, body FROM intents").fetchall()
         return [{"run_id": r, "pid": p, **json.loads(b)} for r, p, h, b in rows
-                if h == socket.gethostname() and not _alive(p)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+                if h == socket.gethostname() and not pid_alive(p)]
 
 
 def verify_approval(g: Governance, store: GovernanceStore, *, run_id: str, approver: str, code: str, approve: bool,

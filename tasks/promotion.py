@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 from llmops.errors import LLMOpsError
-from llmops.files import write_text_atomic
+from llmops.files import pid_alive, write_text_atomic
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
@@ -325,16 +325,6 @@ def _verify_copy(root: Path, manifest: dict) -> None:
 _DEBRIS = re.compile(r"\.(tmp|old)-([1-9][0-9]*)-([0-9a-f]+)(?:-(.+))?")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's live process / not a pid we could have written
-        return True
-    return True
-
-
 def clean_debris(root: Path) -> list[Path]:
     """Remove the `.tmp-<pid>-*` / `.old-<pid>-*` dirs under `root` whose process is gone; return what was removed.
 
@@ -347,7 +337,7 @@ def clean_debris(root: Path) -> list[Path]:
         return removed
     for p in sorted(root.iterdir()):
         m = _DEBRIS.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m[2])):
+        if not m or p.is_symlink() or not p.is_dir() or pid_alive(int(m[2])):
             continue
         try:
             if m[1] == "old" and m[4] and not (root / m[4]).exists():
