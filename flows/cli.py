@@ -284,32 +284,44 @@ def cmd_rollback(args) -> int:
     return 0
 
 
-def _describe_run(run_id: str) -> str:
-    """What the approver is about to sign, read from the Prefect API (empty if it cannot be reached)."""
+def _run_subject(run_id: str) -> tuple[str, str]:
+    """(subject the code signs, a description) of a paused promotion/rollback, read from the Prefect API."""
+    from tasks.access import approval_subject
+
     if not os.environ.get("PREFECT_API_URL"):
-        return ""
+        raise LLMOpsError("cannot read the flow run to know what you approve", "PREFECT_API_URL",
+                          "export the PREFECT_API_URL of the server where the run waits")
     try:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(run_id)
-        p = run.parameters or {}
-        req = json.loads(p.get("request") or "{}")
-        model = ((p.get("config") or {}).get("registry") or {}).get("model_name", "?")
-        return (f"flow run {run_id} ({run.name}): {req.get('action', '?')} {model} v{req.get('version', '?')}, "
-                f"requested by {req.get('user', '?')}; state {run.state.name if run.state else '?'}")
-    except Exception as e:  # noqa: BLE001 - informational only
-        return f"(could not read flow run {run_id} from Prefect: {type(e).__name__})"
+        req = json.loads((run.parameters or {}).get("request") or "{}")
+        subject = approval_subject(req["action"], req["model"], req["version"])
+    except (KeyError, ValueError, TypeError):
+        raise LLMOpsError("this flow run is not a signed promotion or rollback", f"flow run {run_id}",
+                          "check the run id") from None
+    except Exception as e:  # noqa: BLE001 - unreachable server, unknown id
+        raise LLMOpsError(f"could not read the flow run ({type(e).__name__})", f"flow run {run_id}",
+                          "check the run id and PREFECT_API_URL") from None
+    state = run.state.name if run.state else "?"
+    return subject, f"flow run {run_id} ({run.name}): {subject}, requested by {req.get('user', '?')}; state {state}"
+
+
+def _code(args) -> str:
+    from tasks.access import approval_code, load_private_key
+
+    subject, about = _run_subject(args.run_id)
+    if args.expect and args.expect != subject.split(" v")[-1]:
+        raise LLMOpsError(f"the run is '{subject}', not version {args.expect}", f"flow run {args.run_id}",
+                          "do not approve; tell the requester and an admin")
+    print(about, file=sys.stderr)
+    return approval_code(load_private_key(_key_file(args)), args.run_id, subject, approve=not args.reject)
 
 
 def cmd_approval_code(args) -> int:
-    """Print the single-use code for one run and one decision (approve, or --reject)."""
-    from tasks.access import approval_code, load_private_key
-
-    code = approval_code(load_private_key(_key_file(args)), args.run_id, approve=not args.reject)
-    if about := _describe_run(args.run_id):
-        print(about, file=sys.stderr)
-    print(code)
+    """Print the single-use code for one run, its subject and one decision (approve, or --reject)."""
+    print(_code(args))
     print(f"({'reject' if args.reject else 'approve'} code for flow run {args.run_id} only, valid once; enter it "
           f"with approver '{args.approver}')", file=sys.stderr)
     return 0
@@ -318,9 +330,7 @@ def cmd_approval_code(args) -> int:
 def cmd_approve(args) -> int:
     from prefect.flow_runs import resume_flow_run
 
-    from tasks.access import approval_code, load_private_key
-
-    code = args.code or approval_code(load_private_key(_key_file(args)), args.run_id, approve=not args.reject)
+    code = args.code or _code(args)
     try:
         resume_flow_run(args.run_id, run_input={"approve": not args.reject, "approver": args.approver,
                                                 "code": code, "comment": args.comment or ""})
@@ -509,6 +519,7 @@ def parser() -> argparse.ArgumentParser:
     ac.add_argument("--approver", required=True)
     ac.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
     ac.add_argument("--reject", action="store_true", help="a code that rejects instead")
+    ac.add_argument("--expect", metavar="VERSION", help="refuse unless the run promotes this version")
     ac.set_defaults(func=cmd_approval_code)
     ap = sub.add_parser("approve", help="approve (or --reject) a paused promotion/rollback",
                         epilog="example: llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key")
@@ -517,6 +528,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--key-file", help="your private key (default: $LLMOPS_KEY_FILE)")
     ap.add_argument("--code", help="a code from `llmops approval-code` instead of --key-file")
     ap.add_argument("--reject", action="store_true")
+    ap.add_argument("--expect", metavar="VERSION", help="refuse unless the run promotes this version")
     ap.add_argument("--comment")
     ap.set_defaults(func=cmd_approve)
     us = sub.add_parser("users", help="enrol users in governance (admin): roles ml-engineer, release-manager, admin",

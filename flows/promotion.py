@@ -29,7 +29,8 @@ from pydantic import Field
 
 from llmops.config import PipelineConfig
 from llmops.governance import Governance, TargetSpec, load_governance
-from tasks.access import AccessDenied, AuditLog, GovernanceStore, verify_approval, verify_request
+from tasks.access import (AccessDenied, AuditLog, GovernanceStore, approval_subject, verify_approval,
+                          verify_request)
 from tasks.promotion import PromotionError, check_evidence, file_manifest, make_target, move_production_alias
 from tasks.registry import download_hf_model, retry, tracking_uri
 
@@ -71,7 +72,8 @@ def policy_in_force(g: Governance, cfg: PipelineConfig, model: str, action: str)
     allowed = {n: t for n, t in g.targets.items() if t.allows(model)}
     if pc.targets is not None:
         if bad := [n for n in pc.targets if n not in allowed]:
-            raise PromotionError(f"target(s) {bad} are not allowed for model '{model}' by governance", "promotion.targets",
+            raise PromotionError(f"target(s) {bad} are not allowed for model '{model}' by governance",
+                                 "promotion.targets",
                                  f"choose among {sorted(allowed)} (an admin manages targets in {g.path})")
         allowed = {n: allowed[n] for n in pc.targets}
     if not allowed:
@@ -159,7 +161,8 @@ Requested by **{requested_by}** (signed request, verified). Production now: {('v
 - Code: {t.get('llmops.git_commit')}; training run: {t.get('prefect.flow_run_url') or t.get('prefect.flow_run_id')}
 - **Policy in force** (governance digest `{policy.digest[:16]}`): {policy.required} distinct approval(s) from {', '.join(policy.approvers) or 'nobody enrolled'}; targets: {targets}
 
-Approve: run `llmops approval-code {flow_run.id} --approver YOU --key-file YOUR.key` (add `--reject` to reject),
+Approve: run `llmops approval-code {flow_run.id} --approver YOU --key-file YOUR.key` (add `--reject` to reject): it
+signs **{approval_subject("promote" if action == "Promotion" else "rollback", name, version)}** for this run only,
 switch **Approve** on (off = reject), enter your user name and the code, then **Resume**.
 """
 
@@ -197,7 +200,8 @@ def collect_approvals(cfg: PipelineConfig, gov: Gov, action: str, subject: dict,
                      **subject, flow_run_id=run_id)
         try:
             verify_approval(gov.g, gov.store, run_id=run_id, approver=approver, code=form.code,
-                            approve=form.approve, action=action, requested_by=requested_by)
+                            approve=form.approve, action=action, requested_by=requested_by,
+                            subject=approval_subject(action, subject["model"], subject["version"]))
         except AccessDenied as e:
             _decide(cfg, gov, decision="denied", reason=e.what, **entry)
             logger.warning("submission refused: %s", e.what)

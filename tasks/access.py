@@ -12,8 +12,10 @@ Choices, and why:
 1. Every person holds an ed25519 private key (printed once by `llmops users add`); governance stores only the public
    key, so reading the governance file gives nothing that signs. (A shared-secret scheme, HOTP/TOTP, would make the
    governance file itself an approval credential.)
-2. An approval code is the signature of ("llmops-approval-v1", flow-run id, approve|reject): it is bound to one run
-   and one decision, so a code captured from Prefect's run-input store approves nothing else; each code is consumed
+2. An approval code is the signature of ("llmops-approval-v1", flow-run id, "promote <model> v<version>",
+   approve|reject): bound to one run, one subject and one decision, so a code captured from Prefect's run-input store
+   approves nothing else, and a display forged through the Prefect API cannot turn it into an approval of another
+   version (the flow checks the subject against what it will really do); each code is consumed
    in a governance-side table (never twice). It is 86 characters: the release manager pastes what
    `llmops approval-code RUN_ID` prints; guessing one is hopeless (2^-128), so the per-identity lockout is only a
    brake on noise, and junk from anyone never ends someone's pending run.
@@ -149,13 +151,19 @@ def enrol_user(g: Governance, name: str, roles: list[str]) -> str:
 # ------------------------------------------------------------------------------------- approval codes
 
 
-def approval_message(run_id: str, approve: bool) -> bytes:
-    return f"{APPROVAL_DOMAIN}\n{run_id}\n{'approve' if approve else 'reject'}".encode()
+def approval_subject(action: str, model: str, version: str) -> str:
+    """What an approver signs besides the run: the flow checks it against what it will really do, so a display
+    forged through the Prefect API (run parameters, artifacts) cannot get a signature for something else."""
+    return f"{action} {model} v{version}"
 
 
-def approval_code(key, run_id: str, approve: bool = True) -> str:
-    """What `llmops approval-code RUN_ID` prints: valid for this run and this decision only, once."""
-    return sign(key, approval_message(str(run_id), approve))
+def approval_message(run_id: str, subject: str, approve: bool) -> bytes:
+    return f"{APPROVAL_DOMAIN}\n{run_id}\n{subject}\n{'approve' if approve else 'reject'}".encode()
+
+
+def approval_code(key, run_id: str, subject: str, approve: bool = True) -> str:
+    """What `llmops approval-code RUN_ID` prints: valid for this run, this subject and this decision only, once."""
+    return sign(key, approval_message(str(run_id), subject, approve))
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -195,9 +203,10 @@ def verify_request(g: Governance, store: "GovernanceStore", request: str, action
     if not -60 <= age <= g.approvals.request_max_age_s:
         raise AccessDenied(f"the request is {int(age)} s old (limit {g.approvals.request_max_age_s} s)", where,
                            "sign a fresh request")
-    if not g.can(user, f"request-{'promotion' if action == 'promote' else 'rollback'}"):
-        raise AccessDenied(f"user '{user}' lacks permission 'request-{'promotion' if action == 'promote' else 'rollback'}'",
-                           str(g.path), "ask an admin to grant a role with that action")
+    perm = f"request-{'promotion' if action == 'promote' else 'rollback'}"
+    if not g.can(user, perm):
+        raise AccessDenied(f"user '{user}' lacks permission '{perm}'", str(g.path),
+                           "ask an admin to grant a role with that action")
     if not store.consume("request", body["sig"], user, body["nonce"]):
         raise AccessDenied("this signed request was already used", where, "sign a new request")
     return body
@@ -271,19 +280,19 @@ class GovernanceStore:
 
 
 def verify_approval(g: Governance, store: GovernanceStore, *, run_id: str, approver: str, code: str, approve: bool,
-                    action: str, requested_by: str) -> None:
-    """Raise AccessDenied (a reason safe to log and audit) unless `approver` signed this decision for this run,
-    may approve `action`, is not the requester, and the code was never used."""
+                    action: str, requested_by: str, subject: str) -> None:
+    """Raise AccessDenied (a reason safe to log and audit) unless `approver` signed this decision for this run and
+    this subject (`approval_subject`), may approve `action`, is not the requester, and the code was never used."""
     pol = g.approvals
     if until := store.locked_until(approver, pol.max_failures_per_approver, pol.lockout_s):
         raise AccessDenied(f"'{approver}' is locked out for {int(until - time.time())} s after "
                            f"{pol.max_failures_per_approver} invalid codes", "approval",
                            "wait, or ask an admin to check the audit log for an attack on this identity")
     pub = g.users[approver].public_key if approver in g.users else None
-    if not verify_signature(pub, approval_message(run_id, approve), code):
+    if not verify_signature(pub, approval_message(run_id, subject, approve), code):
         store.fail(approver)
-        raise AccessDenied("invalid approver or code", f"approver '{approver}'",
-                           f"compute the code with `llmops approval-code {run_id}` "
+        raise AccessDenied(f"invalid approver or code (for {subject}, {'approve' if approve else 'reject'})",
+                           f"approver '{approver}'", f"compute the code with `llmops approval-code {run_id}` "
                            f"{'' if approve else '--reject '}and your key")
     perm = f"approve-{'promotion' if action == 'promote' else 'rollback'}"
     if not g.can(approver, perm):

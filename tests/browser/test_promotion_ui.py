@@ -64,7 +64,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     assert ui_url.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
     assert not (tmp_path / "onprem").exists()
     run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
-    code = approval_code(load_private_key(keys["rm-bob"]), run_id)  # what `llmops approval-code` prints
+    code = approval_code(load_private_key(keys["rm-bob"]), run_id, "promote m v1")  # as `llmops approval-code`
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -102,6 +102,17 @@ def _paused(flow_name, exclude=(), timeout=120):
     raise AssertionError(f"no paused {flow_name} run")
 
 
+def _subj(run_id):
+    """What the approver signs besides the run id, as `llmops approval-code` reads it from the Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.access import approval_subject
+
+    with get_client(sync_client=True) as client:
+        req = json.loads(client.read_flow_run(run_id).parameters["request"])
+    return approval_subject(req["action"], req["model"], req["version"])
+
+
 def _submit(run_id, approver, code, approve=True, comment=""):
     from prefect.flow_runs import resume_flow_run
 
@@ -137,7 +148,10 @@ def _alias(w, alias):
     return _alias(w["mlflow"], "m", alias)
 
 
-def test_two_distinct_verified_approvals_then_publish(prefect_harness, world):
+def test_two_distinct_verified_approvals_then_publish(prefect_harness, world, monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.cli import main
     from flows.promotion import promotion_flow
     from tasks.promotion import S3Target
 
@@ -145,17 +159,22 @@ def test_two_distinct_verified_approvals_then_publish(prefect_harness, world):
     t, out = _start(promotion_flow, version="1", request=_request(w), config=w["cfg"])
     run = _paused("llmops-promotion")
     assert not (w["tmp"] / "onprem" / "m").exists()  # nothing published while waiting
-    bob = approval_code(keys["bob"], run)
+    bob = approval_code(keys["bob"], run, _subj(run))
     attempts = [("bob", "x" * 86),                               # junk code
-                ("mallory", approval_code(keys["eve"], run)),    # not enrolled
-                ("eve", approval_code(keys["eve"], run)),        # enrolled, no approve permission
-                ("alice", approval_code(keys["alice"], run)),    # the requester (not even allowed to approve)
+                ("mallory", approval_code(keys["eve"], run, _subj(run))),    # not enrolled
+                ("eve", approval_code(keys["eve"], run, _subj(run))),        # enrolled, no approve permission
+                ("alice", approval_code(keys["alice"], run, _subj(run))),    # the requester (may not approve)
                 ("bob", bob),                                    # 1st valid approval
                 ("bob", bob)]                                    # the same code again
     for i, (who, code) in enumerate(attempts):
         _submit(run, who, code)
         _wait_paused_again(run, i + 1)
-    _submit(run, "carol", approval_code(keys["carol"], run))
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # carol approves with the real CLI
+    carol = ["approve", run, "--approver", "carol", "--key-file", str(w["key_files"]["carol"])]
+    assert main([*carol, "--expect", "2"]) == 2
+    assert "not version 2" in capsys.readouterr().err  # she expected another version: nothing was submitted
+    assert main([*carol, "--expect", "1"]) == 0
+    assert "promote m v1, requested by alice; state Paused" in capsys.readouterr().err
     t.join(timeout=120)
     assert out.get("result", {}).get("status") == "promoted", out
     assert out["result"]["approved_by"] == ["bob", "carol"] and out["result"]["requested_by"] == "alice"
@@ -192,7 +211,8 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
     t_b, out_b = _start(promotion_flow, version="2", request=_request(w, version="2"), config=w["cfg"])
     run_b = _paused("llmops-promotion", exclude={run_a})
     api, captured = PREFECT_API_URL.value(), None
-    _submit(run_a, "bob", approval_code(keys["bob"], run_a, approve=False), approve=False, comment="not yet")
+    _submit(run_a, "bob", approval_code(keys["bob"], run_a, _subj(run_a), approve=False), approve=False,
+            comment="not yet")
     deadline = time.time() + 10
     while time.time() < deadline and captured is None:  # what an attacker sees before the flow deletes it
         for item in httpx.post(f"{api}/flow_runs/{run_a}/input/filter", json={"prefix": "paused-", "limit": 50},
@@ -202,10 +222,10 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
         time.sleep(0.05)
     t_a.join(timeout=60)
     assert "rejected by bob" in str(out_a.get("error"))
-    form = captured or {"approver": "bob", "code": approval_code(keys["bob"], run_a, approve=False)}
+    form = captured or {"approver": "bob", "code": approval_code(keys["bob"], run_a, _subj(run_a), approve=False)}
     _submit(run_b, form["approver"], form["code"], approve=False)  # replayed on run B
     _wait_paused_again(run_b, 1)
-    _submit(run_b, "carol", approval_code(keys["carol"], run_b))
+    _submit(run_b, "carol", approval_code(keys["carol"], run_b, _subj(run_b)))
     t_b.join(timeout=120)
     assert out_b.get("result", {}).get("status") == "promoted", out_b
     b_entries = [a for a in _audit(w) if a.get("flow_run_id") == run_b]
@@ -237,10 +257,10 @@ def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, 
     loose = PipelineConfig.model_validate({**w["cfg"].model_dump(), "promotion": {"required_approvals": 1}})
     t, out = _start(promotion_flow, version="1", request=_request(w), config=loose)
     run = _paused("llmops-promotion")
-    _submit(run, "bob", approval_code(keys["bob"], run))
+    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
     _wait_paused_again(run, 1)  # still waiting after one approval
     assert "2 distinct approval(s)" in _summary(run)
-    _submit(run, "carol", approval_code(keys["carol"], run, approve=False), approve=False)
+    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run), approve=False), approve=False)
     t.join(timeout=60)
     assert "rejected by carol" in str(out.get("error")) and not (w["tmp"] / "onprem" / "m").exists()
 
@@ -306,7 +326,7 @@ def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
     run = _paused("llmops-rollback")
     client.set_registered_model_alias("m", "production", "3")
     client.set_registered_model_alias("m", "previous", "2")
-    _submit(run, "carol", approval_code(keys["carol"], run))
+    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run)))
     t.join(timeout=60)
     assert "moved from 2/1 to 3/2" in str(out.get("error"))
     assert _alias(w, "production") == "3" and _alias(w, "previous") == "2"
@@ -342,7 +362,7 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     child = subprocess.Popen([sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)], env=env,
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = _paused("llmops-promotion", timeout=180)
-    _submit(run, "bob", approval_code(keys["bob"], run))
+    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
     model_root = w["tmp"] / "onprem" / "m"
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in
@@ -361,7 +381,7 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     assert len(aborted) == 1 and aborted[0]["flow_run_id"] == run and "stage 'publish'" in aborted[0]["reason"]
     assert not [p for p in model_root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert not (w["g"].resolve(w["g"].state) / "work" / run).exists()  # the download is gone too
-    _submit(run2, "carol", approval_code(keys["carol"], run2))
+    _submit(run2, "carol", approval_code(keys["carol"], run2, _subj(run2)))
     t.join(timeout=120)
     assert out.get("result", {}).get("status") == "promoted", out
     assert json.loads((model_root / "current.json").read_text())["version"] == "2"
@@ -409,7 +429,7 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
                 while not pc.read_flow_run(run_id).state.is_paused():
                     assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
                     time.sleep(1)
-                _submit(run_id, "bob", approval_code(w["keys"]["bob"], run_id))
+                _submit(run_id, "bob", approval_code(w["keys"]["bob"], run_id, _subj(run_id)))
                 while not pc.read_flow_run(run_id).state.is_final():
                     assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
                     time.sleep(1)
