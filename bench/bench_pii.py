@@ -1,0 +1,120 @@
+"""PII detectors measured on the labelled evaluation set: tasks/pii.py vs the old regexes vs Presidio.
+
+    .venv/bin/pip install -e '.[bench]'      # presidio-analyzer (bench only; no spaCy model is used)
+    .venv/bin/python bench/bench_pii.py [--split all|real|dev|test]
+
+Scoring is span-level with overlap matching: a predicted span is a true positive if it overlaps a labelled span
+of the same category (precision = such predictions / predictions); a labelled span is found if any prediction of
+its category overlaps it (recall = found / labelled). The set is tests/assets/pii_eval/records.jsonl (README there);
+`test` is the held-out split (id % 5 == 0) the detectors were not tuned on, `dev` the rest, `real` drops the
+marked synthetic insertions. Presidio runs its predefined pattern recognizers directly (nlp_artifacts=None),
+with tldextract offline (its bundled public-suffix snapshot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+EVAL = ROOT / "tests/assets/pii_eval/records.jsonl"
+MRN = [re.compile(r"\bMRN[:#\s]*\d{6,10}\b")]
+SCORED = ("email", "message_id", "phone", "ssn", "credit_card", "ip_address", "iban")
+
+
+def load(split: str = "all") -> list[dict]:
+    recs = [json.loads(x) for x in EVAL.read_text(encoding="utf-8").splitlines()]
+    keep = {"all": lambda r: True, "real": lambda r: not r.get("synthetic"),
+            "dev": lambda r: r["id"] % 5 != 0, "test": lambda r: r["id"] % 5 == 0,
+            "test-real": lambda r: r["id"] % 5 == 0 and not r.get("synthetic")}[split]
+    return [r for r in recs if keep(r)]
+
+
+def score(records: list[dict], preds: list[dict]) -> dict[str, dict[str, float]]:
+    """Per category: n (labelled), precision, recall, f1 with overlap matching (see the module docstring)."""
+    out = {}
+    for cat in SCORED:
+        n_pred = tp_pred = n_gold = tp_gold = 0
+        for r, p in zip(records, preds):
+            gold, pred = r["labels"].get(cat, []), p.get(cat, [])
+            hit = lambda s, spans: any(a < s[1] and s[0] < b for a, b in spans)  # noqa: E731
+            n_pred, tp_pred = n_pred + len(pred), tp_pred + sum(hit(s, gold) for s in pred)
+            n_gold, tp_gold = n_gold + len(gold), tp_gold + sum(hit(s, pred) for s in gold)
+        prec = tp_pred / n_pred if n_pred else 1.0
+        rec = tp_gold / n_gold if n_gold else 1.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[cat] = {"n": n_gold, "n_pred": n_pred, "precision": prec, "recall": rec, "f1": f1}
+    return out
+
+
+def ours(text: str) -> dict:
+    from tasks.pii import find_pii
+
+    return find_pii(text, MRN)
+
+
+def old(text: str) -> dict:
+    from tasks.validation import find_pii  # the detectors as they were before tasks/pii.py
+
+    return find_pii(text, MRN)
+
+
+def presidio_detector():
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer, IbanRecognizer,
+                                                          IpRecognizer, PhoneRecognizer, UsSsnRecognizer)
+    from presidio_analyzer.predefined_recognizers.generic import email_recognizer
+
+    # Offline: the bundled public-suffix snapshot, no download attempt (and no traceback in the output).
+    email_recognizer.tldextract = type("T", (), {"extract": staticmethod(
+        tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None))})
+    recs = {"email": EmailRecognizer(), "phone": PhoneRecognizer(), "ssn": UsSsnRecognizer(),
+            "credit_card": CreditCardRecognizer(), "ip_address": IpRecognizer(), "iban": IbanRecognizer()}
+
+    def detect(text: str) -> dict:
+        out: dict[str, list] = {}
+        for cat, rec in recs.items():
+            for res in rec.analyze(text, entities=rec.supported_entities, nlp_artifacts=None) or []:
+                if res.score >= 0.5 or cat in ("phone", "ip_address"):  # Presidio's own default threshold is 0
+                    out.setdefault(cat, []).append((res.start, res.end))
+        return out
+
+    return detect
+
+
+def run(detect, records: list[dict]) -> tuple[list[dict], float]:
+    t0 = time.perf_counter()
+    preds = [detect(r["text"]) for r in records]
+    return preds, len(records) / (time.perf_counter() - t0)
+
+
+def table(name: str, s: dict, rate: float) -> str:
+    rows = [f"{name}  ({rate:,.0f} records/s)"]
+    for cat, v in s.items():
+        rows.append(f"  {cat:<12}{v['n']:>6}{v['n_pred']:>7}{v['precision']:>8.3f}{v['recall']:>8.3f}{v['f1']:>8.3f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real"])
+    ap.add_argument("--no-presidio", action="store_true")
+    args = ap.parse_args()
+    records = load(args.split)
+    detectors = {"tasks/pii.py": ours, "old (tasks/validation.py @ HEAD)": old}
+    if not args.no_presidio:
+        detectors["Presidio pattern recognizers"] = presidio_detector()
+    print(f"\nsplit={args.split}: {len(records)} records; span-level, overlap matching")
+    print(f"  {'category':<12}{'gold':>6}{'pred':>7}{'P':>8}{'R':>8}{'F1':>8}")
+    for name, det in detectors.items():
+        det(records[0]["text"])  # imports outside the timing
+        preds, rate = run(det, records)
+        print(table(name, score(records, preds), rate))
+
+
+if __name__ == "__main__":
+    main()
