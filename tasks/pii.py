@@ -74,6 +74,11 @@ LOCAL7 = re.compile(r"(?<![\w.#/+-])[2-9]\d{2}-\d{4}(?![\w-])")
 VANITY = re.compile(r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
                     r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])")
 NOT_PHONE_BEFORE = re.compile(r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf)\s*$")
+NUMBER_GATE = re.compile(r"\d\d\d|\d\.\d|\+ ?\d|\d\d[ .-]\d\d[ .-]\d\d")
+LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
+IPV4_GATE = re.compile(r"\d\.\d{1,3}\.\d")
+IPV6_GATE = re.compile(r"[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:")
+VANITY_GATE = re.compile(r"8(?:00|88|77|66|55|44|33)")
 KEYPAD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "22233344455566677778889999")
 
 
@@ -124,13 +129,13 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
 
 def _ips(text: str, ids) -> list[tuple[int, int]]:
     out = []
-    for m in IPV4.finditer(text):
+    for m in (IPV4.finditer(text) if IPV4_GATE.search(text) else ()):
         s = m.group()
         if NETMASK.match(s) or NOT_IP_BEFORE.search(text[max(0, m.start() - 20):m.start()]):
             continue
         if all(int(o) <= 255 for o in s.split(".")) and not _overlaps(*m.span(), ids):
             out.append(m.span())
-    if ":" in text:
+    if IPV6_GATE.search(text):
         for m in IPV6.finditer(text):
             try:
                 ipaddress.IPv6Address(m.group())
@@ -156,16 +161,15 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
                 not NOT_PHONE_BEFORE.search(text[max(0, a - 20):a]):
             out.append((a, b))
 
-    for m in VANITY.finditer(text):
+    for m in (VANITY.finditer(text) if VANITY_GATE.search(text) else ()):
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
         if len(digits.removeprefix("1")) >= 10:
             keep(*m.span())
     hints = list(PHONE_HINT.finditer(text))
     if hints:
         pn = _phonenumbers()
-        done = -1
         for h in hints:
-            if h.start() < done:
+            if _overlaps(h.start(), h.end(), out):
                 continue
             lo, hi = max(0, h.start() - 8), min(len(text), h.end() + 24)
             # a phone word nearby, or a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK")
@@ -176,7 +180,6 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
                 keep(a, b)
-            done = hi
     for m in LOCAL7.finditer(text):
         if PHONE_WORD.search(text[max(0, m.start() - 40):m.start()]):
             keep(*m.span())
@@ -192,18 +195,18 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US"
     if "@" in text or "!" in text:
         if found := _emails(text, ids):
             spans["email"] = found
-    if any(c.isdigit() for c in text):
-        if ssn := [m.span() for m in SSN.finditer(text)]:
+    if NUMBER_GATE.search(text):  # no number category can match without one of these
+        if "-" in text and (ssn := [m.span() for m in SSN.finditer(text)]):
             spans["ssn"] = ssn
-        cards = [m.span() for m in CARD.finditer(text)
-                 if 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19 and luhn_ok(d) and len(set(d)) > 1]
-        if cards:
-            spans["credit_card"] = cards
-        if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group())]:
-            spans["iban"] = iban
-        if "." in text or ":" in text:
-            if ips := _ips(text, ids):
-                spans["ip_address"] = ips
+        if LONG_DIGITS.search(text):
+            cards = [m.span() for m in CARD.finditer(text)
+                     if 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19 and luhn_ok(d) and len(set(d)) > 1]
+            if cards:
+                spans["credit_card"] = cards
+            if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group())]:
+                spans["iban"] = iban
+        if ips := _ips(text, ids):
+            spans["ip_address"] = ips
         taken = [s for cat in ("ssn", "credit_card", "iban", "ip_address", "message_id", "email")
                  for s in spans.get(cat, [])]
         if phones := _phones(text, phone_region, taken):
