@@ -79,6 +79,7 @@ LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 
 IPV4_GATE = re.compile(r"\d\.\d{1,3}\.\d")
 IPV6_GATE = re.compile(r"[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:")
 VANITY_GATE = re.compile(r"8(?:00|88|77|66|55|44|33)")
+DIGITS = set("0123456789")
 KEYPAD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "22233344455566677778889999")
 
 
@@ -121,8 +122,8 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
         line_start = text.rfind("\n", 0, m.start()) + 1
         if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20):m.start()]):
             out.append(m.span())
-    for m in BANG.finditer(text):
-        if not _overlaps(*m.span(), ids):
+    for m in BANG.finditer(text):  # one-letter parts are ASCII art ("o!o!o"), not hosts (fortunes-mario)
+        if min(map(len, m.group().split("!"))) > 1 and not _overlaps(*m.span(), ids):
             out.append(m.span())
     return out
 
@@ -157,8 +158,9 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
 
     def keep(a: int, b: int) -> None:
-        if not _overlaps(a, b, taken) and not _overlaps(a, b, out) and \
-                not NOT_PHONE_BEFORE.search(text[max(0, a - 20):a]):
+        digits = set(text[a:b]) & DIGITS  # "888888888" in ASCII art is not a number anyone dials
+        if len(digits) > 2 and not _overlaps(a, b, taken) and not _overlaps(a, b, out) and \
+                not NOT_PHONE_BEFORE.search(text[max(0, a - 20):a]) and not text[b:b + 1].isalnum():
             out.append((a, b))
 
     for m in (VANITY.finditer(text) if VANITY_GATE.search(text) else ()):
