@@ -31,7 +31,7 @@ DEFAULT_POLICY = {"email": "redact", "phone": "redact", "ssn": "block", "credit_
                   "ip_address": "redact", "iban": "block", "mrn": "block", "message_id": "redact"}
 
 # ------------------------------------------------------------------------------------------ Message-IDs
-MSGID = re.compile(r"<([^<>@\s]{1,250})@([^<>\s]{1,250})>")
+MSGID = re.compile(r"<([^<>@\s]{1,250})@([^<>\s]{1,250})(?:>|$)")  # $: a record cut inside the id
 MSGID_HEADER = re.compile(r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id|\bid"
                           r"|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$")
 ID_SHAPED = re.compile(r"\d{5,}|\$|\.fsf$|^\d+$|^\d{4}[A-Z][a-z]{2}\d")
@@ -44,7 +44,7 @@ MAIL_LINE = re.compile(r"(?i)(?:from|to|cc|bcc|reply-to|sender|path|received|ret
                        r"x-original-to|resent-from|resent-to)\b")
 MAIL_WORD = re.compile(r"(?i)(?:\bby|\bof|\bfor|\bto|\bfrom|\bmail|\(|<)\s*$")
 NOT_HOSTS = {"base", "localhost", "plt", "got", "home"}
-BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!])")
+BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(])")  # "(": C's return!puts(
 
 # ------------------------------------------------------------------------------------------ checksummed numbers
 SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
@@ -61,6 +61,7 @@ IBAN_LENGTH = {"AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE":
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d|-\d)")
 NOT_IP_BEFORE = re.compile(r"(?i)(?:version|ver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?"
                            r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$")
+NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|from|to|inet|server|dns|gateway|route|nameserver)\b|\[")
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
                   r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?![\w:])")
@@ -134,7 +135,10 @@ def _ips(text: str, ids) -> list[tuple[int, int]]:
         s = m.group()
         if NETMASK.match(s) or NOT_IP_BEFORE.search(text[max(0, m.start() - 20):m.start()]):
             continue
-        if all(int(o) <= 255 for o in s.split(".")) and not _overlaps(*m.span(), ids):
+        octets = s.split(".")
+        if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30):m.start()]):
+            continue  # "GCC 2.7.2.3": one-digit quads are versions unless the text talks about hosts
+        if all(int(o) <= 255 for o in octets) and not _overlaps(*m.span(), ids):
             out.append(m.span())
     if IPV6_GATE.search(text):
         for m in IPV6.finditer(text):

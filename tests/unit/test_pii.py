@@ -88,6 +88,9 @@ def test_detects_real_world_shapes(text, cat, span):
     ("iban GB82 WEST 1234 5698 7654 33 fails mod-97", "iban"),
     ("the 1.5 release on 2024-01-15 fixed 1599 bugs", "phone"),
     ("merged in lintian/lintian!452, no longer necessary", "email"),
+    ("#define q(k)main(){return!puts(#k\"\\nq(\"#k\")\")", "email"),  # found on the wider 25k corpus
+    ("Most likely you are using GCC 2.7.2.3 (or earlier)", "ip_address"),
+    ("_/oo OOOOO oo`  ooo   ooo  'o!o!o    o!o!o` 'o!o", "email"),  # ASCII art (fortunes-mario)
 ])
 def test_hard_negatives(text, cat):
     found = find_pii(text, MRN)
