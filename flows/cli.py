@@ -46,13 +46,24 @@ def _config(args):
     return load_config(args.config, _overrides(args.set))
 
 
+def _user_error_names() -> tuple[str, ...]:
+    seen, todo = set(), [LLMOpsError]
+    while todo:
+        cls = todo.pop()
+        seen.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return tuple(seen)
+
+
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs task failures with a traceback; for errors the user can fix the message is enough."""
+    """Prefect logs a failing task's exception up to four times (task failed, task state, flow failed, flow state);
+    for errors the user can fix the CLI prints the message once itself, so those log records are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], LLMOpsError):
-            record.exc_info, record.exc_text = None, None
-        return True
+            return False
+        msg = record.getMessage()
+        return not any(f"{name}:" in msg or f"{name}(" in msg for name in _user_error_names())
 
 
 def _quiet_user_errors() -> None:
@@ -61,22 +72,43 @@ def _quiet_user_errors() -> None:
             handler.addFilter(_NoTracebackForUserErrors())
 
 
-def preflight(cfg) -> None:
-    """Cheap checks before a flow starts, so common mistakes fail in one line without touching state."""
+def preflight_data(cfg) -> None:
+    """What reading and validating the data needs (no training settings)."""
     if not Path(cfg.data.path).exists():
         raise LLMOpsError("data path does not exist", f"data.path={cfg.data.path}", "point it at a file or directory")
     if cfg.model.source == "local":
         from tasks.model import check_hf_dir
 
         check_hf_dir(Path(cfg.model.path))
+
+
+def preflight(cfg) -> None:
+    """Cheap checks before a flow starts, so common mistakes fail in one line without touching state."""
+    preflight_data(cfg)
     if not Path(cfg.training.deepspeed_config).is_file():
         raise LLMOpsError("DeepSpeed config not found", f"training.deepspeed_config={cfg.training.deepspeed_config}",
                           "use one of infra/deepspeed/*.json")
 
 
+def validate(cfg, reuse: bool = True):
+    """The data validation `validate` and `train` run before anything else; raises one DataValidationError line."""
+    from tasks.model import validation_tokenizer
+    from tasks.validation import failed_error, validate_data
+
+    m = cfg.model
+    tok = validation_tokenizer(m.source, cfg.state_dir, m.path, m.tokenizer_path)
+    rep = validate_data(cfg.data, cfg.validation, Path(cfg.state_dir) / "validation", tok,
+                        workers=cfg.validation.workers, progress=sys.stderr.isatty(), reuse=reuse)
+    return rep, (failed_error(rep, cfg.data.path) if not rep.passed else None)
+
+
 def cmd_train(args) -> int:
     cfg = _config(args)
     preflight(cfg)
+    if cfg.validation.enabled:  # fail fast: bad data stops here, before Prefect starts or the model is resolved
+        _, error = validate(cfg, reuse=cfg.use_cache)
+        if error:
+            raise error
     from prefect.logging.configuration import setup_logging
 
     from flows.training import training_flow
@@ -89,26 +121,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    """Validate the data (GX + PII) without training; exit 2 if it fails."""
-    from tasks.validation import validate_data
-
+    """Validate the data (GX + PII) without training; exit 2 if it fails. Needs no training settings."""
     cfg = _config(args)
-    preflight(cfg)
-    if cfg.model.source == "local":
-        tok = str(cfg.model.path)
-    elif cfg.model.source == "tiny":
-        from tasks.model import SHIPPED_TOKENIZER
-
-        tok = str(cfg.model.tokenizer_path or SHIPPED_TOKENIZER)
-    else:
-        from tasks.model import SMOLLM2_DIR, model_cache
-
-        smol = model_cache(cfg.state_dir) / SMOLLM2_DIR
-        tok = str(smol) if (smol / "tokenizer.json").is_file() else None  # token check skipped until converted
-    rep = validate_data(cfg.data, cfg.validation, Path(cfg.state_dir) / "validation", tok)
+    preflight_data(cfg)
+    rep, error = validate(cfg, reuse=False)
     print(rep.summary_md)
-    if not rep.passed:
-        raise LLMOpsError("data validation failed", str(cfg.data.path), f"see the failures above and {rep.docs_path}")
+    if error:
+        raise error
     return 0
 
 
@@ -119,7 +138,13 @@ def cmd_check_config(args) -> int:
     preflight(cfg)
     print(f"{args.file}: valid")
     if args.show:
+        from llmops.config import pii_defaults
+
         print(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        print("# effective PII/PHI policy (validation.pii, merged over the defaults)")
+        defaults = pii_defaults()
+        for cat, policy in cfg.validation.pii.items():
+            print(f"#   {cat:<12} {policy:<7} {'(default)' if defaults.get(cat) == policy else '(set)'}")
     return 0
 
 
@@ -414,7 +439,7 @@ def cmd_governance(args) -> int:
     for u in data["users"].values():
         u["public_key"] = u["public_key"][:12] + "…"
     print(f"# {g.path}\n# digest {g.digest()}")
-    print(yaml.safe_dump(data, sort_keys=False), end="")
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 

@@ -141,7 +141,11 @@ def enrol_user(g: Governance, name: str, roles: list[str]) -> str:
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise LLMOpsError(f"invalid user name '{name}'", "llmops users add", "use letters, digits, - _ .")
     if unknown := sorted(set(roles) - set(g.roles)):
-        raise LLMOpsError(f"unknown roles {unknown}", str(g.path), f"use one of {sorted(g.roles)}")
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], list(g.roles), n=1)
+        raise LLMOpsError(f"unknown roles {unknown}" + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+                          str(g.path), f"use one of {sorted(g.roles)}")
     pem, pub = generate_keypair()
     g.users[name] = User(roles=sorted(set(roles)), public_key=pub)
     g.save()
