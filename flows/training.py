@@ -3,8 +3,8 @@
     llmops train --config configs/demo.yaml
     # or as a deployment entrypoint: flows/training.py:training_flow
 
-resolve the base model → validate the data with Great Expectations (PII/PHI block or redact; bad data stops
-here) → prepare data (fingerprint, split) → DP fine-tune through DeepSpeed (privacy ledger) → evaluate the
+validate the data with Great Expectations (control characters, PII/PHI block or redact; bad data stops here,
+before the model is resolved) → resolve the base model → prepare data (fingerprint, split) → DP fine-tune through DeepSpeed (privacy ledger) → evaluate the
 candidate (+ the production model on the same split) → gate → register in MLflow (alias `candidate` only if the
 gate passed).
 With `compression.enabled`, gated compressed variants (and an ONNX edge bundle) are built from the DP model and
@@ -20,7 +20,7 @@ from llmops.config import PipelineConfig
 from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
 from tasks.finetune import dp_finetune_task
-from tasks.model import resolve_model_task
+from tasks.model import resolve_model_task, validation_tokenizer
 from tasks.privacy import guarantee_problems
 from tasks.compression import compress_task
 from tasks.validation import validate_task
@@ -48,14 +48,16 @@ def evaluate_production_task(cfg: PipelineConfig, eval_path: str) -> dict | None
 def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
     refresh = {"refresh_cache": not config.use_cache}
-    model = resolve_model_task.with_options(**refresh)(config)
-    logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
     validation = None
     if config.validation.enabled:
+        m = config.model
         validation = validate_task(config.data, config.validation, str(config.state_dir / "validation"),
-                                   model["path"])
+                                   validation_tokenizer(m.source, config.state_dir, m.path, m.tokenizer_path),
+                                   config.use_cache)
         logger.info("data validation passed (%d records%s); Data Docs: %s", validation["n_records"],
-                    ", PII redacted" if validation["redacted"] else "", validation["docs_path"])
+                    ", cleaned copy used" if validation["cleaned"] else "", validation["docs_path"])
+    model = resolve_model_task.with_options(**refresh)(config)
+    logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
     data = prepare_data_task.with_options(**refresh)(config, validation["data_path"] if validation else None)
     # The privacy ledger and lineage key on the data as delivered: a redacted copy is the same people's data.
     data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"],

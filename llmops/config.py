@@ -3,8 +3,9 @@
     llmops check-config configs/demo.yaml
 
 Nested sections mirror the pipeline steps. Cross-field rules live here (validated when the config is
-built); single-value checks live where the value is used. Relative paths are resolved against the
-working directory the run starts in (the repo root for `make demo` and Prefect deployments).
+built); single-value checks live where the value is used. Relative paths written in a YAML file are resolved
+against that file's directory (a config works from any working directory); paths given with `--set` or in a
+Prefect deployment's parameters are resolved against the working directory the run starts in.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmops.errors import ConfigError
 
@@ -31,11 +32,45 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share, split by content hash")
     max_records: int | None = Field(None, gt=0, description="Cap for quick runs; None = all records")
     max_line_bytes: int = Field(1_000_000, gt=0, description="A longer JSONL/text line is rejected as corrupt")
+    encoding: str = Field("utf-8", description="Text encoding of the files (utf-8, latin-1, cp1252, utf-16...); "
+                                               "a UTF-8 byte-order mark is dropped")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding '{v}'{did_you_mean(v, ['utf-8', 'latin-1', 'cp1252', 'utf-16', 'ascii'])}"
+                             " (any Python codec name works)") from None
+        return v
     # Duplicates (same normalised text) in the train split are removed before training and reported: a record
     # present k times would otherwise be charged once but lose k times as much.
 
 
 PiiPolicy = Literal["block", "redact", "allow"]
+# Default policy per PII/PHI category. The categories themselves are the detectors' (tasks.validation.pii_categories);
+# one the detectors add without an entry here defaults to "redact": kept out of training, never silently allowed.
+PII_DEFAULTS: dict[str, str] = {
+    "email": "redact", "phone": "redact", "ssn": "block", "credit_card": "block", "ip_address": "redact",
+    "iban": "block", "mrn": "block", "message_id": "redact",
+}
+
+
+def pii_defaults() -> dict[str, str]:
+    """The default policy of every category the detectors report."""
+    from tasks.validation import pii_categories
+
+    return {c: PII_DEFAULTS.get(c, "redact") for c in pii_categories()}
+
+
+def did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class ValidationConfig(Section):
@@ -47,25 +82,35 @@ class ValidationConfig(Section):
     max_tokens: int | None = Field(4096, ge=1, description="Per record, with the model's tokenizer")
     max_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
     max_blank_rate: float = Field(0.0, ge=0.0, le=1.0)
-    # Per PII/PHI category: block fails the run, redact writes a redacted copy, allow only reports.
-    pii: dict[str, PiiPolicy] = Field(
-        default_factory=lambda: {
-            "email": "redact", "phone": "redact", "ssn": "block", "credit_card": "block",
-            "ip_address": "redact", "iban": "block", "mrn": "block",
-        }
-    )
+    max_examples: int = Field(5, ge=0, description="file:line examples each failing check reports (never the text)")
+    control_chars: Literal["strip", "block", "allow"] = Field(
+        "strip", description="C0/C1 control characters (tab, newline, CR kept) and U+FFFD: strip = remove them in the "
+                             "copy used for training (counted, reported with locations); block = fail; allow = keep")
+    workers: int | None = Field(None, ge=1, description="Processes that scan the data; None = one per CPU core")
+    # Per PII/PHI category: block fails the run, redact writes a redacted copy, allow only reports. A partial mapping
+    # (YAML `pii: {email: block}` or `--set validation.pii.email=block`) changes only the categories it names.
+    pii: dict[str, PiiPolicy] = Field(default_factory=pii_defaults,
+                                      description="Policy per category, merged over the defaults")
     mrn_patterns: list[str] = Field(
         default_factory=lambda: [r"\bMRN[:#\s]*\d{6,10}\b"],
         description="Regexes for medical record numbers (site-specific)",
     )
 
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _merge_over_defaults(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        defaults = pii_defaults()
+        if unknown := sorted(set(v) - set(defaults)):
+            raise ValueError(f"unknown PII category '{unknown[0]}'{did_you_mean(unknown[0], defaults)}; known: "
+                             f"{sorted(defaults)}")
+        return defaults | v
+
     @model_validator(mode="after")
     def _bounds(self) -> "ValidationConfig":
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
-        known = {"email", "phone", "ssn", "credit_card", "ip_address", "iban", "mrn"}
-        if unknown := sorted(set(self.pii) - known):
-            raise ValueError(f"unknown PII categories {unknown}; known: {sorted(known)}")
         return self
 
 
@@ -304,6 +349,44 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+def _path_fields(model: type[BaseModel] = None, prefix: tuple = ()) -> list[tuple]:
+    """Dotted locations of every Path-typed field (data.path, training.deepspeed_config, model.path, ...)."""
+    import typing
+
+    out = []
+    for name, f in (model or PipelineConfig).model_fields.items():
+        ann = f.annotation
+        args = typing.get_args(ann) or (ann,)
+        if Path in args:
+            out.append((*prefix, name))
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_path_fields(ann, (*prefix, name)))
+    return out
+
+
+def _relative_to(data: dict, base: Path) -> None:
+    """Rewrite relative paths in the YAML data as paths from `base` (the config file's directory)."""
+    for loc in _path_fields():
+        node = data
+        for key in loc[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(loc[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            node[loc[-1]] = str(path) if path.is_absolute() else os.path.normpath(base / path)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for did-you-mean on unknown keys)."""
+    model: Any = PipelineConfig
+    for key in loc:
+        f = model.model_fields.get(str(key)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if f is None:
+            return []
+        model = f.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
@@ -320,6 +403,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("top level must be a mapping of sections", str(path), "see configs/demo.yaml")
+    if path is not None:
+        _relative_to(data, Path(path).parent)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     try:
@@ -334,5 +419,7 @@ def config_error_from(e: ValidationError, path: str | Path | None, root: yaml.No
     line = _line_of(root, first["loc"])
     where = f"{path}:{line}" if path and line else (str(path) if path else "config")
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden" and first["loc"]:
+        msg += did_you_mean(first["loc"][-1], _fields_at(first["loc"][:-1]))
     more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return ConfigError(f"{field}: {msg}{more}", where, "fix that field (see configs/demo.yaml for a valid example)")

@@ -181,6 +181,19 @@ def load_model(path: str | Path, dtype: str = "float32"):
     return model, tok
 
 
+def validation_tokenizer(source: str, state_dir: str | Path, path: Path | None = None,
+                         tokenizer_path: Path | None = None) -> str | None:
+    """The tokenizer data validation counts tokens with, found without resolving (building, converting) the model,
+    so bad data fails before that cost. None for SmolLM2 until `llmops prepare-model` (or a run) converted it:
+    the token check is then skipped."""
+    if source == "local":
+        return str(path)
+    if source == "tiny":
+        return str(tokenizer_path or SHIPPED_TOKENIZER)
+    smol = model_cache(state_dir) / SMOLLM2_DIR
+    return str(smol) if (smol / "tokenizer.json").is_file() else None
+
+
 def _model_files(inputs) -> list:
     m = inputs["cfg"].model
     if m.source == "local":

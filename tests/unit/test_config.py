@@ -67,7 +67,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
     ("training:\n  batch_size: 4\n  micro_batch_size: 8\n", r"micro_batch_size \(8\) > batch_size \(4\)"),
     ("privacy:\n  target_epsilon: 20\n  dataset_budget_epsilon: 5\n", "exceeds dataset_budget_epsilon"),
     ("privacy:\n  noise_seed: 3\n", "needs privacy.reproducible_insecure"),
-    ("validation:\n  pii: {passport: block}\n", "unknown PII categories"),
+    ("validation:\n  pii: {passport: block}\n", "unknown PII category .passport."),
+    ("validation:\n  pii: {emial: block}\n", "did you mean .email."),
     ("compression:\n  enabled: true\n  distill: true\n", "distill_data"),
     ("model:\n  source: tiny\n  tiny: {hidden: 30, heads: 4}\n", "divisible"),
 ])

@@ -37,7 +37,7 @@ def test_fingerprint_is_content_identity(tmp_path):
     (b'{"text": "ok"}\n["a"]\n', "must be an object", 2),
     (b'{"text": "ok"}\n{"body": "x"}\n', "missing field 'text'", 2),
     (b'{"text": "ok"}\n{"text": 5}\n', "is int, not text", 2),
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "not valid UTF-8", 2),
+
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, match, line):
     p = tmp_path / "bad.jsonl"
@@ -50,7 +50,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, match, line):
 def test_enormous_line_rejected(tmp_path):
     p = tmp_path / "big.jsonl"
     p.write_text('{"text": "ok"}\n' + json.dumps({"text": "x" * 5000}) + "\n")
-    with pytest.raises(DataError, match=r"big.jsonl:2: line is 5,013 characters"):
+    with pytest.raises(DataError, match=r"big.jsonl:2: line is 5,012 characters"):
         load_dataset(p, max_line_bytes=1000)
 
 
@@ -92,3 +92,29 @@ def test_prepare_data_refuses_empty_split(tmp_path):
     with pytest.raises(DataError, match="split left"):
         prepare_data(p, tmp_path / "state", 0.1)
     assert not (tmp_path / "state").exists()
+
+
+def test_undecodable_file_named_with_line_and_the_setting(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"data.encoding=utf-8: 1 file\(s\) are not valid utf-8: {p}:2 \(byte 28\)"):
+        load_dataset(p)
+    assert load_dataset(p, encoding="cp1252").records[1].text == "café"
+
+
+def test_identity_regex_drops_exactly_the_invisible_code_points():
+    """identity() uses one precomputed regex class; it must equal the per-character definition (the privacy ledger
+    keys on it) for every code point, including the planes the class builder skips."""
+    import sys
+    import unicodedata
+
+    from tasks.data import _EXTRA_INVISIBLE, _INVISIBLE, identity
+
+    identity("x")
+    from tasks.data import _DROP
+
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        drop = not ch.isspace() and (unicodedata.category(ch) in _INVISIBLE or cp in _EXTRA_INVISIBLE)
+        assert bool(_DROP.fullmatch(ch)) == drop, hex(cp)
+    assert identity("a\u200bb\u00a0 c\x07\t\nd\ufeff") == "ab c d"

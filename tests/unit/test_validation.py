@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmops.config import DataConfig, ValidationConfig
+from llmops.errors import DataError
 from tasks.validation import DataValidationError, find_pii, iban_ok, luhn_ok, redact, validate_data
 from tests.conftest import ROOT, write_jsonl
 
@@ -69,19 +70,162 @@ def test_every_expectation_fails_on_crafted_bad_data(tmp_path, tokenizer_path):
     rows = [dict(r) for r in CLEAN[:30]]
     rows[1]["text"] = ""                                 # blank
     rows[2]["text"] = "x" * 500                          # too many chars and tokens
-    rows[3]["text"] = "bad \x07 control char"            # encoding sanity
+    rows[3]["text"] = "bad \x07 zebra text"              # control character (policy block)
     rows[4]["text"] = rows[5]["text"] = rows[6]["text"] = rows[7]["text"]  # duplicates
     rows[8]["text"] = "SSN 123-45-6789 leaked"           # blocked PII
     rows[9]["id"] = rows[10]["id"]                       # duplicate ids
     data, val = _cfg(write_jsonl(tmp_path / "bad.jsonl", rows), min_records=40, max_chars=300,
-                     max_duplicate_rate=0.05, min_eval_records=25)
+                     max_duplicate_rate=0.05, min_eval_records=25, control_chars="block")
     rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
     assert not rep.passed
-    text = "\n".join(rep.failures)
-    for expected in ("expect_table_row_count_to_be_between", "n_chars", "is_blank", "n_bad_chars", "text_hash",
-                     "is_eval", "n_tokens", "expect_column_values_to_be_unique on id", "ssn: 1 hit(s) in 1 record(s)"):
-        assert expected in text, expected
+    by_col = {c["column"]: c for c in rep.checks}
+    # every failing check: its count, the file:line of the records behind it, the setting that changes it
+    expected = {"n_chars": (2, ["bad.jsonl:2", "bad.jsonl:3"], "validation.max_chars"),
+                "is_blank": (1, ["bad.jsonl:2"], "validation.max_blank_rate"),
+                "n_control": (1, ["bad.jsonl:4"], "validation.control_chars"),
+                "text_hash": (3, ["bad.jsonl:6", "bad.jsonl:7", "bad.jsonl:8"], "validation.max_duplicate_rate"),
+                "id": (2, ["bad.jsonl:10", "bad.jsonl:11"], "data.id_field"),
+                "n_tokens": (1, ["bad.jsonl:3"], "validation.max_tokens"),
+                "pii_ssn": (1, ["bad.jsonl:9"], "validation.pii.ssn"),
+                "table": (30, [], "validation.min_records"), "is_eval": (5, [], "validation.min_eval_records")}
+    assert set(by_col) == set(expected)
+    for col, (count, where, setting) in expected.items():
+        c = by_col[col]
+        assert (c["count"], c["examples"], c["setting"]) == (count, where, setting), col
+    lines = {f.split(":")[0]: f for f in rep.failures}
+    for col in ("n_chars", "is_blank", "n_control", "text_hash", "id", "n_tokens", "ssn"):
+        assert " at bad.jsonl:" in lines[col] and "validation." in lines[col] or "data.id_field" in lines[col], col
+    assert "1 longer than validation.max_chars=300" in lines["n_chars"]
+    assert lines["ssn"].startswith("ssn: 1 hit(s) in 1 record(s) (policy block) at bad.jsonl:9")
     assert rep.pii["ssn"]["examples"] == ["bad.jsonl:9"]
+    report = json.loads(Path(rep.report_path).read_text())  # the JSON report carries the same locations
+    assert report["checks"] == rep.checks and report["failures"] == rep.failures
+    docs = "".join(f.read_text() for f in (tmp_path / "out").rglob("*.html"))
+    assert "bad.jsonl:4" in docs and "bad.jsonl:9" in docs  # Data Docs shows file:line of failing records
+    assert "123-45-6789" not in docs + json.dumps(report) and "zebra" not in docs + json.dumps(report)
+
+
+def test_control_chars_stripped_by_default_counted_with_locations(tmp_path, tokenizer_path):
+    rows = [dict(r) for r in CLEAN]
+    rows[2]["text"] = "b\bbo\bol\bld text, a bell \x07 and a C1 \x85 char\ttab"
+    rows[9]["text"] += "\x1b[0m"
+    data, val = _cfg(write_jsonl(tmp_path / "ctl.jsonl", rows))
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert rep.passed and rep.cleaned and rep.data_path != str(data.path)
+    cc = rep.control_chars
+    assert (cc["policy"], cc["count"], cc["records"], cc["examples"]) == ("strip", 6, 2, ["ctl.jsonl:3", "ctl.jsonl:10"])
+    copy = [json.loads(x)["text"] for x in Path(rep.data_path).read_text().splitlines()]
+    assert copy[2] == "bold text, a bell  and a C1  char\ttab" and copy[9].endswith("[0m") and len(copy) == len(rows)
+    assert "ctl.jsonl:3" in rep.summary_md and "validation.control_chars" in rep.summary_md
+    # the ledger charges the copy's records to the originals: an overstruck letter changed the identity of record
+    # 3, while dropping Cc characters alone (record 10) does not change a record's identity
+    from tasks.data import text_hash
+
+    sources = json.loads(Path(rep.source_map).read_text())
+    assert sources == {text_hash(copy[2]): [text_hash(rows[2]["text"])]}
+    assert text_hash(copy[9]) == text_hash(rows[9]["text"]) and rep.fingerprint != rep.source_fingerprint
+
+
+@pytest.mark.parametrize("policy", ["block", "allow"])
+def test_control_chars_block_or_allow(tmp_path, tokenizer_path, policy):
+    rows = [dict(r) for r in CLEAN]
+    rows[4]["text"] += " \x07"
+    data, val = _cfg(write_jsonl(tmp_path / "ctl.jsonl", rows), control_chars=policy)
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert rep.control_chars["count"] == 1 and rep.control_chars["examples"] == ["ctl.jsonl:5"]
+    if policy == "block":
+        assert not rep.passed and rep.failures == [
+            "n_control: 1 record(s) with control characters (policy block) at ctl.jsonl:5 — set "
+            "validation.control_chars: strip (the default) to remove them, or allow to keep them"]
+    else:
+        assert rep.passed and not rep.cleaned and rep.data_path == str(data.path)
+
+
+def test_partial_pii_settings_keep_the_other_categories(tmp_path, tokenizer_path):
+    from llmops.config import load_config, pii_defaults
+
+    p = tmp_path / "c.yaml"
+    p.write_text("validation:\n  pii: {email: block}\n")
+    for cfg in (load_config(p), load_config(None, {"validation.pii.email": "block"})):
+        assert cfg.validation.pii == pii_defaults() | {"email": "block"}
+        assert cfg.validation.pii["ssn"] == "block" and cfg.validation.pii["phone"] == "redact"
+    rows = [dict(r) for r in CLEAN]
+    rows[1]["text"] += " SSN 123-45-6789"
+    rows[2]["text"] += " jane@example.org"
+    data, _ = _cfg(write_jsonl(tmp_path / "pii.jsonl", rows))
+    rep = validate_data(data, load_config(p, {"validation.min_records": 20, "validation.min_eval_records": 3,
+                                              "validation.max_tokens": 80}).validation, tmp_path / "out",
+                        tokenizer_path)
+    assert not rep.passed and {f.split(":")[0] for f in rep.failures} == {"ssn", "email"}
+
+
+def test_latin1_via_data_encoding_and_every_bad_file_named(tmp_path, tokenizer_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    lines = [json.dumps({"id": r["id"], "text": r["text"] + " caf\u00e9"}, ensure_ascii=False) for r in CLEAN]
+    for name, part in (("a.jsonl", lines[:30]), ("b.jsonl", lines[30:45]), ("c.jsonl", lines[45:])):
+        (d / name).write_bytes(("\n".join(part) + "\n").encode("latin-1"))
+    (d / "ok.jsonl").write_text("")
+    data, val = _cfg(d)
+    with pytest.raises(DataError) as e:
+        validate_data(data, val, tmp_path / "out", tokenizer_path)
+    msg = str(e.value)
+    assert msg.startswith("data.encoding=utf-8: 3 file(s) are not valid utf-8: ") and "set data.encoding" in msg
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        assert f"{d / name}:1 (byte " in msg
+    data = data.model_copy(update={"encoding": "latin-1"})
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert rep.passed and rep.n_records == 60
+    from tasks.data import load_dataset
+
+    assert load_dataset(d, encoding="latin-1").records[0].text.endswith(" café")
+
+
+def test_utf8_bom_is_not_text(tmp_path, tokenizer_path):
+    p = write_jsonl(tmp_path / "bom.jsonl", CLEAN)
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    data, val = _cfg(p)
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert rep.passed and not rep.cleaned
+    from tasks.data import load_dataset
+
+    assert load_dataset(p).records[0].text == CLEAN[0]["text"]
+
+
+def test_parallel_chunks_give_the_same_report_as_one_pass(tmp_path, tokenizer_path):
+    rows = [dict(r) for r in CLEAN] * 3
+    rows = [{"id": f"{r['id']}-{i}", "text": r["text"] + f" {i}"} for i, r in enumerate(rows)]
+    rows[7]["text"] += " \x07 mail jane@example.org"
+    rows[150]["text"] = "x" * 400
+    data, val = _cfg(write_jsonl(tmp_path / "big.jsonl", rows), max_chars=300)
+    one = validate_data(data, val, tmp_path / "one", tokenizer_path, workers=1, reuse=False)
+    many = validate_data(data, val, tmp_path / "many", tokenizer_path, workers=2, chunk_bytes=2000, reuse=False)
+    assert many.failures == one.failures and "big.jsonl:151" in one.failures[0]
+    assert (many.fingerprint, many.source_fingerprint, many.pii, many.control_chars) == \
+           (one.fingerprint, one.source_fingerprint, one.pii, one.control_chars)
+    assert Path(many.data_path).read_bytes() == Path(one.data_path).read_bytes()
+    assert json.loads(Path(many.source_map).read_text()) == json.loads(Path(one.source_map).read_text())
+
+
+def test_tokens_counted_only_where_the_byte_bound_could_exceed(tmp_path, tokenizer_path):
+    from tasks.model import load_tokenizer
+
+    rows = [dict(r) for r in CLEAN]
+    rows[3]["text"] = "word " * 40  # 200 bytes > max_tokens: counted exactly
+    data, val = _cfg(write_jsonl(tmp_path / "t.jsonl", rows), max_tokens=100)
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    exact = len(load_tokenizer(tokenizer_path)(rows[3]["text"], add_special_tokens=False)["input_ids"])
+    assert rep.n_tokenized == 1 and exact > 0
+    assert rep.passed == (exact <= 100)
+
+
+def test_reused_report_for_identical_inputs(tmp_path, tokenizer_path):
+    data, val = _cfg(write_jsonl(tmp_path / "clean.jsonl", CLEAN))
+    first = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    again = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert again == first
+    write_jsonl(tmp_path / "clean.jsonl", CLEAN[:-1])  # new content: scanned again
+    assert validate_data(data, val, tmp_path / "out", tokenizer_path).n_records == len(CLEAN) - 1
 
 
 def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
@@ -96,11 +240,12 @@ def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
     assert rep.fingerprint != rep.source_fingerprint
     from tasks.data import text_hash  # the ledger charges each redacted record to the original it came from
 
-    sources = json.loads(Path(rep.source_map).read_text())
+    sources = json.loads(Path(rep.source_map).read_text())  # the ledger reads sources.get(h, [h])
     assert sources[text_hash(redacted[3])] == [text_hash(rows[3]["text"])]
-    assert sources[text_hash(redacted[0])] == [text_hash(rows[0]["text"])]
+    assert sources.get(text_hash(redacted[0]), [text_hash(redacted[0])]) == [text_hash(rows[0]["text"])]
+    assert rep.pii["email"]["examples"] == ["pii.jsonl:4"] and rep.pii["phone"]["examples"] == ["pii.jsonl:8"]
     for f in (tmp_path / "out").rglob("*"):  # reports, Data Docs, GX stores: no raw value anywhere
-        if f.is_file() and f.name != "redacted.jsonl":
+        if f.is_file() and f.name != "clean.jsonl":
             body = f.read_bytes()
             assert b"jane.doe@example.org" not in body and b"7946 0958" not in body, f
     assert "jane.doe" not in json.dumps(rep.__dict__)
@@ -123,9 +268,11 @@ def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tm
     rows = [json.loads(x) for x in Path(tiny_config.data.path).read_text().splitlines()]
     rows[0]["text"] += " SSN 123-45-6789"
     tiny_config.data.path = write_jsonl(tmp_path / "leaky.jsonl", rows)
-    with pytest.raises(DataValidationError, match="ssn: 1 hit"):
+    with pytest.raises(DataValidationError, match="ssn: 1 hit") as e:
         training_flow(config=tiny_config)
+    assert "leaky.jsonl:1" in str(e.value) and "report: " in str(e.value)
     state = Path(tiny_config.state_dir)
+    assert not (state / "models").exists()  # validation runs before the model is resolved (built) at all
     from llmops.governance import load_governance
 
     assert not (state / "runs").exists() and not Path(load_governance().ledger).exists()
