@@ -7,7 +7,7 @@ Scoring is span-level with overlap matching: a predicted span is a true positive
 of the same category (precision = such predictions / predictions); a labelled span is found if any prediction of
 its category overlaps it (recall = found / labelled). The set is tests/assets/pii_eval/records.jsonl (README there);
 `test` is the held-out split (id % 5 == 0) the detectors were not tuned on, `dev` the rest, `real` drops the
-marked synthetic insertions. Presidio runs its predefined pattern recognizers directly (nlp_artifacts=None),
+marked synthetic insertions, `fresh` the 200 records added after tuning (ids >= 1400). Presidio runs its predefined pattern recognizers directly (nlp_artifacts=None),
 with tldextract offline (its bundled public-suffix snapshot).
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ def load(split: str = "all") -> list[dict]:
     recs = [json.loads(x) for x in EVAL.read_text(encoding="utf-8").splitlines()]
     keep = {"all": lambda r: True, "real": lambda r: not r.get("synthetic"),
             "dev": lambda r: r["id"] % 5 != 0, "test": lambda r: r["id"] % 5 == 0,
-            "test-real": lambda r: r["id"] % 5 == 0 and not r.get("synthetic")}[split]
+            "test-real": lambda r: r["id"] % 5 == 0 and not r.get("synthetic"),
+            "fresh": lambda r: r["id"] >= 1400}[split]
     return [r for r in recs if keep(r)]
 
 
@@ -102,7 +103,7 @@ def table(name: str, s: dict, rate: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real"])
+    ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real", "fresh"])
     ap.add_argument("--no-presidio", action="store_true")
     ap.add_argument("--speed-corpus", default=str(ROOT / "data/sample/shakespeare.jsonl"),
                     help="JSONL with a 'text' field: records/s on ordinary text (the eval set is PII-dense on purpose)")

@@ -1,10 +1,11 @@
 """Rebuild the *unlabelled* records of the PII evaluation set from Debian packages (the labels are hand-checked;
 see README.md). Needs the packages unpacked under SRC (not run by the tests):
 
-    mkdir -p /tmp/pkgs && cd /tmp/pkgs && apt-get download fortunes fortunes-min emacs-common jargon-text \
+    mkdir -p /tmp/pkgs && cd /tmp/pkgs && apt-get download fortunes fortunes-min fortunes-mario emacs-common jargon-text \
         libpython3.11-testsuite miscfiles perl-doc sendmail-doc
     for f in *.deb; do d=${f%%_*}; mkdir -p x/$d; dpkg-deb -x $f x/$d; done
     .venv/bin/python tests/assets/pii_eval/build.py /tmp/pkgs/x > /tmp/pii_raw.jsonl
+    .venv/bin/python tests/assets/pii_eval/build.py /tmp/pkgs/x --speed-corpus > /tmp/pii_speed.jsonl  # bench only
 
 Records are chosen so that every category has positives and its hard negatives (numbers, dotted versions, '@'
 and '!' in non-address use) appear: every record of a source that holds a candidate pattern is kept, plus a
@@ -108,8 +109,19 @@ def extra_sources(src: Path):
             yield f"debian:fortunes-mario/{f.name}", [x.strip("\n") for x in read(f).split("\n%\n") if x.strip()]
 
 
+def speed_corpus(src: Path) -> None:
+    """Every record of the Usenet-era sources (25,078 records, unlabelled): the bench's ordinary-text speed corpus."""
+    keep = ("fortunes", "jargon", "emacs", "test_email")
+    for name, recs in sources(src):
+        if any(k in name for k in keep):
+            for t in recs:
+                print(json.dumps({"source": name, "text": t}, ensure_ascii=False))
+
+
 def main() -> None:
     src = Path(sys.argv[1])
+    if sys.argv[2:] == ["--speed-corpus"]:
+        return speed_corpus(src)
     rng = random.Random(13)
     seen, chosen = set(), []
     for kind, quota in QUOTA.items():
