@@ -304,11 +304,12 @@ def open_ledger(location: str | None = None) -> "PrivacyLedger":
         from llmops.governance import load_governance
 
         location = load_governance().ledger
+    if location.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(location)
     if "://" in location:
         scheme = location.split("://", 1)[0]
-        raise PrivacyError(f"privacy ledger '{scheme}://...' is not yet supported (SQLite only)",
-                           "governance file: privacy.ledger",
-                           "use an SQLite path on the machine that runs training until team mode adds Postgres")
+        raise PrivacyError(f"privacy ledger '{scheme}://...' is not supported", "governance file: privacy.ledger",
+                           "use an SQLite path (one machine) or a postgresql:// URL (a team)")
     return PrivacyLedger(location)
 
 
@@ -504,3 +505,65 @@ class PrivacyLedger:
                                    "re-plan the run (its reservation is kept)")
             db.execute("UPDATE runs SET status=?, history=?, epsilon=?, updated=? WHERE run_id=?",
                        (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), attempt_id))
+
+
+class _PgConn:
+    """The few SQLite idioms PrivacyLedger uses, spoken to PostgreSQL (psycopg 3): `?` placeholders, INSERT OR
+    IGNORE, WITHOUT ROWID, REAL (float8 here: epoch seconds and deltas need it)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        sql = sql.replace("?", "%s").replace(" WITHOUT ROWID", "").replace(" REAL", " DOUBLE PRECISION")
+        if "INSERT OR IGNORE" in sql:
+            sql = sql.replace("INSERT OR IGNORE", "INSERT") + " ON CONFLICT DO NOTHING"
+        return sql
+
+    def execute(self, sql: str, params=()):
+        if sql.startswith("PRAGMA"):
+            return iter(())
+        return self.conn.execute(self._sql(sql), params or None)
+
+    def executemany(self, sql: str, rows):
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql), list(rows))
+
+
+class PostgresLedger(PrivacyLedger):
+    """The same ledger on PostgreSQL, for a team (several training workers, one deployment). Every transaction
+    first takes one transaction-scoped advisory lock, so ledger transactions run one at a time, reads included:
+    the check-then-write of `reserve` cannot interleave (the Postgres counterpart of SQLite's BEGIN IMMEDIATE)."""
+
+    LOCK_KEY = 0x6C6C6D6F7073  # "llmops"
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = url.split("@")[-1]  # for messages: host/db, never the password
+        with self._tx() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
+                status TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, history TEXT NOT NULL,
+                epsilon REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, run_key TEXT NOT NULL DEFAULT '')""")
+            db.execute("""CREATE TABLE IF NOT EXISTS members (fingerprint TEXT NOT NULL, record TEXT NOT NULL,
+                PRIMARY KEY (fingerprint, record))""")
+            db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
+
+    @contextmanager
+    def _tx(self):
+        try:
+            import psycopg
+        except ImportError:
+            raise PrivacyError("the postgresql:// ledger needs psycopg", "governance file: privacy.ledger",
+                               "pip install 'llmops[team]' (psycopg[binary])") from None
+        try:
+            conn = psycopg.connect(self.url, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            raise PrivacyError(f"cannot reach the privacy ledger ({str(e).splitlines()[0][:160]})", self.path,
+                               "check governance privacy.ledger and that PostgreSQL is up") from None
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+                yield _PgConn(conn)
+        finally:
+            conn.close()

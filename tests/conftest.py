@@ -201,3 +201,39 @@ def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: fl
     eps = ledger.entry(aid).epsilon
     return {**tags, "llmops.dp.attempt_id": aid, "llmops.dp.epsilon": f"{eps:.6g}",
             "llmops.dp.epsilon_cumulative": f"{eps:.6g}"}
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL 15 (Debian's) on 127.0.0.1, initialised in a temp dir and stopped after the session.
+    initdb/pg_ctl refuse to run as root: as root they run as the `postgres` user."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("needs Debian's postgresql (apt-get install postgresql; .ci/run does)")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="llmops-pg-"))
+    as_pg = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+
+    def pg(*args, timeout=120):
+        subprocess.run([*as_pg, *args], check=True, capture_output=True, timeout=timeout)
+
+    pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", f"-k {root} -h 127.0.0.1 -p {port}", "-l",
+       str(root / "pg.log"), "-w", "start")
+    try:
+        pg(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "llmops")
+        yield f"postgresql://postgres@127.0.0.1:{port}/llmops"
+    finally:
+        subprocess.run([*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True,
+                       timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

@@ -336,3 +336,44 @@ def test_trainable_weight_shared_between_two_linears_is_refused():
         dp_linear_modules(Tied())
     with pytest.raises(PrivacyError, match="shared"):
         PerSampleClipper(Tied(), 1.0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n,fit", [(5, 2)])
+def test_concurrent_reserves_on_the_team_postgres_ledger(postgres_url, n, fit):
+    """The same race against the team ledger (governance `privacy.ledger: postgresql://...`), from separate
+    processes as separate training workers would: exactly the reservations that fit pass."""
+    import multiprocessing
+    import uuid
+
+    from tasks.privacy import PostgresLedger, open_ledger
+
+    delta, q, steps = 1e-5, 0.02, 200
+    run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
+    budget = (epsilon_of(run * fit, delta, "prv") + epsilon_of(run * (fit + 1), delta, "prv")) / 2
+    fp = f"fp-{uuid.uuid4().hex[:8]}"
+    assert isinstance(open_ledger(postgres_url), PostgresLedger)
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        results = pool.map(_pg_reserve, [(postgres_url, f"{fp}-a{i}", fp, run, delta, budget) for i in range(n)])
+    recs = sorted(f"{fp}-{r}" for r in "abc")  # records are global: fresh ones per test (the server is shared)
+    assert sorted(results).count(True) == fit and results.count(False) == n - fit
+    ledger = open_ledger(postgres_url)
+    assert ledger.spent(fp, delta) <= budget and len(ledger.entries(fp)) == fit
+    assert sorted(ledger.records(fp)) == recs
+    assert ledger.known([recs[0], "never-trained-on"]) == 1
+    # a second dataset sharing one record is charged for what that record already spent (record-level)
+    with pytest.raises(PrivacyError, match="already spent"):
+        ledger.reserve(f"{fp}-other", f"{fp}-other", run, delta, "prv", budget, records=[recs[0], "new"])
+
+
+def _pg_reserve(args):
+    url, attempt, fp, run, delta, budget = args
+    from tasks.privacy import PrivacyError, open_ledger
+
+    ledger = open_ledger(url)
+    try:
+        ledger.reserve(attempt, fp, run, delta, "prv", budget, records=[f"{fp}-{r}" for r in "abc"])
+        ledger.finish(attempt, run)
+        return True
+    except PrivacyError:
+        return False
