@@ -11,6 +11,9 @@ QUIET := 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 export LLMOPS_HOME ?= $(CURDIR)/.llmops
 export PREFECT_HOME ?= $(LLMOPS_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# The demo is its own deployment: its governance (roles, public keys, ledger, audit key) lives in this checkout.
+# Without make, llmops uses ~/.config/llmops/governance.yaml (or what LLMOPS_GOVERNANCE says).
+export LLMOPS_GOVERNANCE ?= $(LLMOPS_HOME)/governance/governance.yaml
 
 .PHONY: demo demo-stop test test-slow test-integration test-all env clean
 
@@ -31,8 +34,8 @@ DEMO_API := http://127.0.0.1:$(LLMOPS_PREFECT_PORT)/api
 DEMO_KEYS := $(LLMOPS_HOME)/demo-keys
 LLMOPS := $(VENV)/bin/llmops
 
-# The demo: a local Prefect server (UI at :4200); governance (admin-owned, ~/.config/llmops unless LLMOPS_GOVERNANCE
-# says otherwise) with demo users whose private keys go to $(DEMO_KEYS) (mode 600) and two targets in this clone;
+# The demo: a local Prefect server (UI at :4200); governance (admin-owned, $(LLMOPS_GOVERNANCE)) with demo users
+# whose private keys go to $(DEMO_KEYS) (mode 600) and two targets in this clone;
 # the training flow on the real SmolLM2; then a signed promotion request left waiting for a release manager.
 demo: env
 	@mkdir -p "$(PREFECT_HOME)"
@@ -45,7 +48,7 @@ demo: env
 	@$(LLMOPS) governance registry --uri "sqlite:///$(LLMOPS_HOME)/mlflow.db"
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) train --config configs/demo.yaml
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) promote --config configs/demo.yaml --version candidate --requested-by ml-alice --key-file "$(DEMO_KEYS)/ml-alice.key" --background
-	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Stop the server: $(LLMOPS) services stop"
+	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Governance: export LLMOPS_GOVERNANCE=$(LLMOPS_GOVERNANCE) (llmops audit verify, llmops ledger). Stop the server: $(LLMOPS) services stop"
 
 demo-stop:
 	$(VENV)/bin/llmops services stop
