@@ -42,7 +42,8 @@ demo: env
 	$(LLMOPS) services start
 	@$(LLMOPS) governance show >/dev/null 2>&1 || $(LLMOPS) governance init
 	@for u in ml-alice:ml-engineer rm-bob:release-manager rm-carol:release-manager; do n=$${u%%:*}; r=$${u##*:}; \
-	  test -f "$(DEMO_KEYS)/$$n.key" || $(LLMOPS) users add $$n --role $$r --key-out "$(DEMO_KEYS)/$$n.key"; done
+	  { test -f "$(DEMO_KEYS)/$$n.key" && $(LLMOPS) users list | grep -q "^$$n "; } || { rm -f "$(DEMO_KEYS)/$$n.key"; \
+	  $(LLMOPS) users add $$n --role $$r --key-out "$(DEMO_KEYS)/$$n.key"; }; done
 	@$(LLMOPS) governance target onprem --kind onprem --uri "$(LLMOPS_HOME)/targets/onprem"
 	@$(LLMOPS) governance target edge --kind edge --uri "$(LLMOPS_HOME)/targets/edge"
 	@$(LLMOPS) governance registry --uri "sqlite:///$(LLMOPS_HOME)/mlflow.db"
