@@ -14,7 +14,8 @@ How a record is scanned (each step is cheap; the expensive library call only run
    by "version", "section", "rev", "v", "see", "(" or followed by more dotted parts or a Debian revision "-1").
 4. Phones with Google's libphonenumber (`phonenumbers`): only on windows around a regex hit, leniency VALID for the
    configured default region anywhere, POSSIBLE next to a phone word ("phone", "call", "fax", ...); 7-digit local
-   numbers (`962-7873`) also need a phone word; toll-free vanity numbers (`1-800-DOT-6000`) are spelled to digits
+   numbers (`962-7873`) also need a phone word, and next to one a number the default region rejects is tried as a
+   national number of a few other regions (VALID only); toll-free vanity numbers (`1-800-DOT-6000`) are spelled to digits
    and kept when they have 7 after the toll-free prefix. A phone overlapping another category is dropped.
 """
 from __future__ import annotations
@@ -61,7 +62,8 @@ IBAN_LENGTH = {"AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE":
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d|-\d)")
 NOT_IP_BEFORE = re.compile(r"(?i)(?:version|ver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?"
                            r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$")
-NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|from|to|inet|server|dns|gateway|route|nameserver)\b|\[")
+VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
+NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|inet|server|dns|gateway|route|nameserver)\b|\[")
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
                   r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?![\w:])")
@@ -70,7 +72,9 @@ IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:
 # A cheap gate before libphonenumber: a digit group pattern a phone number could start with.
 PHONE_HINT = re.compile(r"(?<![\w.])(?:\+ ?\d[\d ().-]{5,}\d|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"
                         r"|\d{1,5}[ -]\d{2,4}[ -]\d{2,4}(?:[ -]\d{2,4})?)(?![\w.]\d)")
-PHONE_WORD = re.compile(r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|toll|number|hot ?line|ring)\b")
+PHONE_WORD = re.compile(r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|toll|hot ?line|ring|mobile|cell)\b")
+# Next to a phone word only, a number the default region rejects may be a national number of one of these (VALID).
+FALLBACK_REGIONS = ("GB", "DE", "FR", "IT", "ES", "NL", "IN", "AU", "JP", "BR")
 LOCAL7 = re.compile(r"(?<![\w.#/+-])[2-9]\d{2}-\d{4}(?![\w-])")
 VANITY = re.compile(r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
                     r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])")
@@ -134,7 +138,10 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
         if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20):m.start()]):
             out.append(m.span())
     for m in (BANG.finditer(text) if _has_bang_path(text) else ()):  # one-letter parts are ASCII art ("o!o!o"), not hosts (fortunes-mario)
-        if min(map(len, m.group().split("!"))) > 1 and not _overlaps(*m.span(), ids):
+        parts = m.group().split("!")
+        if len(parts) == 2 and not parts[1][0].islower():
+            continue  # "fun, fun, fun!Well": one bang before a capital is prose
+        if min(map(len, parts)) > 1 and not _overlaps(*m.span(), ids):
             out.append(m.span())
     return out
 
@@ -143,7 +150,8 @@ def _ips(text: str, ids) -> list[tuple[int, int]]:
     out = []
     for m in (IPV4.finditer(text) if IPV4_GATE.search(text) else ()):
         s = m.group()
-        if NETMASK.match(s) or NOT_IP_BEFORE.search(text[max(0, m.start() - 20):m.start()]):
+        before = text[max(0, m.start() - 30):m.start()]
+        if NETMASK.match(s) or NOT_IP_BEFORE.search(before[-20:]) or VERSION_ON_LINE.search(before):
             continue
         octets = s.split(".")
         if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30):m.start()]):
@@ -156,6 +164,8 @@ def _ips(text: str, ids) -> list[tuple[int, int]]:
                 ipaddress.IPv6Address(m.group())
             except ValueError:
                 continue
+            if sum(1 for g in m.group().split(":") if g) < 2 and m.group() != "::1":
+                continue  # "8::" in ASCII art parses as IPv6
             if not _overlaps(*m.span(), ids):
                 out.append(m.span())
     return out
@@ -191,7 +201,11 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
             # a phone word nearby, or a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK")
             near_word = PHONE_WORD.search(text[max(0, lo - 40):hi]) is not None or (out and lo - out[-1][1] < 40)
             leniency = pn.Leniency.POSSIBLE if near_word else pn.Leniency.VALID
-            for pm in pn.PhoneNumberMatcher(text[lo:hi], region, leniency=leniency):
+            found = list(pn.PhoneNumberMatcher(text[lo:hi], region, leniency=leniency))
+            for other in (FALLBACK_REGIONS if near_word and not found else ()):
+                if found := list(pn.PhoneNumberMatcher(text[lo:hi], other, leniency=pn.Leniency.VALID)):
+                    break  # "call 020 7946 0958" with region US: a national number of another region
+            for pm in found:
                 a, b = lo + pm.start, lo + pm.end
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
@@ -212,12 +226,12 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US"
         if found := _emails(text, ids):
             spans["email"] = found
     if NUMBER_GATE.search(text):  # no number category can match without one of these
-        if "-" in text and (ssn := [m.span() for m in SSN.finditer(text)]):
+        if "-" in text and (ssn := [m.span() for m in SSN.finditer(text) if not _overlaps(*m.span(), ids)]):
             spans["ssn"] = ssn
         if LONG_DIGITS.search(text):  # IBANs first: the digits of an IBAN can pass Luhn (held-out split, id 1250)
-            if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group())]:
+            if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group()) and not _overlaps(*m.span(), ids)]:
                 spans["iban"] = iban
-            cards = [m.span() for m in CARD.finditer(text) if not _overlaps(*m.span(), iban)
+            cards = [m.span() for m in CARD.finditer(text) if not _overlaps(*m.span(), iban + ids)
                      and 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19 and luhn_ok(d) and len(set(d)) > 1]
             if cards:
                 spans["credit_card"] = cards
