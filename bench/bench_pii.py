@@ -7,7 +7,8 @@ Scoring is span-level with overlap matching: a predicted span is a true positive
 of the same category (precision = such predictions / predictions); a labelled span is found if any prediction of
 its category overlaps it (recall = found / labelled). The set is tests/assets/pii_eval/records.jsonl (README there);
 `test` is the held-out split (id % 5 == 0) the detectors were not tuned on, `dev` the rest, `real` drops the
-marked synthetic insertions, `fresh` the 200 records added after tuning (ids >= 1400). Presidio runs its predefined pattern recognizers directly (nlp_artifacts=None),
+marked synthetic insertions, `fresh` the 200 records added after tuning (ids >= 1400). Presidio runs its
+predefined pattern recognizers directly (nlp_artifacts=None),
 with tldextract offline (its bundled public-suffix snapshot).
 """
 from __future__ import annotations

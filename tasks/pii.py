@@ -1,4 +1,4 @@
-"""PII/PHI detectors for training text, measured on real mail/Usenet-era text (tests/assets/pii_eval, bench/bench_pii.py).
+"""PII/PHI detectors for training text, measured on real mail/Usenet-era text (tests/assets/pii_eval).
 
     .venv/bin/python bench/bench_pii.py          # per-category precision/recall/F1 vs Presidio and the old regexes
 
@@ -15,8 +15,8 @@ How a record is scanned (each step is cheap; the expensive library call only run
 4. Phones with Google's libphonenumber (`phonenumbers`): only on windows around a regex hit, leniency VALID for the
    configured default region anywhere, POSSIBLE next to a phone word ("phone", "call", "fax", ...); 7-digit local
    numbers (`962-7873`) also need a phone word, and next to one a number the default region rejects is tried as a
-   national number of a few other regions (VALID only); toll-free vanity numbers (`1-800-DOT-6000`) are spelled to digits
-   and kept when they have 7 after the toll-free prefix. A phone overlapping another category is dropped.
+   national number of a few other regions (VALID only); toll-free vanity numbers (`1-800-DOT-6000`) are spelled
+   to digits and kept when they have 7 after the toll-free prefix. A phone overlapping another category is dropped.
 """
 from __future__ import annotations
 
@@ -137,11 +137,11 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
         line_start = text.rfind("\n", 0, m.start()) + 1
         if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20):m.start()]):
             out.append(m.span())
-    for m in (BANG.finditer(text) if _has_bang_path(text) else ()):  # one-letter parts are ASCII art ("o!o!o"), not hosts (fortunes-mario)
+    for m in (BANG.finditer(text) if _has_bang_path(text) else ()):
         parts = m.group().split("!")
         if len(parts) == 2 and not parts[1][0].islower():
             continue  # "fun, fun, fun!Well": one bang before a capital is prose
-        if min(map(len, parts)) > 1 and not _overlaps(*m.span(), ids):
+        if min(map(len, parts)) > 1 and not _overlaps(*m.span(), ids):  # one-letter parts: ASCII art "o!o!o"
             out.append(m.span())
     return out
 
