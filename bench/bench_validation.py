@@ -33,8 +33,7 @@ def make_data(path: Path, n: int) -> int:
     size = 0
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            a, b = rng.choice(src), rng.choice(src)
-            text = f"{a}\n{b}"[: rng.randint(250, 700)] + f" [{i}]"
+            text = "\n".join(rng.choice(src) for _ in range(4))[: rng.randint(200, 640)] + f" [{i}]"
             if i % 100 == 0:
                 text += f" Write to user{i}@example.org."
             if i % 200 == 7:
@@ -45,11 +44,14 @@ def make_data(path: Path, n: int) -> int:
     return size
 
 
-def run_cli(config: Path, home: Path) -> tuple[float, float, str]:
-    """Wall seconds and peak RSS (GB) of the CLI and all its children."""
+def run_cli(config: Path, home: Path) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user+sys, the CLI and its workers) and peak RSS (GB) of the process tree."""
+    import resource
+
     import psutil
 
     env = dict(os.environ, LLMOPS_HOME=str(home))
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "validate", "--config", str(config)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,9 +65,11 @@ def run_cli(config: Path, home: Path) -> tuple[float, float, str]:
         time.sleep(0.1)
     out, err = proc.communicate()
     dt = time.perf_counter() - t
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"validate failed ({proc.returncode}): {err[-2000:]}")
-    return dt, peak / 2**30, out
+    return dt, cpu, peak / 2**30, out
 
 
 def profile(n: int) -> None:
@@ -118,7 +122,10 @@ def main() -> None:
         return profile(args.profile)
     print(f"\nValidation end to end (llmops validate: workers, GX, Data Docs, report), {os.cpu_count()} cores, "
           f"max_tokens {args.max_tokens}")
-    print(f"{'records':>10}{'MB':>8}{'seconds':>9}{'records/s':>11}{'peak RSS GB':>13}  cleaned  tokenized")
+    print("(CPU s: user+sys of the CLI and its workers; records/s if 2 idle cores = records / (CPU s / 2); load: the "
+          "1-min load average before the run, other users' processes included)")
+    print(f"{'records':>10}{'MB':>8}{'seconds':>9}{'records/s':>11}{'CPU s':>8}{'2-core rec/s':>14}"
+          f"{'peak RSS GB':>13}{'load':>6}  cleaned  tokenized")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep or tmp)
         base.mkdir(parents=True, exist_ok=True)
@@ -130,11 +137,13 @@ def main() -> None:
             config.write_text(f"data: {{path: {data}}}\nmodel: {{source: tiny, max_seq_len: 64}}\n"
                               f"validation: {{min_records: 100, max_tokens: {args.max_tokens}, "
                               f"max_duplicate_rate: 0.5}}\n")
-            dt, peak, out = run_cli(config, base / f"home-{n}")
+            load = os.getloadavg()[0]
+            dt, cpu, peak, out = run_cli(config, base / f"home-{n}")
             report = json.loads(Path(out.split("Report: `", 1)[1].split("`", 1)[0]).read_text())
             assert report["passed"], report["failures"]
-            print(f"{n:>10,}{data.stat().st_size / 1e6:>8.0f}{dt:>9.1f}{n / dt:>11,.0f}{peak:>13.2f}  "
-                  f"{str(report['cleaned']):<8} {report['n_tokenized']:,}")
+            print(f"{n:>10,}{data.stat().st_size / 1e6:>8.0f}{dt:>9.1f}{n / dt:>11,.0f}{cpu:>8.1f}"
+                  f"{n / (cpu / 2):>14,.0f}{peak:>13.2f}{load:>6.1f}  {str(report['cleaned']):<8} "
+                  f"{report['n_tokenized']:,}")
 
 
 if __name__ == "__main__":

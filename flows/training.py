@@ -51,9 +51,9 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     validation = None
     if config.validation.enabled:
         m = config.model
+        # A report of identical inputs (bytes, settings, code) is reused: `llmops train` validated just before.
         validation = validate_task(config.data, config.validation, str(config.state_dir / "validation"),
-                                   validation_tokenizer(m.source, config.state_dir, m.path, m.tokenizer_path),
-                                   config.use_cache)
+                                   validation_tokenizer(m.source, config.state_dir, m.path, m.tokenizer_path))
         logger.info("data validation passed (%d records%s); Data Docs: %s", validation["n_records"],
                     ", cleaned copy used" if validation["cleaned"] else "", validation["docs_path"])
     model = resolve_model_task.with_options(**refresh)(config)

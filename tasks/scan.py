@@ -62,6 +62,7 @@ class Chunk:
     end: int
     first_line: int  # 1-based line number of the byte at `start`
     fmt: str
+    name: str = ""  # how reports name the file (relative to data.path)
 
 
 @dataclass
@@ -88,13 +89,15 @@ def ascii_compatible(encoding: str) -> bool:
 # ------------------------------------------------------------------------------------------------ main process
 
 
-def plan_chunks(files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+def plan_chunks(files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHUNK_BYTES,
+                names: list[str] | None = None) -> list[Chunk]:
     chunks = []
     for fi, f in enumerate(files):
+        name = names[fi] if names else f.name
         kind = fmt_of(f)
         size = f.stat().st_size
         if kind == "csv" or not ascii_compatible(encoding) or size <= chunk_bytes:
-            chunks.append(Chunk(len(chunks), fi, str(f), 0, size, 1, kind))
+            chunks.append(Chunk(len(chunks), fi, str(f), 0, size, 1, kind, name))
             continue
         sep = b"\n\n" if kind == "text" else b"\n"
         with open(f, "rb") as fh:
@@ -113,7 +116,7 @@ def plan_chunks(files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHU
                     end = start + len(block)
                     if pos >= 0:
                         break
-                chunks.append(Chunk(len(chunks), fi, str(f), start, end, line, kind))
+                chunks.append(Chunk(len(chunks), fi, str(f), start, end, line, kind, name))
                 line += block.count(b"\n")
                 start = end
     return chunks
@@ -241,12 +244,19 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
         out["parse_error"] = (e.line, e.what, e.fix)
         return out
     out["n_tokenized"] = _count_tokens(finals, spec, cols["n_tokens"])
+    import numpy as np
+
+    where = [f"{chunk.name}:{n}" for n in cols.pop("line")]
+    tokens = np.array([np.nan if t is None else t for t in cols.pop("n_tokens")], dtype=np.float64)
+    # int64: GX's between-check is vectorised only for int64/float64 columns (int32 falls back to a Python loop)
+    cols = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()} | {"n_tokens": tokens}
     if spec.copy_dir:
         part = Path(spec.copy_dir) / f"part-{chunk.index:06d}.jsonl"
         with open(part, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"id": r, "text": t}, ensure_ascii=False) + "\n" for r, t in zip(ids, finals))
         out["part"] = str(part)
-    out.update(n=len(ids), cols=cols, ids=ids, hashes=hashes, source_hashes=source_hashes, changed=changed)
+    out.update(n=len(ids), cols=cols, where=where, ids=ids, hashes=hashes, source_hashes=source_hashes,
+               changed=changed)
     return out
 
 

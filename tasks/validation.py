@@ -138,6 +138,7 @@ class ValidationReport:
     summary_md: str = ""
     source_map: str | None = None  # cleaned copy: JSON {copy record hash: [source record hashes]} (ledger)
     n_tokenized: int = 0  # records whose tokens were counted (the others provably fit max_tokens)
+    tokens: str = ""  # how the token check ran
     seconds: float = 0.0
 
 
@@ -362,9 +363,14 @@ def scan_data(data_cfg, val_cfg, files: list[Path], work: Path, tokenizer_path: 
         control_chars=val_cfg.control_chars, categories=pii_categories(), mrn_patterns=tuple(val_cfg.mrn_patterns),
         redact=tuple(c for c, p in val_cfg.pii.items() if p == "redact"), tokenizer=tokenizer_path,
         max_tokens=val_cfg.max_tokens, copy_dir=str(work))
-    chunks = scan.plan_chunks(files, lambda f: format_of(f, data_cfg.format), data_cfg.encoding,
-                              chunk_bytes or scan.CHUNK_BYTES)
-    workers = min(workers or len(os.sched_getaffinity(0)), len(chunks))
+    root = Path(data_cfg.path)
+    total = sum(f.stat().st_size for f in files)
+    cores = workers or len(os.sched_getaffinity(0))
+    # ~6 ranges per worker (so one slow range does not leave a core idle at the end), 1-8 MB each
+    size = chunk_bytes or min(scan.CHUNK_BYTES, max(1 << 20, total // (6 * cores)))
+    chunks = scan.plan_chunks(files, lambda f: format_of(f, data_cfg.format), data_cfg.encoding, size,
+                              [location(f, root) for f in files])
+    workers = min(cores, len(chunks))
     step, close = _progress(sum(c.end - c.start for c in chunks), progress)
     try:
         results = scan.run_chunks(chunks, spec, workers, step)
@@ -380,35 +386,29 @@ def scan_data(data_cfg, val_cfg, files: list[Path], work: Path, tokenizer_path: 
         if "parse_error" in r:
             line, what, fix = r["parse_error"]
             raise DataError(what, f"{c.path}:{line}", fix)
-    root = Path(data_cfg.path)
-    names = [location(f, root) for f in files]
-    return chunks, results, names
+    return results
 
 
-def derived_table(chunks, results, names, categories, limit: int | None):
+def derived_table(results, limit: int | None):
     """The table GX validates: one row per record, numbers and file:line only."""
     import numpy as np
     import pandas as pd
 
-    cols: dict[str, list] = {}
-    for r in results:
-        for k, v in r["cols"].items():
-            cols.setdefault(k, []).extend(v)
-    ids = [i for r in results for i in r["ids"]]
-    hashes = [h for r in results for h in r["hashes"]]
-    file_of = np.repeat([c.file_index for c in chunks], [r["n"] for r in results])
-    n = len(ids) if limit is None else min(limit, len(ids))
-    lines = cols.pop("line")
-    df = pd.DataFrame({
-        "where": [f"{names[f]}:{line}" for f, line in zip(file_of[:n].tolist(), lines[:n])],
-        "id": ids[:n], "text_hash": hashes[:n],
-        **{k: np.asarray(v[:n], dtype=np.int32) for k, v in cols.items() if k != "n_tokens"},
-    })
-    df["is_train"] = 1 - df["is_eval"]
-    if any(x is not None for x in cols["n_tokens"][:n]):
-        df["n_tokens"] = pd.array(cols["n_tokens"][:n], dtype="Float64").astype("float64")
+    done = [r for r in results if r["n"]]
+    n = sum(r["n"] for r in done) if limit is None else min(limit, sum(r["n"] for r in done))
+
+    def cat(key):
+        return [x for r in done for x in r[key]][:n]
+
+    df = pd.DataFrame({"where": cat("where"), "id": cat("ids"), "text_hash": cat("hashes"),
+                       **{k: np.concatenate([r["cols"][k] for r in done])[:n] for k in done[0]["cols"]}}
+                      if done else {"where": [], "id": [], "text_hash": []})
+    if done:
+        df["is_train"] = 1 - df["is_eval"]
+        if df["n_tokens"].isna().all():
+            df = df.drop(columns="n_tokens")
     sources, row = {}, 0
-    for r in results:
+    for r in done:
         for i, h in r["source_hashes"].items():
             if row + i < n:
                 sources[row + i] = h
@@ -457,6 +457,7 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     started = time.perf_counter()
     out = Path(out_dir)
     files = list_files(Path(data_cfg.path), data_cfg.format)
+    _import_gx_in_background()
     key = _input_key(data_cfg, val_cfg, files, tokenizer_path)
     cached = out / "runs" / f"{key[:32]}.json"
     if reuse and cached.is_file():
@@ -466,17 +467,16 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     work = out / f"tmp-{os.getpid()}-{key[:8]}"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        chunks, results, names = scan_data(data_cfg, val_cfg, files, work, tokenizer_path, workers, progress,
-                                           chunk_bytes)
-        df, sources = derived_table(chunks, results, names, pii_categories(), data_cfg.max_records)
+        results = scan_data(data_cfg, val_cfg, files, work, tokenizer_path, workers, progress, chunk_bytes)
+        df, sources = derived_table(results, data_cfg.max_records)
         if df.empty:
             raise DataError("no records found", str(data_cfg.path),
                             "check the file is not empty and data.format/text_field match it")
-        fp = fingerprint_of_hashes(df["text_hash"])
-        src_hashes = df["text_hash"].copy()
-        for i, h in sources.items():
-            src_hashes.iat[i] = h
-        source_fp = fingerprint_of_hashes(src_hashes) if sources else fp
+        hashes = df["text_hash"].tolist()
+        fp = fingerprint_of_hashes(hashes)
+        for i, h in sources.items():  # a plain list: item assignment on a pandas column copies it (copy-on-write)
+            hashes[i] = h
+        source_fp = fingerprint_of_hashes(hashes) if sources else fp
         final = out / source_fp[:16]
         final.mkdir(parents=True, exist_ok=True)
         changed = any(r["changed"] for r in results)
@@ -499,12 +499,33 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
         n_records=len(df), failures=[failure_line(f) for f in checks], checks=checks, pii=pii, control_chars=control,
         redacted=any(v["policy"] == "redact" and v["count"] for v in pii.values()), cleaned=changed, docs_path=docs,
         report_path=str(final / "report.json"), source_map=smap,
-        n_tokenized=sum(r.get("n_tokenized", 0) for r in results), seconds=round(time.perf_counter() - started, 2))
+        n_tokenized=sum(r.get("n_tokenized", 0) for r in results), seconds=round(time.perf_counter() - started, 2),
+        tokens=_token_note(tokenizer_path, val_cfg.max_tokens, sum(r.get("n_tokenized", 0) for r in results), len(df)))
     report.summary_md = summary_markdown(report, data_cfg.path)
     write_text_atomic(final / "report.json", json.dumps(asdict(report), indent=2))
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cached, json.dumps(asdict(report)))
     return report
+
+
+def _token_note(tokenizer_path: str | None, max_tokens: int | None, n: int, n_records: int) -> str:
+    if not max_tokens:
+        return "no token limit (validation.max_tokens: null)"
+    if not tokenizer_path:
+        return "skipped: the model's tokenizer is not available yet (run `llmops prepare-model`)"
+    if n >= n_records:
+        return f"all {n} records tokenized"
+    return (f"{n} record(s) tokenized; the other {n_records - n} have at most {max_tokens} UTF-8 bytes, so at most "
+            f"{max_tokens} tokens (byte-level BPE)")
+
+
+def _import_gx_in_background() -> None:
+    """Importing GX takes ~4 s; do it while the workers scan (run_gx's own import then waits for this one)."""
+    import threading
+
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    if "great_expectations" not in sys.modules:
+        threading.Thread(target=lambda: __import__("great_expectations"), daemon=True).start()
 
 
 def _pii_summary(df, val_cfg) -> dict:
@@ -532,6 +553,8 @@ Failures (count, example locations as file:line, the setting that changes it):
 {fails}
 
 {control}
+
+Tokens (setting `validation.max_tokens`): {rep.tokens}
 
 | PII/PHI category | hits | policy | example locations (file:line) |
 |---|---|---|---|
