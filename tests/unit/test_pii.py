@@ -12,7 +12,7 @@ MRN = [re.compile(r"\bMRN[:#\s]*\d{6,10}\b")]
 # Measured when the set was committed (bench/bench_pii.py); a change that lowers one of these is a regression.
 # (precision, recall) per category on all records; the goal is >= 0.95 / 0.95 (email, phone) and
 # recall >= 0.99 for the checksummed categories.
-FLOOR = {"email": (1.0, 1.0), "message_id": (1.0, 1.0), "phone": (1.0, 0.95), "ssn": (1.0, 1.0),
+FLOOR = {"email": (1.0, 1.0), "message_id": (1.0, 1.0), "phone": (1.0, 1.0), "ssn": (1.0, 1.0),
          "credit_card": (1.0, 1.0), "ip_address": (1.0, 1.0), "iban": (1.0, 1.0)}
 
 
