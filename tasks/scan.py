@@ -204,52 +204,62 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
         return out
     del raw
     mrn = [re.compile(p) for p in spec.mrn_patterns]
-    cats = spec.categories
     redact_cats = set(spec.redact)
     strip = spec.control_chars == "strip"
-    cols: dict[str, list] = {k: [] for k in ("line", "n_chars", "is_blank", "n_control", "n_tokens", "is_eval",
-                                             *(f"pii_{c}" for c in cats), *(f"found_{c}" for c in cats))}
-    ids, hashes, source_hashes, finals = [], [], {}, []
-    changed = False
+    find_pii, redact, control = detectors.find_pii, detectors.redact, CONTROL.search
+    lines, n_chars, blank, n_control, is_eval, ids, hashes, finals = [], [], [], [], [], [], [], []
+    hits: list[tuple[int, dict, dict]] = []  # (row, hits found, hits left after redaction): most rows have none
+    source_hashes, changed = {}, False
     try:
         check_line_lengths(text, spec.max_line_bytes, chunk.first_line)
         records = iter_records(text, chunk.fmt, Path(chunk.path).name, spec.text_field, spec.id_field, chunk.first_line)
         for i, (line, rid, body) in enumerate(records):
-            n_ctrl = len(CONTROL.findall(body))
+            n_ctrl = len(CONTROL.findall(body)) if control(body) else 0
             h = text_hash(body)
             final = strip_control(body) if strip and n_ctrl else body
-            spans = detectors.find_pii(final, mrn)
-            found = {c: len(spans.get(c, ())) for c in cats}
-            if redact_cats and any(found[c] for c in redact_cats):
-                final = detectors.redact(final, spans, redact_cats)
-                spans = detectors.find_pii(final, mrn)  # re-validate the redacted text
+            spans = find_pii(final, mrn)
+            if spans:
+                found = {c: len(v) for c, v in spans.items() if v}
+                if redact_cats.intersection(found):
+                    final = redact(final, spans, redact_cats)
+                    spans = find_pii(final, mrn)  # re-validate the redacted text
+                hits.append((i, found, {c: len(v) for c, v in spans.items() if v}))
             if final is not body:
                 changed = True
                 h_final = text_hash(final)
                 if h_final != h:
                     source_hashes[i] = h
                 h = h_final
-            cols["line"].append(line)
-            cols["n_chars"].append(len(final))
-            cols["is_blank"].append(not final.strip())
-            cols["n_control"].append(n_ctrl)
-            cols["is_eval"].append(int(h[:8], 16) / 0xFFFFFFFF < spec.eval_fraction)
-            for c in cats:
-                cols[f"found_{c}"].append(found[c])
-                cols[f"pii_{c}"].append(len(spans.get(c, ())))
+            lines.append(line)
+            n_chars.append(len(final))
+            blank.append(not final or final.isspace())
+            n_control.append(n_ctrl)
+            is_eval.append(int(h[:8], 16) / 0xFFFFFFFF < spec.eval_fraction)  # tasks.data.is_eval, exactly
             ids.append(rid)
             hashes.append(h)
             finals.append(final)
     except RecordError as e:
         out["parse_error"] = (e.line, e.what, e.fix)
         return out
-    out["n_tokenized"] = _count_tokens(finals, spec, cols["n_tokens"])
     import numpy as np
 
-    where = [f"{chunk.name}:{n}" for n in cols.pop("line")]
-    tokens = np.array([np.nan if t is None else t for t in cols.pop("n_tokens")], dtype=np.float64)
+    tokens: list = []
+    out["n_tokenized"] = _count_tokens(finals, spec, tokens)
+    n = len(ids)
     # int64: GX's between-check is vectorised only for int64/float64 columns (int32 falls back to a Python loop)
-    cols = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()} | {"n_tokens": tokens}
+    cols = {"n_chars": n_chars, "is_blank": blank, "n_control": n_control, "is_eval": is_eval}
+    cols = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+    for c in spec.categories:
+        cols[f"pii_{c}"], cols[f"found_{c}"] = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for row, found, left in hits:
+        for c, k in found.items():
+            if c in spec.categories:
+                cols[f"found_{c}"][row] = k
+        for c, k in left.items():
+            if c in spec.categories:
+                cols[f"pii_{c}"][row] = k
+    cols["n_tokens"] = np.array([np.nan if t is None else t for t in tokens], dtype=np.float64)
+    where = [f"{chunk.name}:{line}" for line in lines]
     if spec.copy_dir:
         part = Path(spec.copy_dir) / f"part-{chunk.index:06d}.jsonl"
         with open(part, "w", encoding="utf-8") as f:

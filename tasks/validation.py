@@ -469,6 +469,8 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     try:
         results = scan_data(data_cfg, val_cfg, files, work, tokenizer_path, workers, progress, chunk_bytes)
         df, sources = derived_table(results, data_cfg.max_records)
+        # the table holds the columns now: keep only what the copy and the report still need (peak memory)
+        results = [{k: r.get(k) for k in ("n", "part", "changed", "n_tokenized")} for r in results]
         if df.empty:
             raise DataError("no records found", str(data_cfg.path),
                             "check the file is not empty and data.format/text_field match it")
