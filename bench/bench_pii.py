@@ -60,7 +60,7 @@ def ours(text: str) -> dict:
 
 
 def old(text: str) -> dict:
-    from tasks.validation import find_pii  # the detectors as they were before tasks/pii.py
+    from pii_baseline import find_pii  # the detectors as they were before tasks/pii.py (frozen copy)
 
     return find_pii(text, MRN)
 
@@ -111,7 +111,7 @@ def main() -> None:
                     help="JSONL with a 'text' field: records/s on ordinary text (the eval set is PII-dense on purpose)")
     args = ap.parse_args()
     records = load(args.split)
-    detectors = {"tasks/pii.py": ours, "old (tasks/validation.py @ HEAD)": old}
+    detectors = {"tasks/pii.py": ours, "old (bench/pii_baseline.py = 9b982bf)": old}
     if not args.no_presidio:
         detectors["Presidio pattern recognizers"] = presidio_detector()
         detectors["Presidio, score >= 0.5"] = presidio_detector(0.5)

@@ -123,11 +123,14 @@ def test_redaction_placeholders_and_policy():
     assert PLACEHOLDER["message_id"] == "[MESSAGE_ID]"
 
 
-def test_same_interface_as_the_old_detectors():
-    """The lead swaps tasks/validation.py's find_pii/redact for these: same positional call, same result shape."""
+def test_validation_uses_these_detectors():
+    """Validation (scan workers, report, config's category list) runs tasks/pii.py, message_id included."""
+    from llmops.config import pii_defaults
     from tasks import validation
 
+    assert validation.find_pii is find_pii and validation.redact is redact
+    assert validation.pii_categories() == CATEGORIES and pii_defaults()["message_id"] == "redact"
     text = "Write to jane@example.org or call +1-415-555-0132; card 4111 1111 1111 1111."
-    new, old = find_pii(text, MRN), validation.find_pii(text, MRN)
-    assert set(new) == set(old) and all(isinstance(s, tuple) for v in new.values() for s in v)
-    assert redact(text, new, {"email"}) == validation.redact(text, old, {"email"})
+    spans = validation.find_pii(text, MRN)
+    assert set(spans) == {"email", "phone", "credit_card"}
+    assert validation.redact(text, spans, {"email"}) == text.replace("jane@example.org", "[EMAIL]")
