@@ -1,11 +1,12 @@
 """One parallel pass over the data files: the numbers validation checks, never the text.
 
-    scan(files, spec, workers=2)  ->  ScanResult (one row per record: location, lengths, flags, counts, hashes)
+    run_chunks(plan_chunks(files, ...), ScanSpec(...), workers=2)  ->  per byte range: columns of numbers (one row
+    per record: file:line, lengths, flags, control characters, PII hit counts), ids and content hashes
 
 Why this shape: validation must read ~1M records (~450 MB) at >= 10,000 records/s on 2 cores in under 2 GB.
-1. The main process cuts every file into byte ranges of ~8 MB that end at a newline (a blank line for plain text;
-   CSV and non-ASCII-compatible encodings such as UTF-16 stay one range per file), counting newlines on the way so
-   each range knows the line it starts at.
+1. The main process cuts every file into byte ranges of 1-8 MB (about six per worker, so no core idles at the end)
+   that end at a newline (a blank line for plain text; CSV and non-ASCII-compatible encodings such as UTF-16 stay
+   one range per file), counting newlines on the way so each range knows the line it starts at.
 2. Worker processes (spawned, one per core) each read their own range from disk, decode it (`data.encoding`, a
    UTF-8 BOM dropped), parse records, apply `validation.control_chars`, run the PII detectors and redact, hash,
    count tokens where the count could matter, and write their part of the cleaned copy.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK_BYTES = 8 << 20
@@ -63,19 +64,6 @@ class Chunk:
     first_line: int  # 1-based line number of the byte at `start`
     fmt: str
     name: str = ""  # how reports name the file (relative to data.path)
-
-
-@dataclass
-class ScanResult:
-    """Columns, one entry per record, in file order."""
-
-    columns: dict = field(default_factory=dict)
-    ids: list = field(default_factory=list)
-    hashes: list = field(default_factory=list)  # of the text as validated (cleaned/redacted)
-    source_hashes: dict = field(default_factory=dict)  # row -> hash of the record as read, where it differs
-    parts: list = field(default_factory=list)  # cleaned-copy part files, in order
-    changed: bool = False  # some record's text differs from the source (stripped or redacted)
-    n_tokenized: int = 0
 
 
 def ascii_compatible(encoding: str) -> bool:
