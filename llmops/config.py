@@ -95,6 +95,8 @@ class ValidationConfig(Section):
         default_factory=lambda: [r"\bMRN[:#\s]*\d{6,10}\b"],
         description="Regexes for medical record numbers (site-specific)",
     )
+    phone_region: str = Field("US", pattern=r"^[A-Z]{2}$",
+                              description="Default region for phone numbers without +country (libphonenumber), e.g. GB")
 
     @field_validator("pii", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ class ScanSpec:
     redact: tuple[str, ...] = ()  # categories replaced by placeholders
     categories: tuple[str, ...] = ()  # every PII category the detectors report
     mrn_patterns: tuple[str, ...] = ()
+    phone_region: str = "US"  # libphonenumber's default region for numbers without +country
     tokenizer: str | None = None
     max_tokens: int | None = None
     copy_dir: str | None = None  # write the cleaned copy's parts here (None: nothing can change the text)
@@ -205,12 +206,12 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
             n_ctrl = len(CONTROL.findall(body)) if control(body) else 0
             h = text_hash(body)
             final = strip_control(body) if strip and n_ctrl else body
-            spans = find_pii(final, mrn)
+            spans = find_pii(final, mrn, spec.phone_region)
             if spans:
                 found = {c: len(v) for c, v in spans.items() if v}
                 if redact_cats.intersection(found):
                     final = redact(final, spans, redact_cats)
-                    spans = find_pii(final, mrn)  # re-validate the redacted text
+                    spans = find_pii(final, mrn, spec.phone_region)  # re-validate the redacted text
                 hits.append((i, found, {c: len(v) for c, v in spans.items() if v}))
             if final is not body:
                 changed = True

@@ -282,7 +282,8 @@ def scan_data(data_cfg, val_cfg, files: list[Path], work: Path, tokenizer_path: 
         fmt=data_cfg.format, text_field=data_cfg.text_field, id_field=data_cfg.id_field, encoding=data_cfg.encoding,
         max_line_bytes=data_cfg.max_line_bytes, eval_fraction=data_cfg.eval_fraction,
         control_chars=val_cfg.control_chars, categories=pii_categories(), mrn_patterns=tuple(val_cfg.mrn_patterns),
-        redact=tuple(c for c, p in val_cfg.pii.items() if p == "redact"), tokenizer=tokenizer_path,
+        phone_region=val_cfg.phone_region, redact=tuple(c for c, p in val_cfg.pii.items() if p == "redact"),
+        tokenizer=tokenizer_path,
         max_tokens=val_cfg.max_tokens, copy_dir=str(work))
     root = Path(data_cfg.path)
     total = sum(f.stat().st_size for f in files)

@@ -251,6 +251,20 @@ def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
     assert "jane.doe" not in json.dumps(rep.__dict__)
 
 
+def test_phone_region_setting_reaches_the_scan_workers(tmp_path, tokenizer_path):
+    """A national number without +country is a phone only in its region: `validation.phone_region`."""
+    rows = [dict(r) for r in CLEAN]
+    rows[2]["text"] += " Office 0161 496 0000, Manchester."
+    path = write_jsonl(tmp_path / "uk.jsonl", rows)
+    counts = {}
+    for region in ("US", "GB"):
+        data, val = _cfg(path)
+        val = val.model_copy(update={"phone_region": region})
+        rep = validate_data(data, val, tmp_path / f"out-{region}", tokenizer_path)
+        counts[region] = (rep.pii.get("phone") or {}).get("count", 0)
+    assert counts == {"US": 0, "GB": 1}
+
+
 def test_blocked_pii_is_reported_without_values(tmp_path, tokenizer_path):
     rows = [dict(r) for r in CLEAN]
     rows[5]["text"] += " Card 4111 1111 1111 1111."
