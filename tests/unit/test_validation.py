@@ -307,3 +307,22 @@ def test_cli_validate_reports_and_fails_with_exit_2(tmp_path):
                         "validation.min_records=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Data validation: FAILED" in r.stdout and "123-45-6789" not in r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: data validation failed")
+
+
+def test_plain_text_cut_at_blank_lines_and_utf16(tmp_path, tokenizer_path):
+    """Text files are cut only at blank lines (a paragraph never splits across workers); UTF-16 stays one range."""
+    from tasks.data import load_dataset
+
+    paragraphs = [f"Paragraph {i} line one,\nline two of {i}." for i in range(80)]
+    p = tmp_path / "book.txt"
+    p.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    data, val = _cfg(p)
+    one = validate_data(data, val, tmp_path / "one", tokenizer_path, workers=1, reuse=False)
+    many = validate_data(data, val, tmp_path / "many", tokenizer_path, workers=2, chunk_bytes=300, reuse=False)
+    assert one.passed and many.passed and one.n_records == many.n_records == 80
+    assert many.fingerprint == one.fingerprint == load_dataset(p).fingerprint
+    u16 = tmp_path / "book16.txt"
+    u16.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-16")
+    rep = validate_data(data.model_copy(update={"path": u16, "encoding": "utf-16"}), val, tmp_path / "u16",
+                        tokenizer_path, workers=2, chunk_bytes=300, reuse=False)
+    assert rep.passed and rep.fingerprint == one.fingerprint
