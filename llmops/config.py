@@ -51,19 +51,13 @@ class DataConfig(Section):
 
 
 PiiPolicy = Literal["block", "redact", "allow"]
-# Default policy per PII/PHI category. The categories themselves are the detectors' (tasks.validation.pii_categories);
-# one the detectors add without an entry here defaults to "redact": kept out of training, never silently allowed.
-PII_DEFAULTS: dict[str, str] = {
-    "email": "redact", "phone": "redact", "ssn": "block", "credit_card": "block", "ip_address": "redact",
-    "iban": "block", "mrn": "block", "message_id": "redact",
-}
-
-
 def pii_defaults() -> dict[str, str]:
-    """The default policy of every category the detectors report."""
+    """The default policy of every category the detectors report (tasks.pii.DEFAULT_POLICY; a category without an
+    entry defaults to "redact": kept out of training, never silently allowed)."""
+    from tasks.pii import DEFAULT_POLICY
     from tasks.validation import pii_categories
 
-    return {c: PII_DEFAULTS.get(c, "redact") for c in pii_categories()}
+    return {c: DEFAULT_POLICY.get(c, "redact") for c in pii_categories()}
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -190,12 +190,16 @@ def test_ledger_location_and_budget_come_from_governance(isolated_governance, ti
     assert not list(cfg.state_dir.rglob("*ledger*"))
 
 
-def test_postgres_ledger_is_refused_until_team_mode_supports_it():
+def test_ledger_locations_other_than_sqlite_and_postgres_are_refused_and_errors_name_the_setting():
     from tasks.privacy import open_ledger
 
-    with pytest.raises(PrivacyError, match="not yet supported") as e:
-        open_ledger("postgresql://ledger@db/llmops")
+    with pytest.raises(PrivacyError, match="'mysql://...' is not supported") as e:
+        open_ledger("mysql://ledger@db/llmops")
     assert "governance file: privacy.ledger" in str(e.value)
+    port = __import__("tests.conftest", fromlist=["_free_port"])._free_port()  # nothing listens there
+    with pytest.raises(PrivacyError, match="cannot reach the privacy ledger") as e:
+        open_ledger(f"postgresql://ledger:s3cret@127.0.0.1:{port}/llmops")
+    assert "s3cret" not in str(e.value)  # the URL's password never reaches a message
 
 
 def test_csprng_poisson_sample_rate_and_independence():
