@@ -16,9 +16,6 @@ CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}\b")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-PLACEHOLDER = {"email": "[EMAIL]", "phone": "[PHONE]", "ssn": "[SSN]", "credit_card": "[CREDIT_CARD]",
-               "ip_address": "[IP_ADDRESS]", "iban": "[IBAN]", "mrn": "[MRN]"}
-
 
 def iban_ok(s: str) -> bool:  # the old rule (tasks/pii.py also checks each country's IBAN length)
     s = s.replace(" ", "")
@@ -67,15 +64,3 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern]) -> dict[str, list[tuple[
         for m in pat.finditer(text):
             add("mrn", m)
     return spans
-
-
-def redact(text: str, spans: dict[str, list[tuple[int, int]]], categories: set[str]) -> str:
-    cuts = sorted(((a, b, c) for c, ss in spans.items() if c in categories for a, b in ss), reverse=True)
-    last = len(text) + 1
-    for a, b, cat in cuts:  # right to left; overlapping spans keep the outer-most replacement
-        if b <= last:
-            text = text[:a] + PLACEHOLDER[cat] + text[b:]
-            last = a
-    return text
-
-
