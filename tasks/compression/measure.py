@@ -1,0 +1,191 @@
+"""Measurement: every variant reloaded from disk (hf / torchao / onnx) and run next to the original on the same
+inputs: size on disk, parameters, held-out perplexity, CPU tokens/s and latency p50/p95, and the comparison table."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks.compression.common import count_params, linear_sparsity, linear_weight_bytes, read_meta
+from tasks.compression.onnx import ONNX_FILE, onnx_matmul_weight_bytes, ort_logits, ort_session
+from tasks.compression.quantization import load_quantized
+from tasks.model import disk_bytes
+
+
+@dataclass
+class Loaded:
+    """A variant ready to run: `logits(input_ids, attention_mask)` whatever its format."""
+
+    logits: Callable
+    tok: Any
+    params: int
+    linear_bytes: int | None = None
+    sparsity: float | None = None
+
+
+def load_variant(path: str | Path) -> Loaded:
+    """Reload any variant from disk by its compression.json (hf / torchao / onnx)."""
+    import torch
+
+    from tasks.model import load_model, load_tokenizer
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta["format"] == "onnx":
+        session = ort_session(path / ONNX_FILE)
+        return Loaded(lambda ids, am: ort_logits(session, ids, am), load_tokenizer(path), meta.get("params"),
+                      onnx_matmul_weight_bytes(path / ONNX_FILE))
+    if meta["format"] == "torchao":
+        model, tok = load_quantized(path, meta["quantize"])
+    else:
+        model, tok = load_model(path)
+    model.eval()
+
+    def run(ids, am):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=am, use_cache=False).logits
+
+    run.model = model  # for callers that want the module (tests)
+    sparsity = linear_sparsity(model)
+    return Loaded(run, tok, count_params(model), linear_weight_bytes(model),
+                  None if sparsity is None else round(sparsity, 4))
+
+
+def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
+    from tasks.lm import encode, logits_nll
+
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        b = encode(runner.tok, texts[i:i + batch_size], max_len)
+        nll, n = logits_nll(runner.logits(b["input_ids"], b["attention_mask"]), b["input_ids"], b["attention_mask"])
+        total, count = total + nll, count + n
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def timing_input(tok, texts: list[str], max_len: int) -> dict:
+    """One batch-1 sequence of exactly max_len real tokens (no padding): the unit all variants are timed on."""
+    import torch
+
+    ids = tok("\n\n".join(texts), return_tensors="pt")["input_ids"][:, :max_len]
+    while ids.shape[1] < max_len:  # short eval text: repeat it
+        ids = torch.cat([ids, ids], 1)[:, :max_len]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int) -> dict[str, dict]:
+    """Forward latency per variant, interleaved round by round so machine noise hits every variant alike."""
+    from tqdm.auto import tqdm
+
+    for r in runners.values():  # warm-up: allocator, ORT graph, lazy inits
+        for _ in range(2):
+            r.logits(batch["input_ids"], batch["attention_mask"])
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in tqdm(range(rounds), desc="timing", unit="round", dynamic_ncols=True):
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r.logits(batch["input_ids"], batch["attention_mask"])
+            samples[name].append(time.perf_counter() - t0)
+    n_tok = batch["input_ids"].numel()
+    out = {}
+    for name, s in samples.items():
+        s = sorted(s)
+        p50 = statistics.median(s)
+        p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+        out[name] = {"latency_ms_p50": round(1000 * p50, 2), "latency_ms_p95": round(1000 * p95, 2),
+                     "tokens_per_s": round(n_tok / p50, 1)}
+    return out
+
+
+def measure(model_path: str, variants: list[dict], texts: list[str], max_len: int, cfg) -> dict:
+    """Run the original and every built variant (reloaded from disk) on the same text.
+
+    Updates each built entry of `variants` in place with its measurements and returns {"baseline", "variants",
+    "note"}; gating and the pick are the pipeline's (`tasks.compression.decide`)."""
+    import torch
+
+    threads = cfg.bench_threads
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))  # ORT sessions created below take the same count
+    try:
+        return _measure(model_path, variants, texts, max_len, cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: int, cfg) -> dict:
+    from tqdm.auto import tqdm
+
+    base_entry = {"name": "original", "path": str(model_path), "technique": "none", "format": "hf"}
+    todo = [base_entry, *[v for v in variants if v.get("built", True)]]
+    runners: dict[str, Loaded] = {}
+    for v in tqdm(todo, desc="reload + perplexity", unit="variant", dynamic_ncols=True):
+        runners[v["name"]] = r = load_variant(v["path"])
+        v.setdefault("format", read_meta(v["path"])["format"])
+        v.update(perplexity(r, texts, max_len), params=r.params, size_bytes=disk_bytes(v["path"]),
+                 sparsity=r.sparsity)
+        if r.linear_bytes is not None:
+            v["linear_bytes"] = r.linear_bytes
+    batch = timing_input(runners["original"].tok, texts, max_len)
+    timing = time_variants(runners, batch, cfg.bench_rounds)
+    base = base_entry
+    base.update(timing["original"], speedup=1.0, size_ratio=1.0, ppl_delta=0.0, linear_bytes_ratio=1.0,
+                size_mb=round(base["size_bytes"] / 1e6, 1))
+    for v in variants:
+        if not v.get("built", True):
+            continue
+        v.update(timing[v["name"]])
+        v["speedup"] = round(v["tokens_per_s"] / base["tokens_per_s"], 3)
+        v["size_mb"] = round(v["size_bytes"] / 1e6, 1)
+        v["size_ratio"] = round(v["size_bytes"] / base["size_bytes"], 3)
+        v["ppl_delta"] = v["perplexity"] / base["perplexity"] - 1
+        if "linear_bytes" in v:
+            v["linear_bytes_ratio"] = round(v["linear_bytes"] / base["linear_bytes"], 4)
+    note = (f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
+            f"(max_len {max_len}); latency = one forward of a batch-1, {max_len}-token sequence, "
+            f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
+            f"tokens/s = {max_len} / p50.")
+    return {"baseline": base, "variants": variants, "note": note}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+COLUMNS = [("variant", "name"), ("format", "format"), ("size MB", "size_mb"), ("size x", "size_ratio"),
+           ("params", "params"), ("sparsity", "sparsity"), ("Linear bytes x", "linear_bytes_ratio"),
+           ("perplexity", "perplexity"), ("ppl delta", "ppl_delta"), ("tokens/s", "tokens_per_s"),
+           ("speed-up", "speedup"), ("p50 ms", "latency_ms_p50"), ("p95 ms", "latency_ms_p95"), ("gate", "gate")]
+
+
+def table_rows(baseline: dict, variants: list[dict]) -> list[dict]:
+    rows = []
+    for v in [baseline, *variants]:
+        row = {}
+        for head, key in COLUMNS:
+            val = v.get(key)
+            if key == "gate":
+                val = "reference" if v is baseline else ("PASS" if v["passed"] else "FAIL")
+            elif key == "ppl_delta" and val is not None:
+                val = f"{val:+.2%}"
+            elif key == "sparsity" and val is not None:
+                val = f"{val:.1%}"
+            elif isinstance(val, float):
+                val = round(val, 3)
+            row[head] = "-" if val is None else val
+        rows.append(row)
+    return rows
+
+
+def table_markdown(rows: list[dict], variants: list[dict], note: str = "") -> str:
+    heads = [h for h, _ in COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(str(r[h]) for h in heads) + " |" for r in rows]
+    lines += ["", *(f"- **{v['name']}**: {'passed' if v['passed'] else 'FAILED'}: {v['reason']}" for v in variants)]
+    return "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"
