@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,14 +185,35 @@ def load_model(path: str | Path, dtype: str = "float32"):
 def validation_tokenizer(source: str, state_dir: str | Path, path: Path | None = None,
                          tokenizer_path: Path | None = None) -> str | None:
     """The tokenizer data validation counts tokens with, found without resolving (building, converting) the model,
-    so bad data fails before that cost. None for SmolLM2 until `llmops prepare-model` (or a run) converted it:
-    the token check is then skipped."""
+    so bad data fails before that cost. For SmolLM2 before its first conversion, only the tokenizer is extracted from
+    the GGUF (~4 s, once): the same tokenizer.json bytes either way, so the validation cache key does not change when
+    the model is converted later (a re-run reuses the first run's report)."""
     if source == "local":
         return str(path)
     if source == "tiny":
         return str(tokenizer_path or SHIPPED_TOKENIZER)
     smol = model_cache(state_dir) / SMOLLM2_DIR
-    return str(smol) if (smol / "tokenizer.json").is_file() else None
+    if (smol / "tokenizer.json").is_file():
+        return str(smol)
+    return str(smollm2_tokenizer(model_cache(state_dir)))
+
+
+def smollm2_tokenizer(cache_root: Path) -> Path:
+    """SmolLM2's tokenizer alone, from the GGUF, cached under `cache_root` (written atomically)."""
+    out = cache_root / (SMOLLM2_DIR + "-tokenizer")
+    if (out / "tokenizer.json").is_file():
+        return out
+    gguf = smollm2_gguf()
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent run got there first: same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _model_files(inputs) -> list:

@@ -9,6 +9,7 @@ Default store: `sqlite:///<state_dir>/mlflow.db` with artifacts in `<state_dir>/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -127,11 +128,21 @@ def download_hf_model(uri: str, name: str, alias_or_version: str, dest: str | Pa
 def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name: str, model_dir: str, params: dict,
                        metrics: dict, step_metrics: list[dict], artifacts: dict[str, str], texts: dict[str, str],
                        tags: dict[str, str], version_tags: dict[str, str], set_alias: bool) -> dict:
-    """Log a run + model, register a version with lineage tags; set `candidate` last (if `set_alias`)."""
+    """Log a run + model, register a version with lineage tags; set `candidate` last (if `set_alias`).
+
+    Idempotent: a re-run whose registration would be identical (same fine-tuned model, evaluation, gate, reports,
+    lineage; only the Prefect run differs) gets the version already registered instead of a copy of the weights."""
     import mlflow
 
     client = _client(uri)
     exp_id = experiment_id(client, experiment, state_dir, uri)
+    key = registration_key(model_name=model_name, params=params, metrics=metrics, step_metrics=step_metrics,
+                           texts=texts, version_tags=version_tags, set_alias=set_alias)
+    if found := _registered_before(client, exp_id, model_name, key, version_tags):
+        if set_alias:
+            retry(lambda: client.set_registered_model_alias(model_name, CANDIDATE, found["version"]))
+        return found | {"alias": CANDIDATE if set_alias else None}
+    tags = tags | {REGISTRATION_KEY: key}
     run = retry(lambda: client.create_run(exp_id, tags=tags, run_name=tags.get("llmops.run_name")))
     run_id = run.info.run_id
     try:
@@ -158,6 +169,35 @@ def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name:
                             "check the tracking server; the run was marked FAILED and no version was kept") from e
     return {"model_name": model_name, "version": str(version.version), "run_id": run_id, "experiment_id": exp_id,
             "model_uri": f"models:/{model_name}/{version.version}", "alias": CANDIDATE if set_alias else None}
+
+
+REGISTRATION_KEY = "llmops.registration_key"
+_RUN_SPECIFIC = ("prefect.flow_run_id", "prefect.flow_run_url")
+
+
+def registration_key(*, model_name: str, params: dict, metrics: dict, step_metrics: list, texts: dict,
+                     version_tags: dict, set_alias: bool) -> str:
+    """sha256 of everything a registration records except which Prefect run asked for it. The fine-tune is named by
+    its lineage tags (attempt id, run id, fingerprints); of the per-step metrics only what is released (epsilon)
+    enters, so nothing else computed from training records reaches the tag."""
+    released = [{"step": m.get("step"), "epsilon": m.get("epsilon")} for m in step_metrics]
+    body = {"model_name": model_name, "params": params, "metrics": metrics, "step_metrics": released,
+            "texts": texts, "tags": {k: v for k, v in version_tags.items() if k not in _RUN_SPECIFIC},
+            "set_alias": set_alias}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _registered_before(client, exp_id: str, model_name: str, key: str, version_tags: dict) -> dict | None:
+    """The READY version a finished run with this registration key produced, if its lineage tags still match."""
+    runs = retry(lambda: client.search_runs([exp_id], f"tags.`{REGISTRATION_KEY}` = '{key}' and "
+                                                      "attributes.status = 'FINISHED'", max_results=5))
+    for run in runs:
+        for mv in retry(lambda: client.search_model_versions(f"name='{model_name}' and run_id='{run.info.run_id}'")):
+            same = all(mv.tags.get(k) == v for k, v in version_tags.items() if k not in _RUN_SPECIFIC)
+            if mv.status == "READY" and same:
+                return {"model_name": model_name, "version": str(mv.version), "run_id": run.info.run_id,
+                        "experiment_id": exp_id, "model_uri": f"models:/{model_name}/{mv.version}", "reused": True}
+    return None
 
 
 def _delete_versions_of_run(client, model_name: str, run_id: str) -> None:

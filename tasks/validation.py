@@ -379,13 +379,13 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     started = time.perf_counter()
     out = Path(out_dir)
     files = list_files(Path(data_cfg.path), data_cfg.format)
-    _import_gx_in_background()
     key = _input_key(data_cfg, val_cfg, files, tokenizer_path)
     cached = out / "runs" / f"{key[:32]}.json"
     if reuse and cached.is_file():
         rep = ValidationReport(**json.loads(cached.read_text()))
         if Path(rep.data_path).is_file() and Path(rep.report_path).is_file():
             return rep
+    _import_gx_in_background()  # only when validating for real: the import costs ~4 s of CPU
     work = out / f"tmp-{os.getpid()}-{key[:8]}"
     work.mkdir(parents=True, exist_ok=True)
     try:

