@@ -16,6 +16,7 @@ import tempfile
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from llmops.caching import files_key
 from llmops.config import PipelineConfig
 from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
@@ -27,21 +28,30 @@ from tasks.validation import validate_task
 from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
 
 
-@task(name="evaluate-production", retries=2, retry_delay_seconds=5, persist_result=False)
-def evaluate_production_task(cfg: PipelineConfig, eval_path: str) -> dict | None:
-    """The model under alias `production`, scored on *this* run's held-out split (a fair comparison)."""
-    from tasks.evaluation import evaluate_model
-
+def production_identity(cfg: PipelineConfig) -> dict | None:
+    """Which registered version is `production` now (None if none): what its evaluation is cached on."""
     uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
     prod = production_version(uri, cfg.registry.model_name)
     if prod is None:
         return None
+    return {"uri": uri, "name": cfg.registry.model_name, "version": str(prod.version), "run_id": prod.run_id or "",
+            "source": prod.source or ""}
+
+
+@task(name="evaluate-production", retries=2, retry_delay_seconds=5, persist_result=True,
+      cache_policy=files_key(lambda i: [i["eval_path"]]))
+def evaluate_production_task(cfg: PipelineConfig, eval_path: str, production: dict) -> dict:
+    """The model under alias `production`, scored on *this* run's held-out split (a fair comparison). Cached on the
+    version's identity, the split's bytes and the settings: a re-run does not download and score it again."""
+    from tasks.evaluation import evaluate_model
+
+    prod = production
     with tempfile.TemporaryDirectory() as tmp:
-        path = download_hf_model(uri, cfg.registry.model_name, str(prod.version), tmp)
+        path = download_hf_model(prod["uri"], prod["name"], prod["version"], tmp)
         e = cfg.evaluation
         out = evaluate_model(str(path), eval_path, e.prompts, e.max_eval_records, cfg.model.max_seq_len,
                              e.max_new_tokens, cfg.model.dtype)
-    return out | {"version": str(prod.version)}
+    return out | {"version": prod["version"]}
 
 
 @flow(name="llmops-training", log_prints=True, validate_parameters=True)
@@ -90,7 +100,8 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     candidate = evaluate_candidate_task.with_options(**refresh)(
         tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,
         e.max_new_tokens, config.model.dtype)
-    incumbent = evaluate_production_task(config, eval_path)
+    production = production_identity(config)
+    incumbent = evaluate_production_task.with_options(**refresh)(config, eval_path, production) if production else None
     policy = GatePolicy(e.max_loss_increase, e.max_latency_ratio, e.require_private)
     decision = decision_dict(should_promote(candidate, incumbent, policy, p,
                                             f"v{incumbent['version']}" if incumbent else None))

@@ -95,8 +95,31 @@ def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tin
 
     from flows.retraining import retraining_flow
     from tasks.registry import tracking_uri
+    # the same registration again is the same MLflow version (no second copy of the weights)
+    assert second["registered"]["version"] == first["registered"]["version"] == "1"
 
     first = retraining_flow(config=tiny_config, open_promotion=False)
+    # with a production model, its evaluation on this split is computed once, then cached on (version, split bytes)
+    import mlflow
+
+    from tasks import evaluation
+    from tasks.registry import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
+    client.set_registered_model_alias(tiny_config.registry.model_name, "production", "1")
+    third = training_flow(config=tiny_config)
+    assert third["production_eval"]["version"] == "1"
+
+    def no_scoring(*a, **k):
+        raise AssertionError("evaluated again although nothing changed")
+
+    real, evaluation.evaluate_model = evaluation.evaluate_model, no_scoring
+    try:
+        fourth = training_flow(config=tiny_config)
+    finally:
+        evaluation.evaluate_model = real
+    assert fourth["production_eval"] == third["production_eval"]
+    assert fourth["registered"]["version"] == third["registered"]["version"]
     assert first["status"] == "trained"
     client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", first["registered"]["version"])
