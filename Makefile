@@ -29,12 +29,14 @@ $(VENV)/.installed: pyproject.toml
 
 env: $(VENV)/.installed
 
-LLMOPS_PREFECT_PORT ?= 4200
+export LLMOPS_PREFECT_PORT ?= 4200
+export LLMOPS_MLFLOW_PORT ?= 5000
 DEMO_API := http://127.0.0.1:$(LLMOPS_PREFECT_PORT)/api
+DEMO_MLFLOW := http://127.0.0.1:$(LLMOPS_MLFLOW_PORT)
 DEMO_KEYS := $(LLMOPS_HOME)/demo-keys
 LLMOPS := $(VENV)/bin/llmops
 
-# The demo: a local Prefect server (UI at :4200); governance (admin-owned, $(LLMOPS_GOVERNANCE)) with demo users
+# The demo: a local Prefect server (UI at :4200) and MLflow tracking server (UI at :5000); governance (admin-owned, $(LLMOPS_GOVERNANCE)) with demo users
 # whose private keys go to $(DEMO_KEYS) (mode 600) and two targets in this clone;
 # the training flow on the real SmolLM2; then a signed promotion request left waiting for a release manager.
 demo: env
@@ -46,10 +48,10 @@ demo: env
 	  $(LLMOPS) users add $$n --role $$r --key-out "$(DEMO_KEYS)/$$n.key"; }; done
 	@$(LLMOPS) governance target onprem --kind onprem --uri "$(LLMOPS_HOME)/targets/onprem"
 	@$(LLMOPS) governance target edge --kind edge --uri "$(LLMOPS_HOME)/targets/edge"
-	@$(LLMOPS) governance registry --uri "sqlite:///$(LLMOPS_HOME)/mlflow.db"
+	@$(LLMOPS) governance registry --uri "$(DEMO_MLFLOW)"
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) train --config configs/demo.yaml
 	PREFECT_API_URL=$(DEMO_API) $(LLMOPS) promote --config configs/demo.yaml --version candidate --requested-by ml-alice --key-file "$(DEMO_KEYS)/ml-alice.key" --background
-	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Governance: export LLMOPS_GOVERNANCE=$(LLMOPS_GOVERNANCE) (llmops audit verify, llmops ledger). Stop the server: $(LLMOPS) services stop"
+	@echo "Demo release managers' keys: $(DEMO_KEYS)/rm-bob.key, $(DEMO_KEYS)/rm-carol.key. Governance: export LLMOPS_GOVERNANCE=$(LLMOPS_GOVERNANCE) (llmops audit verify, llmops ledger). Overview: $(LLMOPS) status. Stop the servers: $(LLMOPS) services stop"
 
 demo-stop:
 	$(VENV)/bin/llmops services stop

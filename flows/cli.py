@@ -4,7 +4,8 @@
     llmops check-config configs/demo.yaml
     llmops prepare-model --config configs/demo.yaml
     llmops validate --config configs/demo.yaml                  # GX + PII/PHI report, no training
-    llmops services start|stop                                  # local Prefect server (UI) on 127.0.0.1
+    llmops services start|stop [--team]                         # Prefect + MLflow (UIs) on 127.0.0.1
+    llmops status [--json]                                      # services, pending approvals, production
     llmops governance init|show|target NAME --kind K --uri U    # admin: the policy outside any run config
     llmops users add NAME --role release-manager [--key-out F]  # admin: enrol; prints the private key once
     llmops promote --config configs/demo.yaml --requested-by ml-alice --key-file alice.key [--background]
@@ -165,15 +166,74 @@ def _state_dir(args) -> Path:
         else Path(os.environ.get("LLMOPS_HOME", ".llmops"))
 
 
+def _team_governance(info: dict):
+    """Point the admin's governance at team mode (ledger on Postgres, registry = the MLflow server, an `s3` target
+    in SeaweedFS), each change audited like `llmops governance`; the old SQLite ledger's charges move along."""
+    from llmops.governance import TargetSpec, load_governance
+    from tasks.access import init_governance
+
+    g = load_governance()
+    if not g.path.is_file():
+        g = init_governance()
+        _audit_admin(g, "governance-created")
+    if g.ledger != info["ledger"]:
+        from tasks.privacy import copy_ledger
+
+        moved = copy_ledger(g.ledger, info["ledger"])
+        g.privacy.ledger = info["ledger"]
+        g.save()
+        _audit_admin(g, "ledger-moved", ledger=info["ledger"].split("@")[-1], attempts_copied=moved)
+    if g.registry_uri != info["mlflow"]:
+        g.registry_uri = info["mlflow"]
+        g.save()
+        _audit_admin(g, "registry-pinned", registry=info["mlflow"])
+    s3 = TargetSpec(kind="s3", uri="s3://models/", endpoint_url=info["s3"], credentials_file=info["s3_credentials"])
+    if g.targets.get("s3") != s3:
+        g.targets["s3"] = s3
+        g.save()
+        _audit_admin(g, "target-set", target="s3", kind="s3", uri=s3.uri, models=s3.models)
+    return g
+
+
 def cmd_services(args) -> int:
+    import time
+
     from llmops import services
 
     state = Path(os.environ.get("LLMOPS_HOME", ".llmops"))
-    if args.action == "start":
-        url = services.start_prefect(state)
-        print(f"Prefect server: {url.removesuffix('/api')}  (export PREFECT_API_URL={url})")
+    t0 = time.time()
+    if args.action == "env":
+        env = services.team_env(state) if services.read_record(state).get("mode") == "team" else {
+            "PREFECT_API_URL": services.read_record(state).get("prefect", {}).get("url", services.api_url())}
+        print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
+        return 0
+    if args.action == "stop":
+        stopped = services.stop_team(state) if args.team else services.stop_embedded(state)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "not running")
+        return 0
+    if args.team:
+        from llmops.governance import governance_path
+
+        rec = services.start_team(state, governance_path(), configure=_team_governance)
     else:
-        print("stopped" if services.stop_prefect(state) else "not running")
+        rec = services.start_embedded(state)
+    print(f"services up in {time.time() - t0:.1f}s ({'team mode' if args.team else 'embedded'}, state {state}):")
+    for name, e in rec.items():
+        if isinstance(e, dict):
+            print(f"  {name:<17} {e.get('ui', e['url']):<32} pid {e.get('pid') or '-':<8} log {e.get('log', '')}")
+    if args.team:
+        print(f"Clients: eval \"$(llmops services env)\"  (Prefect API URL + auth string from "
+              f"{services.team_dir(state) / 'secrets.json'}, mode 600)")
+    else:
+        print(f"export PREFECT_API_URL={rec['prefect']['url']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from llmops import status
+
+    report = status.collect(Path(os.environ.get("LLMOPS_HOME", ".llmops")))
+    print(json.dumps(report, indent=2) if args.json else status.render(report))
     return 0
 
 
@@ -245,7 +305,7 @@ def _print_approval_help(run_id, requested_by: str, log: Path, services, registr
     who = ", ".join(g.holders("approve-promotion")) or "nobody yet (an admin runs `llmops users add`)"
     print(f"""
 Waiting for approval (requested by {requested_by}, signed). Release managers: {who}.{registry}
-  Prefect UI : {services.ui_run_url(str(run_id))}
+  Prefect UI : {services.ui_run_url(str(run_id), ui=os.environ.get("PREFECT_API_URL", "").removesuffix("/api") or None)}
                1. llmops approval-code {run_id} --approver <release-manager> --key-file <their key>
                2. in the UI: Resume, switch Approve on, enter the approver name + that code, Resume
   CLI        : llmops approve {run_id} --approver <release-manager> --key-file <their key>
@@ -275,9 +335,13 @@ def cmd_promote(args) -> int:
     if args.background:
         from tasks.registry import tracking_uri
 
+        from tasks.registry import model_version_url
+
         uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
-        where = f"\n  MLflow     : models:/{cfg.registry.model_name}/{version} (tracking URI {uri}; `mlflow ui " \
-                f"--backend-store-uri {uri}` shows it with its model card)" if "://" in uri else ""
+        link = model_version_url(uri, cfg.registry.model_name, version)
+        where = f"\n  MLflow UI  : {link}  (model card, plots, evidence)" if link else \
+            f"\n  MLflow     : models:/{cfg.registry.model_name}/{version} (tracking URI {uri}; `llmops services " \
+            f"start` serves the MLflow UI)"
         return _background(args, "llmops-promotion", where)
     from prefect.logging.configuration import setup_logging
 
@@ -524,9 +588,16 @@ def parser() -> argparse.ArgumentParser:
         func=cmd_validate)
     with_config(sub.add_parser("prepare-model", help="convert/cache the base model")).set_defaults(
         func=cmd_prepare_model)
-    sv = sub.add_parser("services", help="start/stop the local Prefect server")
-    sv.add_argument("action", choices=["start", "stop"])
+    sv = sub.add_parser("services", help="start/stop the local Prefect + MLflow servers (--team: on Postgres + S3)",
+                        epilog="example: llmops services start --team && eval \"$(llmops services env)\"")
+    sv.add_argument("action", choices=["start", "stop", "env"], help="env prints the client settings to export")
+    sv.add_argument("--team", action="store_true", help="PostgreSQL, SeaweedFS, Prefect with API auth, MLflow on "
+                                                        "Postgres + S3, training and promotion workers")
     sv.set_defaults(func=cmd_services)
+    st = sub.add_parser("status", help="services, pending approvals, production version per model",
+                        epilog="example: llmops status --json")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
     pr = with_config(sub.add_parser("promote", help="run the promotion flow (pauses for approval)"))
     pr.add_argument("--version", default="candidate", help="version number or alias (default: candidate)")
     pr.add_argument("--requested-by", required=True, help="your enrolled user name (the request is signed)")

