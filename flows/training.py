@@ -95,7 +95,8 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
         compression = compress_task.with_options(**refresh)(
             tuned["model_path"], str(config.state_dir / "compression" / tuned["run_id"]), config.compression,
             eval_path, config.model.max_seq_len, [data["train_path"], data["eval_path"]])
-        logger.info("compression: selected %s; edge bundle %s", compression["selected"], compression["edge"])
+        logger.info("compression: selected %s; edge bundle %s", compression.get("selected_reason"),
+                    compression.get("edge_reason"))
 
     candidate = evaluate_candidate_task.with_options(**refresh)(
         tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,

@@ -6,7 +6,9 @@
 hidden tmp dir and renamed, so a failure never leaves a half variant). Every variant is then *reloaded from disk*
 and run next to the original on the same inputs: size on disk, parameters, held-out perplexity, CPU tokens/s and
 latency p50/p95. Quality gates (max perplexity increase, min speed-up) decide which variants may be passed on; a
-failing one says why. The best passing variant is `selected`.
+failing one says why. Among the passing variants within `pick_speed_tolerance` (5%) of the best speed, the smallest
+on disk is `selected`; the same rule over the ONNX variants picks the `edge` bundle. Each pick comes with its reason
+(`selected_reason`, `edge_reason`: e.g. "onnx-int8: 237 MB, 1.514× (within 5% of the best 1.549×, ...)").
 
 Variants (each selectable in `compression.*`):
   pruned-<method>   magnitude_global / magnitude_layer: unstructured L1, made permanent (zeros stay dense, so no
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +70,10 @@ __all__ = [
     "COLUMNS", "META", "ONNX_ATOL", "ONNX_FILE", "ONNX_INT8_MAX_REL_ERR", "ONNX_RTOL", "ONNX_SOURCE_KIND",
     "QUANT_FILE", "QUANT_MODES", "WEIGHT_SUFFIXES", "CompressionError", "Loaded", "atomic_dir", "build_distilled",
     "build_pruned", "build_quantized", "check_public", "compare_logits", "compress", "compress_task",
-    "compressible_linears", "count_params", "decide", "decoder_layers", "disk_bytes", "distill_loss",
+    "choose", "compressible_linears", "count_params", "decide", "decoder_layers", "disk_bytes", "distill_loss",
     "encode_for_check", "export_onnx", "gate", "linear_sparsity", "linear_weight_bytes", "load_quantized",
     "load_variant", "logits_module", "make_student", "measure", "onnx_matmul_weight_bytes", "ort_logits",
-    "ort_session", "perplexity", "pick_best", "plan", "prune_magnitude", "prune_mlp_channels", "quantize_int8",
+    "ort_session", "perplexity", "Pick", "plan", "prune_magnitude", "prune_mlp_channels", "quantize_int8",
     "quantize_onnx", "read_meta", "rebuild", "save_hf", "student_layer_ids", "table_markdown", "table_rows",
     "tensor_bytes", "time_variants", "timing_input", "torch_threads", "verify_onnx", "write_meta",
 ]
@@ -99,10 +102,46 @@ def gate(metrics: dict, baseline: dict, max_perplexity_increase: float, min_spee
     return ok, "; ".join(reasons)
 
 
-def pick_best(variants: list[dict], formats: tuple[str, ...] | None = None) -> dict | None:
-    """Fastest passing variant (smaller on disk breaks ties)."""
-    ok = [v for v in variants if v["passed"] and (formats is None or v.get("format") in formats)]
-    return max(ok, key=lambda v: (v["speedup"], -v["size_bytes"]), default=None)
+@dataclass(frozen=True)
+class Pick:
+    """A picked variant (None when nothing passed) and why, in words the summary and the model card can quote."""
+
+    variant: dict | None
+    reason: str
+
+
+def choose(variants: list[dict], speed_tolerance: float, formats: tuple[str, ...] | None = None) -> Pick:
+    """Pure: the smallest passing variant among those within `speed_tolerance` of the best speed-up.
+
+    Passing = built (for ONNX: the onnxruntime check held) and through the gates. Timings on a shared CPU move by a
+    few percent from run to run; that must not decide between 237 MB and 542 MB. Ties: smaller on disk, then faster,
+    then the earlier in build order.
+    """
+    kind = f"{'/'.join(formats)} variant" if formats else "variant"
+    pool = [v for v in variants if formats is None or v.get("format") in formats]
+    ok = [v for v in pool if v.get("passed")]
+    if not ok:
+        return Pick(None, f"none: no {kind} passed the gates ({len(pool)} tried)" if pool else
+                    f"none: no {kind} was built")
+    best = max(ok, key=lambda v: v["speedup"])
+    tol = f"{speed_tolerance * 100:g}%"
+    near = [v for v in ok if v["speedup"] >= best["speedup"] * (1 - speed_tolerance) - 1e-9]
+    win = min(near, key=lambda v: (v["size_bytes"], -v["speedup"]))
+    if len(ok) == 1:
+        why = f"the only passing {kind}"
+    elif len(near) == 1:
+        why = f"fastest; every other passing {kind} is more than {tol} slower"
+    elif win["speedup"] >= best["speedup"]:
+        why = f"fastest, and smallest of the {len(near)} within {tol} of it"
+    else:
+        why = (f"within {tol} of the best {best['speedup']:.3f}×, {best['name']} at {_mb(best['size_bytes'])}; "
+               f"smallest of {len(near)}")
+    return Pick(win, f"{win['name']}: {_mb(win['size_bytes'])}, {win['speedup']:.3f}× ({why})")
+
+
+def _mb(n_bytes: int) -> str:
+    mb = n_bytes / 1e6
+    return f"{mb:.0f} MB" if mb >= 100 else f"{mb:.3g} MB"
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
@@ -222,19 +261,22 @@ def _onnx_source_model(src_name: str, model, built: dict[str, Path]):
 
 
 def decide(measured: dict, cfg) -> dict:
-    """No I/O: gate every measured variant (in place), tabulate, pick `selected` (any format) and `edge` (ONNX)."""
+    """No I/O: gate every measured variant (in place), tabulate, pick `selected` (any format) and `edge` (ONNX)
+    by the same rule (`choose`), each with its reason."""
     base, variants = measured["baseline"], measured["variants"]
     for v in variants:
         if v.get("built", True):
             v["passed"], v["reason"] = gate(v, base, cfg.max_perplexity_increase, cfg.min_speedup)
     rows = table_rows(base, variants)
-    selected = pick_best(variants)
-    edge = pick_best(variants, ("onnx",))
+    selected = choose(variants, cfg.pick_speed_tolerance)
+    edge = choose(variants, cfg.pick_speed_tolerance, ("onnx",))
+    picks = [f"**Selected**: {selected.reason}", f"**Edge bundle**: {edge.reason}"]
+    sel, e = selected.variant, edge.variant
     return {"baseline": base, "variants": variants, "rows": rows,
-            "table_md": table_markdown(rows, variants, measured["note"]),
-            "selected": selected["name"] if selected else None,
-            "selected_path": selected["path"] if selected else None,
-            "edge": edge["path"] if edge else None}
+            "table_md": table_markdown(rows, variants, measured["note"], picks),
+            "selected": sel["name"] if sel else None, "selected_path": sel["path"] if sel else None,
+            "selected_reason": selected.reason,
+            "edge": e["path"] if e else None, "edge_name": e["name"] if e else None, "edge_reason": edge.reason}
 
 
 def _write_report(out: Path, result: dict) -> None:
@@ -263,7 +305,9 @@ def _task():
         result = compress(model_path, out_dir, cfg, eval_path, max_len, private_paths)
         if result["variants"]:
             create_table_artifact(table=result["rows"], key="compression",
-                                  description=f"Compression variants vs original (selected: {result['selected']})")
+                                  description=f"Compression variants vs original. Selected: "
+                                              f"{result.get('selected_reason', result['selected'])}. Edge bundle: "
+                                              f"{result.get('edge_reason', result['edge'])}")
         return result
 
     return compress_task

@@ -183,9 +183,10 @@ def table_rows(baseline: dict, variants: list[dict]) -> list[dict]:
     return rows
 
 
-def table_markdown(rows: list[dict], variants: list[dict], note: str = "") -> str:
+def table_markdown(rows: list[dict], variants: list[dict], note: str = "", picks: list[str] = ()) -> str:
     heads = [h for h, _ in COLUMNS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(str(r[h]) for h in heads) + " |" for r in rows]
     lines += ["", *(f"- **{v['name']}**: {'passed' if v['passed'] else 'FAILED'}: {v['reason']}" for v in variants)]
+    lines += ["", *picks] if picks else []
     return "\n".join(lines + ([f"\n{note}"] if note else [])) + "\n"

@@ -245,10 +245,42 @@ def test_gate_rejects_quality_loss_and_missing_speedup():
     assert not ok and "speed-up 1.20x is below the required 1.5x" in why
     ok, _ = c.gate({"perplexity": float("nan"), "speedup": 3.0}, base, 0.02, 1.5)
     assert not ok
-    vs = [{"name": "a", "passed": True, "speedup": 1.6, "size_bytes": 10, "format": "hf"},
-          {"name": "b", "passed": False, "speedup": 9.0, "size_bytes": 1, "format": "onnx"},
-          {"name": "c", "passed": True, "speedup": 1.6, "size_bytes": 5, "format": "torchao"}]
-    assert c.pick_best(vs)["name"] == "c" and c.pick_best(vs, ("onnx",)) is None
+
+
+def _v(name, speedup, mb, fmt="onnx", passed=True):
+    return {"name": name, "passed": passed, "speedup": speedup, "size_bytes": int(mb * 1e6), "format": fmt}
+
+
+def test_edge_pick_takes_the_smaller_int8_within_5_percent_of_the_fastest():
+    # the issue: fp32 ONNX 542 MB at 1.549x vs int8 237 MB at 1.514x (2.3% slower) -> int8
+    vs = [_v("onnx", 1.549, 542.1), _v("onnx-int8", 1.514, 237.4), _v("int8-weight-only", 1.2, 200, "torchao")]
+    edge = c.choose(vs, 0.05, ("onnx",))
+    assert edge.variant["name"] == "onnx-int8"
+    assert edge.reason == "onnx-int8: 237 MB, 1.514× (within 5% of the best 1.549×, onnx at 542 MB; smallest of 2)"
+    # the torch-or-ONNX selection follows the same rule: int8-weight-only is smaller but 22% slower than the best
+    assert c.choose(vs, 0.05).variant["name"] == "onnx-int8"
+    assert c.choose(vs, 0.0).variant["name"] == "onnx"  # no tolerance: the fastest, as before the issue
+    assert c.choose(vs, 0.25).variant["name"] == "int8-weight-only"
+
+
+def test_pick_rules_at_the_edges():
+    fast_big, slow_small = _v("big", 2.0, 500), _v("small", 1.89, 100)  # 5.5% slower: outside 5%
+    pick = c.choose([fast_big, slow_small], 0.05)
+    assert pick.variant is fast_big and pick.reason == "big: 500 MB, 2.000× (fastest; every other passing variant " \
+                                                         "is more than 5% slower)"
+    assert c.choose([fast_big, _v("small", 1.9, 100)], 0.05).variant["name"] == "small"  # exactly 5%: within
+    # a failing variant never wins, however small and fast
+    assert c.choose([_v("bad", 9.0, 1, passed=False), slow_small], 0.05).reason == \
+        "small: 100 MB, 1.890× (the only passing variant)"
+    # ties: same size -> the faster; same size and speed -> the earlier in build order
+    assert c.choose([_v("a", 1.50, 10), _v("b", 1.52, 10)], 0.05).variant["name"] == "b"
+    pick = c.choose([_v("a", 1.5, 10), _v("b", 1.5, 10)], 0.05)
+    assert pick.variant["name"] == "a" and "fastest, and smallest of the 2 within 5% of it" in pick.reason
+    # nothing passing, nothing of the format
+    vs = [_v("x", 1.6, 10, "hf", passed=False), _v("y", 1.7, 5, "torchao", passed=False)]
+    assert c.choose(vs, 0.05) == c.Pick(None, "none: no variant passed the gates (2 tried)")
+    assert c.choose(vs, 0.05, ("onnx",)) == c.Pick(None, "none: no onnx variant was built")
+    assert c.choose([], 0.05).variant is None
 
 
 def test_atomic_dir_never_leaves_a_half_variant(tmp_path):
@@ -277,6 +309,9 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
     names = [v["name"] for v in res["variants"]]
     assert names == ["pruned-mlp-channels", "int8-weight-only", "distilled", "onnx", "onnx-int8"]
     assert res["selected"] is None and res["edge"] is None
+    assert res["selected_reason"] == "none: no variant passed the gates (5 tried)"
+    assert res["edge_reason"] == "none: no onnx variant passed the gates (2 tried)"
+    assert "**Edge bundle**: none: no onnx variant passed" in res["table_md"]
     for v in res["variants"]:
         assert v["passed"] is False and "below the required 1000x" in v["reason"], v
         assert v["tokens_per_s"] > 0 and v["latency_ms_p95"] >= v["latency_ms_p50"] > 0
@@ -289,10 +324,12 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
     assert by["distilled"]["params"] < res["baseline"]["params"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["report.json", "table.md"])  # no tmp left
     assert json.loads((out / "report.json").read_text())["selected"] is None
-    # the same measurements under achievable gates: something passes and the fastest is passed on
-    for v in res["variants"]:
-        v["passed"], v["reason"] = c.gate(v, res["baseline"], 0.05, 0.0)
-    assert c.pick_best(res["variants"]) is not None
+    # the same measurements under achievable gates: something passes, is picked, and the pick says why
+    again = c.decide({"baseline": res["baseline"], "variants": res["variants"], "note": ""},
+                     cfg.model_copy(update={"min_speedup": 0.01, "max_perplexity_increase": 10.0}))
+    assert again["selected"] in names and again["selected_reason"].startswith(again["selected"] + ": ")
+    assert again["edge_name"] in ("onnx", "onnx-int8") and again["edge"] == by[again["edge_name"]]["path"]
+    assert f"**Selected**: {again['selected_reason']}" in again["table_md"]
 
 
 def test_nothing_enabled_builds_nothing(tiny, tmp_path):
