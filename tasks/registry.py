@@ -190,7 +190,9 @@ def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name:
 
 
 REGISTRATION_KEY = "llmops.registration_key"
-_RUN_SPECIFIC = ("prefect.flow_run_id", "prefect.flow_run_url")
+# Which Prefect run asked, and the checkout it ran from: a re-run of unchanged steps from a newer commit registers
+# the same model, evaluation and reports, so it gets the version (and lineage) of the run that produced them.
+_RUN_SPECIFIC = ("prefect.flow_run_id", "prefect.flow_run_url", "llmops.git_commit")
 
 
 def registration_key(*, model_name: str, params: dict, metrics: dict, step_metrics: list, texts: dict,

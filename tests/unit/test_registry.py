@@ -95,7 +95,7 @@ def test_register_round_trip_sqlite_and_load_by_alias(tmp_path, tiny_model_dir):
     # a re-run that would register the same thing (only the Prefect run differs) gets the same version, no copy
     again, _ = _register(tmp_path, tiny_model_dir, uri=uri, tags={"prefect.flow_run_id": "def"},
                          version_tags={"llmops.data_fingerprint": "f" * 64, "llmops.dp.epsilon": "3",
-                                       "prefect.flow_run_id": "def"})
+                                       "prefect.flow_run_id": "def", "llmops.git_commit": "0" * 40})
     assert again["version"] == "1" and again["run_id"] == out["run_id"] and again.get("reused")
     client = mlflow.MlflowClient(uri)
     assert len(client.search_model_versions("name='m'")) == 1
