@@ -638,7 +638,7 @@ def parser() -> argparse.ArgumentParser:
                         epilog="example: llmops governance target onprem --kind onprem --uri /srv/models")
     gv.add_argument("op", choices=["init", "show", "target", "registry"])
     gv.add_argument("name", nargs="?", help="target name (for `target`)")
-    gv.add_argument("--kind", choices=["onprem", "s3", "edge"])
+    gv.add_argument("--kind", choices=["onprem", "s3", "edge", "serve"])
     gv.add_argument("--uri")
     gv.add_argument("--endpoint-url")
     gv.add_argument("--credentials-file", help="AWS shared-credentials INI the promotion worker reads")
@@ -652,6 +652,9 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("op", choices=["verify"])
     au.add_argument("--config", "-c")
     au.set_defaults(func=cmd_audit, set=None)
+    from flows.serve_cli import add_parser as add_serve_parser  # llmops serve [status|stop]
+
+    add_serve_parser(sub)
     return p
 
 

@@ -224,13 +224,20 @@ def collect_approvals(cfg: PipelineConfig, gov: Gov, action: str, subject: dict,
     return approvals
 
 
-@task(name="publish-target", retries=2, retry_delay_seconds=5, persist_result=False)
+def _retryable(task, task_run, state) -> bool:
+    """A failed smoke test is a verdict on the model, not a transient error: never retried."""
+    from llmops.serving.control import SmokeTestFailed
+
+    return not isinstance(state.result(raise_on_failure=False), SmokeTestFailed)
+
+
+@task(name="publish-target", retries=2, retry_delay_seconds=5, persist_result=False, retry_condition_fn=_retryable)
 def publish_task(spec: dict, src: str, manifest: dict) -> dict:
     return _target(TargetSpec(**spec), spec.get("credentials_file")).publish(Path(src), manifest)
 
 
 def _target(t: TargetSpec, creds=None):
-    return make_target(t.kind, t.uri, t.endpoint_url, t.sse, credentials_file=creds)
+    return make_target(t.kind, t.uri, t.endpoint_url, t.sse, credentials_file=creds, serve=t.serve)
 
 
 def _spec(g: Governance, t: TargetSpec) -> dict:
@@ -256,7 +263,9 @@ def publish_everywhere(cfg: PipelineConfig, gov: Gov, policy: PolicyInForce, ver
         model_dir = download_hf_model(uri, name, version, work / "model")
         extra = {"data_fingerprint": info["tags"].get("llmops.data_fingerprint"),
                  "epsilon": info["tags"].get("llmops.dp.epsilon"), "approved_by": approved_by,
-                 "policy": policy.digest}
+                 "policy": policy.digest,  # a serve target's smoke test holds the new version to these:
+                 "evaluated": {k: v for k, v in info["metrics"].items()
+                               if k in ("eval.eval_loss", "eval.latency_ms_per_token_p50")}}
         manifests = {}
         for tname, t in policy.targets.items():
             src = model_dir
@@ -382,7 +391,10 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
             old = move_production_alias(client, name, version)
             client.set_model_version_tag(name, version, "llmops.approved_by", ",".join(approvals))
         except Exception as e:
-            _decide(cfg, gov, decision="aborted", requested_by=requested_by, approved_by=approvals,
+            from llmops.serving.control import SmokeTestFailed  # the old version keeps serving
+
+            _decide(cfg, gov, decision="smoke-failed" if isinstance(e, SmokeTestFailed) else "aborted",
+                    requested_by=requested_by, approved_by=approvals,
                     reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
             raise
         _decide(cfg, gov, decision="promoted", requested_by=requested_by, approved_by=approvals, previous=old,

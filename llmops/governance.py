@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmops.errors import ConfigError, LLMOpsError
+from llmops.serving.settings import ServeSettings
 
 GOVERNANCE_ENV = "LLMOPS_GOVERNANCE"
 ACTIONS = ("trigger-training", "request-promotion", "approve-promotion", "request-rollback", "approve-rollback")
@@ -57,12 +58,14 @@ class ApprovalPolicy(_Strict):
 
 
 class TargetSpec(_Strict):
-    kind: str = Field(..., pattern="^(s3|onprem|edge)$")
-    uri: str
+    kind: str = Field(..., pattern="^(s3|onprem|edge|serve)$")
+    uri: str = Field(..., description="Directory, s3://bucket/prefix, or for `serve` http://127.0.0.1:PORT")
     endpoint_url: str | None = None
     sse: str | None = Field(None, pattern="^(AES256|aws:kms)$")
     credentials_file: Path | None = Field(None, description="AWS shared-credentials INI read by the worker only")
     models: list[str] = Field(default_factory=lambda: ["*"], description="Registered models allowed here (* = all)")
+    serve: ServeSettings | None = Field(None, description="kind serve: replicas, limits, cache, smoke test "
+                                                         "(llmops/serving/settings.py); None = defaults")
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models

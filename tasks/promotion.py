@@ -312,6 +312,59 @@ class EdgeTarget(DirTarget):
         return super().publish(src, manifest)
 
 
+@dataclass
+class ServeTarget:
+    """A Ray Serve deployment on 127.0.0.1 (blue/green, llmops/serving/control.py). `publish` copies the model into
+    the serving store like a directory target, brings the version up beside the one serving now and smoke-tests it
+    against the evaluated figures in the manifest (`evaluated`); `point_current` switches traffic to it. A failed
+    smoke test raises `SmokeTestFailed` from `publish`: no pointer moves, the old version keeps serving."""
+
+    uri: str
+    settings: object = None  # ServeSettings (governance target's `serve:`), None = defaults
+    name: str = "serve"
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlparse
+
+        from llmops.serving.control import serving_home
+        from llmops.serving.settings import ServeSettings
+
+        u = urlparse(self.uri)
+        if u.scheme != "http" or u.hostname not in ("127.0.0.1", "localhost") or not u.port:
+            raise PromotionError(f"serve target uri {self.uri!r} is not http://127.0.0.1:PORT",
+                                 "targets[].uri", "serve on this host's loopback, e.g. http://127.0.0.1:8000")
+        base = self.settings or ServeSettings()
+        self.settings = base.model_copy(update={"http_port": u.port})
+        self.store = DirTarget(str(serving_home() / "models"))
+        self.deployed: dict = {}
+
+    def read_manifest(self, model_name: str, version: str) -> dict | None:
+        return self.store.read_manifest(model_name, version)
+
+    def publish(self, src: Path, manifest: dict) -> dict:
+        from llmops.serving import control
+        from tasks.model import dir_digest
+
+        model, version = manifest["model"], manifest["version"]
+        result = self.store.publish(src, manifest)
+        model_dir = self.store.root / model / version
+        control.connect(self.settings)
+        control.start_serve(self.settings)
+        self.deployed = control.rollout(model, version, model_dir, dir_digest(model_dir), self.settings,
+                                        manifest.get("evaluated") or {}, switch_traffic=False)
+        return {**result, "target": self.uri, "smoke": self.deployed.get("smoke"),
+                "seconds": self.deployed.get("seconds")}
+
+    def point_current(self, model_name: str, version: str) -> None:
+        from llmops.serving import control
+        from tasks.model import dir_digest
+
+        model_dir = self.store.root / model_name / str(version)
+        control.connect(self.settings)
+        control.finish_rollout(model_name, str(version), dir_digest(model_dir), self.settings)
+        self.store.point_current(model_name, version)
+
+
 def _verify_copy(root: Path, manifest: dict) -> None:
     """Hash each copied file once and compare it with the source manifest (computed by the caller)."""
     for rel, meta in manifest["files"].items():
@@ -415,14 +468,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 def make_target(kind: str, uri: str, endpoint_url: str | None = None, sse: str | None = None,
-                credentials_file: str | Path | None = None) -> Target:
+                credentials_file: str | Path | None = None, serve=None) -> Target:
     if kind == "s3" or (kind == "onprem" and uri.startswith("s3://")):
         return S3Target(uri, endpoint_url, sse, credentials_file=credentials_file, name=kind)
     if kind == "onprem":
         return DirTarget(uri)
     if kind == "edge":
         return EdgeTarget(uri)
-    raise PromotionError(f"unknown target kind '{kind}'", "promotion.targets[].kind", "use s3, onprem or edge")
+    if kind == "serve":
+        return ServeTarget(uri, serve)
+    raise PromotionError(f"unknown target kind '{kind}'", "promotion.targets[].kind", "use s3, onprem, edge or serve")
 
 
 # ---------------------------------------------------------------------------------------------- registry side

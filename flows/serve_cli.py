@@ -1,0 +1,121 @@
+"""`llmops serve`: serve a registered model version with Ray Serve on 127.0.0.1 (OpenAI-compatible API).
+
+    llmops serve --model m@production [--config configs/demo.yaml] [--replicas 2] [--port 8000] [--engine onnx]
+    llmops serve status [--port 8000]
+    llmops serve stop
+
+The first `serve` starts a local Ray head (127.0.0.1, no dashboard; logs in $LLMOPS_HOME/serving/) that keeps
+serving after the command returns; a later `serve` of another version is a blue/green rollout (smoke test first).
+`--engine onnx` serves the version's ONNX edge bundle (the run's `edge` artifact) with onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from llmops.errors import LLMOpsError
+
+
+def _settings(args):
+    from llmops.serving.settings import ServeSettings
+
+    over = {k: v for k, v in {"replicas": args.replicas, "http_port": args.port,
+                              "engine": args.engine}.items() if v is not None}
+    return ServeSettings(**over)
+
+
+def _registry_uri(args) -> str:
+    from llmops.config import PipelineConfig, load_config
+    from llmops.governance import load_governance
+    from tasks.registry import tracking_uri
+
+    cfg = load_config(args.config, {}) if args.config else PipelineConfig()
+    return load_governance().registry_uri or tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+
+
+def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str, Path, dict]:
+    """(name, version, local dir, evaluated metrics) of `NAME@ALIAS` or `NAME/VERSION`, cached under `home`."""
+    import mlflow
+
+    from tasks.registry import download_hf_model, retry
+
+    m = re.fullmatch(r"([^@/]+)(?:@([\w-]+)|/(\d+))", spec)
+    if not m:
+        raise LLMOpsError(f"--model {spec!r} is not NAME@ALIAS or NAME/VERSION", "--model",
+                          "e.g. --model m@production")
+    name, alias, number = m.groups()
+    client = mlflow.MlflowClient(uri)
+    try:
+        mv = retry(lambda: client.get_model_version_by_alias(name, alias)) if alias else \
+            retry(lambda: client.get_model_version(name, number))
+    except Exception as e:  # noqa: BLE001 - MlflowException for unknown names/aliases
+        raise LLMOpsError(f"no registered version {spec} ({type(e).__name__})", uri,
+                          "check the name and alias (`@production` exists after a promotion)") from None
+    version = str(mv.version)
+    metrics = client.get_run(mv.run_id).data.metrics
+    out = home / "models" / name / version / engine
+    if not (out / ".complete").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if engine == "onnx":
+            try:
+                client.download_artifacts(mv.run_id, "edge", str(out))
+            except Exception:  # noqa: BLE001
+                raise LLMOpsError(f"{name} v{version} has no ONNX edge bundle", f"run {mv.run_id}",
+                                  "train with compression.export_onnx, or serve with the default engine") from None
+            src = out / "edge"
+        else:
+            src = download_hf_model(uri, name, version, out / "dl")
+        for p in src.iterdir():
+            shutil.move(str(p), out / p.name)
+        (out / ".complete").write_text(json.dumps({"model": name, "version": version}))
+    return name, version, out, {k: v for k, v in metrics.items() if k.startswith("eval.")}
+
+
+def cmd_serve(args) -> int:
+    from llmops.serving import control
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    home = control.serving_home()
+    if args.op == "stop":
+        stopped = control.stop_local(home)
+        print("serving stopped (local Ray head ended)" if stopped else "nothing to stop: no local Ray head running")
+        return 0
+    settings = _settings(args)
+    if args.op == "status":
+        if not control.local_head(home) and not settings.ray_address:
+            print("not serving (start with `llmops serve --model NAME@production`)")
+            return 0
+        control.connect(settings, home)
+        print(json.dumps(control.status(), indent=2))
+        return 0
+    if not args.model:
+        raise LLMOpsError("no --model given", "llmops serve", "e.g. llmops serve --model m@production")
+    from tasks.model import dir_digest
+
+    engine = "onnx" if settings.engine == "onnx" else "hf"
+    name, version, path, evaluated = fetch_model(_registry_uri(args), args.model, engine, home)
+    control.connect(settings, home)
+    report = control.rollout(name, version, path, dir_digest(path), settings, evaluated)
+    url = f"http://127.0.0.1:{settings.http_port}"
+    control.wait_http(f"{url}/healthz")
+    what = "already serving" if report.get("unchanged") else f"serving (rollout {report['seconds']['total']}s)"
+    print(f"{name} v{version} {what} at {url}/v1 (OpenAI API; model id '{name}'); "
+          f"`llmops serve status`, `llmops serve stop`")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("serve", help="serve a registered version with Ray Serve (OpenAI API on 127.0.0.1)",
+                        epilog="example: llmops serve --model m@production --replicas 2")
+    sp.add_argument("op", nargs="?", choices=["start", "status", "stop"], default="start")
+    sp.add_argument("--model", help="NAME@ALIAS or NAME/VERSION")
+    sp.add_argument("--config", "-c", help="PipelineConfig YAML (for its registry); governance's pin wins")
+    sp.add_argument("--replicas", type=int)
+    sp.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default 8000; fixed once Serve runs)")
+    sp.add_argument("--engine", choices=["auto", "transformers", "onnx", "vllm"])
+    sp.set_defaults(func=cmd_serve, set=None)

@@ -1,0 +1,310 @@
+"""Start Ray Serve on 127.0.0.1, deploy a model version, smoke-test it, and switch traffic to it (blue/green).
+
+Blue/green, in `rollout()`:
+1. the new version comes up as its own Serve application (`llmops-<model>-v<version>`, no HTTP route) beside the
+   one serving now; clients keep talking to the old one through the gateway;
+2. smoke test against the new replicas: healthy, N prompts answered, latency per token and loss on public smoke
+   texts within the version's evaluated figures (`eval.latency_ms_per_token_p50`, `eval.eval_loss`);
+3. pass: the gateway's user_config names the new application (a lightweight reconfigure: no restart, no dropped
+   requests) and the old application is deleted (Serve drains its in-flight requests first);
+   fail: the new application is deleted, the gateway is untouched, `SmokeTestFailed` says what failed.
+The local Ray head (when no `ray_address` is given) runs as `ray start --head --block` in its own process group,
+bound to 127.0.0.1, logs under `<home>/serving/ray/`; `stop_local()` ends that process group only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from llmops.errors import LLMOpsError
+from llmops.serving.settings import ServeSettings
+
+GATEWAY_APP = "llmops-gateway"
+LOG = logging.getLogger("llmops.serving")
+
+
+class ServingError(LLMOpsError):
+    """Serving cannot start or a rollout cannot proceed."""
+
+
+class SmokeTestFailed(ServingError):
+    """The new version failed its smoke test; the old version keeps serving."""
+
+
+def app_name(model: str, version: str) -> str:
+    return "llmops-" + re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model}-v{version}")
+
+
+def serving_home() -> Path:
+    return Path(os.environ.get("LLMOPS_HOME", ".llmops")).resolve() / "serving"
+
+
+# -------------------------------------------------------------------------------------------------- cluster
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _quiet_ray_init(**kw) -> None:
+    import ray
+
+    ray.init(**kw, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
+             namespace="llmops")
+
+
+def start_local_head(home: Path, num_cpus: int | None = None, gcs_port: int = 0) -> dict:
+    """`ray start --head --block` on 127.0.0.1 (dashboard off), recorded in `<home>/head.json`."""
+    import socket
+
+    home.mkdir(parents=True, exist_ok=True)
+    info = local_head(home)
+    if info:
+        return info
+    if not gcs_port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gcs_port = s.getsockname()[1]
+    temp = Path("/tmp") / f"llmops-ray-{os.getuid()}-{gcs_port}"  # unix socket paths must stay short
+    cmd = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+           f"--num-cpus={num_cpus or os.cpu_count()}"]
+    log = open(home / "ray-head.log", "ab")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    info = {"pid": proc.pid, "address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp)}
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise ServingError(f"ray head exited with {proc.returncode}", str(home / "ray-head.log"),
+                               "read the log; is the port taken?")
+        if (temp / "session_latest").exists():
+            (home / "head.json").write_text(json.dumps(info))
+            return info
+        time.sleep(0.5)
+    raise ServingError("ray head did not start within 90 s", str(home / "ray-head.log"), "read the log")
+
+
+def local_head(home: Path) -> dict | None:
+    from llmops.files import pid_alive
+
+    f = home / "head.json"
+    if not f.is_file():
+        return None
+    info = json.loads(f.read_text())
+    return info if pid_alive(info["pid"]) else None
+
+
+def stop_local(home: Path) -> bool:
+    info = local_head(home)
+    if info is None:
+        return False
+    try:
+        os.killpg(info["pid"], signal.SIGTERM)  # the process group `ray start --block` leads
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + 30
+    from llmops.files import pid_alive
+
+    while pid_alive(info["pid"]) and time.time() < deadline:
+        time.sleep(0.3)
+    (home / "head.json").unlink(missing_ok=True)
+    return True
+
+
+def connect(settings: ServeSettings, home: Path | None = None) -> None:
+    """Connect this process to Ray (an existing connection is kept: tests and the bench own theirs)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.ray_address:
+        _quiet_ray_init(address=settings.ray_address)
+        return
+    info = start_local_head(home or serving_home())
+    _quiet_ray_init(address=info["address"], _node_ip_address="127.0.0.1")
+
+
+def start_serve(settings: ServeSettings) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
+
+
+# -------------------------------------------------------------------------------------------------- deploy
+
+
+def deploy_version(model: str, version: str, model_dir: str | Path, digest: str, settings: ServeSettings) -> str:
+    """Bring up `model` v`version` as its own application (no HTTP route); returns its name."""
+    from ray import serve
+
+    from llmops.serving.app import ModelServer
+
+    app = app_name(model, version)
+    info = {"model": model, "version": str(version), "digest": digest}
+    bound = ModelServer.options(**settings.deployment_options()).bind(
+        str(model_dir), settings.engine, max(1, int(settings.num_cpus)), info, settings.limits.model_dump())
+    try:
+        serve.run(bound, name=app, route_prefix=None)
+    except Exception as e:  # noqa: BLE001 - Serve raises RuntimeError/RayServeException with the replica's error
+        try:
+            serve.delete(app)
+        except Exception:  # noqa: BLE001
+            pass
+        raise ServingError(f"{model} v{version} did not start: {str(e).splitlines()[-1][:300]}", str(model_dir),
+                           "check the model files (see the Ray logs under the serving home)") from None
+    return app
+
+
+def gateway_config() -> dict:
+    from ray import serve
+
+    try:
+        return serve.get_app_handle(GATEWAY_APP).config.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - no gateway yet
+        return {"models": {}}
+
+
+def switch(model: str, version: str, app: str, digest: str, settings: ServeSettings) -> dict:
+    """Point the gateway at `app` for `model` (deploys the gateway the first time). Returns the previous entry."""
+    from ray import serve
+
+    from llmops.serving.app import Gateway
+
+    cfg = gateway_config()
+    previous = cfg["models"].get(model)
+    cfg["models"][model] = {"app": app, "version": str(version), "digest": digest, "created": int(time.time())}
+    serve.run(Gateway.options(user_config=cfg).bind(settings.model_dump_json()), name=GATEWAY_APP,
+              route_prefix="/")
+    return previous or {}
+
+
+def smoke_test(app: str, settings: ServeSettings, evaluated: dict) -> dict:
+    """Health, N prompts, latency per token and loss against the evaluated figures; raises SmokeTestFailed."""
+    from ray import serve
+
+    from llmops.serving.app import SMOKE_TEXTS
+
+    s = settings.smoke
+    handle = serve.get_deployment_handle("ModelServer", app_name=app)
+    status = serve.status().applications.get(app)
+    if status is None or str(status.status).split(".")[-1] != "RUNNING":
+        raise SmokeTestFailed(f"application {app} is not healthy ({status.status if status else 'missing'})", app,
+                              "the old version keeps serving; read the replica logs")
+    lat, report = [], {}
+    for i in range(s.prompts):
+        req = {"kind": "completion", "prompt": SMOKE_TEXTS[i % len(SMOKE_TEXTS)], "max_tokens": 8,
+               "temperature": 0.0, "top_p": None, "seed": None, "stop": None,
+               "deadline": time.time() + settings.limits.timeout_s}
+        t0 = time.perf_counter()
+        out = handle.generate.remote(req).result(timeout_s=settings.limits.timeout_s + 10)
+        dt = time.perf_counter() - t0
+        if "error" in out or out.get("finish_reason") not in ("stop", "length"):
+            raise SmokeTestFailed(f"smoke prompt {i} failed: {out.get('error') or out.get('finish_reason')}", app,
+                                  "the old version keeps serving")
+        lat.append(1000 * dt / max(1, out["completion_tokens"]))
+    report["latency_ms_per_token_p50"] = sorted(lat)[len(lat) // 2]
+    bound = s.max_latency_ms_per_token
+    if bound is None and evaluated.get("eval.latency_ms_per_token_p50"):
+        bound = s.latency_factor * float(evaluated["eval.latency_ms_per_token_p50"])
+    if bound is not None and report["latency_ms_per_token_p50"] > bound:
+        raise SmokeTestFailed(f"latency {report['latency_ms_per_token_p50']:.1f} ms/token exceeds {bound:.1f}", app,
+                              "the old version keeps serving; add replicas/CPUs or raise smoke.latency_factor")
+    report["loss"] = float(handle.score.remote(SMOKE_TEXTS).result(timeout_s=120))
+    if "eval.eval_loss" in evaluated:
+        limit = float(evaluated["eval.eval_loss"]) * (1 + s.loss_tolerance)
+        report["loss_limit"] = limit
+        if not report["loss"] <= limit:
+            raise SmokeTestFailed(f"loss on the smoke texts {report['loss']:.3f} exceeds the evaluated "
+                                  f"{float(evaluated['eval.eval_loss']):.3f} x (1 + {s.loss_tolerance})", app,
+                                  "the old version keeps serving; the served model is not the one that was evaluated")
+    return report
+
+
+def rollout(model: str, version: str, model_dir: str | Path, digest: str, settings: ServeSettings,
+            evaluated: dict | None = None, switch_traffic: bool = True) -> dict:
+    """Blue/green (module docstring). Returns timings, the smoke report and the version it replaced.
+    `switch_traffic=False` stops after the smoke test (a promotion switches once every target holds the model)."""
+    from ray import serve
+
+    t0 = time.perf_counter()
+    start_serve(settings)
+    app = app_name(model, version)
+    current = gateway_config()["models"].get(model, {})
+    if current.get("app") == app and current.get("digest") == digest:
+        return {"model": model, "version": str(version), "app": app, "unchanged": True, "previous": current}
+    deploy_version(model, version, model_dir, digest, settings)
+    t_up = time.perf_counter()
+    try:
+        smoke = smoke_test(app, settings, evaluated or {})
+    except Exception:
+        serve.delete(app)
+        raise
+    t_smoke = time.perf_counter()
+    out = {"model": model, "version": str(version), "app": app, "smoke": smoke, "previous": current,
+           "seconds": {"deploy": round(t_up - t0, 2), "smoke": round(t_smoke - t_up, 2)}}
+    if switch_traffic:
+        finish_rollout(model, version, digest, settings)
+        out["seconds"]["switch"] = round(time.perf_counter() - t_smoke, 2)
+    out["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def finish_rollout(model: str, version: str, digest: str, settings: ServeSettings) -> dict:
+    """Switch the gateway to the (smoke-tested) application of `version`, then delete the one it replaced."""
+    from ray import serve
+
+    app = app_name(model, version)
+    status = serve.status().applications.get(app)
+    if status is None or str(status.status).split(".")[-1] != "RUNNING":
+        raise ServingError(f"{app} is not deployed and healthy; nothing was switched", app,
+                           "run the rollout again (deploy + smoke test first)")
+    previous = switch(model, version, app, digest, settings)
+    if previous.get("app") and previous["app"] != app:
+        serve.delete(previous["app"], _blocking=False)
+    return previous
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200 and json.loads(r.read()).get("status") == "ok":
+                    return
+        except (OSError, ValueError):
+            pass
+        if time.time() > deadline:
+            raise ServingError(f"{url} did not answer within {timeout:.0f}s", url, "read the serving logs")
+        time.sleep(0.3)
+
+
+def status() -> dict:
+    from ray import serve
+
+    apps = serve.status().applications
+    return {"gateway": gateway_config(),
+            "applications": {n: str(a.status).split(".")[-1] for n, a in apps.items() if n.startswith("llmops-")}}
+
+
+def undeploy(model: str, settings: ServeSettings) -> None:
+    """Stop serving `model` (the gateway stays up for the others)."""
+    from ray import serve
+
+    from llmops.serving.app import Gateway
+
+    cfg = gateway_config()
+    entry = cfg["models"].pop(model, None)
+    if entry:
+        serve.run(Gateway.options(user_config=cfg).bind(settings.model_dump_json()), name=GATEWAY_APP,
+                  route_prefix="/")
+        serve.delete(entry["app"])

@@ -1,0 +1,323 @@
+"""Serving with real Ray Serve on 127.0.0.1 and the tiny model: the official `openai` client as a foreign client,
+the response cache, blue/green (a failed smoke test keeps the old version), a replica killed under load, limits.
+
+    .venv/bin/python -m pytest tests/unit/test_serving.py -q       # one Ray instance for the module (~60-90 s)
+"""
+import asyncio
+import concurrent.futures as cf
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from llmops.serving.cache import MemoryCache, RedisCache, cache_key, params_of, request_text
+from llmops.serving.settings import ServeSettings
+from tests.conftest import _free_port
+
+pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+TINY = dict(arch="llama", layers=1, hidden=32, heads=2)
+
+
+def _tiny(root: Path, seed: int):
+    from tasks.model import resolve_model
+
+    return resolve_model("tiny", root, tiny={**TINY, "seed": seed}, max_len=128)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Ray (2 CPUs, 127.0.0.1) + Serve on a free port + tiny model v1 behind the gateway, 2 replicas."""
+    import ray
+    from ray import serve
+
+    from llmops.serving import control
+
+    root = tmp_path_factory.mktemp("serving")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+             logging_level=logging.WARNING, log_to_driver=False)
+    settings = ServeSettings(http_port=_free_port(), replicas=2, num_cpus=0.5,
+                             limits={"max_tokens": 32, "default_max_tokens": 8, "max_prompt_tokens": 48,
+                                     "max_prompt_chars": 2000, "timeout_s": 20})
+    v1, v2 = _tiny(root, 0), _tiny(root, 1)
+    try:
+        report = control.rollout("m", "1", v1.path, v1.digest, settings, {"eval.eval_loss": 20.0})
+        url = f"http://127.0.0.1:{settings.http_port}"
+        control.wait_http(f"{url}/healthz")
+        yield {"url": url, "settings": settings, "v1": v1, "v2": v2, "report": report, "root": root}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _client(served):
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _post(url, body, raw: bytes | None = None):
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def _metric(served, result: str) -> float:
+    with urllib.request.urlopen(served["url"] + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("llmops_cache_total{") and f'result="{result}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_openai_client_completion_chat_and_streaming(served):
+    c = _client(served)
+    assert [(m.id, m.version) for m in c.models.list().data] == [("m", "1")]
+    comp = c.completions.create(model="m", prompt="Hello there", max_tokens=6, temperature=0)
+    assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens <= 6
+    assert comp.usage.prompt_tokens > 0 and comp.object == "text_completion"
+    chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                     temperature=0)
+    assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
+    pieces, finishes = [], []
+    for chunk in c.completions.create(model="m", prompt="Hello there", max_tokens=6, temperature=0, stream=True):
+        pieces.append(chunk.choices[0].text)
+        finishes.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == comp.choices[0].text and finishes[-1] == comp.choices[0].finish_reason
+    deltas = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True)]
+    assert "".join(deltas) == chat.choices[0].message.content
+    assert served["report"]["smoke"]["loss"] < 20.0  # the smoke test ran against the evaluated figure
+
+
+def test_cache_hit_returns_the_same_text_and_is_counted(served):
+    c = _client(served)
+    hits, misses = _metric(served, "hit"), _metric(served, "miss")
+    prompt = f"Cache me {time.time()}"
+    first = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
+    again = c.completions.with_raw_response.create(model="m", prompt=f"  {prompt}\n", max_tokens=8, temperature=0)
+    assert (first.headers["x-llmops-cache"], again.headers["x-llmops-cache"]) == ("miss", "hit")
+    assert again.parse().choices[0].text == first.parse().choices[0].text
+    assert (_metric(served, "hit"), _metric(served, "miss")) == (hits + 1, misses + 1)
+    other = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=7, temperature=0)
+    assert other.headers["x-llmops-cache"] == "miss"  # other params, other key
+    sampled = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0.9)
+    assert sampled.headers["x-llmops-cache"] == "bypass"  # not deterministic: never cached
+    seeded = [c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0.9,
+                                                     seed=7) for _ in range(2)]
+    assert [s.headers["x-llmops-cache"] for s in seeded] == ["miss", "hit"]
+    assert seeded[0].parse().choices[0].text == seeded[1].parse().choices[0].text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": "x", "max_tokens": 33}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "word " * 60, "max_tokens": 4}, 400, "prompt"),      # > max_prompt_tokens (48)
+    ({"prompt": "y" * 2001}, 400, "prompt"),                         # > max_prompt_chars
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": "x", "model": "nope"}, 404, "model"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]"),
+])
+def test_bad_requests_get_4xx_in_openai_error_format(served, body, status, param):
+    kind = "chat/completions" if "messages" in body else "completions"
+    code, _, out = _post(f"{served['url']}/v1/{kind}", {"model": "m", **body})
+    assert code == status and out["error"]["param"] == param and out["error"]["message"], out
+
+
+def test_malformed_json_is_400_and_the_replicas_keep_serving(served):
+    code, _, out = _post(f"{served['url']}/v1/completions", None, raw=b"{not json")
+    assert code == 400 and "not valid JSON" in out["error"]["message"]
+    assert _client(served).completions.create(model="m", prompt="still up", max_tokens=2).choices
+
+
+def test_replica_killed_under_bounded_load_loses_no_accepted_request(served):
+    """40 requests, 8 at a time, bounded to 120 s; one of the 2 replicas is killed while they run. Every request
+    gets its answer, or at worst a retryable 503 that succeeds when retried once; the test counts both."""
+    import ray
+
+    url, n = served["url"] + "/v1/completions", 40
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")]
+    assert len(replicas) == 2
+    started = []
+
+    def one(i):
+        started.append(i)
+        body = {"model": "m", "prompt": f"load {i}", "max_tokens": 24, "temperature": 0.7}  # uncached
+        code, _, out = _post(url, body)
+        retried = code == 503
+        if retried:
+            code, _, out = _post(url, body)
+        return code, retried
+
+    deadline = time.time() + 120
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        while len(started) < 12:
+            time.sleep(0.02)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        results = [f.result(timeout=max(1, deadline - time.time())) for f in futures]
+    codes = [c for c, _ in results]
+    assert codes.count(200) == n, results
+    assert sum(r for _, r in results) <= n
+    from ray import serve
+
+    t0 = time.time()  # Serve replaces the dead replica
+    while time.time() - t0 < 60:
+        live = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")]
+        healthy = str(serve.status().applications["llmops-m-v1"].status).endswith("RUNNING")
+        if len(live) == 2 and replicas[0]["name"] not in [a["name"] for a in live] and healthy:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"dead replica not replaced (healthy: {healthy}): {live}")
+
+
+def test_failed_smoke_test_keeps_the_old_version_then_a_good_one_switches_and_invalidates(served):
+    from llmops.serving import control
+    from llmops.serving.control import SmokeTestFailed
+
+    c, s, v2 = _client(served), served["settings"], served["v2"]
+    prompt = "Switch me"
+    c.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0)  # cached for v1
+    with pytest.raises(SmokeTestFailed, match="exceeds the evaluated"):  # the evaluated loss is far lower
+        control.rollout("m", "2", v2.path, v2.digest, s, {"eval.eval_loss": 0.5})
+    assert [m.version for m in c.models.list().data] == ["1"]
+    assert "llmops-m-v2" not in control.status()["applications"]
+    still = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
+    assert still.headers["x-llmops-version"] == "1" and still.headers["x-llmops-cache"] == "hit"
+    report = control.rollout("m", "2", v2.path, v2.digest, s, {"eval.eval_loss": 20.0})
+    assert report["previous"]["version"] == "1" and report["seconds"]["total"] > 0
+    after = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0)
+    assert after.headers["x-llmops-version"] == "2" and after.headers["x-llmops-cache"] == "miss"
+    assert after.parse().choices[0].text  # answered by v2's replicas: v1's application is being deleted
+    deadline = time.time() + 30
+    while "llmops-m-v1" in control.status()["applications"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert list(control.status()["applications"]) == ["llmops-gateway", "llmops-m-v2"]
+
+
+# ---------------------------------------------------------------------------------------- cache without Ray
+
+
+def test_cache_keys_are_hashes_of_version_text_and_params():
+    body = {"prompt": "Hi\r\n", "max_tokens": 8, "temperature": 0, "seed": 3}
+    k1 = cache_key("digest-1", "completion", request_text("completion", body), params_of(body))
+    assert len(k1) == 64 and int(k1, 16) >= 0 and "Hi" not in k1
+    assert k1 == cache_key("digest-1", "completion", request_text("completion", {"prompt": " Hi"}),
+                           params_of({"max_tokens": 8, "temperature": 0.0}))  # greedy: the seed is irrelevant
+    assert k1 != cache_key("digest-2", "completion", "Hi", params_of(body))
+
+
+def test_memory_cache_ttl_and_lru_bound():
+    now = [0.0]
+    cache = MemoryCache(ttl_s=10, max_entries=2, max_entry_bytes=100, clock=lambda: now[0])
+
+    async def go():
+        await cache.put("a", {"text": "A"})
+        await cache.put("b", {"text": "B"})
+        assert await cache.get("a") == {"text": "A"}  # a is now the most recent
+        await cache.put("c", {"text": "C"})
+        assert await cache.get("b") is None and len(cache) == 2
+        await cache.put("big", {"text": "x" * 200})
+        assert await cache.get("big") is None
+        now[0] = 11
+        assert await cache.get("a") is None
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    exe = shutil.which("redis-server")
+    if not exe:
+        pytest.skip("needs Debian's redis-server (apt-get install redis-server; .ci/run does)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.time() + 10
+    while True:
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            assert time.time() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_redis_cache_backend_against_real_redis(redis_url):
+    import redis
+
+    body = {"prompt": "secret prompt text", "max_tokens": 4, "temperature": 0}
+    key = cache_key("d", "completion", request_text("completion", body), params_of(body))
+
+    async def go():
+        cache = RedisCache(redis_url, ttl_s=2, max_entry_bytes=1000)
+        assert await cache.get(key) is None
+        await cache.put(key, {"text": "answer"})
+        assert await cache.get(key) == {"text": "answer"}
+        await cache.put("big", {"text": "x" * 2000})  # over the entry bound: not stored
+        return cache
+
+    asyncio.run(go())
+    r = redis.Redis.from_url(redis_url)
+    keys = [k.decode() for k in r.keys("*")]
+    assert keys == [f"llmops:cache:{key}"] and "secret" not in keys[0] and 0 < r.ttl(keys[0]) <= 2
+    time.sleep(2.2)
+    assert r.keys("*") == []  # expired
+
+
+def test_redis_outage_is_a_miss_not_an_error():
+    async def go():
+        cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", ttl_s=5, max_entry_bytes=100)
+        assert await cache.get("k") is None
+        await cache.put("k", {"text": "x"})
+        return cache.errors
+
+    assert asyncio.run(go()) == 2
+
+
+def test_engine_stops_at_the_deadline(tmp_path):
+    from llmops.serving.engine import TorchEngine
+
+    eng = TorchEngine(Path(_tiny(tmp_path, 0).path))
+    out = list(eng.stream(eng.encode("hello"), 20, deadline=time.monotonic() - 1))
+    assert out[-1] == ("", "timeout") and len(out) == 2
+
+
+@pytest.mark.gpu
+def test_vllm_engine_on_cuda(tmp_path):
+    """On a GPU box the same replica runs vLLM (engine auto picks it when vllm is installed)."""
+    pytest.importorskip("vllm")
+    from llmops.serving.engine import VllmEngine, pick_engine
+
+    path = Path(_tiny(tmp_path, 0).path)
+    assert pick_engine(path, "auto") == "vllm"
+    eng = VllmEngine(path)
+    text, finish = "".join(p for p, _ in eng.stream(eng.encode("hello"), 4)), None
+    assert isinstance(text, str) and eng.loss(["hello world"]) > 0
