@@ -110,14 +110,33 @@ def cmd_train(args) -> int:
         _, error = validate(cfg, reuse=cfg.use_cache)
         if error:
             raise error
-    from prefect.logging.configuration import setup_logging
+    import time
 
+    from llmops import console
+
+    started = time.time()
+    log = console.start(Path(cfg.state_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    print(f"log: {log} (third-party warnings and tracebacks go there)", file=console.terminal())
     from flows.training import training_flow
 
-    setup_logging()
-    _quiet_user_errors()
-    result = training_flow(config=cfg)
-    print(json.dumps(result, indent=2, default=str))
+    try:
+        result = training_flow(config=cfg)
+    except Exception as e:
+        console.log_exception("training run failed")  # the traceback, in the log file only
+        if isinstance(e, LLMOpsError):
+            raise
+        raise LLMOpsError(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", str(log),
+                          "the traceback is in that log file; re-running resumes from cached steps") from None
+    if args.json:
+        print(json.dumps(result, indent=2, default=str), file=console.stdout())
+        return 0
+    from tasks.registry import model_version_url, tracking_uri
+
+    reg = result["registered"]
+    mlflow_url = model_version_url(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir), reg["model_name"],
+                             reg["version"])
+    prefect_url = result.get("prefect_run_url") if os.environ.get("PREFECT_API_URL") else None
+    print(console.train_summary(result, time.time() - started, mlflow_url, prefect_url, log), file=console.stdout())
     return 0
 
 
@@ -578,7 +597,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override, e.g. training.max_steps=5")
         return sp
 
-    with_config(sub.add_parser("train", help="run the training flow")).set_defaults(func=cmd_train)
+    tr = with_config(sub.add_parser("train", help="run the training flow"))
+    tr.add_argument("--json", action="store_true", help="print the full result as JSON on stdout (nothing else)")
+    tr.set_defaults(func=cmd_train)
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("file")
     c.add_argument("--set", action="append", metavar="FIELD=VALUE")
@@ -655,7 +676,54 @@ def parser() -> argparse.ArgumentParser:
     from flows.serve_cli import add_parser as add_serve_parser  # llmops serve [status|stop]
 
     add_serve_parser(sub)
+    _examples(p, sub)
     return p
+
+
+ROLES = """Roles (governance file, enrolled by an admin with `llmops users add NAME --role ROLE`):
+  ml-engineer      trigger training; request a promotion (llmops promote --requested-by YOU --key-file YOUR.key)
+  release-manager  approve or reject a promotion (approval-code, approve); request and approve a rollback
+  admin            governance init/show/target/registry, users add/list; every action above
+Without a role: check-config, validate, prepare-model, train (local), status, ledger, audit verify, services.
+
+Example:
+  llmops services start && export PREFECT_API_URL=http://127.0.0.1:4200/api
+  llmops train --config configs/tiny.yaml
+  llmops <command> --help          # each command's options and an example"""
+
+EXAMPLES = {
+    "train": "llmops train --config configs/tiny.yaml\n"
+             "llmops train --config configs/demo.yaml --set training.max_steps=5 --json > result.json",
+    "check-config": "llmops check-config configs/demo.yaml --show --set privacy.target_epsilon=4",
+    "validate": "llmops validate --config configs/demo.yaml --set data.path=my_data/",
+    "prepare-model": "llmops prepare-model --config configs/demo.yaml   # converts SmolLM2 once into the state dir",
+    "promote": "llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice \\\n"
+               "    --key-file alice.key --background            # ml-engineer",
+    "rollback": "llmops rollback --config configs/demo.yaml --requested-by rm-carol --key-file carol.key "
+                "--background   # release-manager",
+    "approval-code": "llmops approval-code 0b6c...e1 --approver rm-bob --key-file ~/bob.key --expect 3"
+                     "   # release-manager",
+    "approve": "llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key            # release-manager\n"
+               "llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key --reject --comment 'loss too high'",
+    "users": "llmops users add rm-bob --role release-manager --key-out bob.key   # admin\nllmops users list",
+    "governance": "llmops governance init                                              # admin, once\n"
+                  "llmops governance target onprem --kind onprem --uri /srv/models\n"
+                  "llmops governance show",
+    "ledger": "llmops ledger --json",
+    "audit": "llmops audit verify --config configs/demo.yaml",
+}
+
+
+def _examples(p: argparse.ArgumentParser, sub) -> None:
+    """Every command's --help ends with an example (EXAMPLES, else the epilog it was built with); the top-level
+    help lists the roles and who may run what."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ROLES
+    for name, sp in sub.choices.items():
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        text = EXAMPLES.get(name) or (sp.epilog or "").removeprefix("example: ")
+        if text:
+            sp.epilog = "Example:\n" + "\n".join(f"  {line}" for line in text.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,13 +733,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
     args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    from llmops import console
+
     try:
         return args.func(args)
-    except LLMOpsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except LLMOpsError as e:  # printed once, on the terminal even when the console sends stderr to a log file
+        print(f"error: {e}", file=console.terminal())
+        if console.log_path():
+            print(f"  (details: {console.log_path()})", file=console.terminal())
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted", file=console.terminal())
         return 130
     except BrokenPipeError:  # `llmops users list | grep -q ...`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,6 +22,7 @@ from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
 from tasks.finetune import dp_finetune_task
 from tasks.model import resolve_model_task, validation_tokenizer
+from tasks.plots import figures_task, publish_figures_task
 from tasks.privacy import guarantee_problems
 from tasks.compression import compress_task
 from tasks.validation import validate_task
@@ -109,12 +110,17 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger.info("candidate held-out loss %.4f (perplexity %.2f); gate %s", candidate["eval_loss"],
                 candidate["perplexity"], decision["summary"])
 
+    # Held-out loss + epsilon curves and the compression chart: PNGs for MLflow (model card) and Prefect.
+    figures = figures_task(str(config.state_dir / "figures" / tuned["run_id"]), tuned.get("curve", []),
+                           tuned.get("metrics", []), compression, tuned.get("budget"))
     registered = register_task(**registration_inputs(
         config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
-        validation=validation, compression=compression,
+        validation=validation, compression=compression, figures=figures,
         flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
+    publish_figures_task(figures, registered, tracking_uri(config.registry.tracking_uri, config.state_dir))
     return {"validation": validation, "compression": compression, "data": data, "base_model": model,
-            "finetune": {k: v for k, v in tuned.items() if k != "metrics"},
-            "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered}
+            "finetune": {k: v for k, v in tuned.items() if k != "metrics"}, "figures": figures,
+            "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered,
+            "prefect_run_url": flow_run.ui_url}

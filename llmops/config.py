@@ -261,6 +261,12 @@ class EvaluationConfig(Section):
     public_eval_path: Path | None = Field(
         None, description="Public text to evaluate and gate on (none of it may be training data); None = the private "
                           "held-out split, whose metrics are not covered by epsilon")
+    curve_points: int = Field(
+        5, ge=0, le=100, description="Held-out loss evaluations during the DP fine-tune, for the loss curve (plus one "
+                                     "before the first step; 0 = no curve). Scores the intermediate DP models on the "
+                                     "evaluation text, never on training records")
+    curve_records: int = Field(16, ge=1, description="Evaluation records per curve point (each point is one forward "
+                                                      "pass over them: keep it small)")
 
 
 class RegistryConfig(Section):

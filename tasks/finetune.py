@@ -8,7 +8,9 @@
 deployment's ledger under a fresh attempt id and writes SPEC.json; every rank then runs `train(spec)`. Rank 0 draws
 each step's Poisson sample from the OS CSPRNG and broadcasts it; each rank trains its disjoint share.
 Released per-step metrics carry epsilon only: the exact training loss and batch size are shown on the local
-console, never written to MLflow or Prefect. See tasks/privacy.py for why this is DP.
+console, never written to MLflow or Prefect. See tasks/privacy.py for why this is DP. The released loss *curve*
+(`curve.json`) scores the intermediate models — DP outputs, post-processing is free — on the held-out or public
+evaluation text at a few steps (`evaluation.curve_points`); no training record enters it.
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ class FinetuneSpec:
     accountant: str = "prv"
     ghost: str = "auto"
     attempt_id: str = ""  # the ledger's charge key for this training attempt (random, from plan_finetune)
+    eval_path: str = ""  # held-out (or public) text for the loss curve; never a training record
+    curve_points: int = 0  # held-out evaluations during training (plus one before the first step); 0 = none
+    curve_records: int = 16
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -265,7 +270,7 @@ def train(spec: FinetuneSpec) -> dict | None:
                           "re-run the flow (the split changed under the run)")
     data = encode(tok, texts, spec.max_len)
     out, ckpt_dir = Path(spec.output_dir), Path(spec.output_dir) / "checkpoints"
-    start, history, metrics = 0, [], []
+    start, history, metrics, curve = 0, [], [], []
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False, load_optimizer_states=True)
         if client.get("attempt_id") != spec.attempt_id:
@@ -274,6 +279,7 @@ def train(spec: FinetuneSpec) -> dict | None:
             raise PrivacyError("checkpoint belongs to another training attempt than the one the ledger charged",
                                str(ckpt_dir), "delete the checkpoints directory and re-run (a new attempt is charged)")
         start, history, metrics = client["step"], client["history"], client["metrics"]
+        curve = client.get("curve", [])
         if rank == 0:
             print(f"resumed run {spec.run_id} at step {start}/{spec.steps}", flush=True)
     accountant = make_accountant(spec.accountant, history)
@@ -283,6 +289,10 @@ def train(spec: FinetuneSpec) -> dict | None:
     clipper = PerSampleClipper(engine.module.model, spec.max_grad_norm, spec.ghost) if spec.private else None
     scale = world / spec.batch_size  # DeepSpeed averages over ranks; we want (sum of clipped grads) / E[batch]
     bar = _progress(rank, start, spec.steps)
+    points = curve_steps(spec.steps, spec.curve_points)
+    heldout = _curve_data(spec, tok, rank)
+    if heldout is not None and start == 0 and 0 in points:
+        curve.append({"step": 0, "eval_loss": heldout_point(engine.module.model, heldout, device)})
     engine.train()
     with clipper if clipper else _null():
         for step in range(start, spec.steps):
@@ -321,12 +331,14 @@ def train(spec: FinetuneSpec) -> dict | None:
             _update_bar(bar, m)  # exact loss/batch: local console only
             metrics.append({"step": m["step"], "epsilon": m["epsilon"]})  # what may leave the machine
             step_seconds.append(m["seconds"])
+            if heldout is not None and step + 1 in points:  # the model after a DP step, scored on held-out text
+                curve.append({"step": step + 1, "eval_loss": heldout_point(engine.module.model, heldout, device)})
             if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
-                _checkpoint(engine, ckpt_dir, step + 1, history, metrics, spec.attempt_id)
+                _checkpoint(engine, ckpt_dir, step + 1, history, metrics, spec.attempt_id, curve)
     if bar is not None:
         bar.close()
     if rank == 0:  # step_seconds: in memory for benchmarks, never persisted (step time tracks batch size)
-        return _save_outputs(engine, tok, spec, history, metrics) | {"step_seconds": step_seconds}
+        return _save_outputs(engine, tok, spec, history, metrics, curve) | {"step_seconds": step_seconds}
     return None
 
 
@@ -344,17 +356,54 @@ def _step_metrics(step, loss_sum, n_samples, n_tokens, world, seconds, spec, his
             "tokens_per_s": float(t[2] / seconds), "seconds": round(seconds, 3), "epsilon": eps}
 
 
-def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str) -> None:
+def curve_steps(steps: int, points: int) -> set[int]:
+    """The steps after which the held-out loss is measured: 0 (the base model), then `points` evenly spaced steps
+    ending at the last one. Pure."""
+    if points <= 0 or steps <= 0:
+        return set()
+    return {0} | {max(1, round(i * steps / points)) for i in range(1, points + 1)}
+
+
+def _curve_data(spec: FinetuneSpec, tok, rank: int):
+    """Rank 0's encoded evaluation records for the loss curve (None: no curve on this rank)."""
+    if rank != 0 or spec.curve_points <= 0 or not spec.eval_path:
+        return None
+    from tasks.data import read_texts
+    from tasks.lm import encode
+
+    texts = read_texts(Path(spec.eval_path))[:spec.curve_records]
+    return encode(tok, texts, spec.max_len) if texts else None
+
+
+def heldout_point(model, data: dict, device, batch: int = 8) -> float:
+    """Token-weighted held-out loss of the current model (no gradient, no RNG: training is unaffected)."""
+    import torch
+
+    from tasks.lm import token_nll
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data["input_ids"]), batch):
+            nll, n = token_nll(model, data["input_ids"][i:i + batch].to(device),
+                               data["attention_mask"][i:i + batch].to(device))
+            total, count = total + nll, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str, curve=()) -> None:
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", exclude_frozen_parameters=True,
                            client_state={"step": step, "history": history, "metrics": metrics,
-                                         "attempt_id": attempt_id})
+                                         "attempt_id": attempt_id, "curve": list(curve)})
     if engine.global_rank == 0:
         for old in ckpt_dir.glob("step*"):
             if old.name != f"step{step}":
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics) -> dict:
+def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics, curve=()) -> dict:
     from tasks.privacy import epsilon_of, guarantee_problems
 
     out = Path(spec.output_dir)
@@ -383,8 +432,9 @@ def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics) -> dict:
     shutil.rmtree(out / "model", ignore_errors=True)
     tmp.rename(out / "model")
     (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "curve.json").write_text(json.dumps(list(curve)))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return {"model_path": str(out / "model"), "privacy": privacy, "metrics": metrics}
+    return {"model_path": str(out / "model"), "privacy": privacy, "metrics": metrics, "curve": list(curve)}
 
 
 def _progress(rank: int, start: int, total: int):
@@ -392,7 +442,11 @@ def _progress(rank: int, start: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True)
+    from llmops import console
+
+    out = console.terminal()  # a person's terminal even when this rank's stderr goes to the run's log
+    return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True, file=out,
+                disable=not out.isatty())
 
 
 def _update_bar(bar, m: dict) -> None:
@@ -421,10 +475,13 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print("usage: python -m tasks.finetune SPEC.json", file=sys.stderr)
         return 2
+    from llmops import console
+
+    console.child_start()  # under `llmops train`: library noise to the run's log, the progress bar to the terminal
     try:
         result = train(FinetuneSpec.load(argv[0]))
     except LLMOpsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # the parent's error names the log this lands in
         return 2
     if result is not None:
         print(json.dumps({"model_path": result["model_path"], "epsilon": result["privacy"]["epsilon"]}))
@@ -484,6 +541,8 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
         checkpoint_every=t.checkpoint_every, world_size=t.world_size, private=p.enabled, noise_multiplier=sigma,
         max_grad_norm=p.max_grad_norm, sample_rate=q, sampling=p.sampling, secure_mode=p.secure_mode,
         noise_seed=p.noise_seed, delta=delta, accountant=p.accountant, reproducible_insecure=p.reproducible_insecure,
+        eval_path=curve_eval_path(cfg, data), curve_points=cfg.evaluation.curve_points,
+        curve_records=cfg.evaluation.curve_records,
     )
     cumulative = math.inf
     if p.enabled:
@@ -499,6 +558,20 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     out.mkdir(parents=True, exist_ok=True)
     spec.save(out / "spec.json")
     return spec, cumulative
+
+
+def curve_eval_path(cfg, data: dict) -> str:
+    """The text the loss curve is scored on: the same as the final evaluation (public text when the team provides
+    it, refused if any of it is a private record; else the held-out split)."""
+    e = cfg.evaluation
+    if e.curve_points <= 0:
+        return ""
+    if e.public_eval_path:
+        from tasks.evaluation import public_eval_split
+
+        return public_eval_split(str(e.public_eval_path), str(Path(cfg.state_dir) / "public-eval"),
+                                 [data["train_path"], data["eval_path"]])
+    return data["eval_path"]
 
 
 def _spec_attempt(out: Path) -> str | None:
@@ -545,19 +618,40 @@ def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
     done = out / "model" / "privacy.json"
     if done.is_file():  # a completed run with the same inputs: reuse, charge nothing new
         return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
-                "metrics": json.loads((out / "metrics.json").read_text()), "reused": True}
+                "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": True}
     spec_path = out / "spec.json"
     if spec.world_size == 1:
         cmd = [sys.executable, "-m", "tasks.finetune", str(spec_path)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.world_size}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tasks.finetune", str(spec_path)]
-    proc = subprocess.run(cmd, env=rank_env(), timeout=timeout_s, stdout=subprocess.PIPE, text=True)
+    from llmops import console
+
+    proc = subprocess.run(cmd, env=rank_env(), timeout=timeout_s, stdout=subprocess.PIPE, text=True,
+                          stderr=console.child_stderr())
     if proc.returncode != 0:
-        raise LLMOpsError(f"training ranks exited with code {proc.returncode}", str(out),
-                          "see the log above; re-running the flow resumes from the last checkpoint")
+        log = console.log_path()
+        raise LLMOpsError(f"training ranks exited with code {proc.returncode}" + _rank_error(log), str(out),
+                          f"see {log if log else 'the log above'}; re-running the flow resumes from the last "
+                          "checkpoint")
     return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
-            "metrics": json.loads((out / "metrics.json").read_text()), "reused": False}
+            "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": False}
+
+
+def _read_curve(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "curve.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _rank_error(log) -> str:
+    """The last `error: ...` a rank printed into the run's log, so the one error line says what went wrong."""
+    try:
+        lines = [x for x in Path(log).read_text(errors="replace").splitlines() if x.startswith("error: ")]
+    except (OSError, TypeError):
+        return ""
+    return f" ({lines[-1][7:300]})" if lines else ""
 
 
 def rank_env() -> dict:

@@ -172,6 +172,9 @@ def register_candidate(*, uri: str, state_dir: str, experiment: str, model_name:
         _ensure_model(client, model_name)
         version = retry(lambda: mlflow.register_model(info.model_uri, model_name, tags=version_tags))
         _wait_ready(client, model_name, version.version)
+        if card := texts.get("model_card.md"):  # the version page in the MLflow UI shows it (and the plots)
+            desc = version_description(card, uri, run_id, artifacts.get("plots"))
+            retry(lambda: client.update_model_version(model_name, version.version, description=desc))
         if set_alias:
             retry(lambda: client.set_registered_model_alias(model_name, CANDIDATE, version.version))
         retry(lambda: client.set_terminated(run_id, "FINISHED"))
@@ -256,6 +259,19 @@ def _signature():
     return infer_signature(model_input=["a prompt"], model_output=["a completion"], params={"max_new_tokens": 32})
 
 
+RELEASED_STEP_METRICS = {"epsilon": "train.epsilon", "heldout_loss": "heldout.eval_loss"}
+
+
+def version_description(card: str, uri: str, run_id: str, plots_dir: str | None) -> str:
+    """The model card as the version's description, with the run's plots inline when MLflow serves them (a
+    relative `get-artifact` URL: the UI loads it from the server it came from)."""
+    pngs = sorted(p.name for p in Path(plots_dir).glob("*.png")) if plots_dir and Path(plots_dir).is_dir() else []
+    if not pngs or not uri.startswith(("http://", "https://")):
+        return card
+    imgs = "\n\n".join(f"![{n}](get-artifact?path=plots/{n}&run_uuid={run_id})" for n in pngs)
+    return f"{card}\n## Plots\n\n{imgs}\n"
+
+
 def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: list[dict], artifacts: dict,
              texts: dict) -> None:
     from mlflow.entities import Metric, Param
@@ -266,11 +282,12 @@ def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: lis
         retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]]))
     ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
     for m in step_metrics:
-        # Only epsilon per step: the exact training loss, batch size and throughput are computed from the sampled
-        # training records outside the mechanism (batch size reveals the Poisson sample's size), so they stay local.
-        for k in ("epsilon",):
+        # Only epsilon per step (and the held-out loss at the curve's few steps): the exact training loss, batch
+        # size and throughput are computed from the sampled training records outside the mechanism (batch size
+        # reveals the Poisson sample's size), so they stay local.
+        for k, name in RELEASED_STEP_METRICS.items():
             if k in m and m[k] is not None and m[k] == m[k] and abs(float(m[k])) != float("inf"):
-                ms.append(Metric(f"train.{k}", float(m[k]), now, int(m["step"])))
+                ms.append(Metric(name, float(m[k]), now, int(m["step"])))
     for i in range(0, len(ms), 500):
         retry(lambda: client.log_batch(run_id, metrics=ms[i:i + 500]))
     for dest, path in artifacts.items():
@@ -287,7 +304,7 @@ def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: lis
 
 def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, cumulative_epsilon: float | None,
                budget: float, evaluation: dict, decision: dict, validation: dict | None, config_yaml: str,
-               public_eval: str | None = None) -> str:
+               public_eval: str | None = None, figures: list[str] | None = None) -> str:
     from tasks.privacy import guarantee_problems
 
     p = privacy
@@ -351,7 +368,7 @@ Gate: **{decision.get('summary', '?')}**
 
 Generations (greedy):
 {gens}
-
+{figures_note(figures)}
 ## Configuration
 ```yaml
 {config_yaml}```
@@ -371,9 +388,17 @@ def _task():
 register_task = _task()
 
 
+def figures_note(figures: list[str] | None) -> str:
+    if not figures:
+        return ""
+    items = "\n".join(f"- `plots/{n}`" for n in figures)
+    return (f"\n## Figures (run artifacts)\n{items}\n- `plots/series.json`: every number plotted (held-out "
+            "evaluation points and epsilon per step; no training loss)\n")
+
+
 def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evaluation: dict, decision: dict,
                         validation: dict | None, flow_run_id: str | None, flow_run_url: str | None,
-                        compression: dict | None = None) -> dict:
+                        compression: dict | None = None, figures: dict[str, str] | None = None) -> dict:
     """Everything `register_candidate` needs, from the flow's step results (pure, no I/O)."""
     import yaml
 
@@ -423,7 +448,8 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
                       data=data, privacy=privacy, cumulative_epsilon=tuned.get("cumulative_epsilon"),
                       budget=budget, evaluation=evaluation, decision=decision,
                       validation=validation, config_yaml=config_yaml,
-                      public_eval=str(cfg.evaluation.public_eval_path) if cfg.evaluation.public_eval_path else None)
+                      public_eval=str(cfg.evaluation.public_eval_path) if cfg.evaluation.public_eval_path else None,
+                      figures=sorted(figures or {}))
     model_dir = tuned["model_path"]
     artifacts = {"privacy": str(Path(model_dir) / "privacy.json")}
     if validation:
@@ -431,6 +457,8 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
             else None
     if compression and compression.get("edge"):
         artifacts["edge"] = compression["edge"]  # the edge target publishes this bundle
+    if figures:
+        artifacts["plots"] = str(Path(next(iter(figures.values()))).parent)  # PNGs + series.json
     texts = {"model_card.md": card, "evaluation.json": json.dumps(evaluation, indent=2),
              "gate.json": json.dumps(decision, indent=2), "config.yaml": config_yaml}
     if validation:
@@ -439,6 +467,12 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
         texts["compression.md"] = compression.get("table_md", "")
     return dict(uri=tracking_uri(cfg.registry.tracking_uri, cfg.state_dir), state_dir=str(cfg.state_dir),
                 experiment=cfg.registry.experiment, model_name=cfg.registry.model_name, model_dir=model_dir,
-                params=params, metrics=metrics, step_metrics=tuned.get("metrics", []), artifacts=artifacts,
+                params=params, metrics=metrics, step_metrics=released_step_metrics(tuned), artifacts=artifacts,
                 texts=texts, tags=lineage | {"llmops.run_name": f"{cfg.name}-{tuned.get('run_id', '')}"},
                 version_tags=lineage, set_alias=bool(decision["passed"]))
+
+
+def released_step_metrics(tuned: dict) -> list[dict]:
+    """Per-step series that may leave the machine: epsilon per step and the held-out curve points."""
+    return [{"step": m["step"], "epsilon": m["epsilon"]} for m in tuned.get("metrics", [])] + \
+        [{"step": p["step"], "heldout_loss": p["eval_loss"]} for p in tuned.get("curve", [])]

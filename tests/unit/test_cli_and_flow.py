@@ -56,6 +56,28 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
     assert out["eval"]["eval_tokens"] > 0 and len(out["eval"]["generations"]) == 2
     assert out["production_eval"] is None and out["gate"]["passed"]
     assert out["registered"]["version"] == "1" and out["registered"]["alias"] == "candidate"
+    # Pictures where people look, and only what may leave the machine: the logged curves are the few held-out
+    # evaluation points and epsilon per step, never a per-step training loss.
+    import json
+
+    import mlflow
+
+    from tasks.finetune import curve_steps
+    from tasks.registry import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
+    run_id, steps = out["registered"]["run_id"], out["finetune"]["privacy"]["steps"]
+    curve = client.get_metric_history(run_id, "heldout.eval_loss")
+    assert sorted(m.step for m in curve) == sorted(curve_steps(steps, cfg.evaluation.curve_points))
+    assert [p["eval_loss"] for p in out["finetune"]["curve"]] == pytest.approx([m.value for m in curve])
+    assert len(client.get_metric_history(run_id, "train.epsilon")) == steps
+    logged = set(client.get_run(run_id).data.metrics)
+    assert not {k for k in logged if "loss" in k and k != "heldout.eval_loss" and not k.startswith("eval.")}
+    assert {"plots/training.png", "plots/series.json"} <= {a.path for a in client.list_artifacts(run_id, "plots")}
+    series = json.loads(Path(out["figures"]["training.png"]).with_name("series.json").read_text())["training"]
+    assert set(series) == {"heldout_loss", "epsilon"} and len(series["heldout_loss"]) == len(curve)
+    card = client.get_model_version(cfg.registry.model_name, "1").description
+    assert card.startswith("# Model card") and "plots/training.png" in card
 
 
 def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
