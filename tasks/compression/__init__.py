@@ -270,7 +270,7 @@ def decide(measured: dict, cfg) -> dict:
     rows = table_rows(base, variants)
     selected = choose(variants, cfg.pick_speed_tolerance)
     edge = choose(variants, cfg.pick_speed_tolerance, ("onnx",))
-    picks = [f"**Selected**: {selected.reason}", f"**Edge bundle**: {edge.reason}"]
+    picks = [f"- **Selected**: {selected.reason}", f"- **Edge bundle**: {edge.reason}"]
     sel, e = selected.variant, edge.variant
     return {"baseline": base, "variants": variants, "rows": rows,
             "table_md": table_markdown(rows, variants, measured["note"], picks),

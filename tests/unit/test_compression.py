@@ -311,7 +311,7 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
     assert res["selected"] is None and res["edge"] is None
     assert res["selected_reason"] == "none: no variant passed the gates (5 tried)"
     assert res["edge_reason"] == "none: no onnx variant passed the gates (2 tried)"
-    assert "**Edge bundle**: none: no onnx variant passed" in res["table_md"]
+    assert "\n- **Edge bundle**: none: no onnx variant passed" in res["table_md"]
     for v in res["variants"]:
         assert v["passed"] is False and "below the required 1000x" in v["reason"], v
         assert v["tokens_per_s"] > 0 and v["latency_ms_p95"] >= v["latency_ms_p50"] > 0
@@ -329,7 +329,7 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
                      cfg.model_copy(update={"min_speedup": 0.01, "max_perplexity_increase": 10.0}))
     assert again["selected"] in names and again["selected_reason"].startswith(again["selected"] + ": ")
     assert again["edge_name"] in ("onnx", "onnx-int8") and again["edge"] == by[again["edge_name"]]["path"]
-    assert f"**Selected**: {again['selected_reason']}" in again["table_md"]
+    assert f"\n- **Selected**: {again['selected_reason']}\n" in again["table_md"]
 
 
 def test_nothing_enabled_builds_nothing(tiny, tmp_path):
