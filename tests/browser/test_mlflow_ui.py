@@ -29,6 +29,15 @@ def test_mlflow_ui_shows_the_model_card_and_plots(mlflow_server, prefect_harness
     out = training_flow(config=cfg)
     reg = out["registered"]
     assert "training.png" in out["figures"]
+    # The Prefect run shows the same: a markdown artifact linking the MLflow version, the plot inline
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["figures"])))
+    md = max(arts, key=lambda a: a.created).data
+    assert f"{mlflow_server}/#/models/{reg['model_name']}/versions/{reg['version']}" in md
+    assert f"get-artifact?path=plots/training.png&run_uuid={reg['run_id']}" in md
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     with sync_playwright() as p:
