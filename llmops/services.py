@@ -452,6 +452,8 @@ def start_worker(state_dir: str | Path, name: str, governance: Path | None) -> i
     (home / "home").mkdir(parents=True, exist_ok=True)
     client = team_env(state_dir)
     env = {k: v for k, v in _base_env().items() if not k.startswith(("LLMOPS_", "AWS_"))}
+    # a home of its own (its ~/.config/llmops), but the machine's caches: DeepSpeed's compiled ops, tokenizers
+    env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     env |= client | {"HOME": str(home / "home"), "PREFECT_HOME": str(home / "prefect"), "LLMOPS_REPO": str(REPO),
                      "LLMOPS_HOME": str(Path(state_dir).resolve()), "AWS_DEFAULT_REGION": "us-east-1",
                      "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(state_dir).resolve() / "prefect-results")}
@@ -483,17 +485,24 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
                           "`llmops services stop` first (team mode uses its own databases)")
     sec, port = team_secrets(state, create=True), team_ports(state, ports)
     tdir = team_dir(state)
-    cluster = start_postgres(state, port["postgres"], sec)
-    endpoint = start_s3(state, port, sec)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def both(a, b):  # two services that wait on their own startup: start them together
+        with ThreadPoolExecutor(2) as pool:
+            fa, fb = pool.submit(a), pool.submit(b)
+            return fa.result(), fb.result()
+
+    cluster, endpoint = both(lambda: start_postgres(state, port["postgres"], sec), lambda: start_s3(state, port, sec))
     db = lambda name, drv: _db_url(drv, name, sec["db"][name], port["postgres"], name)  # noqa: E731
-    prefect = start_prefect(state, port["prefect-server"], home=tdir / "prefect-server", env={
-        "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
-        "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"], "PREFECT_API_AUTH_STRING": sec["prefect_auth"]})
     s3_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
               "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
-    mlflow = start_mlflow(state, port["mlflow"], home=tdir / "mlflow", env=s3_env,
-                          backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
-                          artifacts=TEAM_SERVICES["mlflow"]["artifacts"])
+    prefect, mlflow = both(
+        lambda: start_prefect(state, port["prefect-server"], home=tdir / "prefect-server", env={
+            "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
+            "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"], "PREFECT_API_AUTH_STRING": sec["prefect_auth"]}),
+        lambda: start_mlflow(state, port["mlflow"], home=tdir / "mlflow", env=s3_env,
+                             backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
+                             artifacts=TEAM_SERVICES["mlflow"]["artifacts"]))
     info = {"state": str(state), "prefect": prefect, "mlflow": mlflow, "s3": endpoint, "ledger": ledger_url(state),
             "s3_credentials": str(tdir / "s3-credentials")}
     write_text_atomic(tdir / "s3-credentials", f"[default]\naws_access_key_id = {sec['s3_access_key']}\n"
@@ -501,7 +510,9 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
     g = configure(info) if configure else None
     if g is not None:
         write_training_view(state, g)
-    pids = {n: start_worker(state, n, governance) for n in ("worker-training", "worker-promotion")}
+    pids = dict(zip(("worker-training", "worker-promotion"), both(
+        lambda: start_worker(state, "worker-training", None),
+        lambda: start_worker(state, "worker-promotion", governance))))
     rec = {"mode": "team",
            "postgres": {"url": f"postgresql://127.0.0.1:{port['postgres']}", "cluster": str(cluster),
                         "log": str(cluster / "postgres.log")},
@@ -517,12 +528,17 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
 
 
 def stop_team(state_dir: str | Path) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
     state, tdir = Path(state_dir).resolve(), team_dir(state_dir)
-    stopped = [n for n, pid_file in (("worker-training", tdir / "worker-training/worker.pid"),
-                                     ("worker-promotion", tdir / "worker-promotion/worker.pid"),
-                                     ("mlflow", tdir / "mlflow/server.pid"),
-                                     ("prefect-server", tdir / "prefect-server/server.pid"),
-                                     ("s3", tdir / "s3/weed.pid")) if _stop_pid(pid_file)]
+    stopped = []
+    # clients before servers, servers before their stores; each group at once (SIGTERM grace periods overlap)
+    for group in ((("worker-training", "worker-training/worker.pid"), ("worker-promotion", "worker-promotion/worker.pid")),
+                  (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid")),
+                  (("s3", "s3/weed.pid"),)):
+        with ThreadPoolExecutor(len(group)) as pool:
+            done = list(pool.map(lambda e: _stop_pid(tdir / e[1]), group))
+        stopped += [name for (name, _), ok in zip(group, done) if ok]
     if stop_postgres(state):
         stopped.append("postgres")
     if read_record(state).get("mode") == "team":

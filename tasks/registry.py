@@ -266,10 +266,18 @@ def version_description(card: str, uri: str, run_id: str, plots_dir: str | None)
     """The model card as the version's description, with the run's plots inline when MLflow serves them (a
     relative `get-artifact` URL: the UI loads it from the server it came from)."""
     pngs = sorted(p.name for p in Path(plots_dir).glob("*.png")) if plots_dir and Path(plots_dir).is_dir() else []
-    if not pngs or not uri.startswith(("http://", "https://")):
-        return card
-    imgs = "\n\n".join(f"![{n}](get-artifact?path=plots/{n}&run_uuid={run_id})" for n in pngs)
-    return f"{card}\n## Plots\n\n{imgs}\n"
+    tail = ""
+    if pngs and uri.startswith(("http://", "https://")):
+        imgs = "\n\n".join(f"![{n}](get-artifact?path=plots/{n}&run_uuid={run_id})" for n in pngs)
+        tail = f"\n## Plots\n\n{imgs}\n"
+    if len(card) + len(tail) > MAX_DESCRIPTION:  # keep the plots, cut the card's end (its full text is an artifact)
+        note = "\n\n… (cut to fit the registry; the full card is the run's artifact model_card.md)\n"
+        card = card[:MAX_DESCRIPTION - len(tail) - len(note)] + note
+    return card + tail
+
+
+# MLflow's SQL stores keep a version's description in VARCHAR(5000): PostgreSQL refuses a longer one (SQLite does not)
+MAX_DESCRIPTION = 5000
 
 
 def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: list[dict], artifacts: dict,

@@ -142,3 +142,14 @@ def test_register_round_trip_real_mlflow_server(tmp_path, tiny_model_dir, mlflow
     out, uri = _register(tmp_path, tiny_model_dir, uri=mlflow_server)
     check_registered(uri, out)
     assert load_by_alias_in_fresh_process(uri)
+
+
+def test_version_description_fits_the_sql_stores_limit_and_keeps_the_plots(tmp_path):
+    """MLflow on PostgreSQL (team mode) refuses a version description over 5000 characters; SQLite does not."""
+    from tasks.registry import MAX_DESCRIPTION, version_description
+
+    (tmp_path / "loss.png").write_bytes(b"png")
+    out = version_description("card line\n" * 900, "http://127.0.0.1:5000", "r1", str(tmp_path))
+    assert len(out) <= MAX_DESCRIPTION and out.endswith("![loss.png](get-artifact?path=plots/loss.png&run_uuid=r1)\n")
+    assert "model_card.md" in out
+    assert version_description("short card", "http://127.0.0.1:5000", "r1", None) == "short card"

@@ -1,0 +1,133 @@
+"""Team mode on one machine, end to end, as its users would meet it (budget: <= 150 s wall here).
+
+`llmops services start --team` (PostgreSQL, SeaweedFS, Prefect on Postgres with API auth, MLflow on Postgres + S3,
+a training and a promotion worker); the tiny training deployment is triggered through the Prefect REST API with the
+auth string and runs on the training worker; then foreign clients find everything where team mode says it is: the
+flow run in Prefect's Postgres database, the model version through the MLflow server (`mlflow` CLI, MlflowClient),
+its artifacts as objects in the S3 bucket (boto3), the charge in the Postgres ledger. A full restart loses nothing.
+"""
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, _free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _ports() -> dict:
+    from llmops.services import SEAWEED_PORTS
+
+    names = ["prefect-server", "mlflow", "postgres", "s3", *SEAWEED_PORTS]
+    while True:  # SeaweedFS's gRPC ports are its ports + 10000
+        ports = dict(zip(names, (_free_port() for _ in names)))
+        if len(set(ports.values())) == len(names) and max(ports.values()) < 55000:
+            return ports
+
+
+def _api(method: str, url: str, auth: str | None, body: dict | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance):
+    import boto3
+    import mlflow
+    import psycopg
+
+    from llmops import services
+    from llmops.files import write_text_atomic
+
+    state = tmp_path / "state"
+    write_text_atomic(state / "team" / "ports.json", json.dumps(_ports()))  # free ports, kept across the restart
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLMOPS_", "AWS_"))}
+    env |= {"LLMOPS_HOME": str(state), "LLMOPS_GOVERNANCE": str(isolated_governance)}
+
+    def llmops(*args, timeout=240):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
+        return r.stdout, time.time() - t0
+
+    try:
+        out, cold = llmops("services", "start", "--team")
+        _, warm = llmops("services", "start", "--team")
+        print(f"team start: cold {cold:.1f}s, warm {warm:.1f}s")
+        sec, ports = services.team_secrets(state), services.team_ports(state)
+        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], *sec["db"].values()):
+            assert value not in out  # secrets are never printed
+        client_env = dict(env, **services.team_env(state))
+        api, auth = client_env["PREFECT_API_URL"], client_env["PREFECT_API_AUTH_STRING"]
+
+        # only the promotion worker's environment names governance
+        rec = services.read_record(state)
+        environ = {w: open(f"/proc/{rec[w]['pid']}/environ").read() for w in ("worker-training", "worker-promotion")}
+        assert "LLMOPS_GOVERNANCE=" not in environ["worker-training"]
+        assert f"LLMOPS_GOVERNANCE={isolated_governance}" in environ["worker-promotion"]
+
+        r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "train-tiny",
+                            "--prefect-file", str(ROOT / "deployments/prefect.yaml")], env=client_env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+        assert _api("GET", f"{api}/deployments/name/llmops-training/train-tiny", None)[0] == 401
+        status, dep = _api("GET", f"{api}/deployments/name/llmops-training/train-tiny", auth)
+        assert status == 200, status
+        status, run = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", auth, {})
+        assert status == 201, status
+        deadline = time.time() + 150
+        while True:
+            run = _api("GET", f"{api}/flow_runs/{run['id']}", auth)[1]
+            state_type = (run.get("state") or {}).get("type")
+            if state_type in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.time() > deadline:
+                break
+            time.sleep(2)
+        log = (state / "team" / "worker-training" / "worker.log").read_text()[-3000:]
+        assert state_type == "COMPLETED", (state_type, log)
+
+        def check_everything():
+            pg = dict(host="127.0.0.1", port=ports["postgres"], connect_timeout=10)
+            with psycopg.connect(**pg, user="prefect", password=sec["db"]["prefect"], dbname="prefect") as c:
+                assert c.execute("SELECT state_type FROM flow_run WHERE id=%s", (run["id"],)).fetchone()[0] \
+                    == "COMPLETED"
+            client = mlflow.MlflowClient(client_env["LLMOPS_TRACKING_URI"])
+            mv = client.get_model_version_by_alias("llmops-demo", "candidate")
+            assert mv.tags["prefect.flow_run_id"] == run["id"] and mv.tags["llmops.dp.private"] == "True"
+            listed = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "list", "--run-id", mv.run_id],
+                                    env=dict(env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]),
+                                    capture_output=True, text=True, timeout=60)
+            assert listed.returncode == 0 and listed.stdout.strip(), listed.stderr[-2000:]
+            keys = [o["Key"] for o in services.s3_client(state).list_objects_v2(
+                Bucket="mlflow-artifacts").get("Contents", [])]
+            assert any(mv.run_id in k for k in keys), keys[:20]
+            with psycopg.connect(**pg, user="ledger", password=sec["db"]["ledger"], dbname="ledger") as c:
+                row = c.execute("SELECT status FROM runs WHERE run_id=%s", (mv.tags["llmops.dp.attempt_id"],)).fetchone()
+            assert row is not None, "the training charge is not in the Postgres ledger"
+            return mv.version, len(keys)
+
+        before = check_everything()
+        llmops("services", "stop", "--team")
+        assert not services.healthy(api)
+        llmops("services", "start", "--team")
+        assert check_everything() == before
+    finally:
+        subprocess.run([sys.executable, "-m", "flows.cli", "services", "stop", "--team"], env=env, cwd=ROOT,
+                       capture_output=True, timeout=180)
+        services.remove_postgres_cluster(state)
