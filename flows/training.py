@@ -116,11 +116,18 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     registered = register_task(**registration_inputs(
         config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
         validation=validation, compression=compression, figures=figures,
-        flow_run_id=flow_run.id, flow_run_url=flow_run.ui_url))
+        flow_run_id=flow_run.id, flow_run_url=run_url(flow_run.id)))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
     publish_figures_task(figures, registered, tracking_uri(config.registry.tracking_uri, config.state_dir))
     return {"validation": validation, "compression": compression, "data": data, "base_model": model,
             "finetune": {k: v for k, v in tuned.items() if k != "metrics"}, "figures": figures,
             "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered,
-            "prefect_run_url": flow_run.ui_url}
+            "prefect_run_url": run_url(flow_run.id)}
+
+
+def run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI (prefect.runtime's `ui_url` points at a Cloud-only route)."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None
