@@ -532,10 +532,10 @@ def stop_team(state_dir: str | Path) -> list[str]:
 
     state, tdir = Path(state_dir).resolve(), team_dir(state_dir)
     stopped = []
-    # clients before servers, servers before their stores; each group at once (SIGTERM grace periods overlap)
+    # workers before servers, servers before Postgres; each group at once (SIGTERM grace periods overlap)
     for group in ((("worker-training", "worker-training/worker.pid"), ("worker-promotion", "worker-promotion/worker.pid")),
-                  (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid")),
-                  (("s3", "s3/weed.pid"),)):
+                  (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid"),
+                   ("s3", "s3/weed.pid"))):
         with ThreadPoolExecutor(len(group)) as pool:
             done = list(pool.map(lambda e: _stop_pid(tdir / e[1]), group))
         stopped += [name for (name, _), ok in zip(group, done) if ok]

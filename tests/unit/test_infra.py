@@ -45,14 +45,42 @@ def test_nightly_schedule_and_anchors():
 def test_compose_file_services_and_no_literal_secrets():
     text = (ROOT / "infra" / "docker-compose.yml").read_text()
     compose = yaml.safe_load(text)
-    assert {"postgres", "prefect-server", "mlflow", "s3", "worker"} <= set(compose["services"])
+    assert {"postgres", "prefect-server", "mlflow", "s3", "worker-training", "worker-promotion"} <= set(
+        compose["services"])
     for name, svc in compose["services"].items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} exposes {port} beyond localhost"
     assert "postgresql+asyncpg://" in compose["services"]["prefect-server"]["environment"][
         "PREFECT_API_DATABASE_CONNECTION_URL"]
-    for key in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "PREFECT_AUTH"):
+    for key in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "PREFECT_AUTH", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
+                "LEDGER_DB_PASSWORD"):
         assert "${" + key in text  # secrets only by reference to the env file
+
+
+def test_compose_describes_the_team_mode_that_services_start_runs():
+    """infra/docker-compose.yml (hosts of their own) and `llmops services start --team` (one machine) are one
+    topology: the same services, databases, drivers, buckets, pools, and governance on the promotion worker only."""
+    from llmops.services import TEAM_SERVICES
+
+    compose = yaml.safe_load((ROOT / "infra" / "docker-compose.yml").read_text())["services"]
+    assert set(compose) == set(TEAM_SERVICES)
+    init = (ROOT / "infra" / "postgres-init.sh").read_text()
+    assert f"for db in {' '.join(TEAM_SERVICES['postgres']['databases'])}; do" in init
+    s3_cmd = " ".join(compose["s3"]["command"])
+    assert all(f"s3.bucket.create -name {b}" in s3_cmd for b in TEAM_SERVICES["s3"]["buckets"])
+    for name in ("prefect-server", "mlflow"):
+        svc, env = TEAM_SERVICES[name], compose[name]["environment"]
+        url = env["PREFECT_API_DATABASE_CONNECTION_URL" if name == "prefect-server" else "MLFLOW_BACKEND_STORE_URI"]
+        assert url.startswith(f"{svc['db_driver']}://{svc['database']}:") and url.endswith(f"/{svc['database']}")
+        assert all(k in env for k in svc["env"]), (name, svc["env"])
+    assert f"--artifacts-destination {TEAM_SERVICES['mlflow']['artifacts']}" in compose["mlflow"]["command"]
+    pools = {d["work_pool"]["name"] for d in deployments()}
+    for name in ("worker-training", "worker-promotion"):
+        svc, c = TEAM_SERVICES[name], compose[name]
+        assert f"--pool {svc['pool']} --type process" in c["command"] and svc["pool"] in pools
+        governed = "LLMOPS_GOVERNANCE" in c["environment"] or any(":/etc/llmops" in v for v in c["volumes"])
+        assert governed == svc["governance"], name
+        assert ("AWS_SECRET_ACCESS_KEY" in c["environment"]) is False  # target credentials live in governance
 
 
 def test_k8s_template_requests_gpus():
