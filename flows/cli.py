@@ -185,6 +185,18 @@ def _state_dir(args) -> Path:
         else Path(os.environ.get("LLMOPS_HOME", ".llmops"))
 
 
+def _move_ledger(g, uri: str) -> int:
+    """Point governance's privacy ledger at `uri`, carrying every charge over first (a fresh ledger would reset every
+    record's budget); audited, without the URL's password."""
+    from tasks.privacy import copy_ledger
+
+    moved = copy_ledger(g.ledger, uri if "://" in uri else str(g.resolve(uri)))
+    g.privacy.ledger = uri
+    g.save()
+    _audit_admin(g, "ledger-moved", ledger=uri.split("@")[-1], attempts_copied=moved)
+    return moved
+
+
 def _team_governance(info: dict):
     """Point the admin's governance at team mode (ledger on Postgres, registry = the MLflow server, an `s3` target
     in SeaweedFS), each change audited like `llmops governance`; the old SQLite ledger's charges move along."""
@@ -196,12 +208,7 @@ def _team_governance(info: dict):
         g = init_governance()
         _audit_admin(g, "governance-created")
     if g.ledger != info["ledger"]:
-        from tasks.privacy import copy_ledger
-
-        moved = copy_ledger(g.ledger, info["ledger"])
-        g.privacy.ledger = info["ledger"]
-        g.save()
-        _audit_admin(g, "ledger-moved", ledger=info["ledger"].split("@")[-1], attempts_copied=moved)
+        _move_ledger(g, info["ledger"])
     if g.registry_uri != info["mlflow"]:
         g.registry_uri = info["mlflow"]
         g.save()
@@ -498,6 +505,13 @@ def cmd_governance(args) -> int:
               f"`llmops governance target`")
         return 0
     g = load_governance(required=True)
+    if args.op == "ledger":
+        if not args.uri:
+            raise LLMOpsError("no --uri given", "llmops governance ledger",
+                              "e.g. --uri postgresql://ledger:PASSWORD@db.internal:5432/ledger or a SQLite path")
+        moved = _move_ledger(g, args.uri)
+        print(f"privacy ledger now {args.uri.split('@')[-1]} ({moved} attempt(s) carried over with their charges)")
+        return 0
     if args.op == "registry":
         if not args.uri:
             raise LLMOpsError("no --uri given", "llmops governance registry",
@@ -655,9 +669,10 @@ def parser() -> argparse.ArgumentParser:
     us.add_argument("--role", action="append")
     us.add_argument("--key-out", help="write the new private key here (mode 600) instead of printing it")
     us.set_defaults(func=cmd_users)
-    gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target, pin the registry",
+    gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target, pin the registry, "
+                                           "move the privacy ledger",
                         epilog="example: llmops governance target onprem --kind onprem --uri /srv/models")
-    gv.add_argument("op", choices=["init", "show", "target", "registry"])
+    gv.add_argument("op", choices=["init", "show", "target", "registry", "ledger"])
     gv.add_argument("name", nargs="?", help="target name (for `target`)")
     gv.add_argument("--kind", choices=["onprem", "s3", "edge", "serve"])
     gv.add_argument("--uri")
