@@ -220,6 +220,12 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
 
     straight = train(replace(spec, output_dir=str(tmp_path / "straight")))
     assert_same(weights(resumed), weights(straight), rtol=1e-4, atol=2e-5)
+    # the held-out loss curve survives the kill: its points up to the checkpoint come back with it
+    from tasks.finetune import curve_steps
+
+    assert [p["step"] for p in resumed["curve"]] == sorted(curve_steps(40, cfg.evaluation.curve_points))
+    assert [p["eval_loss"] for p in resumed["curve"]] == pytest.approx([p["eval_loss"] for p in straight["curve"]],
+                                                                        rel=1e-4)
 
 
 def test_plan_refuses_over_budget_before_training(tiny_config):
