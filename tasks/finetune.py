@@ -445,8 +445,28 @@ def _progress(rank: int, start: int, total: int):
     from llmops import console
 
     out = console.terminal()  # a person's terminal even when this rank's stderr goes to the run's log
-    return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True, file=out,
-                disable=not out.isatty())
+    if not out.isatty():  # a CI log or `| tee`: a few plain lines instead of carriage-return redraws
+        return _ProgressLines(out, start, total)
+    return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True, file=out)
+
+
+class _ProgressLines:
+    """tqdm's update/set_postfix/close as one line per fifth of the run: step, epsilon, elapsed time."""
+
+    def __init__(self, out, start: int, total: int):
+        self.out, self.n, self.total, self.t0 = out, start, total, time.time()
+        self.marks = {max(1, round(total * i / 5)) for i in range(1, 6)}
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix(self, **values) -> None:
+        if self.n in self.marks:
+            print(f"{time.strftime('%H:%M:%S')}  DP fine-tune: step {self.n}/{self.total}, epsilon "
+                  f"{values.get('eps', '?')}, {time.time() - self.t0:.0f} s", file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _update_bar(bar, m: dict) -> None:
