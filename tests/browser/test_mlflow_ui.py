@@ -38,6 +38,9 @@ def test_mlflow_ui_shows_the_model_card_and_plots(mlflow_server, prefect_harness
     md = max(arts, key=lambda a: a.created).data
     assert f"{mlflow_server}/#/models/{reg['model_name']}/versions/{reg['version']}" in md
     assert f"get-artifact?path=plots/training.png&run_uuid={reg['run_id']}" in md
+    with get_client(sync_client=True) as client:
+        images = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["figure-training"])))
+    assert max(images, key=lambda a: a.created).data.endswith(f"path=plots/training.png&run_uuid={reg['run_id']}")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     with sync_playwright() as p:
