@@ -112,10 +112,13 @@ def test_train_summary_is_short_and_names_every_step():
         assert needle in text, needle
 
 
-def test_an_error_inside_the_flow_prints_once_with_the_traceback_in_the_log(tmp_path):
+def test_an_error_inside_the_flow_prints_once_with_the_traceback_in_the_log(tmp_path, prefect_harness):
     """A task raising inside the flow: Prefect logs it four times and the CLI used to print it again."""
-    env = dict(os.environ, LLMOPS_HOME=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "prefect"))
-    env.pop("PREFECT_API_URL", None)
+    from prefect.settings import PREFECT_API_URL
+
+    # the session's Prefect API (a temporary server of its own would cost ~10 s more)
+    env = dict(os.environ, LLMOPS_HOME=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_API_URL=PREFECT_API_URL.value())
     r = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
                         "--set", "training.batch_size=5000", "--set", "validation.enabled=false"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
