@@ -517,7 +517,8 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
            "postgres": {"url": f"postgresql://127.0.0.1:{port['postgres']}", "cluster": str(cluster),
                         "log": str(cluster / "postgres.log")},
            "s3": {"url": endpoint, "pid": _pid(tdir / "s3/weed.pid"), "log": str(tdir / "s3/weed.log")},
-           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"), "pid": _pid(tdir / "prefect-server/server.pid"),
+           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"),
+                       "pid": _pid(tdir / "prefect-server/server.pid"),
                        "log": str(tdir / "prefect-server/server.log"), "auth": True},
            "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(tdir / "mlflow/server.pid"),
                       "log": str(tdir / "mlflow/server.log")}}
@@ -533,7 +534,8 @@ def stop_team(state_dir: str | Path) -> list[str]:
     state, tdir = Path(state_dir).resolve(), team_dir(state_dir)
     stopped = []
     # workers before servers, servers before Postgres; each group at once (SIGTERM grace periods overlap)
-    for group in ((("worker-training", "worker-training/worker.pid"), ("worker-promotion", "worker-promotion/worker.pid")),
+    for group in ((("worker-training", "worker-training/worker.pid"),
+                   ("worker-promotion", "worker-promotion/worker.pid")),
                   (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid"),
                    ("s3", "s3/weed.pid"))):
         with ThreadPoolExecutor(len(group)) as pool:

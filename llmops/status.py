@@ -48,7 +48,8 @@ def pending_approvals(state: Path) -> tuple[list[dict], str | None]:
             return [], None
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(APPROVAL_FLOWS))),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
             limit=50)
         for run in runs:
             try:

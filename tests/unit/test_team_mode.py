@@ -111,15 +111,16 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
             mv = client.get_model_version_by_alias("llmops-demo", "candidate")
             assert mv.tags["prefect.flow_run_id"] == run["id"] and mv.tags["llmops.dp.private"] == "True"
             if cli:  # the `mlflow` command, as someone on the team would look
-                listed = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "list", "--run-id", mv.run_id],
-                                        env=dict(env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]),
-                                        capture_output=True, text=True, timeout=60)
-                assert listed.returncode == 0 and "model_card.md" in listed.stdout, listed.stderr[-2000:]
+                listed = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "list", "--run-id", mv.run_id,
+                                         "--artifact-path", "plots"], capture_output=True, text=True, timeout=60,
+                                        env=dict(env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]))
+                assert listed.returncode == 0 and ".png" in listed.stdout, (listed.stdout, listed.stderr[-2000:])
             keys = [o["Key"] for o in services.s3_client(state).list_objects_v2(
                 Bucket="mlflow-artifacts").get("Contents", [])]
             assert any(mv.run_id in k for k in keys), keys[:20]
             with psycopg.connect(**pg, user="ledger", password=sec["db"]["ledger"], dbname="ledger") as c:
-                row = c.execute("SELECT status FROM runs WHERE run_id=%s", (mv.tags["llmops.dp.attempt_id"],)).fetchone()
+                row = c.execute("SELECT status FROM runs WHERE run_id=%s",
+                                (mv.tags["llmops.dp.attempt_id"],)).fetchone()
             assert row is not None, "the training charge is not in the Postgres ledger"
             return mv.version, len(keys)
 
@@ -128,6 +129,9 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         assert not services.healthy(api)
         llmops("services", "start", "--team")
         assert check_everything(cli=False) == before
+        report = json.loads(llmops("status", "--json")[0])  # reads Prefect with the auth string, MLflow on Postgres
+        assert all(s["healthy"] for s in report["services"]) and len(report["services"]) == 6, report["services"]
+        assert {m["model"]: m["candidate"] for m in report["models"]} == {"llmops-demo": before[0]}
     finally:
         subprocess.run([sys.executable, "-m", "flows.cli", "services", "stop", "--team"], env=env, cwd=ROOT,
                        capture_output=True, timeout=180)
