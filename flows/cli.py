@@ -234,6 +234,9 @@ def cmd_services(args) -> int:
         print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
         return 0
     if args.action == "stop":
+        if not args.team and services.read_record(state).get("mode") == "team":
+            raise LLMOpsError("team mode runs for this state dir", str(state / services.RECORD),
+                              "stop it with `llmops services stop --team`")
         stopped = services.stop_team(state) if args.team else services.stop_embedded(state)
         print(f"stopped: {', '.join(stopped)}" if stopped else "not running")
         return 0
