@@ -188,8 +188,8 @@ def train_summary(result: dict, seconds: float, mlflow_url: str | None, prefect_
         chosen = next((v for v in comp["variants"] if v["name"] == comp.get("selected")), None)
         what = (f"selected {chosen['name']} ({_fmt(chosen.get('size_ratio'), '.3g')}× size, "
                 f"{_fmt(chosen.get('speedup'), '.3g')}× speed)" if chosen else "no variant passed its gate")
-        rows.append(("compression", what + (f"; edge bundle {Path(comp['edge']).name}" if comp.get("edge")
-                                             else "; no edge bundle")))
+        edge = comp.get("edge_name") or (Path(comp["edge"]).name if comp.get("edge") else None)
+        rows.append(("compression", what + (f"; edge bundle {edge}" if edge else "; no edge bundle")))
     else:
         rows.append(("compression", "off"))
     rows.append(("registered", f"{reg.get('model_uri', '-')}" + (f" @{reg['alias']}" if reg.get("alias")
