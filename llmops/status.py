@@ -96,7 +96,10 @@ def production_versions(state: Path) -> tuple[list[dict], str | None]:
 
 def collect(state: Path) -> dict:
     state = Path(state).resolve()
-    approvals, why_a = pending_approvals(state)
+    try:
+        approvals, why_a = pending_approvals(state)
+    except Exception as e:  # noqa: BLE001 - a status page shows what it cannot read (e.g. 401: wrong auth string)
+        approvals, why_a = [], f"Prefect: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     models, why_m = production_versions(state)
     return {"state_dir": str(state), "mode": services.read_record(state).get("mode"),
             "services": services.service_rows(state), "pending_approvals": approvals, "models": models,
