@@ -345,7 +345,16 @@ def start_postgres(state_dir: str | Path, port: int, sec: dict) -> Path:
     if status.returncode != 0:
         _as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", f"-k {data} -h 127.0.0.1 -p {port}",
                 "-l", str(cluster / "postgres.log"), "-w", "-t", "60", "start"])
-    _pg_roles(port, sec)
+    try:
+        _pg_roles(port, sec)
+    except Exception as e:  # noqa: BLE001 - psycopg's errors; the message below says what to do
+        if "password authentication failed" not in str(e):
+            raise LLMOpsError(f"PostgreSQL does not answer ({str(e).splitlines()[0][:200]})",
+                              str(cluster / "postgres.log"), "read the log; is the port taken? (team/ports.json)")
+        stop_postgres(state_dir)
+        raise LLMOpsError("the PostgreSQL cluster was made with other secrets (was the state dir deleted?)",
+                          str(cluster), f"restore {team_dir(state_dir) / 'secrets.json'}, or delete {cluster} "
+                                        "(its data is lost) to start afresh") from None
     return cluster
 
 
