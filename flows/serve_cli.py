@@ -78,8 +78,10 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
 def cmd_serve(args) -> int:
     from llmops.serving import control
 
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the console is for people
     logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     home = control.serving_home()
     if args.op == "stop":
         stopped = control.stop_local(home)

@@ -54,11 +54,40 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def quiet_serve_logs(home: Path | None = None) -> None:
+    """Ray Serve's driver-side INFO lines go to `<home>/serve-driver.log`, not the console (the import of ray.serve
+    installs a console handler at INFO, so this runs after it)."""
+    import ray.serve  # noqa: F401 - configures the "ray.serve" logger
+
+    log = logging.getLogger("ray.serve")
+    target = (home or serving_home()) / "serve-driver.log"
+    if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for h in list(log.handlers):
+            log.removeHandler(h)
+        log.addHandler(logging.FileHandler(target))
+        log.propagate = False
+    log.setLevel(logging.INFO)
+
+
 def _quiet_ray_init(**kw) -> None:
     import ray
 
     ray.init(**kw, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
              namespace="llmops")
+
+
+def _auth_env(home: Path) -> dict:
+    """Token authentication for the local head, with a token of our own (mode 600 in the serving home) instead of
+    Ray's default ~/.ray/auth_token: every process that talks to the head (CLI, promotion worker) reads this file."""
+    import secrets
+
+    from llmops.files import write_text_atomic
+
+    path = home / "ray-auth-token"
+    if not path.is_file():
+        write_text_atomic(path, secrets.token_hex(32), mode=0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
 def start_local_head(home: Path, num_cpus: int | None = None, gcs_port: int = 0) -> dict:
@@ -78,7 +107,7 @@ def start_local_head(home: Path, num_cpus: int | None = None, gcs_port: int = 0)
            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
            f"--num-cpus={num_cpus or os.cpu_count()}"]
     log = open(home / "ray-head.log", "ab")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **_auth_env(home)}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     info = {"pid": proc.pid, "address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp)}
     deadline = time.time() + 90
@@ -116,26 +145,31 @@ def stop_local(home: Path) -> bool:
 
     while pid_alive(info["pid"]) and time.time() < deadline:
         time.sleep(0.3)
+    if pid_alive(info["pid"]):
+        os.killpg(info["pid"], signal.SIGKILL)
     (home / "head.json").unlink(missing_ok=True)
     return True
 
 
 def connect(settings: ServeSettings, home: Path | None = None) -> None:
     """Connect this process to Ray (an existing connection is kept: tests and the bench own theirs)."""
-    import ray
-
-    if ray.is_initialized():
+    if not settings.ray_address and "ray" not in sys.modules:
+        os.environ.update(_auth_env(home or serving_home()))  # before Ray reads its config (at import)
+    quiet_serve_logs(home)
+    if sys.modules["ray"].is_initialized():
         return
     if settings.ray_address:
         _quiet_ray_init(address=settings.ray_address)
         return
-    info = start_local_head(home or serving_home())
+    home = home or serving_home()
+    info = start_local_head(home)
     _quiet_ray_init(address=info["address"], _node_ip_address="127.0.0.1")
 
 
 def start_serve(settings: ServeSettings) -> None:
     from ray import serve
 
+    quiet_serve_logs()
     serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
 
@@ -153,16 +187,26 @@ def deploy_version(model: str, version: str, model_dir: str | Path, digest: str,
     info = {"model": model, "version": str(version), "digest": digest}
     bound = ModelServer.options(**settings.deployment_options()).bind(
         str(model_dir), settings.engine, max(1, int(settings.num_cpus)), info, settings.limits.model_dump())
-    try:
-        serve.run(bound, name=app, route_prefix=None)
-    except Exception as e:  # noqa: BLE001 - Serve raises RuntimeError/RayServeException with the replica's error
-        try:
+    from ray.serve.api import _run
+
+    _run(bound, name=app, route_prefix=None, _blocking=False)  # serve.run would wait forever for unplaceable replicas
+    deadline = time.time() + settings.deploy_timeout_s
+    while True:
+        st = serve.status().applications.get(app)
+        state = str(st.status).split(".")[-1] if st else "MISSING"
+        if state == "RUNNING":
+            return app
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") or time.time() > deadline:
+            import ray
+
             serve.delete(app)
-        except Exception:  # noqa: BLE001
-            pass
-        raise ServingError(f"{model} v{version} did not start: {str(e).splitlines()[-1][:300]}", str(model_dir),
-                           "check the model files (see the Ray logs under the serving home)") from None
-    return app
+            why = (st.message or "").strip().splitlines()[-1][:300] if st and st.message else state
+            free = ray.available_resources().get("CPU", 0.0)
+            raise ServingError(f"{model} v{version} did not start within {settings.deploy_timeout_s:.0f}s: {why}",
+                               str(model_dir), f"check the model files and the Ray logs; blue/green needs room for "
+                                               f"both versions at once ({free:g} CPUs free now; lower num_cpus or "
+                                               f"replicas)")
+        time.sleep(0.5)
 
 
 def gateway_config() -> dict:
@@ -174,6 +218,11 @@ def gateway_config() -> dict:
         return {"models": {}}
 
 
+def gateway_args(settings: ServeSettings) -> str:
+    """Only what the gateway uses (limits, cache): a change of replicas or engine must not restart it."""
+    return ServeSettings(limits=settings.limits, cache=settings.cache).model_dump_json()
+
+
 def switch(model: str, version: str, app: str, digest: str, settings: ServeSettings) -> dict:
     """Point the gateway at `app` for `model` (deploys the gateway the first time). Returns the previous entry."""
     from ray import serve
@@ -183,7 +232,7 @@ def switch(model: str, version: str, app: str, digest: str, settings: ServeSetti
     cfg = gateway_config()
     previous = cfg["models"].get(model)
     cfg["models"][model] = {"app": app, "version": str(version), "digest": digest, "created": int(time.time())}
-    serve.run(Gateway.options(user_config=cfg).bind(settings.model_dump_json()), name=GATEWAY_APP,
+    serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP,
               route_prefix="/")
     return previous or {}
 
@@ -305,6 +354,6 @@ def undeploy(model: str, settings: ServeSettings) -> None:
     cfg = gateway_config()
     entry = cfg["models"].pop(model, None)
     if entry:
-        serve.run(Gateway.options(user_config=cfg).bind(settings.model_dump_json()), name=GATEWAY_APP,
+        serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP,
                   route_prefix="/")
         serve.delete(entry["app"])

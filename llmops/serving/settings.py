@@ -71,6 +71,8 @@ class ServeSettings(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling aims at this many per replica")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model replica (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (vLLM)")
+    deploy_timeout_s: float = Field(300.0, gt=0, description="A new version not healthy by then is removed (the "
+                                                             "old one keeps serving)")
     limits: LimitSettings = Field(default_factory=LimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     smoke: SmokeSettings = Field(default_factory=SmokeSettings)

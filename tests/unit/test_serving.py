@@ -321,3 +321,64 @@ def test_vllm_engine_on_cuda(tmp_path):
     eng = VllmEngine(path)
     text, finish = "".join(p for p, _ in eng.stream(eng.encode("hello"), 4)), None
     assert isinstance(text, str) and eng.loss(["hello world"]) > 0
+
+
+# ---------------------------------------------------------------------------------- promotion to a serve target
+
+
+@pytest.mark.slow  # ~2-3 min here: 3 promotions + 1 rollback through Prefect, 4 blue/green deploys
+def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(served, prefect_harness, tmp_path):
+    """Governance target `live` (kind serve): an approved promotion deploys blue/green; a version whose evaluated
+    loss the served model cannot match fails its smoke test: promotion failed, audited, v1 keeps serving; the
+    rollback flow switches serving back."""
+    from llmops.config import PipelineConfig
+    from llmops.files import write_text_atomic
+    from llmops.governance import TargetSpec, load_governance
+    from tasks.access import AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request
+    from tasks.registry import register_candidate, tracking_uri
+    from tests.conftest import ledger_backed_tags
+    from tests.unit.test_promotion_flow import GOOD_TAGS, _paused, _start, _submit, _subj
+
+    from flows.promotion import promotion_flow, rollback_flow
+
+    g = init_governance()
+    keys = {n: load_private_key(write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600))
+            for n, r in (("alice", "ml-engineer"), ("bob", "release-manager"), ("carol", "release-manager"))}
+    live = served["settings"].model_copy(update={"replicas": 1, "num_cpus": 0.25})  # room beside m's replicas
+    g.targets = {"live": TargetSpec(kind="serve", uri=served["url"], serve=live)}
+    state = tmp_path / "state"
+    g.registry_uri = uri = tracking_uri(None, state)
+    g.save()
+    g = load_governance(required=True)
+    for i, (model, loss) in enumerate(((served["v1"], 20.0), (served["v2"], 0.5), (served["v2"], 20.0))):
+        register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="pm", model_dir=model.path,
+                           params={}, metrics={"eval.eval_loss": loss}, step_metrics=[], artifacts={}, texts={},
+                           tags={}, version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"]), set_alias=False)
+    cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "pm"}})
+    c = _client(served)
+
+    def run(fn, action, signed_version, **kw):
+        t, out = _start(fn, config=cfg, request=make_request(keys["alice" if action == "promote" else "bob"],
+                                                             "alice" if action == "promote" else "bob", action,
+                                                             "pm", signed_version), **kw)
+        rid = _paused(f"llmops-{'promotion' if action == 'promote' else 'rollback'}", exclude=seen)
+        seen.add(rid)
+        approver = "carol" if action == "rollback" else "bob"  # bob requests rollbacks: carol approves them
+        _submit(rid, approver, approval_code(keys[approver], rid, _subj(rid)))
+        t.join(timeout=240)
+        return out
+
+    seen = set()
+    assert run(promotion_flow, "promote", "1", version="1").get("result", {}).get("status") == "promoted"
+    served_versions = {m.id: m.version for m in c.models.list().data}
+    assert served_versions["pm"] == "1"
+    out = run(promotion_flow, "promote", "2", version="2")
+    assert "smoke" in str(out.get("error")).lower() or "exceeds the evaluated" in str(out.get("error")), out
+    assert {m.id: m.version for m in c.models.list().data}["pm"] == "1"  # the old version keeps serving
+    assert c.completions.create(model="pm", prompt="still v1", max_tokens=3, temperature=0).choices
+    decisions = [a["decision"] for a in AuditLog.for_governance(g).entries() if a.get("version") == "2"]
+    assert decisions[-1] == "smoke-failed"
+    assert run(promotion_flow, "promote", "3", version="3").get("result", {}).get("status") == "promoted"
+    assert {m.id: m.version for m in c.models.list().data}["pm"] == "3"
+    assert run(rollback_flow, "rollback", "1").get("result", {}).get("status") == "rolled-back"
+    assert {m.id: m.version for m in c.models.list().data}["pm"] == "1"  # serving switched back
