@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, _free_port
 
@@ -82,14 +83,19 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         assert "LLMOPS_GOVERNANCE=" not in environ["worker-training"]
         assert f"LLMOPS_GOVERNANCE={isolated_governance}" in environ["worker-promotion"]
 
-        r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "train-tiny",
-                            "--prefect-file", str(ROOT / "deployments/prefect.yaml")], env=client_env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-
-        assert _api("GET", f"{api}/deployments/name/llmops-training/train-tiny", None)[0] == 401
-        status, dep = _api("GET", f"{api}/deployments/name/llmops-training/train-tiny", auth)
-        assert status == 200, status
+        # the train-tiny deployment as deployments/prefect.yaml defines it, created over the REST API (what
+        # `prefect deploy` does, without importing the flow's libraries in one more process)
+        spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+        dep = next(d for d in spec["deployments"] if d["name"] == "train-tiny")
+        assert _api("POST", f"{api}/flows/", None, {"name": "llmops-training"})[0] == 401
+        status, flow = _api("POST", f"{api}/flows/", auth, {"name": "llmops-training"})
+        assert status in (200, 201), status
+        status, dep = _api("POST", f"{api}/deployments/", auth, {
+            "name": dep["name"], "flow_id": flow["id"], "entrypoint": dep["entrypoint"], "tags": dep["tags"],
+            "work_pool_name": dep["work_pool"]["name"], "parameters": dep["parameters"], "pull_steps": spec["pull"],
+            "description": dep["description"]})
+        assert status in (200, 201), (status, dep)
+        assert dep["work_pool_name"] == services.TEAM_SERVICES["worker-training"]["pool"]
         status, run = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", auth, {})
         assert status == 201, status
         deadline = time.time() + 150
