@@ -5,7 +5,8 @@ Prefect flow-run id and URL), the model logged as a self-contained pyfunc (tasks
 registered as a new version with lineage tags, alias `candidate` set last — only when the gate passed.
 A failure after the version exists deletes that version, so no half-registered version is ever left behind.
 
-Default store: `sqlite:///<state_dir>/mlflow.db` with artifacts in `<state_dir>/mlartifacts` (no server).
+Default store: `sqlite:///<state_dir>/mlflow.db` with artifacts in `<state_dir>/mlartifacts`; once `llmops services
+start` runs the MLflow server on that same store (UI included), clients of the state dir go through it.
 """
 from __future__ import annotations
 
