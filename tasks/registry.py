@@ -272,7 +272,7 @@ def version_description(card: str, uri: str, run_id: str, plots_dir: str | None)
         imgs = "\n\n".join(f"![{n}](get-artifact?path=plots/{n}&run_uuid={run_id})" for n in pngs)
         tail = f"\n## Plots\n\n{imgs}\n"
     if len(card) + len(tail) > MAX_DESCRIPTION:  # keep the plots, cut the card's end (its full text is an artifact)
-        note = "\n\n… (cut to fit the registry; the full card is the run's artifact model_card.md)\n"
+        note = "\n\n… (cut to fit the registry; the full card is the run's artifact reports/model_card.md)\n"
         card = card[:MAX_DESCRIPTION - len(tail) - len(note)] + note
     return card + tail
 
