@@ -163,6 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     ap.add_argument("--onnx", help="an ONNX edge bundle directory to measure as well")
+    ap.add_argument("--skip-torch", action="store_true", help="only the ONNX bundle")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -174,9 +175,9 @@ def main() -> None:
     state = Path(os.environ.get("LLMOPS_HOME", ROOT / ".llmops")) / "bench-serving"
     ref = resolve_model(args.model, state, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
                         max_len=512)
-    variants = [("torch", ref.path, "transformers", ref.digest)]
+    variants = [] if args.skip_torch else [("torch", ref.path, "transformers", ref.digest)]
     if args.onnx:
-        variants.append(("onnx", args.onnx, "onnx", dir_digest(Path(args.onnx))))
+        variants.append(("onnx-int8", args.onnx, "onnx", dir_digest(Path(args.onnx))))
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -140,7 +140,7 @@ def stop_local(home: Path) -> bool:
         os.killpg(info["pid"], signal.SIGTERM)  # the process group `ray start --block` leads
     except ProcessLookupError:
         pass
-    deadline = time.time() + 30
+    deadline = time.time() + 15
     from llmops.files import pid_alive
 
     while pid_alive(info["pid"]) and time.time() < deadline:
