@@ -382,3 +382,22 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     assert {m.id: m.version for m in c.models.list().data}["pm"] == "3"
     assert run(rollback_flow, "rollback", "1").get("result", {}).get("status") == "rolled-back"
     assert {m.id: m.version for m in c.models.list().data}["pm"] == "1"  # serving switched back
+
+
+def test_concurrency_limit_gives_429_with_retry_after_and_the_replica_keeps_serving(served):
+    """Model `q`: 1 replica, 1 request at a time, 1 queued; 8 concurrent requests: the excess get 429 at once."""
+    from llmops.serving import control
+
+    s = served["settings"].model_copy(update={"replicas": 1, "limits": served["settings"].limits.model_copy(
+        update={"max_ongoing_per_replica": 1, "max_queued": 1})})
+    v1 = served["v1"]
+    control.rollout("q", "1", v1.path, v1.digest + "-q", s, {})
+    url = served["url"] + "/v1/completions"
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: _post(url, {"model": "q", "prompt": f"busy {i}", "max_tokens": 32,
+                                                      "temperature": 0.5}), range(8)))
+    codes = sorted(code for code, _, _ in results)
+    assert codes.count(200) >= 1 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in results if r[0] == 429)
+    assert refused[1].get("retry-after") == "1" and refused[2]["error"]["type"] == "rate_limit_error"
+    assert _post(url, {"model": "q", "prompt": "after", "max_tokens": 2})[0] == 200
