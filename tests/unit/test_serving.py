@@ -401,3 +401,18 @@ def test_concurrency_limit_gives_429_with_retry_after_and_the_replica_keeps_serv
     refused = next(r for r in results if r[0] == 429)
     assert refused[1].get("retry-after") == "1" and refused[2]["error"]["type"] == "rate_limit_error"
     assert _post(url, {"model": "q", "prompt": "after", "max_tokens": 2})[0] == 200
+
+
+def test_request_timeout_gives_408_and_the_replica_keeps_serving(served):
+    """The gateway's timeout (here 1 ms, a gateway-only change: model replicas are not restarted) -> 408."""
+    from llmops.serving import control
+
+    s = served["settings"].model_copy(update={"limits": served["settings"].limits.model_copy(
+        update={"timeout_s": 0.001})})
+    entry = control.gateway_config()["models"]["q"]
+    control.switch("q", entry["version"], entry["app"], entry["digest"], s)
+    code, _, out = _post(served["url"] + "/v1/completions", {"model": "q", "prompt": "slow", "max_tokens": 32,
+                                                            "temperature": 0.5})
+    assert code == 408 and out["error"]["code"] == "request_timeout", out
+    control.switch("q", entry["version"], entry["app"], entry["digest"], served["settings"])
+    assert _post(served["url"] + "/v1/completions", {"model": "q", "prompt": "fast", "max_tokens": 2})[0] == 200
