@@ -209,6 +209,9 @@ def main() -> None:
 
         serve.shutdown()
         ray.shutdown()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
     print(cache_line)
     sem = semantic_false_hits(0.95)
     print(f"\nnear-duplicate cache (threshold 0.95, {sem['n']} sample lines): reworded copies hit "
