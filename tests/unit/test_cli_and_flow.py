@@ -95,32 +95,10 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     assert second["finetune"]["run_id"] == first["finetune"]["run_id"]
     assert second["eval"] == first["eval"]
     assert (t2 - t1) < 0.7 * (t1 - t0)
-    ledger = open_ledger()  # the deployment's (governance) ledger, not the state dir's
-    assert len(ledger.entries(first["data"]["fingerprint"])) == 1
-    # editing one record's bytes changes the cache key: the data step recomputes and the fingerprint moves
-    path = Path(tiny_config.data.path)
-    lines = path.read_text().splitlines()
-    lines[0] = lines[0].replace('"text": "', '"text": "EDITED ')
-    path.write_text("\n".join(lines) + "\n")
-    from tasks.data import prepare_data_task
-    from prefect import flow
-
-    @flow
-    def only_data(cfg):
-        return prepare_data_task(cfg)
-
-    assert only_data(tiny_config)["fingerprint"] != first["data"]["fingerprint"]
-
-
-def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tiny_config):
-    import mlflow
-
-    from flows.retraining import retraining_flow
-    from tasks.registry import tracking_uri
     # the same registration again is the same MLflow version (no second copy of the weights)
     assert second["registered"]["version"] == first["registered"]["version"] == "1"
-
-    first = retraining_flow(config=tiny_config, open_promotion=False)
+    ledger = open_ledger()  # the deployment's (governance) ledger, not the state dir's
+    assert len(ledger.entries(first["data"]["fingerprint"])) == 1
     # with a production model, its evaluation on this split is computed once, then cached on (version, split bytes)
     import mlflow
 
@@ -142,6 +120,28 @@ def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tin
         evaluation.evaluate_model = real
     assert fourth["production_eval"] == third["production_eval"]
     assert fourth["registered"]["version"] == third["registered"]["version"]
+    # editing one record's bytes changes the cache key: the data step recomputes and the fingerprint moves
+    path = Path(tiny_config.data.path)
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"text": "', '"text": "EDITED ')
+    path.write_text("\n".join(lines) + "\n")
+    from tasks.data import prepare_data_task
+    from prefect import flow
+
+    @flow
+    def only_data(cfg):
+        return prepare_data_task(cfg)
+
+    assert only_data(tiny_config)["fingerprint"] != first["data"]["fingerprint"]
+
+
+def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tiny_config):
+    import mlflow
+
+    from flows.retraining import retraining_flow
+    from tasks.registry import tracking_uri
+
+    first = retraining_flow(config=tiny_config, open_promotion=False)
     assert first["status"] == "trained"
     client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", first["registered"]["version"])
