@@ -229,7 +229,7 @@ def cmd_services(args) -> int:
     state = Path(os.environ.get("LLMOPS_HOME", ".llmops"))
     t0 = time.time()
     if args.action == "env":
-        env = services.team_env(state) if services.read_record(state).get("mode") == "team" else {
+        env = services.team_env(state, cache=True) if services.read_record(state).get("mode") == "team" else {
             "PREFECT_API_URL": services.read_record(state).get("prefect", {}).get("url", services.api_url())}
         print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
         return 0
@@ -630,7 +630,8 @@ def parser() -> argparse.ArgumentParser:
                         epilog="example: llmops services start --team && eval \"$(llmops services env)\"")
     sv.add_argument("action", choices=["start", "stop", "env"], help="env prints the client settings to export")
     sv.add_argument("--team", action="store_true", help="PostgreSQL, SeaweedFS, Prefect with API auth, MLflow on "
-                                                        "Postgres + S3, training and promotion workers")
+                                                        "Postgres + S3, Redis (serving cache), training and "
+                                                        "promotion workers")
     sv.set_defaults(func=cmd_services)
     st = sub.add_parser("status", help="services, pending approvals, production version per model",
                         epilog="example: llmops status --json")

@@ -5,7 +5,8 @@ Embedded (the demo, one person; sqlite + files in the state dir):
     llmops services stop
 Team mode on one machine (the step before a cluster: infra/docker-compose.yml describes the same topology):
     llmops services start --team   # PostgreSQL, SeaweedFS (S3), Prefect on Postgres with API auth, MLflow on
-                                   # Postgres + S3 artifacts, a training worker, a promotion worker
+                                   # Postgres + S3 artifacts, Redis (the serving cache), a training worker,
+                                   # a promotion worker
     llmops services stop --team    # data stays in the state dir; `start --team` again picks it up
     llmops status                  # what runs, pending approvals, production versions
 
@@ -14,9 +15,10 @@ promotion stays approvable after the command that started it returns. `<state>/s
 this state dir; clients on the same state dir (train, promote, status) use its MLflow server through
 `tasks.registry.tracking_uri`. A configured or governance-pinned tracking URI always wins over the record.
 
-Team-mode secrets (database roles, S3 keys, the Prefect API auth string) come from the OS CSPRNG at the first start
-and live only in `<state>/team/secrets.json` (mode 600): never printed, never a flow parameter. Print the client
-settings on purpose with `eval "$(llmops services env)"`.
+Team-mode secrets (database roles, S3 keys, the Prefect API auth string, the Redis password) come from the OS
+CSPRNG at the first start and live in `<state>/team/secrets.json` (mode 600; the Redis password also in the mode-600
+redis.conf and password file beside Redis): never printed, never a flow parameter. Print the client settings on
+purpose with `eval "$(llmops services env)"`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ MLFLOW_PORT = 5000
 RECORD = "services.json"
 REPO = Path(__file__).resolve().parent.parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+REDIS_SERVER = Path("/usr/bin/redis-server")
 
 # Team mode as data: infra/docker-compose.yml describes the same services (tests/unit/test_infra.py checks both agree).
 # port = the default on this host; env = the setting's name, whose value `start_team` fills in.
@@ -50,6 +53,9 @@ TEAM_SERVICES: dict[str, dict] = {
                        "env": ["PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"]},
     "mlflow": {"port": MLFLOW_PORT, "database": "mlflow", "db_driver": "postgresql+psycopg",
                "artifacts": "s3://mlflow-artifacts", "env": ["MLFLOW_S3_ENDPOINT_URL"]},
+    # the serving response cache (`llmops serve` in team mode). A cache, so no persistence: a restart starts cold,
+    # and model answers (which may echo training text) never reach a disk; maxmemory + allkeys-lru bound its size.
+    "redis": {"port": 6380, "maxmemory": "256mb", "maxmemory_policy": "allkeys-lru", "persistence": False},
     "worker-training": {"pool": "llmops-cpu", "governance": False},
     "worker-promotion": {"pool": "llmops-promotion", "governance": True},
 }
@@ -263,13 +269,17 @@ def team_secrets(state_dir: str | Path, create: bool = False) -> dict:
     if path.is_file():
         if path.stat().st_mode & 0o077:
             raise LLMOpsError("team secrets are readable by others", str(path), f"chmod 600 {path}")
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        if create and "redis" not in data:  # made before Redis joined team mode: add its password, keep the rest
+            data["redis"] = secrets.token_urlsafe(32)
+            write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
+        return data
     if not create:
         raise LLMOpsError("no team-mode secrets", str(path), "run `llmops services start --team` first")
     tok = lambda: secrets.token_urlsafe(24)  # noqa: E731
     data = {"postgres": tok(), "db": {db: tok() for db in TEAM_SERVICES["postgres"]["databases"]},
             "s3_access_key": "llmops-" + secrets.token_hex(6), "s3_secret_key": tok(),
-            "prefect_auth": "llmops:" + tok()}
+            "prefect_auth": "llmops:" + tok(), "redis": secrets.token_urlsafe(32)}
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
@@ -280,14 +290,16 @@ def team_ports(state_dir: str | Path, override: dict | None = None) -> dict:
     """Ports of the team services: chosen at the first start (defaults, env LLMOPS_*_PORT, or `override`), then
     kept in team/ports.json so a restart finds everything where it was."""
     path = team_dir(state_dir) / "ports.json"
-    if path.is_file() and not override:
-        return json.loads(path.read_text())
-    ports = {name: svc["port"] for name, svc in TEAM_SERVICES.items() if "port" in svc} | SEAWEED_PORTS
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    defaults = {name: svc["port"] for name, svc in TEAM_SERVICES.items() if "port" in svc} | SEAWEED_PORTS
+    if kept and not override and set(defaults) <= set(kept):
+        return kept
+    ports = dict(defaults)
     for name, var in (("prefect-server", "LLMOPS_PREFECT_PORT"), ("mlflow", "LLMOPS_MLFLOW_PORT"),
-                      ("postgres", "LLMOPS_PG_PORT"), ("s3", "LLMOPS_S3_PORT")):
+                      ("postgres", "LLMOPS_PG_PORT"), ("s3", "LLMOPS_S3_PORT"), ("redis", "LLMOPS_REDIS_PORT")):
         if os.environ.get(var):
             ports[name] = int(os.environ[var])
-    ports |= override or {}
+    ports |= kept | (override or {})  # a service added since the first start gets its default; the rest stay put
     write_text_atomic(path, json.dumps(ports, indent=2) + "\n")
     return ports
 
@@ -432,11 +444,98 @@ def start_s3(state_dir: str | Path, ports: dict, sec: dict) -> str:
     return endpoint
 
 
-def team_env(state_dir: str | Path) -> dict:
-    """What a client of team mode sets: Prefect API URL + auth string, the MLflow server."""
+# ------------------------------------------------------------------------------------------------ redis
+def redis_url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"  # never a password in here: it would travel wherever the URL goes
+
+
+def redis_password_file(state_dir: str | Path) -> Path:
+    """The team Redis password alone (mode 600): what a gateway reads, so the password never enters settings, Ray's
+    application config or a Prefect parameter."""
+    return team_dir(state_dir) / "redis" / "password"
+
+
+def redis_conf(state_dir: str | Path, port: int, password: str) -> str:
+    """redis.conf of the team cache. The password is in this file (mode 600), not on redis-server's command line,
+    which every user sees in `ps`."""
+    svc = TEAM_SERVICES["redis"]
+    assert not svc["persistence"]  # a cache: no RDB snapshots, no AOF (see TEAM_SERVICES)
+    return "\n".join([
+        "bind 127.0.0.1", "protected-mode yes", f"port {port}", f"requirepass {password}",
+        f"maxmemory {svc['maxmemory']}", f"maxmemory-policy {svc['maxmemory_policy']}",
+        'save ""', "appendonly no", f'dir "{team_dir(state_dir) / "redis"}"',  # a manual SAVE lands in the team dir
+        "daemonize no", 'logfile ""']) + "\n"
+
+
+def redis_argv(conf: Path) -> list[str]:
+    return [str(REDIS_SERVER), str(conf)]
+
+
+def _resp(*args: str) -> bytes:
+    return f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+
+
+def redis_ping(port: int, password: str | None = None, timeout: float = 2) -> str:
+    """Redis's answer to PING (after AUTH when a password is given), without a client library: 'PONG', the first
+    error (e.g. 'NOAUTH Authentication required.', 'WRONGPASS ...'), or '' when nothing answers."""
+    import socket
+
+    want, buf = (2 if password else 1), b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall((_resp("AUTH", password) if password else b"") + _resp("PING"))
+            while buf.count(b"\r\n") < want:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError:
+        return ""
+    replies = buf.decode(errors="replace").split("\r\n")[:want]
+    return next((r[1:] for r in replies if r.startswith("-")), replies[-1][1:] if len(replies) == want else "")
+
+
+def start_redis(state_dir: str | Path, port: int, sec: dict) -> str:
+    """Debian's redis-server for the serving response cache: 127.0.0.1, `requirepass` from the secrets file via a
+    config file of mode 600, bounded by maxmemory + allkeys-lru, no persistence. Returns its URL (no password)."""
+    home = team_dir(state_dir) / "redis"
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    pid_file, password = home / "redis.pid", sec["redis"]
+    if _pid(pid_file) and redis_ping(port, password) == "PONG":
+        return redis_url(port)
+    if not REDIS_SERVER.exists():
+        raise LLMOpsError("Redis is not installed", str(REDIS_SERVER), "apt-get install redis-server")
+    if _pid(pid_file):
+        _stop_pid(pid_file)  # ours, but not answering with our password: start it afresh
+    elif redis_ping(port):
+        raise LLMOpsError(f"127.0.0.1:{port} already answers, but not as this state dir's Redis", str(home),
+                          f"stop that server, or give Redis another port in {team_dir(state_dir) / 'ports.json'}")
+    conf = write_text_atomic(home / "redis.conf", redis_conf(state_dir, port, password), mode=0o600)
+    write_text_atomic(redis_password_file(state_dir), password, mode=0o600)
+    _spawn("Redis", redis_argv(conf), _base_env(), home / "redis.log", pid_file,
+           lambda: redis_ping(port, password) == "PONG", 30, "read the log; is the port taken? (team/ports.json)")
+    return redis_url(port)
+
+
+def team_cache(state_dir: str | Path) -> dict | None:
+    """The serving cache of team mode (`CacheSettings` fields) when team mode runs for this state dir, else None."""
+    rec = read_record(state_dir)
+    if rec.get("mode") != "team" or "redis" not in rec:
+        return None
+    return {"backend": "redis", "redis_url": rec["redis"]["url"],
+            "redis_password_file": str(redis_password_file(state_dir))}
+
+
+def team_env(state_dir: str | Path, cache: bool = False) -> dict:
+    """What a client of team mode sets: Prefect API URL + auth string, the MLflow server; with `cache` also the
+    Redis URL and its password (REDISCLI_AUTH, which redis-cli reads), for `llmops services env` only."""
     s, p = team_secrets(state_dir), team_ports(state_dir)
-    return {"PREFECT_API_URL": api_url(p["prefect-server"]), "PREFECT_API_AUTH_STRING": s["prefect_auth"],
-            "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+    env = {"PREFECT_API_URL": api_url(p["prefect-server"]), "PREFECT_API_AUTH_STRING": s["prefect_auth"],
+           "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+    if cache and "redis" in s and "redis" in p:
+        env |= {"LLMOPS_REDIS_URL": redis_url(p["redis"]), "REDISCLI_AUTH": s["redis"]}
+    return env
 
 
 def _worker_ready(api: str, auth: str, pool: str) -> bool:
@@ -502,6 +601,7 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
             return fa.result(), fb.result()
 
     cluster, endpoint = both(lambda: start_postgres(state, port["postgres"], sec), lambda: start_s3(state, port, sec))
+    cache = start_redis(state, port["redis"], sec)  # up in ~0.1 s
     db = lambda name, drv: _db_url(drv, name, sec["db"][name], port["postgres"], name)  # noqa: E731
     s3_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
               "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
@@ -530,7 +630,9 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
                        "pid": _pid(tdir / "prefect-server/server.pid"),
                        "log": str(tdir / "prefect-server/server.log"), "auth": True},
            "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(tdir / "mlflow/server.pid"),
-                      "log": str(tdir / "mlflow/server.log")}}
+                      "log": str(tdir / "mlflow/server.log")},
+           "redis": {"url": cache, "pid": _pid(tdir / "redis/redis.pid"), "log": str(tdir / "redis/redis.log"),
+                     "auth": True}}
     for n, pid in pids.items():
         rec[n] = {"url": f"pool {TEAM_SERVICES[n]['pool']}", "pid": pid, "log": str(tdir / n / "worker.log")}
     write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
@@ -546,7 +648,7 @@ def stop_team(state_dir: str | Path) -> list[str]:
     for group in ((("worker-training", "worker-training/worker.pid"),
                    ("worker-promotion", "worker-promotion/worker.pid")),
                   (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid"),
-                   ("s3", "s3/weed.pid"))):
+                   ("s3", "s3/weed.pid"), ("redis", "redis/redis.pid"))):
         with ThreadPoolExecutor(len(group)) as pool:
             done = list(pool.map(lambda e: _stop_pid(tdir / e[1]), group))
         stopped += [name for (name, _), ok in zip(group, done) if ok]
@@ -577,6 +679,8 @@ def service_rows(state_dir: str | Path) -> list[dict]:
                 ok = True
             except OSError:
                 ok = False
+        elif name == "redis":  # answers, and only with the password
+            ok = redis_ping(int(url.rsplit(":", 1)[1].split("/")[0])).startswith("NOAUTH")
         else:
             ok = bool(pid and pid_alive(pid))
         rows.append({"name": name, "url": e.get("ui", url), "pid": pid, "healthy": ok, "log": e.get("log")})

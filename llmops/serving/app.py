@@ -200,6 +200,16 @@ class Gateway:
     def config(self) -> dict:
         return {"models": self.models}
 
+    async def cache_info(self) -> dict:
+        """Which response cache this gateway uses (for `llmops serve status`); never a password."""
+        c = self.settings.cache
+        if self.cache is None:
+            return {"backend": "off"}
+        if not hasattr(self.cache, "reachable"):
+            return {"backend": "memory", "entries": len(self.cache), "max_entries": c.max_entries}
+        return {"backend": "redis", "url": c.redis_url, "auth": "password file" if c.redis_password_file else "none",
+                "reachable": await self.cache.reachable(), "errors": self.cache.errors}
+
     # ------------------------------------------------------------------------------------ helpers
     def _count_cache(self, model: str, result: str) -> None:
         self.c_cache.labels(model, result).inc()

@@ -53,7 +53,7 @@ def test_compose_file_services_and_no_literal_secrets():
     assert "postgresql+asyncpg://" in compose["services"]["prefect-server"]["environment"][
         "PREFECT_API_DATABASE_CONNECTION_URL"]
     for key in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "PREFECT_AUTH", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
-                "LEDGER_DB_PASSWORD"):
+                "LEDGER_DB_PASSWORD", "REDIS_PASSWORD"):
         assert "${" + key in text  # secrets only by reference to the env file
 
 
@@ -74,6 +74,12 @@ def test_compose_describes_the_team_mode_that_services_start_runs():
         assert url.startswith(f"{svc['db_driver']}://{svc['database']}:") and url.endswith(f"/{svc['database']}")
         assert all(k in env for k in svc["env"]), (name, svc["env"])
     assert f"--artifacts-destination {TEAM_SERVICES['mlflow']['artifacts']}" in compose["mlflow"]["command"]
+    redis, cache = compose["redis"], TEAM_SERVICES["redis"]  # the serving cache: bounded, no persistence, auth
+    redis_cmd = " ".join(redis["command"])
+    assert redis["image"].startswith("redis:7") and redis["ports"] == [f"127.0.0.1:{cache['port']}:6379"]
+    assert f"--maxmemory {cache['maxmemory']} --maxmemory-policy {cache['maxmemory_policy']}" in redis_cmd
+    assert ("--save '' --appendonly no" in redis_cmd) == (not cache["persistence"])
+    assert "requirepass" in redis_cmd and "--requirepass" not in redis_cmd  # in a config file, not in `ps`
     pools = {d["work_pool"]["name"] for d in deployments()}
     for name in ("worker-training", "worker-promotion"):
         svc, c = TEAM_SERVICES[name], compose[name]
