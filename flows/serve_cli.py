@@ -27,6 +27,22 @@ def _settings(args):
     return ServeSettings(**over)
 
 
+def _cache_of(info: dict) -> tuple:
+    return info.get("backend"), info.get("redis_url", info.get("url"))
+
+
+def _gateway_cache() -> dict:
+    """The response cache the running gateway uses (asked from the gateway itself, not re-derived here)."""
+    from ray import serve
+
+    from llmops.serving.control import GATEWAY_APP
+
+    try:
+        return serve.get_app_handle(GATEWAY_APP).cache_info.remote().result(timeout_s=30)
+    except Exception as e:  # noqa: BLE001 - no gateway yet, or one deployed before cache_info existed
+        return {"backend": "unknown", "why": f"{type(e).__name__}: the gateway did not say"}
+
+
 def _registry_uri(args) -> str:
     from llmops.config import PipelineConfig, load_config
     from llmops.governance import load_governance
@@ -93,20 +109,26 @@ def cmd_serve(args) -> int:
             print("not serving (start with `llmops serve --model NAME@production`)")
             return 0
         control.connect(settings, home)
-        print(json.dumps(control.status(), indent=2))
+        print(json.dumps({**control.status(), "cache": _gateway_cache()}, indent=2))
         return 0
     if not args.model:
         raise LLMOpsError("no --model given", "llmops serve", "e.g. llmops serve --model m@production")
+    from llmops.serving.settings import resolve_cache
     from tasks.model import dir_digest
 
+    settings = resolve_cache(settings, home.parent)  # team mode's Redis unless a cache backend is named
     engine = "onnx" if settings.engine == "onnx" else "hf"
     name, version, path, evaluated = fetch_model(_registry_uri(args), args.model, engine, home)
     control.connect(settings, home)
-    report = control.rollout(name, version, path, dir_digest(path), settings, evaluated)
+    digest = dir_digest(path)
+    report = control.rollout(name, version, path, digest, settings, evaluated)
+    if report.get("unchanged") and _cache_of(_gateway_cache()) != _cache_of(settings.cache.model_dump()):
+        control.finish_rollout(name, version, digest, settings)  # same version: only the gateway takes the new cache
     url = f"http://127.0.0.1:{settings.http_port}"
     control.wait_http(f"{url}/healthz")
     what = "already serving" if report.get("unchanged") else f"serving (rollout {report['seconds']['total']}s)"
-    print(f"{name} v{version} {what} at {url}/v1 (OpenAI API; model id '{name}'); "
+    cache = " ".join(str(x) for x in _cache_of(_gateway_cache()) if x)
+    print(f"{name} v{version} {what} at {url}/v1 (OpenAI API; model id '{name}'; response cache: {cache}); "
           f"`llmops serve status`, `llmops serve stop`")
     return 0
 

@@ -327,13 +327,14 @@ class ServeTarget:
         from urllib.parse import urlparse
 
         from llmops.serving.control import serving_home
-        from llmops.serving.settings import ServeSettings
+        from llmops.serving.settings import ServeSettings, resolve_cache
 
         u = urlparse(self.uri)
         if u.scheme != "http" or u.hostname not in ("127.0.0.1", "localhost") or not u.port:
             raise PromotionError(f"serve target uri {self.uri!r} is not http://127.0.0.1:PORT",
                                  "targets[].uri", "serve on this host's loopback, e.g. http://127.0.0.1:8000")
-        base = self.settings or ServeSettings()
+        # no cache backend named in governance: team mode's Redis when it runs for this state dir, else in-process
+        base = resolve_cache(self.settings or ServeSettings(), serving_home().parent)
         self.settings = base.model_copy(update={"http_port": u.port})
         self.store = DirTarget(str(serving_home() / "models"))
         self.deployed: dict = {}

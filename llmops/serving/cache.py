@@ -20,6 +20,7 @@ import math
 import time
 import unicodedata
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Protocol
 
 KEY_PREFIX = "llmops:cache:"
@@ -92,12 +93,20 @@ class MemoryCache:
 class RedisCache:
     """Redis (Debian's redis-server in team mode). Errors reaching Redis are misses, never failed requests."""
 
-    def __init__(self, url: str, ttl_s: int, max_entry_bytes: int):
+    def __init__(self, url: str, ttl_s: int, max_entry_bytes: int, password_file: str | None = None):
         import redis.asyncio as aioredis
 
-        self.ttl_s, self.max_entry_bytes = ttl_s, max_entry_bytes
-        self._r = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.url, self.ttl_s, self.max_entry_bytes = url, ttl_s, max_entry_bytes
+        # read here, in the gateway's process: the password never travels in settings (Ray's config, Prefect)
+        password = Path(password_file).read_text().strip() if password_file else None
+        self._r = aioredis.from_url(url, password=password, socket_timeout=2, socket_connect_timeout=2)
         self.errors = 0
+
+    async def reachable(self) -> bool:
+        try:
+            return bool(await self._r.ping())
+        except Exception:  # noqa: BLE001 - down, or a wrong password: reported by `llmops serve status`
+            return False
 
     async def get(self, key: str) -> dict | None:
         try:
@@ -153,9 +162,10 @@ class SemanticIndex:
 
 
 def make_cache(settings) -> ResponseCache | None:
-    """From `CacheSettings` (None = caching off)."""
+    """From `CacheSettings` (None = caching off; an unresolved backend is the in-process cache, see
+    `settings.resolve_cache`)."""
     if settings.backend == "off":
         return None
     if settings.backend == "redis":
-        return RedisCache(settings.redis_url, settings.ttl_s, settings.max_entry_bytes)
+        return RedisCache(settings.redis_url, settings.ttl_s, settings.max_entry_bytes, settings.redis_password_file)
     return MemoryCache(settings.ttl_s, settings.max_entries, settings.max_entry_bytes)

@@ -4,6 +4,10 @@ Light on purpose (pydantic only): governance imports it, and `llmops --help` mus
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -12,11 +16,16 @@ class _Strict(BaseModel):
 
 
 class CacheSettings(_Strict):
-    backend: str = Field("memory", pattern="^(memory|redis|off)$",
-                         description="memory = in-process LRU per gateway replica (embedded default); redis = shared "
-                                     "by every gateway replica (team mode); off = no cache")
+    backend: Literal["memory", "redis", "off"] | None = Field(
+        None, description="memory = in-process LRU per gateway replica; redis = shared by every gateway replica; off "
+                          "= no cache; unset = team mode's Redis when `llmops services start --team` runs for the "
+                          "state dir, else memory (resolve_cache)")
     redis_url: str | None = Field(None, description="redis://127.0.0.1:6379/0 for backend redis (no password in here: "
-                                                    "use a Redis bound to 127.0.0.1 or an ACL file on the server)")
+                                                    "it would travel in Ray's application config; see "
+                                                    "redis_password_file)")
+    redis_password_file: str | None = Field(None, description="A file (mode 600) holding the Redis password alone; "
+                                                              "the gateway reads it (team mode: <state>/team/redis/"
+                                                              "password)")
     ttl_s: int = Field(3600, ge=1, description="An answer is reused for at most this long")
     max_entries: int = Field(10_000, ge=1, description="In-process bound (LRU); Redis is bounded by its maxmemory")
     max_entry_bytes: int = Field(64_000, ge=256, description="Longer answers are not cached")
@@ -28,6 +37,9 @@ class CacheSettings(_Strict):
     def _redis_needs_url(self) -> "CacheSettings":
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("cache.backend redis needs cache.redis_url (e.g. redis://127.0.0.1:6379/0)")
+        if self.redis_url and urlparse(self.redis_url).password:
+            raise ValueError("cache.redis_url carries a password, which would be stored in Ray's application config: "
+                             "put the password alone in a file of mode 600 and name it in cache.redis_password_file")
         return self
 
 
@@ -97,3 +109,26 @@ class ServeSettings(_Strict):
         else:
             opts["num_replicas"] = self.replicas
         return opts
+
+
+def resolve_cache(settings: ServeSettings, state_dir: str | Path) -> ServeSettings:
+    """`settings` with the cache backend decided: one named in the settings stays; unset means team mode's Redis
+    (URL + password file, never the password) when `llmops services start --team` runs for `state_dir`, else the
+    in-process memory cache. A named password file must be readable here (the gateway runs on this host)."""
+    from llmops.errors import LLMOpsError
+    from llmops.services import team_cache
+
+    cache = settings.cache
+    if cache.backend is None:
+        cache = cache.model_copy(update=team_cache(state_dir) or {"backend": "memory"})
+    if cache.backend == "redis" and cache.redis_password_file:
+        pw = Path(cache.redis_password_file)
+        try:
+            if pw.stat().st_mode & 0o077:
+                raise LLMOpsError("the Redis password file is readable by others", str(pw), f"chmod 600 {pw}")
+            pw.read_bytes()
+        except OSError as e:
+            raise LLMOpsError(f"cannot read the Redis password file ({e.strerror})", str(pw),
+                              "start team mode (`llmops services start --team`) or fix cache.redis_password_file"
+                              ) from None
+    return settings.model_copy(update={"cache": cache})

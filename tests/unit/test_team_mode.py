@@ -4,7 +4,9 @@
 a training and a promotion worker); the tiny training deployment is triggered through the Prefect REST API with the
 auth string and runs on the training worker; then foreign clients find everything where team mode says it is: the
 flow run in Prefect's Postgres database, the model version through the MLflow server (`mlflow` CLI, MlflowClient),
-its artifacts as objects in the S3 bucket (boto3), the charge in the Postgres ledger. A full restart loses nothing.
+its artifacts as objects in the S3 bucket (boto3), the charge in the Postgres ledger; a gateway configured from team
+mode caches in the team Redis, which refuses clients without the password. A full restart loses nothing (but the
+cache, which is not persisted on purpose).
 """
 import base64
 import json
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.integration
 def _ports() -> dict:
     from llmops.services import SEAWEED_PORTS
 
-    names = ["prefect-server", "mlflow", "postgres", "s3", *SEAWEED_PORTS]
+    names = ["prefect-server", "mlflow", "postgres", "s3", "redis", *SEAWEED_PORTS]
     while True:  # SeaweedFS's gRPC ports are its ports + 10000
         ports = dict(zip(names, (_free_port() for _ in names)))
         if len(set(ports.values())) == len(names) and max(ports.values()) < 55000:
@@ -45,6 +47,26 @@ def _api(method: str, url: str, auth: str | None, body: dict | None = None) -> t
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, {}
+
+
+def _team_cache_roundtrip(state, ports: dict, sec: dict, key: str) -> None:
+    """Unauthenticated clients are refused; a gateway's cache built from team mode's settings reaches the team Redis."""
+    import asyncio
+
+    from llmops import services
+    from llmops.serving.cache import make_cache
+    from llmops.serving.settings import ServeSettings, resolve_cache
+
+    assert services.redis_ping(ports["redis"]).startswith("NOAUTH")
+    assert services.redis_ping(ports["redis"], sec["redis"]) == "PONG"
+    cache = make_cache(resolve_cache(ServeSettings(), state).cache)
+    assert cache.url == f"redis://127.0.0.1:{ports['redis']}/0"
+
+    async def go():
+        await cache.put(key, {"text": "cached"})
+        return await cache.get(key), cache.errors
+
+    assert asyncio.run(go()) == ({"text": "cached"}, 0)
 
 
 def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance):
@@ -72,9 +94,15 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         _, warm = llmops("services", "start", "--team")
         print(f"team start: cold {cold:.1f}s, warm {warm:.1f}s")
         sec, ports = services.team_secrets(state), services.team_ports(state)
-        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], *sec["db"].values()):
+        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], sec["redis"], *sec["db"].values()):
             assert value not in out  # secrets are never printed
-        client_env = dict(env, **services.team_env(state))
+        printed = llmops("services", "env")[0]
+        exported = dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
+        assert exported["REDISCLI_AUTH"] == sec["redis"]  # printed only when asked for
+        client_env = dict(env, **exported)
+        redis_pid = services.read_record(state)["redis"]["pid"]
+        assert sec["redis"] not in open(f"/proc/{redis_pid}/cmdline").read()  # not in `ps`
+        _team_cache_roundtrip(state, ports, sec, "before-restart")
         api, auth = client_env["PREFECT_API_URL"], client_env["PREFECT_API_AUTH_STRING"]
 
         # only the promotion worker's environment names governance
@@ -135,8 +163,12 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         assert not services.healthy(api)
         llmops("services", "start", "--team")
         assert check_everything(cli=False) == before
+        import redis
+
+        assert redis.Redis(host="127.0.0.1", port=ports["redis"], password=sec["redis"]).keys("*") == []  # cold
+        _team_cache_roundtrip(state, ports, sec, "after-restart")
         report = json.loads(llmops("status", "--json")[0])  # reads Prefect with the auth string, MLflow on Postgres
-        assert all(s["healthy"] for s in report["services"]) and len(report["services"]) == 6, report["services"]
+        assert all(s["healthy"] for s in report["services"]) and len(report["services"]) == 7, report["services"]
         assert {m["model"]: m["candidate"] for m in report["models"]} == {"llmops-demo": before[0]}
     finally:
         subprocess.run([sys.executable, "-m", "flows.cli", "services", "stop", "--team"], env=env, cwd=ROOT,
