@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
+    from llmops.serving import control
+
+    control.use_loopback_ray()  # before Ray is imported: every listener on 127.0.0.1
     import ray
 
     from tasks.model import dir_digest, resolve_model
@@ -182,8 +185,7 @@ def main() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # 4 logical CPUs on 2 cores: blue/green needs the old and the new version side by side
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(**control.local_ray(temp, num_cpus=4)["init_kwargs"], logging_level=logging.WARNING, log_to_driver=False)
     print(f"model {args.model} ({ref.path}); load: {args.requests} requests, {args.concurrency} concurrent, "
           f"{args.max_tokens} greedy tokens each, distinct prompts; {os.cpu_count()} cores (shared)\n")
     print("| engine | server | req/s | p50 s | p95 s | rollout s | mem/replica MB |")

@@ -44,11 +44,37 @@ class RequestError(Exception):
 # ------------------------------------------------------------------------------------------------- replicas
 
 
+def replica_grpc_on_node_ip() -> None:
+    """Ray 2.60 starts each Serve replica's inter-deployment gRPC server on all interfaces, with no setting for it
+    (ray/serve/_private/replica.py `_on_initialized`: `add_port_to_grpc_server(self._server, "[::]:0")`, which runs
+    right after the replica's constructor, where this is called). On a loopback node (llmops's local Ray, see
+    control.local_ray) it binds that server to the node IP like every other Ray listener; on a cluster node (routable
+    IP) nothing changes. Should Ray rename the helper, this does nothing and test_every_ray_listener_is_on_loopback
+    (tests/unit/test_serving.py) fails."""
+    import ray
+    from ray._common.network_utils import build_address, is_localhost
+    from ray.serve._private import replica
+
+    node_ip = ray.util.get_node_ip_address()
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or not is_localhost(node_ip) or getattr(original, "llmops_node_ip", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = build_address(node_ip, int(address.rsplit(":", 1)[1]))
+        return original(server, address)
+
+    add_port.llmops_node_ip = True
+    replica.add_port_to_grpc_server = add_port
+
+
 @serve.deployment(name="ModelServer")
 class ModelServer:
     def __init__(self, model_dir: str, engine: str, num_threads: int, info: dict, limits: dict):
         from llmops.serving.engine import load_engine
 
+        replica_grpc_on_node_ip()
         self.engine = load_engine(model_dir, engine, num_threads)
         self.info_ = {**info, "engine": type(self.engine).__name__}
         self.limits = limits
@@ -176,6 +202,7 @@ class Gateway:
     def __init__(self, settings_json: str):
         from prometheus_client import CollectorRegistry, Counter
 
+        replica_grpc_on_node_ip()
         self.settings = ServeSettings.model_validate_json(settings_json)
         self.limits = self.settings.limits.model_dump()
         self.cache = make_cache(self.settings.cache)

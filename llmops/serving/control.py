@@ -9,7 +9,8 @@ Blue/green, in `rollout()`:
    requests) and the old application is deleted (Serve drains its in-flight requests first);
    fail: the new application is deleted, the gateway is untouched, `SmokeTestFailed` says what failed.
 The local Ray head (when no `ray_address` is given) runs as `ray start --head --block` in its own process group,
-bound to 127.0.0.1, logs under `<home>/serving/ray/`; `stop_local()` ends that process group only.
+every listener bound to 127.0.0.1 (`local_ray()` says how), logs under `<home>/serving/ray/`; `stop_local()` ends that
+process group only.
 """
 from __future__ import annotations
 
@@ -52,6 +53,45 @@ def serving_home() -> Path:
 
 def _ray_bin() -> str:
     return str(Path(sys.executable).parent / "ray")
+
+
+LOOPBACK = "127.0.0.1"
+# Every Ray 2.60 listener binds by the node IP: the C++ gRPC servers (GCS, raylet, object manager, each worker's and
+# the driver's core worker) listen on 127.0.0.1 only when the node IP is loopback, otherwise on all interfaces; the
+# dashboard agent, runtime-env agent, Ray client server, autoscaler monitor and metrics servers check
+# `is_localhost(node_ip)`. But a loopback `--node-ip-address` / `_node_ip_address` is replaced by the host's routable
+# address (ray/_private/services.py `resolve_ip_for_localhost` -> `get_node_ip_address` ->
+# `node_ip_address_from_perspective`) unless `ray_constants.ENABLE_RAY_CLUSTER` is false, which is this variable.
+# It is Ray's single-host mode (the macOS/Windows default): no other node may join. Ray reads it once, at import.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def local_ray(temp_dir: str | Path, num_cpus: int | None = None, gcs_port: int = 0, client_port: int = 0) -> dict:
+    """The one place that keeps a local Ray node on 127.0.0.1: `env` (into os.environ before `import ray`, and into
+    `ray start`'s environment), `start_argv` (`ray start --head --block`, for `llmops serve`; needs free `gcs_port`
+    and `client_port`) and `init_kwargs` (`ray.init` starting the node in-process: tests, bench).
+    `temp_dir` must be short (unix socket paths live under it)."""
+    num_cpus = num_cpus or os.cpu_count()
+    start = [_ray_bin(), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
+             "--include-dashboard=false", f"--dashboard-host={LOOPBACK}",  # the dashboard process starts anyway
+             f"--ray-client-server-port={client_port}",  # always started by `ray start` (port 0 is refused)
+             "--dashboard-agent-listen-port=0",  # not the fixed 52365 another Ray on this host may hold
+             "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}"]
+    init = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "dashboard_host": LOOPBACK,
+            "_node_ip_address": LOOPBACK, "_temp_dir": str(temp_dir)}
+    return {"env": dict(LOOPBACK_ENV), "start_argv": start, "init_kwargs": init}
+
+
+def use_loopback_ray() -> None:
+    """Put `LOOPBACK_ENV` into this process's environment; raises if Ray was already imported without it (its
+    listeners would then bind to the host's address)."""
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and constants.ENABLE_RAY_CLUSTER:
+        raise ServingError("Ray was imported before llmops could keep its listeners on 127.0.0.1",
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                           "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment of this process, or call "
+                           "llmops.serving.control.use_loopback_ray() before importing ray")
 
 
 def quiet_serve_logs(home: Path | None = None) -> None:
@@ -98,18 +138,20 @@ def start_local_head(home: Path, num_cpus: int | None = None, gcs_port: int = 0)
     info = local_head(home)
     if info:
         return info
-    if not gcs_port:
+
+    def free_port() -> int:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            gcs_port = s.getsockname()[1]
+            s.bind((LOOPBACK, 0))
+            return s.getsockname()[1]
+
+    gcs_port = gcs_port or free_port()
     temp = Path("/tmp") / f"llmops-ray-{os.getuid()}-{gcs_port}"  # unix socket paths must stay short
-    cmd = [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
-           f"--num-cpus={num_cpus or os.cpu_count()}"]
+    ray_cfg = local_ray(temp, num_cpus, gcs_port=gcs_port, client_port=free_port())
     log = open(home / "ray-head.log", "ab")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **_auth_env(home)}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    info = {"pid": proc.pid, "address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp)}
+    env = {**os.environ, **ray_cfg["env"], **_auth_env(home)}
+    proc = subprocess.Popen(ray_cfg["start_argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
+    info = {"pid": proc.pid, "address": f"{LOOPBACK}:{gcs_port}", "temp_dir": str(temp)}
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -154,23 +196,24 @@ def stop_local(home: Path) -> bool:
 def connect(settings: ServeSettings, home: Path | None = None) -> None:
     """Connect this process to Ray (an existing connection is kept: tests and the bench own theirs)."""
     if not settings.ray_address and "ray" not in sys.modules:
-        os.environ.update(_auth_env(home or serving_home()))  # before Ray reads its config (at import)
+        os.environ.update({**LOOPBACK_ENV, **_auth_env(home or serving_home())})  # Ray reads both at import
     quiet_serve_logs(home)
     if sys.modules["ray"].is_initialized():
         return
     if settings.ray_address:
         _quiet_ray_init(address=settings.ray_address)
         return
+    use_loopback_ray()  # the driver's own gRPC server binds by the node IP too
     home = home or serving_home()
     info = start_local_head(home)
-    _quiet_ray_init(address=info["address"], _node_ip_address="127.0.0.1")
+    _quiet_ray_init(address=info["address"], _node_ip_address=LOOPBACK)
 
 
 def start_serve(settings: ServeSettings) -> None:
     from ray import serve
 
     quiet_serve_logs()
-    serve.start(http_options={"host": "127.0.0.1", "port": settings.http_port},
+    serve.start(http_options={"host": LOOPBACK, "port": settings.http_port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
 
 

@@ -5,10 +5,13 @@ the response cache, blue/green (a failed smoke test keeps the old version), a re
 """
 import asyncio
 import concurrent.futures as cf
+import ipaddress
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -16,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from llmops.serving import control
 from llmops.serving.cache import MemoryCache, RedisCache, cache_key, params_of, request_text
 from llmops.serving.settings import ServeSettings
 from tests.conftest import _free_port
 
+control.use_loopback_ray()  # before Ray is imported: it reads this once (see control.LOOPBACK_ENV)
 pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
@@ -44,8 +49,7 @@ def served(tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(**control.local_ray(temp, num_cpus=2)["init_kwargs"], logging_level=logging.WARNING, log_to_driver=False)
     settings = ServeSettings(http_port=_free_port(), replicas=2, num_cpus=0.5,
                              limits={"max_tokens": 32, "default_max_tokens": 8, "max_prompt_tokens": 48,
                                      "max_prompt_chars": 2000, "timeout_s": 20})
@@ -59,6 +63,56 @@ def served(tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _is_loopback(ip: str) -> bool:
+    a = ipaddress.ip_address(ip)
+    return (getattr(a, "ipv4_mapped", None) or a).is_loopback  # gRPC binds 127.0.0.1 as ::ffff:127.0.0.1
+
+
+def _ray_listeners(driver) -> list[tuple[str, int, str]]:
+    """(ip, port, process) of every listening TCP socket of `driver` (this process: Ray's driver) and of the Ray
+    processes it started (GCS, raylet, dashboard, monitor, and their children: agents, workers, Serve actors)."""
+    import psutil
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__)
+    roots = [c for c in driver.children() if ray_dir in " ".join(c.cmdline())]
+    out = []
+    for p in [driver, *roots, *[d for r in roots for d in r.children(recursive=True)]]:
+        try:
+            name = " ".join(os.path.basename(a) for a in p.cmdline()[:2]).strip()[:60]  # "gcs_server --log..."
+            conns = p.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:  # a worker that just exited
+            continue
+        out += [(c.laddr.ip, c.laddr.port, f"{p.pid} {name}") for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def test_every_ray_listener_is_on_loopback(served):
+    """The project rule, for Ray: every TCP listener of the driver and of every Ray process it started (GCS, raylet,
+    object manager, workers, agents, monitor, dashboard, Serve controller/proxy/replicas) is on 127.0.0.1."""
+    import psutil
+
+    listeners = _ray_listeners(psutil.Process())
+    names = " | ".join(sorted({n.split(" ", 1)[1] for _, _, n in listeners}))
+    for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ServeController",
+                 "ray::ProxyActor", "ray::ServeReplica:llmops-m-v1:ModelServer", "ray::ServeReplica:llmops-gateway"):
+        assert part in names, f"no listener of {part} found (the check would prove nothing): {names}"
+    assert any(port == served["settings"].http_port for _, port, _ in listeners)
+    exposed = [x for x in listeners if not _is_loopback(x[0])]
+    assert not exposed, f"Ray listens beyond 127.0.0.1 (see control.local_ray): {exposed}"
+
+
+def test_ray_imported_without_the_loopback_setting_is_refused():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; a process that imported Ray without it would
+    bind to the host's address, so llmops refuses to start or join a local Ray there and says what to do."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    code = "import ray\nfrom llmops.serving import control\ncontrol.use_loopback_ray()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1 and "Ray was imported before llmops could keep its listeners on 127.0.0.1" in r.stderr
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in r.stderr
 
 
 def _client(served):
