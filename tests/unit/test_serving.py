@@ -77,7 +77,7 @@ def _ray_listeners(driver) -> list[tuple[str, int, str]]:
     import ray
 
     ray_dir = os.path.dirname(ray.__file__)
-    roots = [c for c in driver.children() if ray_dir in " ".join(c.cmdline())]
+    roots = [c for c in driver.children() if ray_dir in " ".join(c.cmdline()) or "-m ray." in " ".join(c.cmdline())]
     out = []
     for p in [driver, *roots, *[d for r in roots for d in r.children(recursive=True)]]:
         try:
@@ -103,6 +103,42 @@ def test_every_ray_listener_is_on_loopback(served):
     exposed = [x for x in listeners if not _is_loopback(x[0])]
     assert not exposed, f"Ray listens beyond 127.0.0.1 (see control.local_ray): {exposed}"
 
+
+@pytest.mark.slow  # ~20 s: a second Ray head, the one `llmops serve` starts (`ray start`), beside the module's
+def test_llmops_serve_ray_head_and_driver_listen_on_loopback_only(tmp_path):
+    """`llmops serve`'s path: control.connect in a fresh process (without the setting in its environment) starts the
+    head with `ray start` and joins it as a driver; the head's processes (incl. the Ray client server `ray start`
+    always runs) and the driver listen on 127.0.0.1 only."""
+    import psutil
+
+    home = tmp_path / "serving"
+    code = ("import json, sys\nfrom pathlib import Path\nimport psutil\nfrom llmops.serving import control\n"
+            "from llmops.serving.settings import ServeSettings\ncontrol.connect(ServeSettings(), Path(sys.argv[1]))\n"
+            "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('tcp') if c.status == 'LISTEN']))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(home)], env=env, capture_output=True, text=True,
+                           timeout=180, cwd=Path(__file__).resolve().parents[2])
+        assert r.returncode == 0, r.stderr[-3000:]
+        driver_ips = json.loads(r.stdout.strip().splitlines()[-1])
+        assert driver_ips and all(_is_loopback(ip) for ip in driver_ips), driver_ips
+        head = psutil.Process(control.local_head(home)["pid"])  # `ray start --block`
+        client_port = int(next(a for a in head.cmdline() if a.startswith("--ray-client-server-port=")).split("=")[1])
+        deadline = time.time() + 60
+        while client_port not in [port for _, port, _ in _ray_listeners(head)]:  # `ray start` starts it last
+            assert time.time() < deadline, f"the Ray client server (port {client_port}) never listened"
+            time.sleep(0.5)
+        listeners = _ray_listeners(head)
+        names = " | ".join(sorted({n.split(" ", 1)[1] for _, _, n in listeners}))
+        for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            assert part in names, f"no listener of {part} found: {names}"
+        exposed = [x for x in listeners if not _is_loopback(x[0])]
+        assert not exposed, f"llmops serve's Ray head listens beyond 127.0.0.1 (see control.local_ray): {exposed}"
+    finally:
+        info = control.local_head(home)
+        control.stop_local(home)
+        if info:
+            shutil.rmtree(info["temp_dir"], ignore_errors=True)
 
 def test_ray_imported_without_the_loopback_setting_is_refused():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; a process that imported Ray without it would
