@@ -261,6 +261,9 @@ def publish_everywhere(cfg: PipelineConfig, gov: Gov, policy: PolicyInForce, ver
     results = []
     try:
         model_dir = download_hf_model(uri, name, version, work / "model")
+        if problem := model_digest_problem(gov.g, info["tags"], model_dir):
+            raise PromotionError(problem, f"models:/{name}/{version}",
+                                 "promote a version registered by llmops train from that attempt, unmodified")
         extra = {"data_fingerprint": info["tags"].get("llmops.data_fingerprint"),
                  "epsilon": info["tags"].get("llmops.dp.epsilon"), "approved_by": approved_by,
                  "policy": policy.digest,  # a serve target's smoke test holds the new version to these:
@@ -323,6 +326,26 @@ def ledger_problems(g: Governance, tags: dict) -> list[str]:
     entry = ledger.entry(tags.get("llmops.dp.attempt_id", "")) if tags.get("llmops.dp.attempt_id") else None
     spent = ledger.spent(entry.fingerprint, entry.delta, entry.accountant) if entry else None
     return check_ledger(tags, entry, spent, g.privacy.dataset_budget_epsilon)
+
+
+def model_digest_problem(g: Governance, tags: dict, model_dir: Path) -> str | None:
+    """The files about to be published against the model the ledger's training attempt produced: registry tags can be
+    copied onto another version and artifacts replaced by anyone with EDIT; the ledger row is governance-side."""
+    from tasks.model import dir_digest
+    from tasks.privacy import open_ledger
+
+    aid = tags.get("llmops.dp.attempt_id", "")
+    entry = open_ledger(g.ledger).entry(aid) if aid else None
+    if entry is None:
+        return f"training attempt {aid or '(none)'} is not in the deployment's privacy ledger"
+    if not entry.model_digest:
+        return (f"the ledger records no model for training attempt {aid} (trained before model digests were "
+                "recorded, or the attempt did not complete): retrain to promote")
+    got = dir_digest(model_dir)
+    if got != entry.model_digest:
+        return (f"the registered model files (digest {got[:12]}) are not the model training attempt {aid} produced "
+                f"({entry.model_digest[:12]})")
+    return None
 
 
 def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:

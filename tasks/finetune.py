@@ -683,13 +683,15 @@ def rank_env() -> dict:
     return env
 
 
-def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict) -> float:
+def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None = None) -> float:
+    from tasks.model import dir_digest
     from tasks.privacy import open_ledger
 
     if not spec.private:
         return math.inf
     ledger = open_ledger()
-    ledger.finish(spec.attempt_id, privacy["history"])
+    ledger.finish(spec.attempt_id, privacy["history"],
+                  model_digest=dir_digest(Path(model_path)) if model_path else "")
     return ledger.spent(spec.fingerprint, spec.delta, spec.accountant)
 
 
@@ -698,7 +700,7 @@ def finetune(cfg, data: dict, model: dict) -> dict:
     spec, planned = plan_finetune(cfg, data, model)
     result = launch(spec)
     result.pop("step_seconds", None)
-    result["cumulative_epsilon"] = finish_ledger(cfg, spec, result["privacy"])
+    result["cumulative_epsilon"] = finish_ledger(cfg, spec, result["privacy"], result["model_path"])
     result["budget"] = privacy_budget(cfg)
     result["run_id"] = spec.run_id
     result["attempt_id"] = spec.attempt_id

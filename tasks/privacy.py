@@ -288,6 +288,7 @@ class LedgerEntry:
     epsilon: float
     created: float
     run_key: str = ""  # the run's content key (its directory name): several attempts may share it
+    model_digest: str = ""  # dir_digest of the model the completed attempt produced (what promotions must publish)
 
 
 def new_attempt_id() -> str:
@@ -324,6 +325,14 @@ def count_private(texts, private_paths=()) -> int:
     return len(hashes & private) + open_ledger().known(hashes - private)
 
 
+MODELS_TABLE = "CREATE TABLE IF NOT EXISTS models (run_id TEXT PRIMARY KEY, digest TEXT NOT NULL)"
+_ENTRY_COLS = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, run_key, digest"
+
+
+def _entry(r) -> LedgerEntry:
+    return LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9] or "")
+
+
 class PrivacyLedger:
     """Durable composition of privacy loss per *record*, across datasets and runs (SQLite, owned by governance).
 
@@ -350,6 +359,7 @@ class PrivacyLedger:
             db.execute("""CREATE TABLE IF NOT EXISTS members (fingerprint TEXT NOT NULL, record TEXT NOT NULL,
                 PRIMARY KEY (fingerprint, record)) WITHOUT ROWID""")
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
+            db.execute(MODELS_TABLE)
             if "run_key" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:  # a ledger from before attempts
                 db.execute("ALTER TABLE runs ADD COLUMN run_key TEXT NOT NULL DEFAULT ''")
 
@@ -371,15 +381,15 @@ class PrivacyLedger:
 
     def entries(self, fingerprint: str) -> list[LedgerEntry]:
         with self._tx() as db:
-            rows = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
-                              "run_key FROM runs WHERE fingerprint=? ORDER BY created", (fingerprint,)).fetchall()
-        return [LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8]) for r in rows]
+            rows = db.execute(f"SELECT {_ENTRY_COLS} FROM runs LEFT JOIN models USING (run_id) WHERE fingerprint=? "
+                              "ORDER BY created", (fingerprint,)).fetchall()
+        return [_entry(r) for r in rows]
 
     def entry(self, attempt_id: str) -> LedgerEntry | None:
         with self._tx() as db:
-            r = db.execute("SELECT run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
-                           "run_key FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
-        return LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8]) if r else None
+            r = db.execute(f"SELECT {_ENTRY_COLS} FROM runs LEFT JOIN models USING (run_id) WHERE run_id=?",
+                           (attempt_id,)).fetchone()
+        return _entry(r) if r else None
 
     def records(self, fingerprint: str) -> list[str]:
         with self._tx() as db:
@@ -493,8 +503,10 @@ class PrivacyLedger:
                 db.executemany("INSERT OR IGNORE INTO members VALUES (?,?)", ((fingerprint, r) for r in records))
         return after
 
-    def finish(self, attempt_id: str, history: list, status: str = "completed") -> None:
-        """Settle an attempt at what it actually did (never more than it reserved)."""
+    def finish(self, attempt_id: str, history: list, status: str = "completed", model_digest: str = "") -> None:
+        """Settle an attempt at what it actually did (never more than it reserved), and record the digest of the
+        model it produced: a promotion publishes only files with that digest (tags in the registry can be edited,
+        artifacts replaced; this row is governance-side)."""
         with self._tx() as db:
             row = db.execute("SELECT delta, accountant, history FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
             if row is None:
@@ -505,6 +517,12 @@ class PrivacyLedger:
                                    "re-plan the run (its reservation is kept)")
             db.execute("UPDATE runs SET status=?, history=?, epsilon=?, updated=? WHERE run_id=?",
                        (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), attempt_id))
+            if model_digest:
+                had = db.execute("SELECT digest FROM models WHERE run_id=?", (attempt_id,)).fetchone()
+                if had and had[0] != model_digest:
+                    raise PrivacyError(f"attempt {attempt_id} already recorded another model", str(self.path),
+                                       "an attempt produces one model: train again (a new attempt)")
+                db.execute("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", (attempt_id, model_digest))
 
 
 class _PgConn:
@@ -548,6 +566,7 @@ class PostgresLedger(PrivacyLedger):
             db.execute("""CREATE TABLE IF NOT EXISTS members (fingerprint TEXT NOT NULL, record TEXT NOT NULL,
                 PRIMARY KEY (fingerprint, record))""")
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
+            db.execute(MODELS_TABLE)
 
     @contextmanager
     def _tx(self):
@@ -580,9 +599,11 @@ def copy_ledger(source: str, dest: str) -> int:
     with src._tx() as db:
         runs = db.execute(f"SELECT {cols} FROM runs").fetchall()
         members = db.execute("SELECT fingerprint, record FROM members").fetchall()
+        models = db.execute("SELECT run_id, digest FROM models").fetchall()
     with dst._tx() as db:
         have = {r[0] for r in db.execute("SELECT run_id FROM runs").fetchall()}
         new = [tuple(r) for r in runs if r[0] not in have]
         db.executemany(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * 10)})", new)
         db.executemany("INSERT OR IGNORE INTO members (fingerprint, record) VALUES (?, ?)", [tuple(m) for m in members])
+        db.executemany("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", [tuple(m) for m in models])
     return len(new)

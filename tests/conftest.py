@@ -189,15 +189,18 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: float = 0.05, steps: int = 50) -> dict:
+def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: float = 0.05, steps: int = 50,
+                       model_dir: str | None = None) -> dict:
     """Evidence tags backed by a completed attempt in the (test's) governance ledger, as a real training run leaves
-    them: promotion refuses privacy tags the deployment's ledger does not confirm."""
+    them: promotion refuses privacy tags the deployment's ledger does not confirm, and publishes only the model
+    (`model_dir`'s digest) the attempt recorded."""
+    from tasks.model import dir_digest
     from tasks.privacy import new_attempt_id, open_ledger
 
     ledger, aid, history = open_ledger(), new_attempt_id(), [[sigma, q, steps]]
     fp = "fp-" + "-".join(records)
     ledger.reserve(aid, fp, history, 1e-5, "prv", budget=10.0, records=records)
-    ledger.finish(aid, history)
+    ledger.finish(aid, history, model_digest=dir_digest(Path(model_dir)) if model_dir else "")
     eps = ledger.entry(aid).epsilon
     return {**tags, "llmops.dp.attempt_id": aid, "llmops.dp.epsilon": f"{eps:.6g}",
             "llmops.dp.epsilon_cumulative": f"{eps:.6g}"}

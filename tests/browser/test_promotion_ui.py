@@ -50,7 +50,8 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
                        model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
-                       artifacts={}, texts={}, tags={}, version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"])),
+                       artifacts={}, texts={}, tags={},
+                       version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"], model_dir=model.path)),
                        set_alias=True)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"model_name": "m"},

@@ -56,6 +56,15 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
     assert out["eval"]["eval_tokens"] > 0 and len(out["eval"]["generations"]) == 2
     assert out["production_eval"] is None and out["gate"]["passed"]
     assert out["registered"]["version"] == "1" and out["registered"]["alias"] == "candidate"
+    # the ledger records the trained model's digest; what the registry hands a promotion has exactly that digest
+    from tasks.model import dir_digest
+    from tasks.privacy import open_ledger
+    from tasks.registry import download_hf_model, tracking_uri as _uri
+
+    recorded = open_ledger().entry(out["finetune"]["attempt_id"]).model_digest
+    assert recorded == dir_digest(Path(out["finetune"]["model_path"]))
+    downloaded = download_hf_model(_uri(None, cfg.state_dir), cfg.registry.model_name, "1", cfg.state_dir / "dl")
+    assert dir_digest(downloaded) == recorded
     # Pictures where people look, and only what may leave the machine: the logged curves are the few held-out
     # evaluation points and epsilon per step, never a per-step training loss.
     import json

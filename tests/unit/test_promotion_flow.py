@@ -62,7 +62,8 @@ def world(tmp_path, s3_server, monkeypatch):
     for i in range(3):  # each backed by a charged, completed attempt in the governance ledger
         register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="m", model_dir=model.path,
                            params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
-                           tags={}, version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"]), set_alias=True)
+                           tags={}, set_alias=True,
+                           version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path))
     cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "m"}})
     import mlflow
 
@@ -312,6 +313,34 @@ def test_evidence_tags_not_backed_by_the_ledger_are_refused(prefect_harness, wor
         with pytest.raises(Exception, match=why):
             promotion_flow(version=version, request=_request(w, version=version), config=w["cfg"])
     assert [a["decision"] for a in _audit(w)] == ["refused"] * 3 and _alias(w, "production") is None
+
+
+def test_a_swapped_model_under_copied_evidence_is_never_published(prefect_harness, world):
+    """An insider with EDIT registers other weights under tags copied from a real, ledger-backed version (or replaces
+    its artifacts): every tag checks out, two release managers approve, and still nothing is published, because the
+    files are not the model the ledger's training attempt recorded."""
+    from flows.promotion import promotion_flow
+    from tasks.model import resolve_model
+    from tasks.registry import register_candidate, tracking_uri
+
+    w, keys = world, world["keys"]
+    uri, state = tracking_uri(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
+    real = w["mlflow"].get_model_version("m", "1").tags  # backed by the ledger, with model A's digest
+    other = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=7), max_len=32)
+    out = register_candidate(uri=uri, state_dir=state, experiment="e", model_name="m", model_dir=other.path,
+                             params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
+                             tags={}, version_tags=dict(real), set_alias=False)
+    assert str(out["version"]) == "4"
+    t, res = _start(promotion_flow, version="4", request=_request(w, version="4"), config=w["cfg"])
+    run = _paused("llmops-promotion")
+    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
+    _wait_paused_again(run, 1)
+    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run)))
+    t.join(timeout=120)
+    assert "are not the model training attempt" in str(res.get("error")), res
+    assert not (w["tmp"] / "onprem" / "m").exists() and _alias(w, "production") is None
+    last = _audit(w)[-1]
+    assert last["decision"] == "aborted" and "are not the model training attempt" in last["reason"]
 
 
 def test_stale_rollback_is_refused_after_approval(prefect_harness, world):

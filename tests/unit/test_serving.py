@@ -443,7 +443,8 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     for i, (model, loss) in enumerate(((served["v1"], 20.0), (served["v2"], 0.5), (served["v2"], 20.0))):
         register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="pm", model_dir=model.path,
                            params={}, metrics={"eval.eval_loss": loss}, step_metrics=[], artifacts={}, texts={},
-                           tags={}, version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"]), set_alias=False)
+                           tags={}, set_alias=False,
+                           version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path))
     cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "pm"}})
     c = _client(served)
 
