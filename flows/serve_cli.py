@@ -49,7 +49,7 @@ def _registry_uri(args) -> str:
     from tasks.registry import tracking_uri
 
     cfg = load_config(args.config, {}) if args.config else PipelineConfig()
-    return load_governance().registry_uri or tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    return tracking_uri(load_governance().registry_uri or cfg.registry.tracking_uri, cfg.state_dir)
 
 
 def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str, Path, dict]:

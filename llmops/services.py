@@ -15,9 +15,11 @@ promotion stays approvable after the command that started it returns. `<state>/s
 this state dir; clients on the same state dir (train, promote, status) use its MLflow server through
 `tasks.registry.tracking_uri`. A configured or governance-pinned tracking URI always wins over the record.
 
-Team-mode secrets (database roles, S3 keys, the Prefect API auth string, the Redis password) come from the OS
-CSPRNG at the first start and live in `<state>/team/secrets.json` (mode 600; the Redis password also in the mode-600
-redis.conf and password file beside Redis): never printed, never a flow parameter. Print the client settings on
+Team-mode secrets (database roles, S3 keys, the Prefect API auth string, the Redis password, the MLflow users'
+passwords) come from the OS CSPRNG at the first start and live in `<state>/team/secrets.json` (mode 600; the Redis
+password also in the mode-600 redis.conf and password file beside Redis, the MLflow admin's in the mode-600 ini of
+MLflow's basic-auth app): never printed, never a flow parameter. Each worker has its own MLflow identity
+(MLFLOW_GRANTS says what it may do). Print the client settings on
 purpose with `eval "$(llmops services env)"`.
 """
 from __future__ import annotations
@@ -47,17 +49,32 @@ REDIS_SERVER = Path("/usr/bin/redis-server")
 # Team mode as data: infra/docker-compose.yml describes the same services (tests/unit/test_infra.py checks both agree).
 # port = the default on this host; env = the setting's name, whose value `start_team` fills in.
 TEAM_SERVICES: dict[str, dict] = {
-    "postgres": {"port": 5433, "databases": ["prefect", "mlflow", "ledger"]},
+    "postgres": {"port": 5433, "databases": ["prefect", "mlflow", "mlflow_auth", "ledger"]},
     "s3": {"port": 8333, "buckets": ["mlflow-artifacts", "models"]},
     "prefect-server": {"port": DEFAULT_PORT, "database": "prefect", "db_driver": "postgresql+asyncpg",
                        "env": ["PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"]},
+    # basic-auth app: users/permissions in their own database; every request needs a user (401 without)
     "mlflow": {"port": MLFLOW_PORT, "database": "mlflow", "db_driver": "postgresql+psycopg",
-               "artifacts": "s3://mlflow-artifacts", "env": ["MLFLOW_S3_ENDPOINT_URL"]},
+               "artifacts": "s3://mlflow-artifacts", "env": ["MLFLOW_S3_ENDPOINT_URL", "MLFLOW_AUTH_CONFIG_PATH",
+                                                             "MLFLOW_FLASK_SERVER_SECRET_KEY"],
+               "app": "basic-auth", "auth_database": "mlflow_auth", "default_permission": "READ"},
     # the serving response cache (`llmops serve` in team mode). A cache, so no persistence: a restart starts cold,
     # and model answers (which may echo training text) never reach a disk; maxmemory + allkeys-lru bound its size.
     "redis": {"port": 6380, "maxmemory": "256mb", "maxmemory_policy": "allkeys-lru", "persistence": False},
-    "worker-training": {"pool": "llmops-cpu", "governance": False},
-    "worker-promotion": {"pool": "llmops-promotion", "governance": True},
+    "worker-training": {"pool": "llmops-cpu", "governance": False, "mlflow_user": "llmops-training"},
+    "worker-promotion": {"pool": "llmops-promotion", "governance": True, "mlflow_user": "llmops-promotion"},
+}
+# MLflow identities of team mode and what each is granted beyond default_permission READ (which every other user
+# of the server gets). MLflow grants per experiment / registered model (READ < EDIT < MANAGE), never per alias, and
+# a creator gets MANAGE on what it creates, so the training identity can also move `production` on the models it
+# registers: who promotes is decided by promotion governance (approvals, audit), not by MLflow. See README.
+MLFLOW_AUTH_CACHE_S = 300  # how long the server trusts a checked user/password pair (see mlflow_auth_ini)
+MLFLOW_ADMIN = "llmops-admin"  # the operator (`llmops services env`, llmops's own CLI): an MLflow admin
+MLFLOW_GRANTS: dict[str, list[tuple[str, str]]] = {
+    # create/log runs in any experiment, register versions of any model, set `candidate`
+    "llmops-training": [("experiment", "EDIT"), ("registered_model", "EDIT")],
+    # move `production`/`previous` and tag versions (decisions, approvals) of any model; no runs, no deletes
+    "llmops-promotion": [("registered_model", "EDIT")],
 }
 # SeaweedFS's internal ports (its gRPC ports are these + 10000); the test passes free ones
 SEAWEED_PORTS = {"master": 9333, "volume": 8081, "filer": 8888, "admin": 23646}
@@ -199,10 +216,17 @@ def stop_prefect(state_dir: str | Path) -> bool:
     return _stop_pid(Path(state_dir).resolve() / "prefect" / "server.pid")
 
 
+def mlflow_argv(port: int, artifacts: str, app: str | None = None) -> list[str]:
+    """The MLflow server's command line: no store URI, no password (those go by environment / the auth ini)."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--serve-artifacts", "--artifacts-destination", artifacts] + (["--app-name", app] if app else [])
+
+
 def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float = 120, backend: str | None = None,
-                 artifacts: str | None = None, env: dict | None = None, home: Path | None = None) -> str:
+                 artifacts: str | None = None, env: dict | None = None, home: Path | None = None,
+                 app: str | None = None) -> str:
     """MLflow tracking server + UI on 127.0.0.1 (default: the state dir's sqlite and artifact dir, the same store
-    that runs without a server use, so nothing moves); returns its URL."""
+    that runs without a server use, so nothing moves); returns its URL. `app`: e.g. "basic-auth" (team mode)."""
     state = Path(state_dir).resolve()
     port = port or mlflow_port()
     url = f"http://127.0.0.1:{port}"
@@ -215,8 +239,7 @@ def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float 
     # the backend URI goes by environment: a password in argv would show in `ps` for every user
     env = _base_env(MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))
-    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--serve-artifacts", "--artifacts-destination", artifacts or str(state / "mlartifacts")]
+    argv = mlflow_argv(port, artifacts or str(state / "mlartifacts"), app)
     _spawn("MLflow server", argv, env, home / "server.log", pid_file, lambda: mlflow_healthy(url), timeout,
            f"read the log; is port {port} taken? set LLMOPS_MLFLOW_PORT", cwd=home)
     return url
@@ -270,8 +293,7 @@ def team_secrets(state_dir: str | Path, create: bool = False) -> dict:
         if path.stat().st_mode & 0o077:
             raise LLMOpsError("team secrets are readable by others", str(path), f"chmod 600 {path}")
         data = json.loads(path.read_text())
-        if create and "redis" not in data:  # made before Redis joined team mode: add its password, keep the rest
-            data["redis"] = secrets.token_urlsafe(32)
+        if create and _add_missing_secrets(data):  # made before Redis / MLflow auth joined: add theirs, keep the rest
             write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
         return data
     if not create:
@@ -280,10 +302,24 @@ def team_secrets(state_dir: str | Path, create: bool = False) -> dict:
     data = {"postgres": tok(), "db": {db: tok() for db in TEAM_SERVICES["postgres"]["databases"]},
             "s3_access_key": "llmops-" + secrets.token_hex(6), "s3_secret_key": tok(),
             "prefect_auth": "llmops:" + tok(), "redis": secrets.token_urlsafe(32)}
+    _add_missing_secrets(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     write_text_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
     return data
+
+
+def _add_missing_secrets(data: dict) -> bool:
+    """Fill in what a secrets file from an older llmops lacks (CSPRNG); True when something was added."""
+    before = json.dumps(data, sort_keys=True)
+    data.setdefault("redis", secrets.token_urlsafe(32))
+    for db in TEAM_SERVICES["postgres"]["databases"]:
+        data["db"].setdefault(db, secrets.token_urlsafe(24))
+    users = data.setdefault("mlflow_users", {})
+    for user in (MLFLOW_ADMIN, *MLFLOW_GRANTS):
+        users.setdefault(user, secrets.token_urlsafe(24))
+    data.setdefault("mlflow_flask_key", secrets.token_hex(32))  # CSRF key of MLflow's auth app, kept across restarts
+    return json.dumps(data, sort_keys=True) != before
 
 
 def team_ports(state_dir: str | Path, override: dict | None = None) -> dict:
@@ -527,15 +563,110 @@ def team_cache(state_dir: str | Path) -> dict | None:
             "redis_password_file": str(redis_password_file(state_dir))}
 
 
-def team_env(state_dir: str | Path, cache: bool = False) -> dict:
-    """What a client of team mode sets: Prefect API URL + auth string, the MLflow server; with `cache` also the
-    Redis URL and its password (REDISCLI_AUTH, which redis-cli reads), for `llmops services env` only."""
+def team_env(state_dir: str | Path, cache: bool = False, mlflow_user: str = MLFLOW_ADMIN) -> dict:
+    """What a client of team mode sets: Prefect API URL + auth string, the MLflow server and an MLflow identity
+    (the operator's unless a worker's is asked for); with `cache` also the Redis URL and its password
+    (REDISCLI_AUTH, which redis-cli reads), for `llmops services env` only."""
     s, p = team_secrets(state_dir), team_ports(state_dir)
     env = {"PREFECT_API_URL": api_url(p["prefect-server"]), "PREFECT_API_AUTH_STRING": s["prefect_auth"],
            "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+    if mlflow_user in s.get("mlflow_users", {}):
+        env |= {"MLFLOW_TRACKING_USERNAME": mlflow_user, "MLFLOW_TRACKING_PASSWORD": s["mlflow_users"][mlflow_user]}
     if cache and "redis" in s and "redis" in p:
         env |= {"LLMOPS_REDIS_URL": redis_url(p["redis"]), "REDISCLI_AUTH": s["redis"]}
     return env
+
+
+# ------------------------------------------------------------------------------------------------ MLflow auth
+def mlflow_auth_ini(database_uri: str, admin_password: str) -> str:
+    """MLFLOW_AUTH_CONFIG_PATH of the team MLflow server (mode 600: it holds the auth database's password and the
+    admin's bootstrap password, which therefore never appear on a command line)."""
+    svc = TEAM_SERVICES["mlflow"]
+    return "\n".join(["[mlflow]", f"default_permission = {svc['default_permission']}",
+                      f"database_uri = {database_uri}", f"admin_username = {MLFLOW_ADMIN}",
+                      f"admin_password = {admin_password}",
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+                      "grant_default_workspace_access = false",
+                      # each request otherwise re-checks a PBKDF2 hash (measured: 350 ms vs 21 ms a request under
+                      # load); with one server process (--workers 1) the API's password changes clear it at once
+                      f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_S}"]) + "\n"
+
+
+def mlflow_server_env(state_dir: str | Path, sec: dict, port: int) -> dict:
+    """Environment of the team MLflow server's auth app: the ini file (written here, mode 600) and Flask's CSRF key."""
+    svc = TEAM_SERVICES["mlflow"]
+    auth_db = _db_url(svc["db_driver"], svc["auth_database"], sec["db"][svc["auth_database"]], port,
+                      svc["auth_database"])
+    home = team_dir(state_dir) / "mlflow"
+    home.mkdir(parents=True, exist_ok=True)
+    ini = write_text_atomic(home / "basic_auth.ini", mlflow_auth_ini(auth_db, sec["mlflow_users"][MLFLOW_ADMIN]),
+                            mode=0o600)
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["mlflow_flask_key"]}
+
+
+def _mlflow_api(url: str, method: str, path: str, auth: tuple[str, str], body: dict | None = None,
+                params: dict | None = None) -> tuple[int, dict]:
+    import base64
+    import urllib.parse
+
+    q = f"?{urllib.parse.urlencode(params)}" if params else ""
+    req = urllib.request.Request(f"{url}{path}{q}", method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json", "Authorization": "Basic " +
+                                          base64.b64encode(":".join(auth).encode()).decode()})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, {"error": e.read().decode(errors="replace")[:300]}
+
+
+def mlflow_accounts(url: str, sec: dict, log: Path | None = None) -> None:
+    """Make the team identities exist with the secrets file's passwords and their grants (idempotent: every start
+    sets them again, so a rotated secrets file takes effect). Runs as the admin, over the auth app's REST API."""
+    users, admin = sec["mlflow_users"], (MLFLOW_ADMIN, sec["mlflow_users"][MLFLOW_ADMIN])
+    for user, grants in MLFLOW_GRANTS.items():
+        code, _ = _mlflow_api(url, "GET", "/api/2.0/mlflow/users/get", admin, params={"username": user})
+        if code == 200:
+            code, out = _mlflow_api(url, "PATCH", "/api/2.0/mlflow/users/update-password", admin,
+                                    {"username": user, "password": users[user]})
+        else:
+            code, out = _mlflow_api(url, "POST", "/api/2.0/mlflow/users/create", admin,
+                                    {"username": user, "password": users[user]})
+        for resource_type, permission in grants:
+            if code != 200:
+                break
+            grant = {"username": user, "resource_type": resource_type, "resource_id": "*"}
+            code, out = _mlflow_api(url, "POST", "/api/3.0/mlflow/users/permissions/grant", admin,
+                                    grant | {"permission": permission})
+            if code == 400 and "RESOURCE_ALREADY_EXISTS" in out.get("error", ""):  # a restart: granted before
+                code, out = _mlflow_api(url, "GET", "/api/3.0/mlflow/users/permissions/get", admin, params=grant)
+                if code == 200 and out.get("permission") != permission:
+                    code, out = 409, {"error": f"{resource_type} * is {out.get('permission')}, not {permission}"}
+        if code != 200:
+            raise LLMOpsError(f"MLflow refused to set up the user {user} (HTTP {code}: {out.get('error', '')[:200]})",
+                              str(log or url), "read the MLflow server log; if the auth database was made with "
+                                               "another admin password, restore team/secrets.json")
+
+
+def mlflow_credentials(state_dir: str | Path, user: str = MLFLOW_ADMIN) -> dict:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD of a team identity (from the secrets file)."""
+    return {"MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": team_secrets(state_dir)["mlflow_users"][user]}
+
+
+def use_team_mlflow_credentials(uri: str, state_dir: str | Path) -> None:
+    """For llmops's own commands talking to this state dir's team MLflow server: when MLFLOW_TRACKING_USERNAME is
+    not set and this user can read the secrets file, set the operator's credentials in this process's environment
+    (MLflow's clients read them from there). Anything else is left alone: another server never gets them, and a
+    user without the file gets MLflow's 401."""
+    rec = read_record(state_dir)
+    if rec.get("mode") != "team" or not (rec.get("mlflow") or {}).get("auth") or \
+            uri.rstrip("/") != rec["mlflow"].get("url", "").rstrip("/") or os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return
+    try:
+        os.environ.update(mlflow_credentials(state_dir))
+    except (OSError, LLMOpsError, KeyError):  # not ours to read (or not made yet): MLflow answers 401
+        pass
 
 
 def _worker_ready(api: str, auth: str, pool: str) -> bool:
@@ -558,7 +689,7 @@ def start_worker(state_dir: str | Path, name: str, governance: Path | None) -> i
     if pid := _pid(pid_file):
         return pid
     (home / "home").mkdir(parents=True, exist_ok=True)
-    client = team_env(state_dir)
+    client = team_env(state_dir, mlflow_user=svc["mlflow_user"])  # each worker its own MLflow identity
     env = {k: v for k, v in _base_env().items() if not k.startswith(("LLMOPS_", "AWS_"))}
     # a home of its own (its ~/.config/llmops), but the machine's caches: DeepSpeed's compiled ops, tokenizers
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
@@ -609,9 +740,11 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
         lambda: start_prefect(state, port["prefect-server"], home=tdir / "prefect-server", env={
             "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
             "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"], "PREFECT_API_AUTH_STRING": sec["prefect_auth"]}),
-        lambda: start_mlflow(state, port["mlflow"], home=tdir / "mlflow", env=s3_env,
+        lambda: start_mlflow(state, port["mlflow"], home=tdir / "mlflow",
+                             env=s3_env | mlflow_server_env(state, sec, port["postgres"]),
                              backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
-                             artifacts=TEAM_SERVICES["mlflow"]["artifacts"]))
+                             artifacts=TEAM_SERVICES["mlflow"]["artifacts"], app=TEAM_SERVICES["mlflow"]["app"]))
+    mlflow_accounts(mlflow, sec, tdir / "mlflow" / "server.log")
     info = {"state": str(state), "prefect": prefect, "mlflow": mlflow, "s3": endpoint, "ledger": ledger_url(state),
             "s3_credentials": str(tdir / "s3-credentials")}
     write_text_atomic(tdir / "s3-credentials", f"[default]\naws_access_key_id = {sec['s3_access_key']}\n"
@@ -630,7 +763,7 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
                        "pid": _pid(tdir / "prefect-server/server.pid"),
                        "log": str(tdir / "prefect-server/server.log"), "auth": True},
            "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(tdir / "mlflow/server.pid"),
-                      "log": str(tdir / "mlflow/server.log")},
+                      "log": str(tdir / "mlflow/server.log"), "auth": True},
            "redis": {"url": cache, "pid": _pid(tdir / "redis/redis.pid"), "log": str(tdir / "redis/redis.log"),
                      "auth": True}}
     for n, pid in pids.items():

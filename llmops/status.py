@@ -72,7 +72,7 @@ def production_versions(state: Path) -> tuple[list[dict], str | None]:
     from tasks.registry import model_version_url, tracking_uri
 
     try:
-        uri = load_governance().registry_uri or tracking_uri(None, state)
+        uri = tracking_uri(load_governance().registry_uri, state)  # governance's pin wins; team auth
     except LLMOpsError as e:
         return [], str(e)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

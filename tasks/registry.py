@@ -35,16 +35,22 @@ def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
     Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so it would leak between runs.
     A recorded server that does not answer is an error, not a silent switch to the file: runs it created keep their
     artifacts behind the server (mlflow-artifacts:/), so the file alone would show them half.
+
+    Team mode's server (basic auth): MLFLOW_TRACKING_USERNAME/PASSWORD as set, else the operator's from the secrets
+    file when this user can read it (services.use_team_mlflow_credentials).
     """
-    if configured or os.environ.get("LLMOPS_TRACKING_URI"):
-        return configured or os.environ["LLMOPS_TRACKING_URI"]
     from llmops import services
 
+    if configured or os.environ.get("LLMOPS_TRACKING_URI"):
+        uri = configured or os.environ["LLMOPS_TRACKING_URI"]
+        services.use_team_mlflow_credentials(uri, state_dir)  # team mode's server wants a user (basic auth)
+        return uri
     if server := services.recorded_mlflow(state_dir):
         if not services.mlflow_healthy(server):
             raise RegistryError(f"the MLflow server recorded for this state dir ({server}) does not answer",
                                 str(Path(state_dir).resolve() / services.RECORD),
                                 "`llmops services start` (or `llmops services stop` to use the sqlite file directly)")
+        services.use_team_mlflow_credentials(server, state_dir)
         return server
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
@@ -120,6 +126,9 @@ def production_version(uri: str, name: str):
         return retry(lambda: client.get_model_version_by_alias(name, PRODUCTION))
     except MlflowException as e:
         if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        if getattr(e, "error_code", "") == "PERMISSION_DENIED" and not retry(  # basic auth (team mode) answers 403
+                lambda: client.search_registered_models(filter_string=f"name='{name}'")):  # for a model not there yet
             return None
         raise
 
