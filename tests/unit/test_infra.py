@@ -53,7 +53,8 @@ def test_compose_file_services_and_no_literal_secrets():
     assert "postgresql+asyncpg://" in compose["services"]["prefect-server"]["environment"][
         "PREFECT_API_DATABASE_CONNECTION_URL"]
     for key in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "PREFECT_AUTH", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD",
-                "LEDGER_DB_PASSWORD", "REDIS_PASSWORD"):
+                "MLFLOW_AUTH_DB_PASSWORD", "LEDGER_DB_PASSWORD", "REDIS_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+                "MLFLOW_TRAINING_PASSWORD", "MLFLOW_PROMOTION_PASSWORD"):
         assert "${" + key in text  # secrets only by reference to the env file
 
 
@@ -74,6 +75,11 @@ def test_compose_describes_the_team_mode_that_services_start_runs():
         assert url.startswith(f"{svc['db_driver']}://{svc['database']}:") and url.endswith(f"/{svc['database']}")
         assert all(k in env for k in svc["env"]), (name, svc["env"])
     assert f"--artifacts-destination {TEAM_SERVICES['mlflow']['artifacts']}" in compose["mlflow"]["command"]
+    mlflow_svc = compose["mlflow"]  # basic auth, its ini (passwords) from a mounted file, not the command line
+    assert f"--app-name {TEAM_SERVICES['mlflow']['app']}" in mlflow_svc["command"] and "mlflow[auth]" in \
+        mlflow_svc["command"]
+    auth_ini = mlflow_svc["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    assert any(v.endswith(f":{auth_ini}:ro") for v in mlflow_svc["volumes"])
     redis, cache = compose["redis"], TEAM_SERVICES["redis"]  # the serving cache: bounded, no persistence, auth
     redis_cmd = " ".join(redis["command"])
     assert redis["image"].startswith("redis:7") and redis["ports"] == [f"127.0.0.1:{cache['port']}:6379"]
@@ -87,6 +93,7 @@ def test_compose_describes_the_team_mode_that_services_start_runs():
         governed = "LLMOPS_GOVERNANCE" in c["environment"] or any(":/etc/llmops" in v for v in c["volumes"])
         assert governed == svc["governance"], name
         assert ("AWS_SECRET_ACCESS_KEY" in c["environment"]) is False  # target credentials live in governance
+        assert c["environment"]["MLFLOW_TRACKING_USERNAME"] == svc["mlflow_user"]  # each worker its own identity
 
 
 def test_k8s_template_requests_gpus():
