@@ -5,8 +5,9 @@ a training and a promotion worker); the tiny training deployment is triggered th
 auth string and runs on the training worker; then foreign clients find everything where team mode says it is: the
 flow run in Prefect's Postgres database, the model version through the MLflow server (`mlflow` CLI, MlflowClient),
 its artifacts as objects in the S3 bucket (boto3), the charge in the Postgres ledger; a gateway configured from team
-mode caches in the team Redis, which refuses clients without the password. A full restart loses nothing (but the
-cache, which is not persisted on purpose).
+mode caches in the team Redis, which refuses clients without the password. MLflow runs its basic-auth app: requests
+without a user get 401, each worker has its own identity, the promotion identity moves aliases but cannot delete
+versions. A full restart loses nothing (but the cache, which is not persisted on purpose).
 """
 import base64
 import json
@@ -69,7 +70,31 @@ def _team_cache_roundtrip(state, ports: dict, sec: dict, key: str) -> None:
     assert asyncio.run(go()) == ({"text": "cached"}, 0)
 
 
-def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance):
+def _mlflow_auth_checks(url: str, sec: dict, rec: dict, mv) -> None:
+    """Nobody without a user reaches the registry; each worker runs as its own identity; promotion cannot delete."""
+    from llmops import services
+
+    search = f"{url}/api/2.0/mlflow/registered-models/search"
+    alias = f"{url}/api/2.0/mlflow/registered-models/alias"
+    move = {"name": mv.name, "alias": "production", "version": mv.version}
+    assert _api("GET", search, None)[0] == 401
+    assert _api("POST", alias, None, move)[0] == 401
+    assert _api("POST", alias, "llmops-training:wrong-password", move)[0] == 401
+    users = sec["mlflow_users"]
+    assert _api("GET", search, f"{services.MLFLOW_ADMIN}:{users[services.MLFLOW_ADMIN]}")[0] == 200
+    promotion = f"llmops-promotion:{users['llmops-promotion']}"
+    assert _api("POST", alias, promotion, dict(move, alias="auth-check"))[0] == 200  # its grant: aliases of any model
+    assert _api("DELETE", f"{url}/api/2.0/mlflow/model-versions/delete", promotion,
+                {"name": mv.name, "version": mv.version})[0] == 403
+    server = open(f"/proc/{rec['mlflow']['pid']}/cmdline").read()
+    assert "--app-name\0basic-auth" in server and not any(pw in server for pw in users.values())  # not in `ps`
+    for worker in ("worker-training", "worker-promotion"):
+        environ = open(f"/proc/{rec[worker]['pid']}/environ").read().split("\0")
+        assert f"MLFLOW_TRACKING_USERNAME={services.TEAM_SERVICES[worker]['mlflow_user']}" in environ
+
+
+def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance,
+                                                                              monkeypatch):
     import boto3
     import mlflow
     import psycopg
@@ -94,12 +119,16 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         _, warm = llmops("services", "start", "--team")
         print(f"team start: cold {cold:.1f}s, warm {warm:.1f}s")
         sec, ports = services.team_secrets(state), services.team_ports(state)
-        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], sec["redis"], *sec["db"].values()):
+        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], sec["redis"], *sec["db"].values(),
+                      *sec["mlflow_users"].values()):
             assert value not in out  # secrets are never printed
         printed = llmops("services", "env")[0]
         exported = dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
         assert exported["REDISCLI_AUTH"] == sec["redis"]  # printed only when asked for
+        assert exported["MLFLOW_TRACKING_USERNAME"] == services.MLFLOW_ADMIN  # the operator's MLflow identity
         client_env = dict(env, **exported)
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # MlflowClient here, as a user would
+            monkeypatch.setenv(var, exported[var])
         redis_pid = services.read_record(state)["redis"]["pid"]
         assert sec["redis"] not in open(f"/proc/{redis_pid}/cmdline").read()  # not in `ps`
         _team_cache_roundtrip(state, ports, sec, "before-restart")
@@ -147,7 +176,7 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
             if cli:  # the `mlflow` command, as someone on the team would look
                 listed = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "list", "--run-id", mv.run_id,
                                          "--artifact-path", "plots"], capture_output=True, text=True, timeout=60,
-                                        env=dict(env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]))
+                                        env=dict(client_env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]))
                 assert listed.returncode == 0 and ".png" in listed.stdout, (listed.stdout, listed.stderr[-2000:])
             keys = [o["Key"] for o in services.s3_client(state).list_objects_v2(
                 Bucket="mlflow-artifacts").get("Contents", [])]
@@ -159,6 +188,9 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
             return mv.version, len(keys)
 
         before = check_everything(cli=True)
+        _mlflow_auth_checks(client_env["LLMOPS_TRACKING_URI"], sec, services.read_record(state),
+                            mlflow.MlflowClient(client_env["LLMOPS_TRACKING_URI"]).get_model_version_by_alias(
+                                "llmops-demo", "candidate"))
         llmops("services", "stop", "--team")
         assert not services.healthy(api)
         llmops("services", "start", "--team")
