@@ -49,6 +49,11 @@ def served(tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    import psutil
+
+    # this process's listeners from before Ray (e.g. another test's server): not Ray's, not judged below
+    before = {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp")
+              if c.status == psutil.CONN_LISTEN}
     ray.init(**control.local_ray(temp, num_cpus=2)["init_kwargs"], logging_level=logging.WARNING, log_to_driver=False)
     settings = ServeSettings(http_port=_free_port(), replicas=2, num_cpus=0.5,
                              limits={"max_tokens": 32, "default_max_tokens": 8, "max_prompt_tokens": 48,
@@ -58,7 +63,8 @@ def served(tmp_path_factory):
         report = control.rollout("m", "1", v1.path, v1.digest, settings, {"eval.eval_loss": 20.0})
         url = f"http://127.0.0.1:{settings.http_port}"
         control.wait_http(f"{url}/healthz")
-        yield {"url": url, "settings": settings, "v1": v1, "v2": v2, "report": report, "root": root}
+        yield {"url": url, "settings": settings, "v1": v1, "v2": v2, "report": report, "root": root,
+               "listeners_before_ray": before}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -94,7 +100,7 @@ def test_every_ray_listener_is_on_loopback(served):
     object manager, workers, agents, monitor, dashboard, Serve controller/proxy/replicas) is on 127.0.0.1."""
     import psutil
 
-    listeners = _ray_listeners(psutil.Process())
+    listeners = [x for x in _ray_listeners(psutil.Process()) if x[:2] not in served["listeners_before_ray"]]
     names = " | ".join(sorted({n.split(" ", 1)[1] for _, _, n in listeners}))
     for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ServeController",
                  "ray::ProxyActor", "ray::ServeReplica:llmops-m-v1:ModelServer", "ray::ServeReplica:llmops-gateway"):
