@@ -61,7 +61,8 @@ def test_credentials_are_filled_in_only_for_this_state_dirs_team_server(tmp_path
     url = "http://127.0.0.1:5999"
     (state / services.RECORD).write_text(json.dumps({"mode": "team", "mlflow": {"url": url, "auth": True}}))
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so the values the code under test writes are undone afterwards
+        monkeypatch.delenv(var)  # (they leaked into later tests' subprocesses: a wrong MLflow login)
     services.use_team_mlflow_credentials("http://127.0.0.1:6000", state)  # another server never gets them
     assert "MLFLOW_TRACKING_USERNAME" not in os.environ
     services.use_team_mlflow_credentials(url, state)

@@ -104,7 +104,8 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
 
     state = tmp_path / "state"
     write_text_atomic(state / "team" / "ports.json", json.dumps(_ports()))  # free ports, kept across the restart
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLMOPS_", "AWS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_API", "LLMOPS_", "AWS_", "MLFLOW_TRACKING_"))}
     env |= {"LLMOPS_HOME": str(state), "LLMOPS_GOVERNANCE": str(isolated_governance)}
 
     def llmops(*args, timeout=240):
@@ -201,7 +202,7 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         _team_cache_roundtrip(state, ports, sec, "after-restart")
         report = json.loads(llmops("status", "--json")[0])  # reads Prefect with the auth string, MLflow on Postgres
         assert all(s["healthy"] for s in report["services"]) and len(report["services"]) == 7, report["services"]
-        assert {m["model"]: m["candidate"] for m in report["models"]} == {"llmops-demo": before[0]}
+        assert {m["model"]: m["candidate"] for m in report["models"]} == {"llmops-demo": before[0]}, report
     finally:
         subprocess.run([sys.executable, "-m", "flows.cli", "services", "stop", "--team"], env=env, cwd=ROOT,
                        capture_output=True, timeout=180)
