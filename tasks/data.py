@@ -56,7 +56,6 @@ def _invisible_pattern():
     """One regex class of every code point `identity` drops (computed once per process, ~0.3 s): the same set as
     testing each character's category, at regex speed (the per-character loop cost ~90 us per 400-char record)."""
     import re
-    import sys
 
     ranges, start = [], None
     # Planes 3-13 and 15-16 hold no Cc/Cf/Cs code point (tests check every code point against the definition).

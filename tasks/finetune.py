@@ -269,7 +269,7 @@ def train(spec: FinetuneSpec) -> dict | None:
         raise LLMOpsError(f"train split has {len(texts)} records, plan said {spec.n_train}", spec.train_path,
                           "re-run the flow (the split changed under the run)")
     data = encode(tok, texts, spec.max_len)
-    out, ckpt_dir = Path(spec.output_dir), Path(spec.output_dir) / "checkpoints"
+    ckpt_dir = Path(spec.output_dir) / "checkpoints"
     start, history, metrics, curve = 0, [], [], []
     if (ckpt_dir / "latest").is_file():
         _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False, load_optimizer_states=True)

@@ -83,7 +83,7 @@ def convert_smollm2(cache_root: Path) -> Path:
 def build_tiny(cache_root: Path, arch: str, layers: int, hidden: int, heads: int, seed: int, max_len: int,
                tokenizer_path: Path | None = None) -> Path:
     """A random model of the given shape, saved as an HF dir (deterministic for a seed)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     import torch
 
     tok_dir = Path(tokenizer_path or SHIPPED_TOKENIZER)

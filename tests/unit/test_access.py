@@ -6,7 +6,6 @@ dir) would try; each failed on the code before the governance change.
 import json
 import multiprocessing
 import os
-import time
 from pathlib import Path
 
 import pytest

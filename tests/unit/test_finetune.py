@@ -1,7 +1,6 @@
 """DP fine-tuning through a real DeepSpeed engine (CPU, gloo), tiny model. See tasks/privacy.py for the design."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys

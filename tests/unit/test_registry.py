@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 

@@ -415,7 +415,7 @@ def test_vllm_engine_on_cuda(tmp_path):
     path = Path(_tiny(tmp_path, 0).path)
     assert pick_engine(path, "auto") == "vllm"
     eng = VllmEngine(path)
-    text, finish = "".join(p for p, _ in eng.stream(eng.encode("hello"), 4)), None
+    text = "".join(p for p, _ in eng.stream(eng.encode("hello"), 4))
     assert isinstance(text, str) and eng.loss(["hello world"]) > 0
 
 

@@ -95,7 +95,6 @@ def _mlflow_auth_checks(url: str, sec: dict, rec: dict, mv) -> None:
 
 def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance,
                                                                               monkeypatch):
-    import boto3
     import mlflow
     import psycopg
 
