@@ -190,10 +190,11 @@ def _move_ledger(g, uri: str) -> int:
     record's budget); audited, without the URL's password."""
     from tasks.privacy import copy_ledger
 
+    from tasks.access import commit_governance
+
     moved = copy_ledger(g.ledger, uri if "://" in uri else str(g.resolve(uri)))
     g.privacy.ledger = uri
-    g.save()
-    _audit_admin(g, "ledger-moved", ledger=uri.split("@")[-1], attempts_copied=moved)
+    commit_governance(g, "ledger-moved", ledger=uri.split("@")[-1], attempts_copied=moved)
     return moved
 
 
@@ -201,23 +202,19 @@ def _team_governance(info: dict):
     """Point the admin's governance at team mode (ledger on Postgres, registry = the MLflow server, an `s3` target
     in SeaweedFS), each change audited like `llmops governance`; the old SQLite ledger's charges move along."""
     from llmops.governance import TargetSpec, load_governance
-    from tasks.access import init_governance
+    from tasks.access import commit_governance, init_governance, verified_governance
 
     g = load_governance()
-    if not g.path.is_file():
-        g = init_governance()
-        _audit_admin(g, "governance-created")
+    g = init_governance() if not g.path.is_file() else verified_governance()
     if g.ledger != info["ledger"]:
         _move_ledger(g, info["ledger"])
     if g.registry_uri != info["mlflow"]:
         g.registry_uri = info["mlflow"]
-        g.save()
-        _audit_admin(g, "registry-pinned", registry=info["mlflow"])
+        commit_governance(g, "registry-pinned", registry=info["mlflow"])
     s3 = TargetSpec(kind="s3", uri="s3://models/", endpoint_url=info["s3"], credentials_file=info["s3_credentials"])
     if g.targets.get("s3") != s3:
         g.targets["s3"] = s3
-        g.save()
-        _audit_admin(g, "target-set", target="s3", kind="s3", uri=s3.uri, models=s3.models)
+        commit_governance(g, "target-set", target="s3", kind="s3", uri=s3.uri, models=s3.models)
     return g
 
 
@@ -300,24 +297,27 @@ def _background(args, flow_name: str, registry: str = "") -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise LLMOpsError("a background approval needs a running Prefect server", "PREFECT_API_URL",
                           "run `llmops services start` and export the PREFECT_API_URL it prints")
+    import secrets
+
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     state = _state_dir(args)
-    log = state / "logs" / f"{flow_name}-{int(time.time())}.log"
+    run_name = f"{flow_name.removeprefix('llmops-')}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    log = state / "logs" / f"{run_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     argv = [a for a in args.argv if a != "--background"]
+    # the child names its flow run; we look for that name only (never "a recent paused run of this flow")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, RUN_NAME_ENV: run_name})
     with get_client(sync_client=True) as client:
         while time.time() - started < 600:
-            for run in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                                             limit=20):
-                created = run.created.timestamp() if run.created else 0
-                if created >= started - 5 and run.state and run.state.is_paused():
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))):
+                if run.state and run.state.is_paused():
                     return _print_approval_help(run.id, args.requested_by, log, services, registry)
-                if created >= started - 5 and run.state and run.state.is_final():
+                if run.state and run.state.is_final():
                     raise LLMOpsError(f"{flow_name} ended as {run.state.name} before pausing", str(log),
                                       "read the log")
             if proc.poll() not in (None, 0):
@@ -325,6 +325,15 @@ def _background(args, flow_name: str, registry: str = "") -> int:
                 raise LLMOpsError(f"{flow_name} stopped before pausing: {tail[0][:300]}", str(log), "read the log")
             time.sleep(1)
     raise LLMOpsError(f"{flow_name} did not pause within 10 minutes", str(log), "read the log")
+
+
+RUN_NAME_ENV = "LLMOPS_FLOW_RUN_NAME"
+
+
+def _named(flow):
+    """The flow with the run name `--background` chose for it (so the parent finds exactly this run)."""
+    name = os.environ.pop(RUN_NAME_ENV, None)
+    return flow.with_options(flow_run_name=name) if name else flow
 
 
 def _print_approval_help(run_id, requested_by: str, log: Path, services, registry: str = "") -> int:
@@ -379,7 +388,7 @@ def cmd_promote(args) -> int:
     request = _signed_request(args, "promote", cfg.registry.model_name, version)
     setup_logging()
     _quiet_user_errors()
-    print(json.dumps(promotion_flow(version=version, request=request, config=cfg), indent=2))
+    print(json.dumps(_named(promotion_flow)(version=version, request=request, config=cfg), indent=2))
     return 0
 
 
@@ -387,23 +396,51 @@ def cmd_rollback(args) -> int:
     cfg = _promotion_config(args)
     if args.background:
         return _background(args, "llmops-rollback")
-    import mlflow
+    from flows.promotion import rollback_flow
 
-    from flows.promotion import _alias, rollback_flow
-    from tasks.registry import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
-    prev = _alias(client, cfg.registry.model_name, "previous")
+    prev = _rollback_target(cfg)
     if not prev:
-        raise LLMOpsError("nothing to roll back to (no @previous)", f"model {cfg.registry.model_name}",
+        raise LLMOpsError("nothing to roll back to (no earlier audited promotion)", f"model {cfg.registry.model_name}",
                           "promote at least two versions first")
     request = _signed_request(args, "rollback", cfg.registry.model_name, prev)
-    print(json.dumps(rollback_flow(request=request, config=cfg), indent=2))
+    print(json.dumps(_named(rollback_flow)(request=request, config=cfg), indent=2))
     return 0
 
 
-def _run_subject(run_id: str) -> tuple[str, str]:
-    """(subject the code signs, a description) of a paused promotion/rollback, read from the Prefect API."""
+def read_challenge(client, run_id: str) -> tuple[str, int] | None:
+    """(challenge, expires) the run's current execution published (its newest `approval-challenge` artifact)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from tasks.access import CHALLENGE_ARTIFACT, parse_challenge
+
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=[CHALLENGE_ARTIFACT]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])),
+        sort=ArtifactSort.CREATED_DESC, limit=1)
+    return parse_challenge(str(arts[0].data), run_id) if arts else None
+
+
+def _rollback_target(cfg) -> str | None:
+    """The version a rollback returns to: from the signed audit log where this process can read it (the worker,
+    an admin), else MLflow's @previous as a hint (the flow checks it against the log and refuses a mismatch)."""
+    from llmops.governance import load_governance
+    from tasks.access import AuditLog, release_state
+
+    g = load_governance()
+    if os.access(g.audit_log, os.R_OK):
+        return release_state(AuditLog.for_governance(g).entries(), cfg.registry.model_name).previous
+    import mlflow
+
+    from flows.promotion import _alias
+    from tasks.registry import tracking_uri
+
+    return _alias(mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)),
+                  cfg.registry.model_name, "previous")
+
+
+def _run_subject(run_id: str) -> tuple[str, str, tuple[str, int]]:
+    """(subject the code signs, a description, (challenge, expires)) of a paused promotion/rollback, read from the
+    Prefect API. None of it is trusted by the flow: a forged display only yields a code that verifies nowhere."""
     from tasks.access import approval_subject
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -414,6 +451,7 @@ def _run_subject(run_id: str) -> tuple[str, str]:
 
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(run_id)
+            challenge = read_challenge(client, str(run.id))
         req = json.loads((run.parameters or {}).get("request") or "{}")
         subject = approval_subject(req["action"], req["model"], req["version"])
     except (KeyError, ValueError, TypeError):
@@ -422,19 +460,24 @@ def _run_subject(run_id: str) -> tuple[str, str]:
     except Exception as e:  # noqa: BLE001 - unreachable server, unknown id
         raise LLMOpsError(f"could not read the flow run ({type(e).__name__})", f"flow run {run_id}",
                           "check the run id and PREFECT_API_URL") from None
+    if challenge is None:
+        raise LLMOpsError("the run has not published its approval challenge (not waiting for approval yet?)",
+                          f"flow run {run_id}", "wait until it is Paused, then run this again")
     state = run.state.name if run.state else "?"
-    return subject, f"flow run {run_id} ({run.name}): {subject}, requested by {req.get('user', '?')}; state {state}"
+    return subject, (f"flow run {run_id} ({run.name}): {subject}, requested by {req.get('user', '?')}; state "
+                     f"{state}; challenge {challenge[0][:8]}…"), challenge
 
 
 def _code(args) -> str:
     from tasks.access import approval_code, load_private_key
 
-    subject, about = _run_subject(args.run_id)
+    subject, about, (challenge, expires) = _run_subject(args.run_id)
     if args.expect and args.expect != subject.split(" v")[-1]:
         raise LLMOpsError(f"the run is '{subject}', not version {args.expect}", f"flow run {args.run_id}",
                           "do not approve; tell the requester and an admin")
     print(about, file=sys.stderr)
-    return approval_code(load_private_key(_key_file(args)), args.run_id, subject, approve=not args.reject)
+    return approval_code(load_private_key(_key_file(args)), args.run_id, subject, approve=not args.reject,
+                         challenge=challenge, expires=expires)
 
 
 def cmd_approval_code(args) -> int:
@@ -462,19 +505,25 @@ def cmd_approve(args) -> int:
 
 def cmd_users(args) -> int:
     from llmops.governance import load_governance
-    from tasks.access import enrol_user
+    from tasks.access import commit_governance, enrol_user, verified_governance
 
-    g = load_governance(required=True)
     if args.op == "list":
-        for name, u in sorted(g.users.items()):
+        for name, u in sorted(load_governance(required=True).users.items()):
             print(f"{name:<20} {', '.join(u.roles)}")
+        return 0
+    g = verified_governance()  # an admin change starts from the audited governance, never from a hand edit
+    if args.op == "remove":
+        if args.name not in g.users:
+            raise LLMOpsError(f"unknown user '{args.name}'", str(g.path), "see `llmops users list`")
+        del g.users[args.name]
+        commit_governance(g, "user-removed", user=args.name)
+        print(f"{args.name} removed from {g.path} (audited)")
         return 0
     if not args.role:
         raise LLMOpsError("no role given", "--role", f"use one or more of {sorted(g.roles)}")
     if args.key_out and Path(args.key_out).exists():
         raise LLMOpsError("key file already exists", args.key_out, "choose another --key-out or move the old one away")
-    pem = enrol_user(g, args.name, args.role)
-    _audit_admin(g, "user-enrolled", user=args.name, roles=sorted(set(args.role)))
+    pem = enrol_user(g, args.name, args.role)  # audited by enrol_user (commit_governance)
     if args.key_out:
         from llmops.files import write_text_atomic
 
@@ -489,25 +538,59 @@ def cmd_users(args) -> int:
     return 0
 
 
-def _audit_admin(g, decision: str, **entry) -> None:
-    """Governance changes are decisions too: signed into the same audit log, with the new policy digest."""
-    from tasks.access import AuditLog
-
-    AuditLog.for_governance(g).append(action="governance", decision=decision, policy=g.digest()[:16],
-                                      by=os.environ.get("USER", "?"), **entry)
-
-
 def cmd_governance(args) -> int:
-    from llmops.governance import TargetSpec, load_governance
-    from tasks.access import init_governance
+    from llmops.governance import TargetSpec, load_governance, set_field
+    from tasks.access import (GovernanceStore, commit_governance, init_governance, verified_entries,
+                              verified_governance)
 
     if args.op == "init":
         g = init_governance()
-        _audit_admin(g, "governance-created")
         print(f"governance created: {g.path} (mode 600) with an audit signing key; next: `llmops users add`, "
               f"`llmops governance target`")
         return 0
-    g = load_governance(required=True)
+    if args.op == "show":
+        g = load_governance(required=True)
+        data = g.model_dump(mode="json")
+        for u in data["users"].values():
+            u["public_key"] = u["public_key"][:12] + "…"
+        print(f"# {g.path}\n# digest {g.digest()}")
+        print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+        return 0
+    if args.op == "adopt":  # sign the file as it is (after a hand edit an admin reviewed, or an old deployment)
+        if not args.reason:
+            raise LLMOpsError("no --reason given", "llmops governance adopt", "say why the file is signed as it is")
+        g = load_governance(required=True)
+        verified_entries(g)  # the log itself must be intact
+        store = GovernanceStore(g.state_db)
+        last = [e for e in _audit_entries(g) if e.get("action") == "governance"]
+        changed = store.diff((last[-1].get("governance") or "") if last else "", g) if last else []
+        commit_governance(g, "governance-adopted", reason=args.reason[:300], changed=changed[:50])
+        print(f"governance {g.digest()[:16]} signed into the audit log (changed: {', '.join(changed) or 'unknown'})")
+        return 0
+    if args.op == "restore":  # back to the last audited governance (undo a hand edit)
+        g = load_governance(required=True)
+        entries = [e for e in _audit_entries(g) if e.get("action") == "governance"]
+        body = GovernanceStore(g.state_db).snapshot_body(entries[-1].get("governance", "")) if entries else None
+        if body is None:
+            raise LLMOpsError("no snapshot of the last audited governance", str(g.state_db),
+                              "restore the file from backup, or `llmops governance adopt --reason ...`")
+        from llmops.governance import Governance
+
+        restored = Governance.model_validate(body)
+        restored._path = g.path
+        restored.save()
+        verified_governance()
+        print(f"governance restored to the audited {restored.digest()[:16]} ({g.path})")
+        return 0
+    g = verified_governance()
+    if args.op == "set":
+        if not args.name:
+            raise LLMOpsError("no field given", "llmops governance set FIELD VALUE",
+                              "e.g. llmops governance set approvals.models.m 2")
+        old, new, g2 = set_field(g, args.name, args.value)
+        commit_governance(g2, "governance-set", field=args.name, old=old, new=new)
+        print(f"{args.name}: {old!r} -> {new!r} (audited; digest {g2.digest()[:16]})")
+        return 0
     if args.op == "ledger":
         if not args.uri:
             raise LLMOpsError("no --uri given", "llmops governance ledger",
@@ -519,9 +602,11 @@ def cmd_governance(args) -> int:
         if not args.uri:
             raise LLMOpsError("no --uri given", "llmops governance registry",
                               "e.g. --uri http://mlflow.internal:5000 or sqlite:////srv/llmops/mlflow.db")
+        if g.registry_uri == args.uri:
+            print(f"registry unchanged ({args.uri})")
+            return 0
         g.registry_uri = args.uri
-        g.save()
-        _audit_admin(g, "registry-pinned", registry=args.uri)
+        commit_governance(g, "registry-pinned", registry=args.uri)
         print(f"promotions now read evidence from and move aliases in {args.uri} only")
         return 0
     if args.op == "target":
@@ -530,17 +615,21 @@ def cmd_governance(args) -> int:
                               "e.g. llmops governance target onprem --kind onprem --uri /srv/models")
         spec = {"kind": args.kind, "uri": args.uri, "endpoint_url": args.endpoint_url,
                 "credentials_file": args.credentials_file, "models": args.models or ["*"]}
-        g.targets[args.name] = TargetSpec(**spec)
-        g.save()
-        _audit_admin(g, "target-set", target=args.name, kind=args.kind, uri=args.uri, models=spec["models"])
+        new = TargetSpec(**spec)
+        if g.targets.get(args.name) == new:
+            print(f"target '{args.name}' unchanged")
+            return 0
+        g.targets[args.name] = new
+        commit_governance(g, "target-set", target=args.name, kind=args.kind, uri=args.uri, models=spec["models"])
         print(f"target '{args.name}' ({args.kind} {args.uri}) saved in {g.path}")
         return 0
-    data = g.model_dump(mode="json")
-    for u in data["users"].values():
-        u["public_key"] = u["public_key"][:12] + "…"
-    print(f"# {g.path}\n# digest {g.digest()}")
-    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
-    return 0
+    raise LLMOpsError(f"unknown governance operation {args.op!r}", "llmops governance", "see --help")
+
+
+def _audit_entries(g) -> list[dict]:
+    from tasks.access import AuditLog
+
+    return AuditLog.for_governance(g).entries()
 
 
 def audit_anchors(cfg) -> list[tuple[int, str, str]]:
@@ -566,20 +655,82 @@ def audit_anchors(cfg) -> list[tuple[int, str, str]]:
     return anchors
 
 
+def release_report(g, cfg) -> tuple[list[dict], list[str]]:
+    """Per released model: what the signed log says vs MLflow's aliases and every governance target's pointer.
+    Returns (rows, divergences)."""
+    import mlflow
+
+    from flows.promotion import alias_divergences, target_of
+    from tasks.access import release_divergences, release_state, verified_entries
+    from tasks.registry import tracking_uri
+
+    entries = verified_entries(g)
+    models = sorted({e["model"] for e in entries if e.get("decision") in ("promoted", "rolled-back") and e.get("model")})
+    rows, problems = [], []
+    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)) if models else None
+    for m in models:
+        st = release_state(entries, m)
+        diverged = alias_divergences(client, st)
+        pointers = {}
+        for name, t in g.targets.items():
+            if name in st.targets and t.allows(m):
+                try:
+                    pointers[name] = target_of(g, t).read_current(m)
+                except Exception as e:  # noqa: BLE001 - a tampered or unreachable target is itself a finding
+                    diverged.append(f"target '{name}': cannot read its pointer ({str(e)[:160]})")
+        diverged += release_divergences(st, {}, pointers)
+        rows.append({"model": m, "production": st.production, "previous": st.previous, "history": st.stack,
+                     "targets": st.targets, "audit_seq": st.seq, "diverged": diverged})
+        problems += diverged
+    return rows, problems
+
+
 def cmd_audit(args) -> int:
-    """Signatures + chain of the governance audit log, and every decision anchored in the registry (the run
-    config's MLflow, or the default one): truncating or deleting the log is caught against those anchors."""
+    """Signatures + chain of the governance audit log, its anchored head, every decision anchored in the registry,
+    the governance file against the last signed admin entry, and every cache of the release state (MLflow aliases,
+    target pointers) against the log. `reconcile` (admin) rewrites the MLflow aliases from the log, audited."""
     from llmops.config import PipelineConfig
     from llmops.governance import load_governance
-    from tasks.access import verify_audit_log
+    from tasks.access import AuditTampered, GovernanceStore, verified_governance, verify_audit_log
 
     from flows.promotion import pinned_config
 
     g = load_governance(required=True)
     cfg = pinned_config(_config(args) if args.config else PipelineConfig(), g)
     anchors = audit_anchors(cfg)
-    n = verify_audit_log(g.audit_log, g.audit.public_key, anchors)
-    print(f"{g.audit_log}: {n} entries, signatures and chain intact; {len(anchors)} registry anchor(s) match")
+    n = verify_audit_log(g.audit_log, g.audit.public_key, anchors, head=GovernanceStore(g.state_db).audit_head())
+    g = verified_governance()
+    rows, problems = release_report(g, cfg)
+    if args.op == "reconcile":
+        import mlflow
+
+        from flows.promotion import set_release_aliases
+        from tasks.access import AuditLog, actor, release_state
+        from tasks.registry import tracking_uri
+
+        client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+        entries = AuditLog.for_governance(g).entries()
+        for r in rows:
+            if any(d.startswith("MLflow") for d in r["diverged"]):
+                set_release_aliases(client, release_state(entries, r["model"]))
+                AuditLog.for_governance(g).append(action="governance", decision="aliases-reconciled",
+                                                  model=r["model"], governance=g.digest(), policy=g.digest()[:16],
+                                                  by=actor(), reason="; ".join(r["diverged"])[:500])
+                print(f"{r['model']}: MLflow aliases reset from the signed log (production "
+                      f"{r['production']}, previous {r['previous']})")
+        rows, problems = release_report(g, cfg)
+    if args.json:
+        print(json.dumps({"entries": n, "anchors": len(anchors), "models": rows, "diverged": problems}, indent=2))
+    else:
+        print(f"{g.audit_log}: {n} entries, signatures, chain and anchored head intact; {len(anchors)} registry "
+              f"anchor(s) match; governance {g.digest()[:16]} is the audited one")
+        for r in rows:
+            print(f"  {r['model']}: production {r['production'] or '-'} (previous {r['previous'] or '-'}) per the "
+                  f"log, entry {r['audit_seq']}{'' if r['diverged'] else '; aliases and targets agree'}")
+    if problems:
+        raise AuditTampered("caches disagree with the signed audit log: " + "; ".join(problems), str(g.audit_log),
+                            "investigate who changed them; `llmops audit reconcile` resets MLflow aliases from the "
+                            "log; a target pointer is rewritten by the next approved promotion or rollback")
     return 0
 
 
@@ -668,7 +819,7 @@ def parser() -> argparse.ArgumentParser:
     ap.set_defaults(func=cmd_approve)
     us = sub.add_parser("users", help="enrol users in governance (admin): roles ml-engineer, release-manager, admin",
                         epilog="example: llmops users add rm-bob --role release-manager --key-out bob.key")
-    us.add_argument("op", choices=["add", "list"])
+    us.add_argument("op", choices=["add", "list", "remove"])
     us.add_argument("name", nargs="?")
     us.add_argument("--role", action="append")
     us.add_argument("--key-out", help="write the new private key here (mode 600) instead of printing it")
@@ -676,8 +827,10 @@ def parser() -> argparse.ArgumentParser:
     gv = sub.add_parser("governance", help="admin: create/show governance, add a promotion target, pin the registry, "
                                            "move the privacy ledger",
                         epilog="example: llmops governance target onprem --kind onprem --uri /srv/models")
-    gv.add_argument("op", choices=["init", "show", "target", "registry", "ledger"])
-    gv.add_argument("name", nargs="?", help="target name (for `target`)")
+    gv.add_argument("op", choices=["init", "show", "set", "target", "registry", "ledger", "adopt", "restore"])
+    gv.add_argument("name", nargs="?", help="target name (for `target`); field (for `set`, e.g. approvals.required)")
+    gv.add_argument("value", nargs="?", help="for `set`: the new value (YAML); omit to remove a mapping key")
+    gv.add_argument("--reason", help="for `adopt`: why the file is signed as it is (audited)")
     gv.add_argument("--kind", choices=["onprem", "s3", "edge", "serve"])
     gv.add_argument("--uri")
     gv.add_argument("--endpoint-url")
@@ -689,8 +842,9 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true")
     lg.set_defaults(func=cmd_ledger, set=None)
     au = sub.add_parser("audit", help="verify the signed audit log (and its registry anchors with --config)")
-    au.add_argument("op", choices=["verify"])
+    au.add_argument("op", choices=["verify", "reconcile"])
     au.add_argument("--config", "-c")
+    au.add_argument("--json", action="store_true")
     au.set_defaults(func=cmd_audit, set=None)
     from flows.serve_cli import add_parser as add_serve_parser  # llmops serve [status|stop]
 
@@ -727,9 +881,11 @@ EXAMPLES = {
     "users": "llmops users add rm-bob --role release-manager --key-out bob.key   # admin\nllmops users list",
     "governance": "llmops governance init                                              # admin, once\n"
                   "llmops governance target onprem --kind onprem --uri /srv/models\n"
+                  "llmops governance set approvals.models.m 2      # every field; audited\n"
                   "llmops governance show",
     "ledger": "llmops ledger --json",
-    "audit": "llmops audit verify --config configs/demo.yaml",
+    "audit": "llmops audit verify --config configs/demo.yaml\n"
+             "llmops audit reconcile --config configs/demo.yaml   # admin: MLflow aliases back to the log",
 }
 
 

@@ -11,6 +11,7 @@ serving after the command returns; a later `serve` of another version is a blue/
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 import shutil
@@ -53,7 +54,11 @@ def _registry_uri(args) -> str:
 
 
 def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str, Path, dict]:
-    """(name, version, local dir, evaluated metrics) of `NAME@ALIAS` or `NAME/VERSION`, cached under `home`."""
+    """(name, version, local dir, evaluated metrics) of `NAME@ALIAS` or `NAME/VERSION`, cached under `home`.
+
+    Nothing is served unverified: `@production`/`@previous` are what the signed audit log says (an alias that
+    disagrees is refused, named), and the files, cached or fresh, must have the digest the version's training attempt
+    recorded in the privacy ledger (the model, or the edge bundle for the onnx engine)."""
     import mlflow
 
     from tasks.registry import download_hf_model, retry
@@ -71,8 +76,15 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
         raise LLMOpsError(f"no registered version {spec} ({type(e).__name__})", uri,
                           "check the name and alias (`@production` exists after a promotion)") from None
     version = str(mv.version)
+    if alias in ("production", "previous"):
+        logged = _released(name, alias)
+        if logged != version:
+            raise LLMOpsError(f"MLflow {name}@{alias} is v{version} but the signed audit log says "
+                              f"{'v' + logged if logged else 'nothing'}", spec,
+                              "serve what the log says (an admin runs `llmops audit verify` / `audit reconcile`)")
     metrics = client.get_run(mv.run_id).data.metrics
     out = home / "models" / name / version / engine
+    files = out / "files"
     if not (out / ".complete").is_file():
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -82,13 +94,44 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
             except Exception:  # noqa: BLE001
                 raise LLMOpsError(f"{name} v{version} has no ONNX edge bundle", f"run {mv.run_id}",
                                   "train with compression.export_onnx, or serve with the default engine") from None
-            src = out / "edge"
+            (out / "edge").rename(files)
         else:
-            src = download_hf_model(uri, name, version, out / "dl")
-        for p in src.iterdir():
-            shutil.move(str(p), out / p.name)
+            download_hf_model(uri, name, version, out / "dl").rename(files)
         (out / ".complete").write_text(json.dumps({"model": name, "version": version}))
-    return name, version, out, {k: v for k, v in metrics.items() if k.startswith("eval.")}
+    _verify_served(dict(mv.tags), "edge" if engine == "onnx" else "model", files, f"{name} v{version}")
+    return name, version, files, {k: v for k, v in metrics.items() if k.startswith("eval.")}
+
+
+def _released(name: str, alias: str) -> str | None:
+    from llmops.governance import load_governance
+    from tasks.access import AuditLog, release_state
+
+    g = load_governance()
+    if not os.access(g.audit_log, os.R_OK):
+        raise LLMOpsError(f"cannot check {name}@{alias} against the signed audit log: not readable here",
+                          str(g.audit_log), "serve from the promotion worker's host (LLMOPS_GOVERNANCE), or serve "
+                          "a version number")
+    st = release_state(AuditLog.for_governance(g).entries(), name)
+    return st.production if alias == "production" else st.previous
+
+
+def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
+    from llmops.governance import load_governance
+    from tasks.model import dir_digest
+    from tasks.privacy import open_ledger
+
+    aid = tags.get("llmops.dp.attempt_id", "")
+    ledger = open_ledger(load_governance().ledger)
+    entry = ledger.entry(aid) if aid else None
+    want = (entry.model_digest if entry else None) if kind == "model" else ledger.artifact_digest(aid, kind)
+    if not want:
+        raise LLMOpsError(f"{what}: the privacy ledger records no {kind} digest for its training attempt "
+                          f"{aid or '(none)'}", "llmops serve", "serve a version trained by llmops train (retrain)")
+    got = dir_digest(path)
+    if got != want:
+        raise LLMOpsError(f"{what}: the {kind} files (digest {got[:12]}) are not the ones its training attempt produced "
+                          f"({want[:12]}); registry artifacts or the local cache were changed", str(path),
+                          "nothing was served; investigate, then delete the cache dir and serve again")
 
 
 def cmd_serve(args) -> int:

@@ -20,7 +20,7 @@ from llmops.caching import files_key
 from llmops.config import PipelineConfig
 from tasks.data import prepare_data_task
 from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
-from tasks.finetune import dp_finetune_task
+from tasks.finetune import bind_artifact_task, dp_finetune_task
 from tasks.model import resolve_model_task, validation_tokenizer
 from tasks.plots import figures_task, publish_figures_task
 from tasks.privacy import guarantee_problems
@@ -98,6 +98,8 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
             eval_path, config.model.max_seq_len, [data["train_path"], data["eval_path"]])
         logger.info("compression: selected %s; edge bundle %s", compression.get("selected_reason"),
                     compression.get("edge_reason"))
+        if compression.get("edge") and p["private"]:  # the edge target and `serve --engine onnx` verify these bytes
+            bind_artifact_task(tuned["attempt_id"], "edge", compression["edge"])
 
     candidate = evaluate_candidate_task.with_options(**refresh)(
         tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,

@@ -49,8 +49,9 @@ class ApprovalPolicy(_Strict):
     required: int = Field(1, ge=1, description="Distinct approvals needed, for models not listed below")
     models: dict[str, int] = Field(default_factory=dict, description="Per registered model name: approvals needed")
     timeout_s: int = Field(86_400, ge=10, description="Longest a promotion may wait for approval")
-    max_failures_per_approver: int = Field(5, ge=1, description="Bad codes per approver identity before lockout")
-    lockout_s: int = Field(900, ge=1, description="How long such an identity is locked out (all runs)")
+    max_failures_per_approver: int = Field(5, ge=1, description="Invalid submissions one run takes without delay; "
+                                           "after that each waits twice as long (per run: no approver is ever locked out)")
+    lockout_s: int = Field(900, ge=1, description="The longest wait between two submissions to one run")
     request_max_age_s: int = Field(900, ge=10, description="A signed promotion request older than this is refused")
 
     def required_for(self, model: str) -> int:
@@ -202,3 +203,38 @@ def require_user(g: Governance, user: str, action: str) -> None:
     if not g.can(user, action):
         raise LLMOpsError(f"user '{user}' lacks permission '{action}'", str(g.path),
                           "ask an admin to grant a role with that action")
+
+
+FROZEN_FIELDS = ("audit", "version")  # the audit key/log cannot be swapped by `set`: the log would not verify
+
+
+def set_field(g: Governance, dotted: str, raw: str | None) -> tuple[object, object, Governance]:
+    """(old value, new value, new governance) for `llmops governance set FIELD VALUE` (VALUE is YAML; None removes a
+    key of a mapping such as `approvals.models.m`). Validated as a whole; `g` itself is not changed."""
+    parts = [x for x in dotted.split(".") if x]
+    if not parts or parts[0] in FROZEN_FIELDS or parts[0] not in Governance.model_fields:
+        raise ConfigError(f"'{dotted}' is not a governance field that can be set", "llmops governance set",
+                          f"one of {sorted(set(Governance.model_fields) - set(FROZEN_FIELDS))} (dotted, e.g. "
+                          "approvals.required, approvals.models.m, privacy.dataset_budget_epsilon)")
+    data = g.model_dump(mode="json")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"'{dotted}': '{part}' is not a mapping", "llmops governance set", "check the field")
+        node = node[part]
+    old = node.get(parts[-1])
+    try:
+        new = yaml.safe_load(raw) if raw is not None else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"value is not YAML ({getattr(e, 'problem', e)})", dotted, "quote it") from None
+    if new is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = new
+    try:
+        out = Governance.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(err["msg"], ".".join(str(x) for x in err["loc"]), "choose a valid value") from None
+    out._path = g._path
+    return old, new, out

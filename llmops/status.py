@@ -85,13 +85,35 @@ def production_versions(state: Path) -> tuple[list[dict], str | None]:
         models = client.search_registered_models()
     except Exception as e:  # noqa: BLE001 - a status page shows what it cannot read, it does not crash
         return [], f"{uri}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    logged = _logged_production()
     for rm in models:
         aliases = dict(getattr(rm, "aliases", None) or {})
         prod = aliases.get("production")
+        diverged = None
+        if logged is not None and str(prod or "") != (logged.get(rm.name) or ""):
+            diverged = (f"MLflow @production is {'v' + str(prod) if prod else 'nothing'} but the signed audit log says "
+                        f"{'v' + logged[rm.name] if logged.get(rm.name) else 'nothing'}")
         rows.append({"model": rm.name, "production": str(prod) if prod else None,
+                     "audit_log_production": logged.get(rm.name) if logged is not None else None,
+                     "diverged": diverged,
                      "candidate": str(aliases["candidate"]) if aliases.get("candidate") else None,
                      "url": model_version_url(uri, rm.name, prod) if prod else None, "registry": uri})
     return rows, None
+
+
+def _logged_production() -> dict[str, str | None] | None:
+    """Production per model from the signed audit log, where this process can read and verify it (else None)."""
+    from llmops.governance import load_governance
+    from tasks.access import release_state, verified_entries
+
+    try:
+        g = load_governance()
+        if not os.access(g.audit_log, os.R_OK):
+            return None
+        entries = verified_entries(g)
+    except Exception:  # noqa: BLE001 - `llmops audit verify` names the problem; status shows what it can
+        return None
+    return {m: release_state(entries, m).production for m in {e.get("model") for e in entries if e.get("model")}}
 
 
 def collect(state: Path) -> dict:
@@ -124,6 +146,8 @@ def render(r: dict) -> str:
         where = m["url"] or ""
         out.append(f"  {m['model']:<24} {('v' + m['production']) if m['production'] else '(none)':<8} "
                    f"candidate {('v' + m['candidate']) if m['candidate'] else '-':<6} {where}")
+        if m.get("diverged"):
+            out.append(f"    DIVERGED: {m['diverged']} (llmops audit verify)")
     if not r["models"]:
         out.append("  (no registered models)")
     out += [f"note: {p}" for p in r["problems"]]

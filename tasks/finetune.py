@@ -695,6 +695,17 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     return ledger.spent(spec.fingerprint, spec.delta, spec.accountant)
 
 
+def bind_artifact(attempt_id: str, name: str, path: str) -> str:
+    """Record in the ledger the digest of a file tree this attempt produced that a target may publish or a server may
+    serve (the edge bundle), next to the model's: what is published later must be these bytes. Returns the digest."""
+    from tasks.model import dir_digest
+    from tasks.privacy import open_ledger
+
+    digest = dir_digest(Path(path))
+    open_ledger().bind_artifact(attempt_id, name, digest)
+    return digest
+
+
 def finetune(cfg, data: dict, model: dict) -> dict:
     """Plan (ledger reservation) → launch ranks → settle the ledger. Returns paths, privacy and metrics."""
     spec, planned = plan_finetune(cfg, data, model)
@@ -721,3 +732,16 @@ def _task():
 
 
 dp_finetune_task = _task()
+
+
+def _bind_task():
+    from prefect import task
+
+    @task(name="bind-artifact", persist_result=False)
+    def bind_artifact_task(attempt_id: str, name: str, path: str) -> str:
+        return bind_artifact(attempt_id, name, path)
+
+    return bind_artifact_task
+
+
+bind_artifact_task = _bind_task()

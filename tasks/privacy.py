@@ -326,6 +326,9 @@ def count_private(texts, private_paths=()) -> int:
 
 
 MODELS_TABLE = "CREATE TABLE IF NOT EXISTS models (run_id TEXT PRIMARY KEY, digest TEXT NOT NULL)"
+# Other files an attempt produced that a target may publish or a server may serve (e.g. the ONNX edge bundle):
+ARTIFACTS_TABLE = ("CREATE TABLE IF NOT EXISTS artifacts (run_id TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL, "
+                   "PRIMARY KEY (run_id, name))")
 _ENTRY_COLS = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, run_key, digest"
 
 
@@ -360,6 +363,7 @@ class PrivacyLedger:
                 PRIMARY KEY (fingerprint, record)) WITHOUT ROWID""")
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
             db.execute(MODELS_TABLE)
+            db.execute(ARTIFACTS_TABLE)
             if "run_key" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:  # a ledger from before attempts
                 db.execute("ALTER TABLE runs ADD COLUMN run_key TEXT NOT NULL DEFAULT ''")
 
@@ -524,6 +528,26 @@ class PrivacyLedger:
                                        "an attempt produces one model: train again (a new attempt)")
                 db.execute("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", (attempt_id, model_digest))
 
+    def bind_artifact(self, attempt_id: str, name: str, digest: str) -> None:
+        """Record the digest of another file tree the completed attempt produced (the edge bundle): publishing and
+        serving verify it before use. Write-once per (attempt, name): a later, different bundle is refused."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+            if row is None or row[0] != "completed":
+                raise PrivacyError(f"attempt {attempt_id} is not a completed attempt in the ledger", str(self.path),
+                                   "bind artifacts after the training attempt completed")
+            had = db.execute("SELECT digest FROM artifacts WHERE run_id=? AND name=?", (attempt_id, name)).fetchone()
+            if had and had[0] != digest:
+                raise PrivacyError(f"attempt {attempt_id} already recorded another {name}", str(self.path),
+                                   "an attempt produces one bundle of each kind: train again")
+            if not had:
+                db.execute("INSERT INTO artifacts (run_id, name, digest) VALUES (?, ?, ?)", (attempt_id, name, digest))
+
+    def artifact_digest(self, attempt_id: str, name: str) -> str | None:
+        with self._tx() as db:
+            row = db.execute("SELECT digest FROM artifacts WHERE run_id=? AND name=?", (attempt_id, name)).fetchone()
+        return row[0] if row else None
+
 
 class _PgConn:
     """The few SQLite idioms PrivacyLedger uses, spoken to PostgreSQL (psycopg 3): `?` placeholders, INSERT OR
@@ -567,6 +591,7 @@ class PostgresLedger(PrivacyLedger):
                 PRIMARY KEY (fingerprint, record))""")
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
             db.execute(MODELS_TABLE)
+            db.execute(ARTIFACTS_TABLE)
 
     @contextmanager
     def _tx(self):
@@ -600,10 +625,13 @@ def copy_ledger(source: str, dest: str) -> int:
         runs = db.execute(f"SELECT {cols} FROM runs").fetchall()
         members = db.execute("SELECT fingerprint, record FROM members").fetchall()
         models = db.execute("SELECT run_id, digest FROM models").fetchall()
+        artifacts = db.execute("SELECT run_id, name, digest FROM artifacts").fetchall()
     with dst._tx() as db:
         have = {r[0] for r in db.execute("SELECT run_id FROM runs").fetchall()}
         new = [tuple(r) for r in runs if r[0] not in have]
         db.executemany(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * 10)})", new)
         db.executemany("INSERT OR IGNORE INTO members (fingerprint, record) VALUES (?, ?)", [tuple(m) for m in members])
         db.executemany("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", [tuple(m) for m in models])
+        db.executemany("INSERT OR IGNORE INTO artifacts (run_id, name, digest) VALUES (?, ?, ?)",
+                       [tuple(a) for a in artifacts])
     return len(new)

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Protocol
 
 from llmops.errors import LLMOpsError
-from llmops.files import pid_alive, write_text_atomic
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
@@ -137,6 +136,8 @@ class Target(Protocol):
     def read_manifest(self, model_name: str, version: str) -> dict | None: ...
 
     def point_current(self, model_name: str, version: str) -> None: ...
+
+    def read_current(self, model_name: str) -> str | None: ...
 
 
 def _retry(fn, what: str, attempts: int = 4, base: float = 0.5):
@@ -256,48 +257,248 @@ class S3Target:
             raise PromotionError(f"checksum mismatch after upload ({got})", f"s3://{self.bucket}/{key}",
                                  "re-run the promotion; the manifest was not written")
 
+    def read_current(self, model_name: str) -> str | None:
+        s3 = self._client()
+        try:
+            body = s3.get_object(Bucket=self.bucket, Key=self._key(model_name, POINTER))["Body"]
+            return str(json.loads(body.read()).get("version"))
+        except s3.exceptions.NoSuchKey:
+            return None
+
     def point_current(self, model_name: str, version: str) -> None:
         body = json.dumps({"model": model_name, "version": str(version)}).encode()
         _retry(lambda: self._client().put_object(Bucket=self.bucket, Key=self._key(model_name, POINTER), Body=body),
                "write current pointer")
 
 
+class TargetTampered(PromotionError):
+    """Something under a target root is not what the publisher made (a symlink, a planted directory)."""
+
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _safe_component(name: str, what: str) -> str:
+    if not _SAFE.fullmatch(str(name)) or name in (".", ".."):
+        raise PromotionError(f"{what} {name!r} is not a safe directory name", what, "use letters, digits, . _ -")
+    return str(name)
+
+
+def _open_dir(path: Path, create: bool = False) -> int:
+    """An fd of the real directory `path` (never through a symlink, at any component below the target root)."""
+    try:
+        return os.open(path, _O_DIR)
+    except FileNotFoundError:
+        if not create:
+            raise
+        os.mkdir(path, 0o755)
+        return os.open(path, _O_DIR)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise TargetTampered(f"{path} is a symlink or not a directory: publishing never follows links under a "
+                                 "target root", str(path), "an admin inspects and removes it; nothing was written")
+        raise
+
+
+def _lstat_kind(dfd: int, name: str) -> str | None:
+    import stat
+
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "other"
+
+
+def _copy_tree_at(src: Path, dfd: int, manifest: dict) -> None:
+    """Copy the manifest's files from `src` into the directory `dfd` with openat-style calls: every component is
+    opened O_NOFOLLOW relative to its parent's fd and files are created O_EXCL, so a symlink planted (or raced in)
+    under the target cannot redirect a write. Each file is hashed once, as written, against the manifest."""
+    for rel, meta in manifest["files"].items():
+        parts = rel.split("/")
+        fds = [dfd]
+        try:
+            for part in parts[:-1]:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fds[-1])
+                except FileExistsError:
+                    pass
+                fds.append(os.open(part, _O_DIR, dir_fd=fds[-1]))
+            out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fds[-1])
+            with os.fdopen(out, "wb") as fout:
+                digest, n = _copy_file(src / rel, fout)
+            if {"sha256": digest, "bytes": n} != {"sha256": meta["sha256"], "bytes": meta["bytes"]}:
+                raise PromotionError("copied file differs from the source manifest", str(src / rel),
+                                     "check the disk and that the source model did not change; re-run the promotion")
+        finally:
+            for fd in fds[1:]:
+                os.close(fd)
+
+
+def _copy_file(src: Path, fout) -> tuple[str, int]:
+    """Copy one file into the open `fout`, hashing the bytes as they are written (once); fsynced."""
+    h, n = hashlib.sha256(), 0
+    with open(src, "rb") as fin:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+            fout.write(chunk)
+    fout.flush()
+    os.fsync(fout.fileno())
+    return h.hexdigest(), n
+
+
+def _rename_at(dfd: int, a: str, b: str) -> None:
+    os.rename(a, b, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+
+def _write_at(dfd: int, name: str, body: bytes) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _default_journal():
+    from llmops.governance import load_governance
+    from tasks.access import GovernanceStore
+
+    return GovernanceStore(load_governance().state_db)
+
+
 @dataclass
 class DirTarget:
-    """A filesystem/NFS directory: copy into a temp dir on the same filesystem, then rename-swap (module docstring)."""
+    """A filesystem/NFS directory: copy into a temp dir on the same filesystem, then rename-swap (module docstring).
+    Nothing below the root is ever followed through a symlink; the only names renamed or removed are those this
+    publisher recorded in the worker's journal (governance store) before creating them."""
 
     uri: str
     name: str = "onprem"
+    journal: object = None  # tasks.access.GovernanceStore; None = this process's governance store
 
     def __post_init__(self) -> None:
         self.root = Path(self.uri.removeprefix("file://"))
+        if isinstance(self.journal, (str, Path)):
+            from tasks.access import GovernanceStore
+
+            self.journal = GovernanceStore(self.journal)
+
+    def _journal(self):
+        if self.journal is None:
+            self.journal = _default_journal()
+        return self.journal
+
+    def _home_fd(self, model_name: str, create: bool = False) -> int:
+        _safe_component(model_name, "model name")
+        if self.root.is_symlink():
+            raise TargetTampered(f"target root {self.root} is a symlink", str(self.root),
+                                 "an admin points the target at the real directory (llmops governance target)")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        rfd = _open_dir(self.root)
+        try:
+            try:
+                return os.open(model_name, _O_DIR, dir_fd=rfd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(model_name, 0o755, dir_fd=rfd)
+                return os.open(model_name, _O_DIR, dir_fd=rfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise TargetTampered(f"{self.root / model_name} is a symlink or not a directory: publishing "
+                                         "never follows links under a target root", str(self.root / model_name),
+                                         "an admin inspects and removes it; nothing was written") from None
+                raise
+        finally:
+            os.close(rfd)
 
     def read_manifest(self, model_name: str, version: str) -> dict | None:
-        p = self.root / model_name / str(version) / MANIFEST
-        return json.loads(p.read_text()) if p.is_file() else None
+        try:
+            hfd = self._home_fd(model_name)
+        except FileNotFoundError:
+            return None
+        try:
+            if _lstat_kind(hfd, _safe_component(str(version), "version")) != "dir":
+                return None
+            vfd = os.open(str(version), _O_DIR, dir_fd=hfd)
+            try:
+                fd = os.open(MANIFEST, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=vfd)
+            except OSError:
+                return None
+            finally:
+                os.close(vfd)
+            with os.fdopen(fd, "rb") as f:
+                return json.loads(f.read())
+        finally:
+            os.close(hfd)
+
+    def read_current(self, model_name: str) -> str | None:
+        """The version `current.json` names (None if none); a symlinked pointer is tampering."""
+        try:
+            hfd = self._home_fd(model_name)
+        except FileNotFoundError:
+            return None
+        try:
+            kind = _lstat_kind(hfd, POINTER)
+            if kind is None:
+                return None
+            if kind == "link":
+                raise TargetTampered(f"{self.root / model_name / POINTER} is a symlink", str(self.root / model_name),
+                                     "an admin removes it; the next promotion rewrites the pointer")
+            with os.fdopen(os.open(POINTER, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=hfd), "rb") as f:
+                return str(json.loads(f.read()).get("version"))
+        finally:
+            os.close(hfd)
 
     def publish(self, src: Path, manifest: dict) -> dict:
-        model, version = manifest["model"], manifest["version"]
+        model, version = manifest["model"], _safe_component(manifest["version"], "version")
+        journal = self._journal()
+        hfd = self._home_fd(model, create=True)
         home = self.root / model
-        clean_debris(home)  # may rename back a version dir a killed swap had moved aside
-        if self.read_manifest(model, version) == manifest:
-            return {"target": self.uri, "skipped": True}
-        home.mkdir(parents=True, exist_ok=True)
-        tmp, replaced = home / f".tmp-{os.getpid()}-{uuid.uuid4().hex}", None
         try:
-            shutil.copytree(src, tmp)
-            _verify_copy(tmp, manifest)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            _fsync_tree(tmp)
-            replaced = _swap_in(tmp, home / version)
-            _fsync_dir(home)
+            clean_debris(home, journal)  # may rename back a version dir a killed swap had moved aside
+            kind = _lstat_kind(hfd, version)
+            if kind not in (None, "dir"):
+                raise TargetTampered(f"{home / version} is a {'symlink' if kind == 'link' else 'non-directory'}, "
+                                     "not a version this publisher wrote", str(home / version),
+                                     "an admin inspects and removes it; nothing was written")
+            if kind == "dir" and self.read_manifest(model, version) == manifest:
+                return {"target": self.uri, "skipped": True}
+            tmp_name = f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
+            journal.record_debris(home / tmp_name, "tmp")
+            replaced = None
+            try:
+                os.mkdir(tmp_name, 0o755, dir_fd=hfd)
+                tfd = os.open(tmp_name, _O_DIR, dir_fd=hfd)
+                try:
+                    _copy_tree_at(src, tfd, manifest)
+                    _write_at(tfd, MANIFEST, json.dumps(manifest, indent=2).encode())
+                    os.fsync(tfd)
+                finally:
+                    os.close(tfd)
+                replaced = _swap_in_at(hfd, home, tmp_name, version, journal)
+                os.fsync(hfd)
+            finally:
+                for leftover in {tmp_name, replaced} - {None}:  # after an exchange, tmp holds the replaced copy
+                    _remove_recorded(hfd, home, leftover, journal)
         finally:
-            for leftover in {tmp, replaced} - {None}:  # after an exchange, tmp holds the replaced copy
-                _remove_tree(leftover)
+            os.close(hfd)
         return {"target": self.uri, "skipped": False, "files": len(manifest["files"])}
 
     def point_current(self, model_name: str, version: str) -> None:
-        write_text_atomic(self.root / model_name / POINTER, json.dumps({"model": model_name, "version": str(version)}))
+        hfd = self._home_fd(model_name, create=True)
+        try:
+            if _lstat_kind(hfd, POINTER) == "link":
+                os.unlink(POINTER, dir_fd=hfd)  # never write through a planted link
+            tmp = f".current-{os.getpid()}-{uuid.uuid4().hex}"
+            _write_at(hfd, tmp, json.dumps({"model": model_name, "version": str(version)}).encode())
+            _rename_at(hfd, tmp, POINTER)
+            os.fsync(hfd)
+        finally:
+            os.close(hfd)
 
 
 class EdgeTarget(DirTarget):
@@ -322,6 +523,7 @@ class ServeTarget:
     uri: str
     settings: object = None  # ServeSettings (governance target's `serve:`), None = defaults
     name: str = "serve"
+    journal: object = None  # the worker's debris journal (see DirTarget)
 
     def __post_init__(self) -> None:
         from urllib.parse import urlparse
@@ -336,11 +538,14 @@ class ServeTarget:
         # no cache backend named in governance: team mode's Redis when it runs for this state dir, else in-process
         base = resolve_cache(self.settings or ServeSettings(), serving_home().parent)
         self.settings = base.model_copy(update={"http_port": u.port})
-        self.store = DirTarget(str(serving_home() / "models"))
+        self.store = DirTarget(str(serving_home() / "models"), journal=self.journal)
         self.deployed: dict = {}
 
     def read_manifest(self, model_name: str, version: str) -> dict | None:
         return self.store.read_manifest(model_name, version)
+
+    def read_current(self, model_name: str) -> str | None:
+        return self.store.read_current(model_name)
 
     def publish(self, src: Path, manifest: dict) -> dict:
         from llmops.serving import control
@@ -366,41 +571,37 @@ class ServeTarget:
         self.store.point_current(model_name, version)
 
 
-def _verify_copy(root: Path, manifest: dict) -> None:
-    """Hash each copied file once and compare it with the source manifest (computed by the caller)."""
-    for rel, meta in manifest["files"].items():
-        p = root / rel
-        got = {"sha256": sha256_file(p), "bytes": p.stat().st_size} if p.is_file() else None
-        if got != {"sha256": meta["sha256"], "bytes": meta["bytes"]}:
-            raise PromotionError("copied file differs from the source manifest", str(p),
-                                 "check the disk and that the source model did not change; re-run the promotion")
+def clean_debris(root: Path, journal=None) -> list[Path]:
+    """Finish what killed publishes under `root` left, as the journal recorded it; return what was removed.
 
-
-_DEBRIS = re.compile(r"\.(tmp|old)-([1-9][0-9]*)-([0-9a-f]+)(?:-(.+))?")
-
-
-def clean_debris(root: Path) -> list[Path]:
-    """Remove the `.tmp-<pid>-*` / `.old-<pid>-*` dirs under `root` whose process is gone; return what was removed.
-
-    A `.old-<pid>-<uuid>-<version>` whose `<version>` is missing (killed between the two renames of a swap) is the
-    last complete copy: it is renamed back instead. Dirs of live processes are never touched (pid-only check: a
-    target shared by several hosts over NFS must give each publishing host its own root or accept the rare race).
+    Only names this publisher recorded before creating them are touched, never a name that merely looks like
+    debris (a planted `.old-999999-…` stays where it is and is never renamed into place). A recorded `.old-*`
+    whose version is missing (killed between the two renames of a swap) is the last complete copy: it is renamed
+    back. Entries of live processes on this host are left alone; symlinks are never followed or renamed.
     """
     removed = []
-    if not root.is_dir():
+    journal = journal or _default_journal()
+    if not root.is_dir() or root.is_symlink():
         return removed
-    for p in sorted(root.iterdir()):
-        m = _DEBRIS.fullmatch(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or pid_alive(int(m[2])):
-            continue
-        try:
-            if m[1] == "old" and m[4] and not (root / m[4]).exists():
-                p.rename(root / m[4])
+    hfd = _open_dir(root)
+    try:
+        for d in sorted(journal.debris_under(root), key=lambda d: str(d["path"])):
+            name = d["path"].name
+            kind = _lstat_kind(hfd, name)
+            if kind is None:
+                journal.forget_debris(d["path"])
                 continue
-            shutil.rmtree(p)
-        except FileNotFoundError:  # another publisher cleaned it first
-            continue
-        removed.append(p)
+            if kind != "dir":  # replaced by a link or a file after we recorded it: not ours any more
+                journal.forget_debris(d["path"])
+                continue
+            if d["kind"] == "old" and d["final"] and _lstat_kind(hfd, d["final"]) is None:
+                _rename_at(hfd, name, d["final"])
+                journal.forget_debris(d["path"])
+                continue
+            _remove_recorded(hfd, root, name, journal)
+            removed.append(d["path"])
+    finally:
+        os.close(hfd)
     return removed
 
 
@@ -418,66 +619,70 @@ def _renameat2():
     return fn
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths; False where the OS or the filesystem cannot (then nothing moved)."""
+def _exchange_at(dfd: int, a: str, b: str) -> bool:
+    """Atomically swap two existing entries of directory `dfd`; False where the OS or filesystem cannot."""
     fn = _renameat2()
     if fn is None:
         return False
-    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+    if fn(dfd, os.fsencode(a), dfd, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+    raise OSError(err, os.strerror(err), a, None, b)
 
 
-def _swap_in(new: Path, final: Path) -> Path | None:
-    """Put the complete dir `new` at `final`, never deleting `final` first; return where the replaced copy now is."""
-    if not final.exists():
-        new.rename(final)
-        return None
-    if _exchange(new, final):
-        return new
-    old = final.with_name(f".old-{os.getpid()}-{uuid.uuid4().hex}-{final.name}")
-    final.rename(old)
+def _exchange(a: Path, b: Path) -> bool:  # kept for callers/tests that swap whole paths
+    fd = _open_dir(a.parent)
     try:
-        new.rename(final)
-    except BaseException:
-        old.rename(final)
-        raise
-    return old
-
-
-def _remove_tree(path: Path) -> None:
-    # best effort: the publish already succeeded or failed; what is left is debris for the next clean_debris
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for f in root.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
+        return _exchange_at(fd, a.name, b.name)
     finally:
         os.close(fd)
 
 
+def _swap_in_at(hfd: int, home: Path, new: str, final: str, journal) -> str | None:
+    """Put the complete dir `new` at `final` (entries of `home`, opened as `hfd`), never deleting `final` first;
+    return the name the replaced copy now has (recorded in the journal), or None."""
+    if _lstat_kind(hfd, final) is None:
+        _rename_at(hfd, new, final)
+        journal.forget_debris(home / new)
+        return None
+    if _exchange(home / new, home / final):
+        return new  # still recorded as debris: now the replaced copy
+    old = f".old-{os.getpid()}-{uuid.uuid4().hex}-{final}"
+    journal.record_debris(home / old, "old", final)
+    _rename_at(hfd, final, old)
+    try:
+        _rename_at(hfd, new, final)
+    except BaseException:
+        _rename_at(hfd, old, final)
+        journal.forget_debris(home / old)
+        raise
+    journal.forget_debris(home / new)
+    return old
+
+
+def _remove_recorded(hfd: int, home: Path, name: str, journal) -> None:
+    """Remove a directory this publisher recorded (best effort: what stays is still recorded for the next run).
+    shutil.rmtree with dir_fd never follows symlinks inside it."""
+    if _lstat_kind(hfd, name) == "dir":
+        try:
+            shutil.rmtree(name, dir_fd=hfd)
+        except OSError:
+            return
+    journal.forget_debris(home / name)
+
+
 def make_target(kind: str, uri: str, endpoint_url: str | None = None, sse: str | None = None,
-                credentials_file: str | Path | None = None, serve=None) -> Target:
+                credentials_file: str | Path | None = None, serve=None, journal=None) -> Target:
     if kind == "s3" or (kind == "onprem" and uri.startswith("s3://")):
         return S3Target(uri, endpoint_url, sse, credentials_file=credentials_file, name=kind)
     if kind == "onprem":
-        return DirTarget(uri)
+        return DirTarget(uri, journal=journal)
     if kind == "edge":
-        return EdgeTarget(uri)
+        return EdgeTarget(uri, journal=journal)
     if kind == "serve":
-        return ServeTarget(uri, serve)
+        return ServeTarget(uri, serve, journal=journal)
     raise PromotionError(f"unknown target kind '{kind}'", "promotion.targets[].kind", "use s3, onprem, edge or serve")
 
 

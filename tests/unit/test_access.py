@@ -107,43 +107,107 @@ def test_signed_request_names_its_signer_only(gov):
 
 
 SUBJ = "promote m v1"
+CH = "c" * 32  # an execution's challenge
+EXP = 4_000_000_000
 
 
-def _approve(gov, run_id, approver, code, approve=True, requested_by="eve", action="promote", subject=SUBJ):
+def _code(key, run_id, subject=SUBJ, approve=True, challenge=CH, expires=EXP):
+    return approval_code(key, run_id, subject, approve=approve, challenge=challenge, expires=expires)
+
+
+def _approve(gov, run_id, approver, code, approve=True, requested_by="eve", action="promote", subject=SUBJ,
+             challenge=CH, expires=EXP):
     g, store, _, _ = gov
     verify_approval(g, store, run_id=run_id, approver=approver, code=code, approve=approve, action=action,
-                    requested_by=requested_by, subject=subject)
+                    requested_by=requested_by, subject=subject, challenge=challenge, expires=expires)
 
 
 def test_code_is_bound_to_run_and_decision_and_single_use(gov):
     keys = gov[2]
-    code_a = approval_code(keys["bob"], "run-a", SUBJ)
+    code_a = _code(keys["bob"], "run-a")
     with pytest.raises(AccessDenied, match="invalid approver or code"):  # captured from run A, used on run B
         _approve(gov, "run-b", "bob", code_a)
     with pytest.raises(AccessDenied, match="invalid approver or code"):  # a reject code cannot approve
-        _approve(gov, "run-a", "bob", approval_code(keys["bob"], "run-a", SUBJ, approve=False))
+        _approve(gov, "run-a", "bob", _code(keys["bob"], "run-a", approve=False))
     with pytest.raises(AccessDenied, match="invalid approver or code"):  # bob's code under carol's name
         _approve(gov, "run-a", "carol", code_a)
     # bob was shown (through a forged Prefect display) v1, but the run really promotes v2
     with pytest.raises(AccessDenied, match=r"invalid approver or code \(for promote m v2, approve\)"):
         _approve(gov, "run-a", "bob", code_a, subject="promote m v2")
+    # another execution of the same run (forced back to Scheduled) has another challenge: the code is dead there
+    with pytest.raises(AccessDenied, match="invalid approver or code"):
+        _approve(gov, "run-a", "bob", code_a, challenge="d" * 32)
     _approve(gov, "run-a", "bob", code_a)
-    with pytest.raises(AccessDenied, match="already used"):
+    with pytest.raises(AccessDenied, match="already decided"):
         _approve(gov, "run-a", "bob", code_a)
     with pytest.raises(AccessDenied, match="lacks permission 'approve-promotion'"):
-        _approve(gov, "run-a", "eve", approval_code(keys["eve"], "run-a", SUBJ), requested_by="alice")
+        _approve(gov, "run-a", "eve", _code(keys["eve"], "run-a"), requested_by="alice")
     with pytest.raises(AccessDenied, match="cannot also approve"):
-        _approve(gov, "run-a", "alice", approval_code(keys["alice"], "run-a", SUBJ), requested_by="alice")
+        _approve(gov, "run-a", "alice", _code(keys["alice"], "run-a"), requested_by="alice")
 
 
-def test_lockout_is_per_identity_and_junk_does_not_touch_others(gov):
+def _reencodings(code: str) -> list[str]:
+    """Texts that a lenient base64 decoder maps to the same 64 bytes."""
+    import base64
+
+    raw = base64.urlsafe_b64decode(code + "==")
+    std = base64.b64encode(raw).decode()
+    last = code[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    bits = alphabet.index(last)
+    sibling = alphabet[bits ^ 1] if bits & 0b1111 == bits else alphabet[bits | 1]  # flips a padding bit
+    return [code + "=", code + "==", std, std.rstrip("="), f" {code} ", code[:-1] + sibling, code + "\n"]
+
+
+def test_reencoded_codes_never_verify_nor_count_as_new(gov):
+    """Attack: the approval's signature re-encoded (padding, +/ alphabet, a flipped trailing bit) was accepted as
+    another, unused code. One text per signature; consumption is by approver + run + challenge."""
+    keys = gov[2]
+    code = _code(keys["bob"], "run-r")
+    for other in _reencodings(code):
+        if other.strip() == code:
+            continue
+        with pytest.raises(AccessDenied, match="invalid approver or code"):
+            _approve(gov, "run-r", "bob", other)
+    _approve(gov, "run-r", "bob", code)
+    with pytest.raises(AccessDenied, match="already decided"):  # even a (valid) reject code: one decision each
+        _approve(gov, "run-r", "bob", _code(keys["bob"], "run-r", approve=False), approve=False)
+
+
+def test_expired_code_is_refused(gov):
+    keys = gov[2]
+    with pytest.raises(AccessDenied, match="approval window"):
+        _approve(gov, "run-e", "bob", _code(keys["bob"], "run-e", expires=1000), expires=1000)
+
+
+def test_reencoded_request_starts_nothing_new(gov):
+    """Attack: the same signed request with its signature re-encoded, or its JSON re-serialised, started another run
+    'requested by' its signer. Requests are consumed by (user, nonce)."""
+    g, store, keys, _ = gov
+    req = make_request(keys["eve"], "eve", "promote", "m", "3")
+    body = json.loads(req)
+    verify_request(g, store, req, "promote", "m", "3")
+    for sig in _reencodings(body["sig"]):
+        with pytest.raises(AccessDenied, match="does not verify|already used"):
+            verify_request(g, store, json.dumps({**body, "sig": sig}), "promote", "m", "3")
+    with pytest.raises(AccessDenied, match="already used"):  # same bytes signed, other JSON text
+        verify_request(g, store, json.dumps(body, indent=1), "promote", "m", "3")
+
+
+def test_junk_codes_lock_nobody_out(gov):
+    """Attack: five junk codes under bob's name locked him out of every run for 15 minutes. Now bad submissions
+    only slow down the run they were typed into; bob's real code works at once, here and in any other run."""
+    from tasks.access import submission_delay
+
     g, _, keys, _ = gov
-    for _ in range(g.approvals.max_failures_per_approver):
+    for _ in range(3 * g.approvals.max_failures_per_approver):
         with pytest.raises(AccessDenied, match="invalid"):
             _approve(gov, "run-x", "bob", "junk")
-    with pytest.raises(AccessDenied, match="'bob' is locked out"):  # even his real code, for a while
-        _approve(gov, "run-x", "bob", approval_code(keys["bob"], "run-x", SUBJ))
-    _approve(gov, "run-x", "carol", approval_code(keys["carol"], "run-x", SUBJ))  # another approver is unaffected
+    _approve(gov, "run-x", "bob", _code(keys["bob"], "run-x"))
+    _approve(gov, "run-y", "bob", _code(keys["bob"], "run-y"))
+    free, cap = g.approvals.max_failures_per_approver, g.approvals.lockout_s
+    assert [submission_delay(n, free, cap) for n in (1, free - 1, free, free + 3)] == [0, 0, 1, 8]
+    assert submission_delay(10_000, free, cap) == min(cap, 64)
 
 
 def test_private_key_must_not_be_readable_by_others(gov):
@@ -156,12 +220,15 @@ def test_private_key_must_not_be_readable_by_others(gov):
 # ------------------------------------------------------------------------------------------------- audit
 
 
+ADMIN = 5  # governance-created + four users enrolled: admin entries, signed like every decision
+
+
 @pytest.fixture
 def audit(gov):
     g = gov[0]
     log = AuditLog.for_governance(g)
     anchors = []
-    for d in ("requested", "denied", "approved", "promoted"):
+    for d in ("requested", "denied", "approved", "aborted"):
         rec = log.append(action="promote", decision=d, model="m", version="1")
         anchors.append((rec["seq"], rec["hash"], f"m v1 {d}"))
     return g, log, anchors
@@ -169,7 +236,7 @@ def audit(gov):
 
 def test_intact_log_verifies_with_anchors(audit):
     g, log, anchors = audit
-    assert verify_audit_log(log.path, g.audit.public_key, anchors) == 4
+    assert verify_audit_log(log.path, g.audit.public_key, anchors) == ADMIN + 4
     with pytest.raises(ValueError):
         log.append(action="x", code="123")
 
@@ -203,7 +270,7 @@ def test_forged_append_is_detected(audit, tmp_path):
     pem, _ = generate_keypair()
     _write_key(tmp_path / "evil.key", pem)
     AuditLog(log.path, tmp_path / "evil.key").append(action="promote", decision="approved", approver="bob")
-    with pytest.raises(AuditTampered, match=r"audit.log:5: signature does not verify"):
+    with pytest.raises(AuditTampered, match=rf"audit.log:{ADMIN + 5}: signature does not verify"):
         verify_audit_log(log.path, g.audit.public_key)
 
 
@@ -211,7 +278,7 @@ def test_truncation_and_deletion_are_detected_against_anchors(audit):
     g, log, anchors = audit
     log.path.write_text("\n".join(_lines(log)[:2]) + "\n")  # a valid prefix: signatures and chain still fine
     assert verify_audit_log(log.path, g.audit.public_key) == 2
-    with pytest.raises(AuditTampered, match="truncated: it ends at entry 2 but entry 3 is anchored"):
+    with pytest.raises(AuditTampered, match=f"truncated: it ends at entry 2 but entry {ADMIN + 1} is anchored"):
         verify_audit_log(log.path, g.audit.public_key, anchors)
     log.path.unlink()
     with pytest.raises(AuditTampered, match="audit log is missing, but 4 decision"):
@@ -240,6 +307,71 @@ def test_cli_audit_verify_reports_tampering_in_one_line(audit, capsys):
     assert err.count("\n") == 1 and "audit.log:2: malformed audit line" in err and "Traceback" not in err
 
 
+def test_truncating_the_last_admin_entry_is_detected_by_the_anchored_head(audit):
+    """Attack: dropping the last audit line (an admin entry, which has no registry anchor) went unnoticed."""
+    from tasks.access import verified_entries
+
+    g, log, _ = audit
+    log.append(action="governance", decision="user-enrolled", user="mallory")
+    verified_entries(g)
+    log.path.write_text("\n".join(_lines(log)[:-1]) + "\n")
+    assert verify_audit_log(log.path, g.audit.public_key) == ADMIN + 4  # the prefix itself is a valid chain
+    with pytest.raises(AuditTampered, match="truncated.*governance store's audit head"):
+        verified_entries(g)
+    log.path.unlink()
+    with pytest.raises(AuditTampered, match="missing"):
+        verified_entries(g)
+
+
+def test_hand_edited_governance_is_refused_until_audited(gov, capsys):
+    """Attack: a hand edit (a new approver whose key the requester holds, approvals.required lowered) was obeyed
+    and never audited. The worker refuses a file whose digest is not the latest signed admin entry's."""
+    import yaml
+
+    from flows.cli import main
+    from tasks.access import GovernanceTampered, generate_keypair, verified_governance
+
+    g = gov[0]
+    verified_governance()
+    data = yaml.safe_load(g.path.read_text())
+    _, pub = generate_keypair()
+    data["users"]["sock-puppet"] = {"roles": ["release-manager"], "public_key": pub}
+    data["approvals"]["required"] = 3
+    g.path.write_text(yaml.safe_dump(data))
+    os.chmod(g.path, 0o600)
+    with pytest.raises(GovernanceTampered, match=r"changed outside `llmops`.*approvals.required.*users.sock-puppet"):
+        verified_governance()
+    assert main(["users", "add", "x", "--role", "ml-engineer"]) == 2  # admin commands start from the audited file
+    assert main(["governance", "restore"]) == 0
+    assert "sock-puppet" not in verified_governance().users
+    # every field has an audited command; the entry names who (the kernel's uid, not $USER) and what changed
+    os.environ["USER"] = "someone-else"
+    assert main(["governance", "set", "approvals.models.m", "3"]) == 0
+    last = AuditLog.for_governance(g).entries()[-1]
+    assert last["decision"] == "governance-set" and last["field"] == "approvals.models.m" and last["new"] == 3
+    assert f"uid {os.geteuid()}" in last["by"] and "someone-else" not in last["by"]
+    assert verified_governance().approvals.required_for("m") == 3
+    assert main(["governance", "set", "audit.public_key", "x"]) == 2  # the audit key is not a settable field
+
+
+@pytest.mark.parametrize("what,mode", [("file", 0o604), ("file", 0o640), ("dir", 0o750), ("dir", 0o705)])
+def test_governance_readable_or_writable_by_others_is_refused(gov, what, mode):
+    from tasks.access import GovernanceTampered, verified_governance
+
+    g = gov[0]
+    os.chmod(g.path if what == "file" else g.home, mode)
+    with pytest.raises(GovernanceTampered, match="accessible by group/others"):
+        verified_governance()
+
+
+def test_governance_owned_by_another_uid_is_refused(gov, monkeypatch):
+    from tasks.access import GovernanceTampered, verified_governance
+
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)  # as if the worker ran as another user than the file's owner
+    with pytest.raises(GovernanceTampered, match="owned by uid"):
+        verified_governance()
+
+
 def _appender(args):
     gov_path, n = args
     os.environ["LLMOPS_GOVERNANCE"] = gov_path
@@ -253,7 +385,7 @@ def test_concurrent_appenders_keep_the_chain(audit):
     g, log, _ = audit
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         pool.map(_appender, [(str(g.path), 15)] * 3)
-    assert verify_audit_log(log.path, g.audit.public_key) == 4 + 45
+    assert verify_audit_log(log.path, g.audit.public_key) == ADMIN + 4 + 45
 
 
 def test_cli_users_add_prints_key_once_and_stores_public_key(tmp_path, capsys, monkeypatch):

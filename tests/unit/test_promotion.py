@@ -49,14 +49,17 @@ def test_dir_target_is_atomic_and_idempotent(tmp_path, model_dir, monkeypatch):
     target.point_current("m", "1")
     assert json.loads((tmp_path / "onprem/m/current.json").read_text())["version"] == "1"
     # a copy that dies half-way leaves neither the version dir nor a temp dir behind
-    import shutil
+    import tasks.promotion as promo
 
-    def dying_copy(src, dst, **kw):
-        Path(dst).mkdir(parents=True)
-        (Path(dst) / "config.json").write_text("partial")
-        raise OSError("disk full")
+    real, calls = promo._copy_file, []
 
-    monkeypatch.setattr(shutil, "copytree", dying_copy)
+    def dying_copy(src, fout):
+        calls.append(src)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        return real(src, fout)
+
+    monkeypatch.setattr(promo, "_copy_file", dying_copy)
     with pytest.raises(OSError):
         target.publish(model_dir, file_manifest(model_dir, "m", "2"))
     assert sorted(p.name for p in (tmp_path / "onprem/m").iterdir()) == ["1", "current.json"]
@@ -126,3 +129,38 @@ def test_s3_checksum_mismatch_is_caught(s3_env, model_dir):
     assert S3Target("s3://llmops-bad/p", s3_env).read_manifest("m", "1") is None
 
 
+
+
+def test_edge_bundle_and_served_files_must_be_the_ledger_bound_bytes(tmp_path, monkeypatch):
+    """Attack: the edge bundle replaced in the registry after approval was published; `llmops serve` downloaded
+    registry files without a digest check. Both now compare the files with what the training attempt bound in the
+    ledger (the model's digest at finish, the edge bundle's after compression)."""
+    from flows.promotion import artifact_digest_problem
+    from flows.serve_cli import _verify_served
+    from llmops.errors import LLMOpsError
+    from llmops.governance import load_governance
+    from tasks.finetune import bind_artifact
+    from tasks.privacy import PrivacyError, open_ledger
+    from tests.conftest import ledger_backed_tags
+
+    model, edge = tmp_path / "model", tmp_path / "edge"
+    for d, name in ((model, "config.json"), (edge, "model.onnx")):
+        d.mkdir()
+        (d / name).write_bytes(b"evaluated bytes")
+    tags = ledger_backed_tags({}, ["r1"], model_dir=str(model))
+    g = load_governance()
+    assert "binds no edge bundle" in artifact_digest_problem(g, tags, "edge", edge)
+    bind_artifact(tags["llmops.dp.attempt_id"], "edge", str(edge))
+    assert artifact_digest_problem(g, tags, "edge", edge) is None
+    _verify_served(tags, "model", model, "m v1")
+    _verify_served(tags, "edge", edge, "m v1")
+    (edge / "model.onnx").write_bytes(b"swapped after approval")
+    (model / "config.json").write_bytes(b"swapped in the serving cache")
+    assert "is not the one attempt" in artifact_digest_problem(g, tags, "edge", edge)
+    for kind, path in (("model", model), ("edge", edge)):
+        with pytest.raises(LLMOpsError, match="are not the ones its training attempt produced"):
+            _verify_served(tags, kind, path, "m v1")
+    with pytest.raises(PrivacyError, match="already recorded another edge"):  # bound once, never rebound
+        bind_artifact(tags["llmops.dp.attempt_id"], "edge", str(edge))
+    with pytest.raises(PrivacyError, match="not a completed attempt"):
+        open_ledger().bind_artifact("f" * 24, "edge", "0" * 64)

@@ -16,8 +16,8 @@ import boto3
 import pytest
 
 from llmops.governance import TargetSpec, load_governance
-from tasks.access import (AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request,
-                          verify_audit_log)
+from tasks.access import (AuditLog, approval_code, commit_governance, enrol_user, init_governance, load_private_key,
+                          make_request, verify_audit_log)
 from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port, ledger_backed_tags
 
 GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
@@ -54,7 +54,7 @@ def world(tmp_path, s3_server, monkeypatch):
                  "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server,
                                   credentials_file=creds)}
     g.registry_uri = tracking_uri(None, tmp_path / "state")  # promotions read evidence here only
-    g.save()
+    commit_governance(g, "test-setup")  # the worker refuses governance the audit log did not record
     state = tmp_path / "state"
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     uri = tracking_uri(None, state)
@@ -103,14 +103,22 @@ def _paused(flow_name, exclude=(), timeout=120):
 
 
 def _subj(run_id):
-    """What the approver signs besides the run id, as `llmops approval-code` reads it from the Prefect API."""
+    """(subject, challenge, expires) an approver signs besides the run id, as `llmops approval-code` reads them from
+    the Prefect API (the request parameter and this execution's challenge artifact)."""
     from prefect.client.orchestration import get_client
 
+    from flows.cli import read_challenge
     from tasks.access import approval_subject
 
     with get_client(sync_client=True) as client:
         req = json.loads(client.read_flow_run(run_id).parameters["request"])
-    return approval_subject(req["action"], req["model"], req["version"])
+        challenge, expires = read_challenge(client, run_id)
+    return approval_subject(req["action"], req["model"], req["version"]), challenge, expires
+
+
+def _code(key, run_id, approve=True):
+    subject, challenge, expires = _subj(run_id)
+    return approval_code(key, run_id, subject, approve=approve, challenge=challenge, expires=expires)
 
 
 def _submit(run_id, approver, code, approve=True, comment=""):
@@ -133,7 +141,19 @@ def _wait_paused_again(run_id, n_before, timeout=60):
 
 
 def _audit(w):
-    return AuditLog.for_governance(w["g"]).entries()
+    """The decisions (admin entries about governance left out)."""
+    return [e for e in AuditLog.for_governance(w["g"]).entries() if e.get("action") != "governance"]
+
+
+def _all(w) -> int:
+    return len(AuditLog.for_governance(w["g"]).entries())
+
+
+def _released(w, *versions):
+    """Audit entries as if `versions` had been promoted in turn (the worker's key signs them: the log is the truth)."""
+    log = AuditLog.for_governance(w["g"])
+    for v in versions:
+        log.append(action="promote", decision="promoted", model="m", version=v, targets=[])
 
 
 def _anchors(w):
@@ -159,11 +179,11 @@ def test_two_distinct_verified_approvals_then_publish(prefect_harness, world, mo
     t, out = _start(promotion_flow, version="1", request=_request(w), config=w["cfg"])
     run = _paused("llmops-promotion")
     assert not (w["tmp"] / "onprem" / "m").exists()  # nothing published while waiting
-    bob = approval_code(keys["bob"], run, _subj(run))
+    bob = _code(keys["bob"], run)
     attempts = [("bob", "x" * 86),                               # junk code
-                ("mallory", approval_code(keys["eve"], run, _subj(run))),    # not enrolled
-                ("eve", approval_code(keys["eve"], run, _subj(run))),        # enrolled, no approve permission
-                ("alice", approval_code(keys["alice"], run, _subj(run))),    # the requester (may not approve)
+                ("mallory", _code(keys["eve"], run)),    # not enrolled
+                ("eve", _code(keys["eve"], run)),        # enrolled, no approve permission
+                ("alice", _code(keys["alice"], run)),    # the requester (may not approve)
                 ("bob", bob),                                    # 1st valid approval
                 ("bob", bob)]                                    # the same code again
     for i, (who, code) in enumerate(attempts):
@@ -182,9 +202,9 @@ def test_two_distinct_verified_approvals_then_publish(prefect_harness, world, mo
     audit = _audit(w)
     assert [a["decision"] for a in audit] == ["requested", "denied", "denied", "denied", "denied", "approved",
                                               "denied", "approved", "promoted"]
-    assert "already used" in audit[6]["reason"] and audit[-1]["policy"] == w["g"].digest()[:16]
+    assert "already decided" in audit[6]["reason"] and audit[-1]["policy"] == w["g"].digest()[:16]
     anchors = _anchors(w)
-    assert len(anchors) == 9 and verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, anchors) == 9
+    assert len(anchors) == 9 and verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, anchors) == _all(w)
     assert _alias(w, "production") == "1"
     assert json.loads((w["tmp"] / "onprem/m/current.json").read_text())["version"] == "1"
     s3t = w["g"].targets["s3"]
@@ -205,13 +225,13 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
 
     w, keys = world, world["keys"]
     w["g"].approvals.models = {}
-    w["g"].save()  # one approval is enough here
+    commit_governance(w["g"], "test-setup")  # one approval is enough here
     t_a, out_a = _start(promotion_flow, version="1", request=_request(w, version="1"), config=w["cfg"])
     run_a = _paused("llmops-promotion")
     t_b, out_b = _start(promotion_flow, version="2", request=_request(w, version="2"), config=w["cfg"])
     run_b = _paused("llmops-promotion", exclude={run_a})
     api, captured = PREFECT_API_URL.value(), None
-    _submit(run_a, "bob", approval_code(keys["bob"], run_a, _subj(run_a), approve=False), approve=False,
+    _submit(run_a, "bob", _code(keys["bob"], run_a, approve=False), approve=False,
             comment="not yet")
     deadline = time.time() + 10
     while time.time() < deadline and captured is None:  # what an attacker sees before the flow deletes it
@@ -222,10 +242,10 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
         time.sleep(0.05)
     t_a.join(timeout=60)
     assert "rejected by bob" in str(out_a.get("error"))
-    form = captured or {"approver": "bob", "code": approval_code(keys["bob"], run_a, _subj(run_a), approve=False)}
+    form = captured or {"approver": "bob", "code": _code(keys["bob"], run_a, approve=False)}
     _submit(run_b, form["approver"], form["code"], approve=False)  # replayed on run B
     _wait_paused_again(run_b, 1)
-    _submit(run_b, "carol", approval_code(keys["carol"], run_b, _subj(run_b)))
+    _submit(run_b, "carol", _code(keys["carol"], run_b))
     t_b.join(timeout=120)
     assert out_b.get("result", {}).get("status") == "promoted", out_b
     b_entries = [a for a in _audit(w) if a.get("flow_run_id") == run_b]
@@ -257,10 +277,10 @@ def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, 
     loose = PipelineConfig.model_validate({**w["cfg"].model_dump(), "promotion": {"required_approvals": 1}})
     t, out = _start(promotion_flow, version="1", request=_request(w), config=loose)
     run = _paused("llmops-promotion")
-    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
+    _submit(run, "bob", _code(keys["bob"], run))
     _wait_paused_again(run, 1)  # still waiting after one approval
     assert "2 distinct approval(s)" in _summary(run)
-    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run), approve=False), approve=False)
+    _submit(run, "carol", _code(keys["carol"], run, approve=False), approve=False)
     t.join(timeout=60)
     assert "rejected by carol" in str(out.get("error")) and not (w["tmp"] / "onprem" / "m").exists()
 
@@ -332,9 +352,9 @@ def test_a_swapped_model_under_copied_evidence_is_never_published(prefect_harnes
     assert str(out["version"]) == "4"
     t, res = _start(promotion_flow, version="4", request=_request(w, version="4"), config=w["cfg"])
     run = _paused("llmops-promotion")
-    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
+    _submit(run, "bob", _code(keys["bob"], run))
     _wait_paused_again(run, 1)
-    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run)))
+    _submit(run, "carol", _code(keys["carol"], run))
     t.join(timeout=120)
     assert "are not the model training attempt" in str(res.get("error")), res
     assert not (w["tmp"] / "onprem" / "m").exists() and _alias(w, "production") is None
@@ -347,14 +367,16 @@ def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
 
     w, keys, client = world, world["keys"], world["mlflow"]
     w["g"].approvals.models = {}
-    w["g"].save()
+    commit_governance(w["g"], "test-setup")
+    _released(w, "1", "2")
     client.set_registered_model_alias("m", "production", "2")
     client.set_registered_model_alias("m", "previous", "1")
     t, out = _start(rollback_flow, request=make_request(keys["bob"], "bob", "rollback", "m", "1"), config=w["cfg"])
     run = _paused("llmops-rollback")
+    _released(w, "3")  # a promotion lands while the rollback waits
     client.set_registered_model_alias("m", "production", "3")
     client.set_registered_model_alias("m", "previous", "2")
-    _submit(run, "carol", approval_code(keys["carol"], run, _subj(run)))
+    _submit(run, "carol", _code(keys["carol"], run))
     t.join(timeout=60)
     assert "moved from 2/1 to 3/2" in str(out.get("error"))
     assert _alias(w, "production") == "3" and _alias(w, "previous") == "2"
@@ -363,12 +385,13 @@ def test_stale_rollback_is_refused_after_approval(prefect_harness, world):
 
 
 CHILD = """
-import os, sys, time, shutil
-real_copytree, real_copy2 = shutil.copytree, shutil.copy2
-def slow_copy(src, dst, *a, **k):  # slow enough that the parent kills us mid-copy into the target
+import os, sys, time
+import tasks.promotion as promo
+real_copy = promo._copy_file
+def slow_copy(src, fout):  # slow enough that the parent kills us mid-copy into the target
     time.sleep(0.5)
-    return real_copy2(src, dst, *a, **k)
-shutil.copytree = lambda s, d, **kw: real_copytree(s, d, **{**kw, "copy_function": slow_copy})
+    return real_copy(src, fout)
+promo._copy_file = slow_copy
 from llmops.config import PipelineConfig
 from flows.promotion import promotion_flow
 cfg = PipelineConfig.model_validate_json(sys.argv[1])
@@ -385,12 +408,12 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     w, keys = world, world["keys"]
     w["g"].approvals.models = {}
     w["g"].targets.pop("s3")
-    w["g"].save()
+    commit_governance(w["g"], "test-setup")
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)], env=env,
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = _paused("llmops-promotion", timeout=180)
-    _submit(run, "bob", approval_code(keys["bob"], run, _subj(run)))
+    _submit(run, "bob", _code(keys["bob"], run))
     model_root = w["tmp"] / "onprem" / "m"
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in
@@ -409,11 +432,105 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     assert len(aborted) == 1 and aborted[0]["flow_run_id"] == run and "stage 'publish'" in aborted[0]["reason"]
     assert not [p for p in model_root.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert not (w["g"].resolve(w["g"].state) / "work" / run).exists()  # the download is gone too
-    _submit(run2, "carol", approval_code(keys["carol"], run2, _subj(run2)))
+    _submit(run2, "carol", _code(keys["carol"], run2))
     t.join(timeout=120)
     assert out.get("result", {}).get("status") == "promoted", out
     assert json.loads((model_root / "current.json").read_text())["version"] == "2"
-    assert verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, _anchors(w)) == len(_audit(w))
+    assert verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, _anchors(w)) == _all(w)
+
+
+def _promote_once(w, version="1"):
+    """A real, approved promotion (one approval): returns its flow-run id."""
+    from flows.promotion import promotion_flow
+
+    t, out = _start(promotion_flow, version=version, request=_request(w, version=version), config=w["cfg"])
+    run = _paused("llmops-promotion", exclude=set(_runs_seen))
+    _runs_seen.append(run)
+    _submit(run, "bob", _code(w["keys"]["bob"], run))
+    t.join(timeout=120)
+    assert out.get("result", {}).get("status") == "promoted", out
+    return run
+
+
+_runs_seen: list[str] = []
+
+
+def test_a_finished_run_reexecuted_through_the_api_is_refused_and_audited(prefect_harness, world):
+    """Attack (critical): a completed, approved promotion run forced back to Scheduled through the REST API and
+    executed again, fed the (re-encoded) request and sniffed codes, re-promoted a version that an approved rollback
+    had removed. Now a flow-run id executes once: the second execution is refused before anything, and audited."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    from flows.promotion import promotion_flow
+
+    w = world
+    w["g"].approvals.models = {}
+    commit_governance(w["g"], "test-setup")
+    run = _promote_once(w, "1")
+    entries_before = len(_audit(w))
+    with get_client(sync_client=True) as pc:
+        pc.set_flow_run_state(run, Scheduled(), force=True)
+        fr = pc.read_flow_run(run)
+    with pytest.raises(Exception, match="already executed"):
+        run_flow(promotion_flow, flow_run=fr, parameters=fr.parameters)
+    new = _audit(w)[entries_before:]
+    assert [(e["decision"], e["flow_run_id"]) for e in new] == [("refused", run)]
+    assert "executes once" in new[0]["reason"]
+    assert _alias(w, "production") == "1"
+
+
+def test_moved_aliases_are_divergence_not_truth(prefect_harness, world, capsys, monkeypatch):
+    """Attack: anyone with MLflow EDIT (the training worker included) moved @production/@previous by hand; status and
+    audit verify did not notice, the form said "Production now: v4", the next promotion recorded previous=4 and a
+    rollback then published v4, never approved. Now the signed log is the truth: every cache is compared with it."""
+    from flows.cli import main
+    from flows.promotion import promotion_flow, rollback_flow
+
+    w, client = world, world["mlflow"]
+    w["g"].approvals.models = {}
+    commit_governance(w["g"], "test-setup")
+    _promote_once(w, "1")
+    _promote_once(w, "2")
+    assert (_alias(w, "production"), _alias(w, "previous")) == ("2", "1")
+    assert main(["audit", "verify"]) == 0
+    client.set_registered_model_alias("m", "previous", "3")  # the insider's edit: v3 was never approved
+    assert main(["audit", "verify"]) == 2
+    assert "MLflow m@previous is v3 but the signed audit log says v1" in capsys.readouterr().err
+    with pytest.raises(Exception, match="m@previous is v3 but the signed audit log says v1"):
+        rollback_flow(request=make_request(w["keys"]["bob"], "bob", "rollback", "m", "1"), config=w["cfg"])
+    client.set_registered_model_alias("m", "production", "3")
+    with pytest.raises(Exception, match="m@production is v3 but the signed audit log says v2"):
+        promotion_flow(version="1", request=_request(w, version="1"), config=w["cfg"])
+    assert [e["decision"] for e in _audit(w)][-2:] == ["refused", "refused"]
+    assert not (w["tmp"] / "onprem" / "m" / "3").exists()
+    # the target's pointer is a cache too
+    (w["tmp"] / "onprem" / "m" / "current.json").write_text(json.dumps({"model": "m", "version": "1"}))
+    assert main(["audit", "reconcile"]) == 2  # aliases restored from the log; the pointer still diverges
+    err = capsys.readouterr().err
+    assert "target 'onprem' points m at v1 but the signed audit log says v2" in err
+    assert (_alias(w, "production"), _alias(w, "previous")) == ("2", "1")
+    assert _audit(w) and [e for e in AuditLog.for_governance(w["g"]).entries()][-1]["decision"] == "aliases-reconciled"
+
+
+def test_a_pending_run_forced_to_another_state_is_audited(prefect_harness, world):
+    """Attack: forcing a pending run's state through the API (Cancelled, Completed) killed or hid it with no audit
+    entry. Now the waiting flow notices and audits 'interrupted'."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    from flows.promotion import promotion_flow
+
+    w = world
+    t, out = _start(promotion_flow, version="1", request=_request(w), config=w["cfg"])
+    run = _paused("llmops-promotion")
+    with get_client(sync_client=True) as pc:
+        pc.set_flow_run_state(run, Cancelled(message="hidden"), force=True)
+    t.join(timeout=60)
+    last = _audit(w)[-1]
+    assert last["decision"] == "interrupted" and last["flow_run_id"] == run and "Cancelled" in last["reason"]
+    assert _alias(w, "production") is None
 
 
 @pytest.mark.integration
@@ -426,7 +543,7 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
 
     w = world
     w["g"].approvals.models = {}
-    w["g"].save()
+    commit_governance(w["g"], "test-setup")
     port = _free_port()
     api = services.start_prefect(tmp_path / "server", port)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMOPS_GOVERNANCE", "AWS_", "PREFECT_API"))}
@@ -457,7 +574,7 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
                 while not pc.read_flow_run(run_id).state.is_paused():
                     assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
                     time.sleep(1)
-                _submit(run_id, "bob", approval_code(w["keys"]["bob"], run_id, _subj(run_id)))
+                _submit(run_id, "bob", _code(w["keys"]["bob"], run_id))
                 while not pc.read_flow_run(run_id).state.is_final():
                     assert time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
                     time.sleep(1)

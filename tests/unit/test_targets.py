@@ -82,14 +82,14 @@ def test_republish_replaces_the_version_dir_whole(published, swap_mode):
 def test_rename_into_place_failing_keeps_the_old_version_complete(published, swap_mode, monkeypatch):
     """Today's code deletes the old dir, then renames: a failure (or crash) there leaves current.json dangling."""
     target, home, man_a, src_b, man_b = published
-    real_rename = Path.rename
+    real_rename = promo._rename_at
 
-    def rename(self, dst):
-        if Path(dst) == home / "1" and self.name.startswith(".tmp-"):
+    def rename(dfd, a, b):
+        if b == "1" and a.startswith(".tmp-"):
             raise OSError("crash while renaming into place")
-        return real_rename(self, dst)
+        return real_rename(dfd, a, b)
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(promo, "_rename_at", rename)
     if swap_mode == "exchange":  # the exchange is one syscall: make that the step that fails
         monkeypatch.setattr(promo, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError("crash in exchange")))
     with pytest.raises(OSError, match="crash"):
@@ -99,7 +99,7 @@ def test_rename_into_place_failing_keeps_the_old_version_complete(published, swa
 
 def test_removing_the_replaced_copy_failing_leaves_the_new_version_complete(published, swap_mode, monkeypatch):
     target, home, _, src_b, man_b = published
-    monkeypatch.setattr(promo, "_remove_tree", lambda p: (_ for _ in ()).throw(OSError("crash before removal")))
+    monkeypatch.setattr(promo, "_remove_recorded", lambda *a: (_ for _ in ()).throw(OSError("crash before removal")))
     with pytest.raises(OSError, match="crash before removal"):
         target.publish(src_b, man_b)
     assert _current(home) == man_b
@@ -113,26 +113,26 @@ import tasks.promotion as promo
 from tasks.promotion import DirTarget, file_manifest
 
 src, target_dir, marker, stage = sys.argv[1:5]
-real_copytree, real_copy2, copied = shutil.copytree, shutil.copy2, []
+real_copy, copied = promo._copy_file, []
 
-def slow_copy(s, d, **kw):  # slow enough that the parent kills us mid-copy
+def slow_copy(s, fout):  # slow enough that the parent kills us mid-copy
     copied.append(s)
     if len(copied) == 5:
         Path(marker).write_text("copying")
     time.sleep(0.05)
-    return real_copy2(s, d, **kw)
+    return real_copy(s, fout)
 
-shutil.copytree = lambda s, d, **kw: real_copytree(s, d, copy_function=slow_copy, **kw)
+if stage == "mid-copy":
+    promo._copy_file = slow_copy
 if stage == "between-renames":  # no RENAME_EXCHANGE (NFS) and killed after moving the old copy aside
     promo._exchange = lambda a, b: False
-    real_rename = Path.rename
-    def rename(self, dst):
-        if self.name.startswith(".tmp-"):
+    real_rename = promo._rename_at
+    def rename(dfd, a, b):
+        if a.startswith(".tmp-"):
             Path(marker).write_text("between")
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_rename(self, dst)
-    Path.rename = rename
-    shutil.copytree = real_copytree
+        return real_rename(dfd, a, b)
+    promo._rename_at = rename
 man = file_manifest(Path(src), "m", "1", {{"approved_by": ["bob"]}})
 DirTarget(target_dir).publish(Path(src), man)
 """
@@ -180,31 +180,78 @@ def test_sigkill_between_the_two_renames_is_repaired_by_the_next_publish(publish
     assert _debris(home) == [] and _current(home) == man_b
 
 
-def test_clean_debris_spares_live_processes_and_strangers(tmp_path):
+def test_clean_debris_touches_only_recorded_debris_of_dead_publishers(tmp_path):
+    """Debris is recognised by the worker's journal, not by a name pattern: a planted `.old-999999-…-7` (attack:
+    renamed into place as version 7) or a symlinked `.tmp-*` is never touched; recorded debris of a dead publisher
+    is; a live publisher's is not."""
+    from tasks.access import GovernanceStore
+
+    journal = GovernanceStore(tmp_path / "journal.sqlite")
     home = tmp_path / "m"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        names = [f".tmp-{dead.pid}-ab12", f".old-{dead.pid}-cd34-7", f".tmp-{live.pid}-ef56", f".tmp-{os.getpid()}-0a",
-                 f".old-{live.pid}-99-3", "7", ".tmp-notapid-1", ".tmp-0-1", "keep"]
-        for n in names:
-            (home / n).mkdir(parents=True)
-            (home / n / "f").write_text(n)
-        (home / f".tmp-{dead.pid}-ffff").symlink_to(home / "keep")
-        assert clean_debris(home) == [home / f".old-{dead.pid}-cd34-7", home / f".tmp-{dead.pid}-ab12"]
-        assert sorted(p.name for p in home.iterdir()) == sorted(set(names) - {f".tmp-{dead.pid}-ab12",
-                                                                              f".old-{dead.pid}-cd34-7"}
-                                                                | {f".tmp-{dead.pid}-ffff"})
-        assert (home / "keep" / "f").read_text() == "keep"
-        # a dead swap's old copy whose version dir is missing is renamed back, not removed
-        (home / f".old-{dead.pid}-cd35-8").mkdir()
-        (home / f".old-{dead.pid}-cd35-8" / "f").write_text("v8")
-        assert clean_debris(home) == [] and (home / "8" / "f").read_text() == "v8"
-    finally:
-        live.kill()
-        live.wait()
-    assert clean_debris(tmp_path / "missing") == []
+    names = [f".tmp-{dead.pid}-ab12", f".old-{dead.pid}-cd34-7", ".old-999999-ffff-8", f".tmp-{dead.pid}-planted",
+             "keep"]
+    for n in names:
+        (home / n).mkdir(parents=True)
+        (home / n / "f").write_text(n)
+    (home / f".tmp-{dead.pid}-link").symlink_to(home / "keep")
+    real_pid = os.getpid
+    for n, kind, final in [(f".tmp-{dead.pid}-ab12", "tmp", ""), (f".old-{dead.pid}-cd34-7", "old", "7"),
+                           (f".tmp-{dead.pid}-link", "tmp", "")]:
+        os.getpid = lambda: dead.pid  # recorded as the dead publisher's
+        try:
+            journal.record_debris(home / n, kind, final)
+        finally:
+            os.getpid = real_pid
+    journal.record_debris(home / ".tmp-live-1", "tmp")  # this (live) process's own entry
+    (home / ".tmp-live-1").mkdir()
+    assert clean_debris(home, journal) == [home / f".tmp-{dead.pid}-ab12"]
+    left = sorted(p.name for p in home.iterdir())
+    assert left == sorted({".old-999999-ffff-8", f".tmp-{dead.pid}-planted", "keep", "7", f".tmp-{dead.pid}-link",
+                           ".tmp-live-1"})
+    assert (home / "7" / "f").read_text() == f".old-{dead.pid}-cd34-7"  # the recorded swap was rolled back
+    assert not (home / "8").exists() and (home / "keep" / "f").read_text() == "keep"
+    assert clean_debris(tmp_path / "missing", journal) == []
+
+
+def test_planted_old_dir_is_never_published_as_a_version(published, tmp_path):
+    target, home, man_a, src_b, man_b = published
+    evil = home / ".old-999999-0123abcd-2"
+    evil.mkdir()
+    (evil / "config.json").write_text("attacker's weights")
+    target.publish(src_b, file_manifest(src_b, "m", "3"))
+    assert not (home / "2").exists() and evil.exists()
+
+
+def test_symlinks_under_the_target_root_are_never_followed(tmp_path):
+    """Attacks: `<model>` symlinked elsewhere redirected the publish; a symlinked version dir left a permanent
+    `.tmp-*` link. Now the publish is refused, nothing is written outside, no debris stays."""
+    from tasks.promotion import TargetTampered
+
+    src = _model(tmp_path / "src")
+    man = file_manifest(src, "m", "1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = tmp_path / "onprem"
+    root.mkdir()
+    (root / "m").symlink_to(elsewhere)
+    with pytest.raises(TargetTampered, match="symlink"):
+        DirTarget(str(root)).publish(src, man)
+    assert list(elsewhere.iterdir()) == []
+    (root / "m").unlink()
+    (root / "m").mkdir()
+    (root / "m" / "1").symlink_to(elsewhere)
+    with pytest.raises(TargetTampered, match="symlink"):
+        DirTarget(str(root)).publish(src, man)
+    assert list(elsewhere.iterdir()) == [] and _debris(root / "m") == []
+    (root / "m" / "1").unlink()
+    (root / "m" / "current.json").symlink_to(elsewhere / "pointer")
+    t = DirTarget(str(root))
+    t.publish(src, man)
+    t.point_current("m", "1")
+    assert not (elsewhere / "pointer").exists() and not (root / "m" / "current.json").is_symlink()
+    assert t.read_current("m") == "1" and _current(root / "m") == man
 
 
 def test_failed_copy_leaves_nothing(published, monkeypatch):
@@ -223,8 +270,9 @@ def test_copy_verification_hashes_each_file_once(tmp_path, monkeypatch, n):
     src = _model(tmp_path / "src", n=n - 1)  # n - 1 shards + config.json
     man = file_manifest(src, "m", "1")  # the caller's source hashing, not counted
     calls = []
-    real = promo.sha256_file
-    monkeypatch.setattr(promo, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    real = promo._copy_file
+    monkeypatch.setattr(promo, "_copy_file", lambda p, f: calls.append(Path(p).name) or real(p, f))
+    monkeypatch.setattr(promo, "sha256_file", lambda p: (_ for _ in ()).throw(AssertionError("hashed twice")))
     DirTarget(str(tmp_path / "onprem")).publish(src, man)
     assert sorted(calls) == sorted(man["files"]) and len(calls) == n
 
@@ -238,14 +286,14 @@ def test_edge_target_still_needs_onnx_and_manifest_is_last(tmp_path, monkeypatch
         EdgeTarget(str(tmp_path / "edge")).publish(src, file_manifest(src, "m", "1"))
     (src / "model.onnx").write_bytes(b"onnx")
     man, seen = file_manifest(src, "m", "1"), []
-    real_write = Path.write_text
+    real_write = promo._write_at
 
-    def write_text(self, data, *a, **kw):
-        if self.name == MANIFEST:  # every listed file is already in place, byte for byte
-            seen.append(file_manifest(self.parent, "m", "1")["files"])
-        return real_write(self, data, *a, **kw)
+    def write_at(dfd, name, body):
+        if name == MANIFEST:  # every listed file is already in place, byte for byte
+            seen.append(file_manifest(Path(os.readlink(f"/proc/self/fd/{dfd}")), "m", "1")["files"])
+        return real_write(dfd, name, body)
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(promo, "_write_at", write_at)
     assert EdgeTarget(str(tmp_path / "edge")).publish(src, man)["files"] == 5
     assert seen == [man["files"]] and _complete(tmp_path / "edge" / "m" / "1") == man
 
