@@ -36,7 +36,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
 
     from llmops.files import write_text_atomic
     from llmops.governance import TargetSpec, load_governance
-    from tasks.access import approval_code, enrol_user, init_governance, load_private_key
+    from tasks.access import commit_governance, enrol_user, init_governance
     from tasks.model import resolve_model
     from tasks.registry import register_candidate, tracking_uri
 
@@ -46,7 +46,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     keys = {n: write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600)
             for n, r in (("rm-bob", "release-manager"), ("ml-alice", "ml-engineer"))}
     g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem"))}
-    g.save()
+    commit_governance(g, "test-setup")
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
                        model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
@@ -65,7 +65,11 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     assert ui_url.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
     assert not (tmp_path / "onprem").exists()
     run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
-    code = approval_code(load_private_key(keys["rm-bob"]), run_id, "promote m v1")  # as `llmops approval-code`
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "approval-code", run_id, "--approver", "rm-bob",
+                        "--key-file", str(keys["rm-bob"]), "--expect", "1"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = r.stdout.splitlines()[0].strip()  # what the release manager pastes
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -102,6 +106,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     assert manifest.exists(), "model did not land in the on-prem target"
     print(f"submit -> model in on-prem target: {manifest.stat().st_mtime - submitted:.1f} s")
     assert json.loads((tmp_path / "onprem" / "m" / "current.json").read_text())["version"] == "1"
-    audit = [json.loads(x) for x in load_governance().audit_log.read_text().splitlines()]
+    audit = [a for x in load_governance().audit_log.read_text().splitlines()
+             if (a := json.loads(x)).get("action") != "governance"]  # decisions, not the admin entries
     assert [a["decision"] for a in audit] == ["requested", "approved", "promoted"] and audit[1]["approver"] == "rm-bob"
     assert audit[0]["requested_by"] == "ml-alice"

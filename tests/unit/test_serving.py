@@ -430,10 +430,10 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
     from llmops.governance import TargetSpec, load_governance
-    from tasks.access import AuditLog, approval_code, enrol_user, init_governance, load_private_key, make_request
+    from tasks.access import AuditLog, commit_governance, enrol_user, init_governance, load_private_key, make_request
     from tasks.registry import register_candidate, tracking_uri
     from tests.conftest import ledger_backed_tags
-    from tests.unit.test_promotion_flow import GOOD_TAGS, _paused, _start, _submit, _subj
+    from tests.unit.test_promotion_flow import GOOD_TAGS, _code, _paused, _start, _submit
 
     from flows.promotion import promotion_flow, rollback_flow
 
@@ -444,7 +444,7 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     g.targets = {"live": TargetSpec(kind="serve", uri=served["url"], serve=live)}
     state = tmp_path / "state"
     g.registry_uri = uri = tracking_uri(None, state)
-    g.save()
+    commit_governance(g, "test-setup")
     g = load_governance(required=True)
     for i, (model, loss) in enumerate(((served["v1"], 20.0), (served["v2"], 0.5), (served["v2"], 20.0))):
         register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="pm", model_dir=model.path,
@@ -461,7 +461,7 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
         rid = _paused(f"llmops-{'promotion' if action == 'promote' else 'rollback'}", exclude=seen)
         seen.add(rid)
         approver = "carol" if action == "rollback" else "bob"  # bob requests rollbacks: carol approves them
-        _submit(rid, approver, approval_code(keys[approver], rid, _subj(rid)))
+        _submit(rid, approver, _code(keys[approver], rid))
         t.join(timeout=240)
         return out
 
