@@ -665,15 +665,25 @@ def release_report(g, cfg) -> tuple[list[dict], list[str]]:
     from tasks.registry import tracking_uri
 
     entries = verified_entries(g)
-    models = sorted({e["model"] for e in entries if e.get("decision") in ("promoted", "rolled-back") and e.get("model")})
+    logged = {e["model"] for e in entries if e.get("decision") in ("promoted", "rolled-back") and e.get("model")}
+    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    no_registry = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    client = mlflow.MlflowClient(uri) if logged or not no_registry else None  # never create a registry here
+    aliased = set()
+    if client is not None:
+        try:  # a model the log never released must carry no release alias either (MLflow EDIT can set one)
+            aliased = {rm.name for rm in client.search_registered_models()
+                       if {"production", "previous"} & set(getattr(rm, "aliases", None) or {})}
+        except Exception:  # noqa: BLE001 - no registry reachable: the log's models are still checked below
+            aliased = set()
+    models = sorted(logged | aliased)
     rows, problems = [], []
-    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)) if models else None
     for m in models:
         st = release_state(entries, m)
         diverged = alias_divergences(client, st)
         pointers = {}
-        for name, t in g.targets.items():
-            if name in st.targets and t.allows(m):
+        for name, t in g.targets.items():  # every target that may hold the model, published to or not
+            if t.allows(m):
                 try:
                     pointers[name] = target_of(g, t).read_current(m)
                 except Exception as e:  # noqa: BLE001 - a tampered or unreachable target is itself a finding
@@ -739,11 +749,12 @@ def cmd_ledger(args) -> int:
     from llmops.governance import load_governance
     from tasks.privacy import open_ledger
 
-    path = load_governance().ledger
+    g = load_governance()
+    path = g.ledger
     if "://" not in path and not Path(path).is_file():
         print(f"{path}: no privacy ledger yet (no private training run has been planned)")
         return 0
-    rows = open_ledger(path).summary()
+    rows = open_ledger(path).summary(budget_delta=g.privacy.budget_delta)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -22,10 +22,12 @@ written (no symlink followed), the aliases follow the log. Every way the run end
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,7 +235,7 @@ class RunInterrupted(PromotionError):
     """The run's state was changed from outside (Prefect API/UI) while it waited for approval."""
 
 
-def wait_for_form(form, timeout_s: int, poll_s: float = 2.0):
+def wait_for_form(form, timeout_s: int, poll_s: float = 2.0, on_planted=None):
     """Prefect's in-process pause with input, except that it notices when the run's state is forced elsewhere
     through the API (Cancelled, Completed, Scheduled, ...) instead of waiting out the timeout unseen: such an end
     raises RunInterrupted so that it is audited. Raises FlowPauseTimeout after `timeout_s`."""
@@ -255,9 +257,23 @@ def wait_for_form(form, timeout_s: int, poll_s: float = 2.0):
                                  "request the promotion again")
         form.save(keyset, flow_run_id=run_id)
         deadline = time.monotonic() + timeout_s
+        planted_seen = False
         while time.monotonic() < deadline:
             time.sleep(poll_s)
             st = client.read_flow_run(run_id).state
+            if st is not None and st.is_paused() and _has_input(client, run_id, keyset["response"]):
+                # Prefect's resume stores the response and sets Running in one request, so a response key that
+                # stays while the run is still Paused was planted through the run-input API: it would make every
+                # real approval fail with 409. Removed (and reported) on the second sighting.
+                if planted_seen:
+                    client.delete_flow_run_input(flow_run_id=run_id, key=keyset["response"])
+                    if on_planted:
+                        on_planted(keyset["response"])
+                    planted_seen = False
+                else:
+                    planted_seen = True
+                continue
+            planted_seen = False
             if st is not None and st.is_running():
                 try:
                     return form.load(keyset, flow_run_id=run_id)
@@ -269,6 +285,21 @@ def wait_for_form(form, timeout_s: int, poll_s: float = 2.0):
                                      "Prefect API while it waited for approval", f"flow run {run_id}",
                                      "request the promotion again; check who changed it")
     raise FlowPauseTimeout("Flow run was paused and never resumed.")
+
+
+def _has_input(client, run_id, key: str) -> bool:
+    import httpx
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        client.read_flow_run_input(flow_run_id=run_id, key=key)
+        return True
+    except ObjectNotFound:
+        return False
+    except httpx.HTTPStatusError as e:
+        if e.response.status_code == 404:
+            return False
+        raise
 
 
 def collect_approvals(cfg: PipelineConfig, gov: Gov, action: str, subject: dict, summary: str, requested_by: str,
@@ -283,7 +314,10 @@ def collect_approvals(cfg: PipelineConfig, gov: Gov, action: str, subject: dict,
         try:
             if left <= 0:
                 raise FlowPauseTimeout("expired")
-            form = wait_for_form(ApprovalInput.with_initial_data(description=summary), left)
+            form = wait_for_form(ApprovalInput.with_initial_data(description=summary), left, on_planted=lambda key: (
+                logger.warning("removed a response planted in the run-input store (%s) that blocked approvals", key),
+                _decide(cfg, gov, decision="denied", flow_run_id=run_id, reason="a response planted through the "
+                        f"run-input API ({key}) blocked every approval; removed", **subject)))
         except FlowPauseTimeout:
             _decide(cfg, gov, decision="timeout", **subject, flow_run_id=run_id)
             raise PromotionError(f"no approval within {policy.timeout_s}s: nothing was changed",
@@ -432,7 +466,7 @@ def ledger_problems(g: Governance, tags: dict) -> list[str]:
 
     ledger = open_ledger(g.ledger)
     entry = ledger.entry(tags.get("llmops.dp.attempt_id", "")) if tags.get("llmops.dp.attempt_id") else None
-    spent = ledger.spent(entry.fingerprint, entry.delta, entry.accountant) if entry else None
+    spent = ledger.spent(entry.fingerprint, g.privacy.budget_delta, entry.accountant) if entry else None
     return check_ledger(tags, entry, spent, g.privacy.dataset_budget_epsilon)
 
 
@@ -453,6 +487,23 @@ def model_digest_problem(g: Governance, tags: dict, model_dir: Path) -> str | No
     if got != entry.model_digest:
         return (f"the registered model files (digest {got[:12]}) are not the model training attempt {aid} produced "
                 f"({entry.model_digest[:12]})")
+    return inside_privacy_problem(entry, model_dir)
+
+
+def inside_privacy_problem(entry, model_dir: Path) -> str | None:
+    """The privacy.json inside the digest-verified files, re-checked: it must be the ledger attempt's own output and
+    describe a guarantee (tags are editable; these bytes are the ones the ledger recorded)."""
+    import json
+
+    from tasks.finetune import output_mismatch
+    from tasks.privacy import guarantee_problems
+
+    try:
+        inside = json.loads((model_dir / "privacy.json").read_text())
+    except (OSError, ValueError):
+        return "the registered model has no readable privacy.json"
+    if problems := output_mismatch(entry, inside) + guarantee_problems(inside) + list(entry.problems):
+        return f"the model's own privacy.json: {'; '.join(dict.fromkeys(problems))}"
     return None
 
 
@@ -563,29 +614,30 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
         _decide(cfg, gov, decision="requested", requested_by=requested_by, flow_run_id=str(flow_run.id),
                 reason=f"{policy.required} approval(s); targets {sorted(policy.targets)}", **subject)
         approvals = collect_approvals(cfg, gov, "promote", subject, summary, requested_by, policy, challenge, expires)
-        now = released(gov, name)  # compare-and-swap on the log: the approvers saw this state
-        diverged = alias_divergences(client, now)
-        if now.stack != st.stack or diverged:
-            _refuse(cfg, gov, "; ".join(diverged) or f"production moved from {_vv(st.production)} to "
-                    f"{_vv(now.production)} since the request", f"models:/{name}@production",
-                    "request the promotion again so approvers see the current state",
-                    requested_by=requested_by, approved_by=approvals, **subject)
-        _stage(gov, subject, requested_by, "publish")
-        try:
-            results = publish_everywhere(cfg, gov, policy, version, info, approvals)
-            after = ReleaseState(name, [*now.stack, version], {}, 0)
-            set_release_aliases(client, after)
-            client.set_model_version_tag(name, version, "llmops.approved_by", ",".join(approvals))
-        except Exception as e:
-            from llmops.serving.control import SmokeTestFailed  # the old version keeps serving
+        with release_lock(gov.g, name):  # re-read, publish, move aliases, log: one critical section
+            now = released(gov, name)  # compare-and-swap on the log: the approvers saw this state
+            diverged = alias_divergences(client, now)
+            if now.stack != st.stack or diverged:
+                _refuse(cfg, gov, "; ".join(diverged) or f"production moved from {_vv(st.production)} to "
+                        f"{_vv(now.production)} since the request", f"models:/{name}@production",
+                        "request the promotion again so approvers see the current state",
+                        requested_by=requested_by, approved_by=approvals, **subject)
+            _stage(gov, subject, requested_by, "publish")
+            try:
+                results = publish_everywhere(cfg, gov, policy, version, info, approvals)
+                after = ReleaseState(name, [*now.stack, version], {}, 0)
+                set_release_aliases(client, after)
+                client.set_model_version_tag(name, version, "llmops.approved_by", ",".join(approvals))
+            except Exception as e:
+                from llmops.serving.control import SmokeTestFailed  # the old version keeps serving
 
-            _decide(cfg, gov, decision="smoke-failed" if isinstance(e, SmokeTestFailed) else "aborted",
-                    requested_by=requested_by, approved_by=approvals,
-                    reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
-            raise
-        old = now.production
-        _decide(cfg, gov, decision="promoted", requested_by=requested_by, approved_by=approvals, previous=old,
-                targets=sorted(policy.targets), flow_run_id=str(flow_run.id), **subject)
+                _decide(cfg, gov, decision="smoke-failed" if isinstance(e, SmokeTestFailed) else "aborted",
+                        requested_by=requested_by, approved_by=approvals,
+                        reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
+                raise
+            old = now.production
+            _decide(cfg, gov, decision="promoted", requested_by=requested_by, approved_by=approvals, previous=old,
+                    targets=sorted(policy.targets), flow_run_id=str(flow_run.id), **subject)
     except BaseException:
         _ended(cfg, gov, subject, requested_by)
         raise
@@ -594,6 +646,25 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
     logger.info("%s v%s is now @production (previous: %s); targets: %s", name, version, old, results)
     return {"status": "promoted", "version": version, "previous": old, "approved_by": approvals,
             "requested_by": requested_by, "policy": policy.digest, "targets": results}
+
+
+@contextmanager
+def release_lock(g: Governance, model: str):
+    """One release decision per model at a time on this worker: without it two approved runs both pass the
+    compare-and-swap against the same old log state and both publish (the second over the first). An exclusive
+    flock on a file in the governance directory (the promotion worker's; team mode runs promotions on one pool)."""
+    import fcntl
+    import hashlib
+
+    locks = g.home / "locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / f"release-{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock",
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _vv(v) -> str:
@@ -630,23 +701,24 @@ def rollback_flow(request: str, config: PipelineConfig = PipelineConfig()) -> di
         _decide(cfg, gov, decision="requested", requested_by=requested_by, flow_run_id=str(flow_run.id), **subject)
         approvals = collect_approvals(cfg, gov, "rollback", subject, summary, requested_by, policy, challenge,
                                       expires)
-        now = released(gov, name)
-        diverged = alias_divergences(client, now)
-        if now.stack != st.stack or diverged:  # a promotion landed while this rollback waited: it would be stale
-            _refuse(cfg, gov, "; ".join(diverged) or f"production/previous moved from {cur}/{prev} to "
-                    f"{now.production}/{now.previous} since the request", f"models:/{name}@production",
-                    "request the rollback again if it is still wanted",
-                    requested_by=requested_by, approved_by=approvals, **subject)
-        _stage(gov, subject, requested_by, "publish")
-        try:
-            results = publish_everywhere(cfg, gov, policy, prev, info, approvals)  # idempotent: re-points targets
-            set_release_aliases(client, ReleaseState(name, now.stack[:-1], {}, 0))
-        except Exception as e:
-            _decide(cfg, gov, decision="aborted", requested_by=requested_by, approved_by=approvals,
-                    reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
-            raise
-        _decide(cfg, gov, decision="rolled-back", requested_by=requested_by, approved_by=approvals,
-                targets=sorted(policy.targets), flow_run_id=str(flow_run.id), **subject)
+        with release_lock(gov.g, name):  # re-read, publish, move aliases, log: one critical section
+            now = released(gov, name)
+            diverged = alias_divergences(client, now)
+            if now.stack != st.stack or diverged:  # a promotion landed while this rollback waited: it would be stale
+                _refuse(cfg, gov, "; ".join(diverged) or f"production/previous moved from {cur}/{prev} to "
+                        f"{now.production}/{now.previous} since the request", f"models:/{name}@production",
+                        "request the rollback again if it is still wanted",
+                        requested_by=requested_by, approved_by=approvals, **subject)
+            _stage(gov, subject, requested_by, "publish")
+            try:
+                results = publish_everywhere(cfg, gov, policy, prev, info, approvals)  # idempotent: re-points targets
+                set_release_aliases(client, ReleaseState(name, now.stack[:-1], {}, 0))
+            except Exception as e:
+                _decide(cfg, gov, decision="aborted", requested_by=requested_by, approved_by=approvals,
+                        reason=f"{type(e).__name__}: {str(e)[:300]}", flow_run_id=str(flow_run.id), **subject)
+                raise
+            _decide(cfg, gov, decision="rolled-back", requested_by=requested_by, approved_by=approvals,
+                    targets=sorted(policy.targets), flow_run_id=str(flow_run.id), **subject)
     except BaseException:
         _ended(cfg, gov, subject, requested_by)
         raise

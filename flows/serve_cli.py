@@ -134,6 +134,26 @@ def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
                           "nothing was served; investigate, then delete the cache dir and serve again")
 
 
+def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) -> None:
+    """The port of a governance `serve` target serves only what the signed log released there: `llmops serve` may
+    run any ledger-verified version for testing, but not onto the gateway release managers approve for."""
+    from urllib.parse import urlparse
+
+    from llmops.governance import load_governance
+    from tasks.access import release_state, verified_entries
+
+    g = load_governance()
+    for tname, t in g.targets.items():
+        if t.kind != "serve" or not t.allows(name) or urlparse(t.uri).port != settings.http_port:
+            continue
+        released = release_state(verified_entries(g), name).targets.get(tname)
+        if str(version) != str(released or ""):
+            raise LLMOpsError(f"port {settings.http_port} is governance serve target '{tname}', which the signed "
+                              f"audit log has serving {name} {f'v{released}' if released else 'nothing'}, not "
+                              f"v{version}", "llmops serve --port", "serve test versions on another port "
+                              "(--port), or promote the version (release managers approve it)")
+
+
 def cmd_serve(args) -> int:
     from llmops.serving import control
 
@@ -162,6 +182,7 @@ def cmd_serve(args) -> int:
     settings = resolve_cache(settings, home.parent)  # team mode's Redis unless a cache backend is named
     engine = "onnx" if settings.engine == "onnx" else "hf"
     name, version, path, evaluated = fetch_model(_registry_uri(args), args.model, engine, home)
+    _refuse_unreleased_on_a_release_target(name, version, settings)
     control.connect(settings, home)
     digest = dir_digest(path)
     report = control.rollout(name, version, path, digest, settings, evaluated)

@@ -75,6 +75,9 @@ class TargetSpec(_Strict):
 class PrivacyGovernance(_Strict):
     ledger: str = Field("privacy_ledger.sqlite", description="SQLite path (one machine) or postgresql:// URL (team)")
     dataset_budget_epsilon: float = Field(10.0, gt=0.0, description="Per-record epsilon cap across all runs")
+    budget_delta: float = Field(1e-5, gt=0.0, lt=0.01, description=(
+        "The delta of the budget: every charge on a record is converted at this delta, whatever delta a run "
+        "reports its own epsilon at (the budget is one (epsilon, delta) pair per record); the default delta of a run"))
 
 
 class AuditGovernance(_Strict):

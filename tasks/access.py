@@ -673,10 +673,10 @@ def release_divergences(st: ReleaseState, aliases: dict[str, str | None],
     for alias, want in (("production", st.production), ("previous", st.previous)):
         if alias in aliases and aliases[alias] != want:
             out.append(f"MLflow {st.model}@{alias} is {_v(aliases[alias])} but the signed audit log says {_v(want)}")
-    for t, have in pointers.items():
-        if t in st.targets and have != st.targets[t]:
+    for t, have in pointers.items():  # a target the log never published this model to must point nowhere
+        if have != st.targets.get(t):
             out.append(f"target '{t}' points {st.model} at {_v(have)} but the signed audit log says "
-                       f"{_v(st.targets[t])}")
+                       f"{_v(st.targets.get(t))}")
     return out
 
 

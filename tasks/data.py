@@ -316,7 +316,7 @@ class DataRef:
     n_train: int
     n_eval: int
     source: str
-    n_duplicates_removed: int = 0  # train-split records dropped because their identity was already there
+    n_duplicates_removed: int = 0  # records dropped as (near-)duplicates of an earlier one (tasks/neardup.py)
 
 
 def prepare_data(
@@ -326,9 +326,14 @@ def prepare_data(
 ) -> DataRef:
     """Load, fingerprint and split; the splits land in <state_dir>/data/<fingerprint>/ (content-addressed)."""
     ds = load_dataset(path, fmt, text_field, id_field, max_records, max_line_bytes, encoding)
-    train, held = split(ds, eval_fraction)
-    train, n_dup = dedupe(train)  # identical identities always land on the same side of the split
-    held, _ = dedupe(held)
+    from tasks.neardup import near_dedupe
+
+    # One record per near-duplicate cluster (homoglyph/case/punctuation/one-word variants, parts, concatenations:
+    # tasks/neardup.py), kept before the split, so variants of one text neither train twice nor sit in the held-out
+    # split whose loss is released.
+    kept, dropped = near_dedupe([r.text for r in ds.records])
+    train, held = split(Dataset([ds.records[i] for i in kept], ds.files), eval_fraction)
+    n_dup = len(dropped)
     if not train or not held:
         raise DataError(
             f"split left {len(train)} train and {len(held)} eval records", str(path),

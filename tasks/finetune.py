@@ -271,15 +271,20 @@ def train(spec: FinetuneSpec) -> dict | None:
     data = encode(tok, texts, spec.max_len)
     ckpt_dir = Path(spec.output_dir) / "checkpoints"
     start, history, metrics, curve = 0, [], [], []
-    if (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False, load_optimizer_states=True)
+    ledger = _attempt_ledger(spec, rank)  # None: a bare spec (tests, benchmarks) that no ledger row backs
+    tag = _resume_tag(spec, ckpt_dir, ledger, rank, world, sample_group)
+    if tag:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
+                                           load_optimizer_states=True)
         if client.get("attempt_id") != spec.attempt_id:
             from tasks.privacy import PrivacyError
 
             raise PrivacyError("checkpoint belongs to another training attempt than the one the ledger charged",
                                str(ckpt_dir), "delete the checkpoints directory and re-run (a new attempt is charged)")
-        start, history, metrics = client["step"], client["history"], client["metrics"]
-        curve = client.get("curve", [])
+        start, metrics, curve = int(tag.removeprefix("step")), client["metrics"][:int(tag.removeprefix("step"))], \
+            client.get("curve", [])
+        # the history is the ledger's (the plan's sigma and q for `start` steps), never the checkpoint's own claim
+        history = [[spec.noise_multiplier, spec.sample_rate, start]] if spec.private else []
         if rank == 0:
             print(f"resumed run {spec.run_id} at step {start}/{spec.steps}", flush=True)
     accountant = make_accountant(spec.accountant, history)
@@ -334,7 +339,7 @@ def train(spec: FinetuneSpec) -> dict | None:
             if heldout is not None and step + 1 in points:  # the model after a DP step, scored on held-out text
                 curve.append({"step": step + 1, "eval_loss": heldout_point(engine.module.model, heldout, device)})
             if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
-                _checkpoint(engine, ckpt_dir, step + 1, history, metrics, spec.attempt_id, curve)
+                _checkpoint(engine, ckpt_dir, step + 1, history, metrics, spec.attempt_id, curve, ledger, world)
     if bar is not None:
         bar.close()
     if rank == 0:  # step_seconds: in memory for benchmarks, never persisted (step time tracks batch size)
@@ -393,14 +398,81 @@ def heldout_point(model, data: dict, device, batch: int = 8) -> float:
     return total / max(count, 1)
 
 
-def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str, curve=()) -> None:
+def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str, curve=(), ledger=None,
+                world: int = 1) -> None:
+    """Save a checkpoint; rank 0 records its digest and step in the ledger (the only checkpoint a resume may load),
+    then removes older ones: a kill between save and record leaves the previous recorded checkpoint in place."""
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", exclude_frozen_parameters=True,
                            client_state={"step": step, "history": history, "metrics": metrics,
                                          "attempt_id": attempt_id, "curve": list(curve)})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's shard is on disk before rank 0 hashes the step directory
     if engine.global_rank == 0:
+        if ledger is not None:
+            from tasks.model import dir_digest
+
+            ledger.checkpoint(attempt_id, step, dir_digest(ckpt_dir / f"step{step}"))
         for old in ckpt_dir.glob("step*"):
             if old.name != f"step{step}":
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _attempt_ledger(spec: FinetuneSpec, rank: int):
+    """Rank 0's check that spec.json (a file in the writable run dir) is the plan the ledger reserved this attempt
+    for: a lowered sigma, a swapped training file or another dataset's attempt id is refused before any step.
+    Returns the ledger for recording checkpoints (rank 0), or None for a spec with no attempt (tests, benchmarks:
+    their outputs are never accepted by `finish_ledger`)."""
+    if not spec.attempt_id or rank != 0:
+        return None
+    from tasks.privacy import PrivacyError, open_ledger, plan_mismatch, privacy_plan
+
+    ledger = open_ledger()
+    entry = ledger.entry(spec.attempt_id)
+    if entry is None:
+        if spec.private:
+            raise PrivacyError(f"training attempt {spec.attempt_id} is not reserved in the privacy ledger",
+                               spec.output_dir, "run training through `llmops train` (it reserves the budget)")
+        return None
+    if entry.status != "reserved":
+        raise PrivacyError(f"training attempt {spec.attempt_id} is '{entry.status}' in the ledger: it cannot train "
+                           "again", spec.output_dir, "re-run the flow: it reuses the recorded model or plans a new attempt")
+    if diff := plan_mismatch(entry.plan, privacy_plan(spec)):
+        raise PrivacyError(f"spec.json differs from the plan the ledger reserved ({'; '.join(diff[:3])})",
+                           spec.output_dir, "re-run the flow (the run dir was changed; a new attempt is charged)")
+    return ledger
+
+
+def _resume_tag(spec: FinetuneSpec, ckpt_dir: Path, ledger, rank: int, world: int, group) -> str | None:
+    """The checkpoint to resume from, decided on rank 0 and shared: with a ledger, only the ledger's latest recorded
+    checkpoint of this attempt, and only if its files hash to the recorded digest (a forged or swapped checkpoint is
+    refused, not loaded); no recorded checkpoint means step 0 (unrecorded files are ignored). A bare spec
+    (no attempt) resumes from DeepSpeed's `latest`."""
+    tag = None
+    if rank == 0:
+        if ledger is not None:
+            from tasks.model import dir_digest
+            from tasks.privacy import PrivacyError
+
+            rec = ledger.last_checkpoint(spec.attempt_id)
+            if rec is not None:
+                step, digest = rec
+                path = ckpt_dir / f"step{step}"
+                if not path.is_dir() or not any(path.iterdir()) or dir_digest(path) != digest:
+                    raise PrivacyError(f"the checkpoint at step {step} is not the one the ledger recorded for attempt "
+                                       f"{spec.attempt_id}", str(path), "delete the run dir and re-run: a new "
+                                       "attempt is planned and charged in full")
+                tag = f"step{step}"
+        elif not spec.attempt_id and (ckpt_dir / "latest").is_file():
+            tag = (ckpt_dir / "latest").read_text().strip() or None
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [tag]
+        dist.broadcast_object_list(box, src=0, group=group)
+        tag = box[0]
+    return tag
 
 
 def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics, curve=()) -> dict:
@@ -530,19 +602,26 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     attempt the ledger knows continues that attempt; anything else is a new attempt, charged in full."""
     import hashlib
 
-    from tasks.privacy import new_attempt_id, noise_for_target, open_ledger
+    from llmops.governance import load_governance
+    from tasks.privacy import (epsilon_of, new_attempt_id, noise_for_target, open_ledger, plan_problems,
+                               privacy_plan)
 
     p, t = cfg.privacy, cfg.training
+    governed = load_governance().privacy
     n = int(data["n_train"])
     if t.batch_size > n:
         raise LLMOpsError(f"batch_size {t.batch_size} exceeds the {n} training records", "training.batch_size",
                           "lower training.batch_size or add data")
     q = t.batch_size / n
     steps = t.max_steps or max(1, math.ceil(t.epochs / q))
-    delta = p.delta or 1.0 / (10 * n)
+    delta = p.delta or governed.budget_delta
+    if p.enabled and governed.budget_delta >= 1.0 / n:
+        raise LLMOpsError(f"the budget's delta {governed.budget_delta:g} is not below 1/n = {1 / n:g}",
+                          "governance file: privacy.budget_delta", "an admin lowers privacy.budget_delta "
+                          "(`llmops governance set privacy.budget_delta 1e-6`), or train on more records")
     if p.enabled and delta >= 1.0 / n:
         raise LLMOpsError(f"delta {delta:g} is not below 1/n = {1 / n:g}", "privacy.delta",
-                          "use a delta well below 1/n_train (default 1/(10 n))")
+                          "use a delta well below 1/n_train (default: the governance's privacy.budget_delta)")
     sigma = 0.0
     if p.enabled:
         sigma = p.noise_multiplier if p.noise_multiplier is not None else noise_for_target(
@@ -564,12 +643,20 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
         eval_path=curve_eval_path(cfg, data), curve_points=cfg.evaluation.curve_points,
         curve_records=cfg.evaluation.curve_records,
     )
+    # DP configuration errors surface here, before the ledger reserves anything (not inside a rank, after it did)
+    deepspeed_config(spec.deepspeed_config, spec.micro_batch_size, grad_accumulation_steps(spec), spec.world_size,
+                     spec.dtype, spec.private)
     cumulative = math.inf
     if p.enabled:
         ledger = open_ledger()
-        spec.attempt_id = _continuing_attempt(out, ledger) or new_attempt_id()
+        plan = privacy_plan(spec)
+        spec.attempt_id = _continuing_attempt(out, ledger, plan) or new_attempt_id()
         cumulative = ledger.reserve(spec.attempt_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
-                                    privacy_budget(cfg), records=training_record_hashes(data), run_key=run_id)
+                                    privacy_budget(cfg), records=training_record_hashes(data),
+                                    keys=training_record_keys(data), run_key=run_id,
+                                    plan=plan, problems=plan_problems(plan, epsilon_of([[sigma, q, steps]], delta,
+                                                                                       p.accountant)),
+                                    budget_delta=governed.budget_delta)
     else:  # nothing to charge: a non-private run is never a candidate (guarantee_problems)
         spec.attempt_id = _spec_attempt(out) or new_attempt_id()
     if not (out / "spec.json").is_file() or _spec_attempt(out) != spec.attempt_id:
@@ -601,22 +688,27 @@ def _spec_attempt(out: Path) -> str | None:
         return None
 
 
-def _continuing_attempt(out: Path, ledger) -> str | None:
-    """The attempt id to continue in `out`, if its state is intact and the ledger charged that attempt: an unfinished
-    attempt with a checkpoint (resume) or a finished one whose model is there (reuse, nothing is trained)."""
+def _continuing_attempt(out: Path, ledger, plan: dict) -> str | None:
+    """The attempt id to continue in `out`: the ledger's row of the attempt spec.json names must have been reserved
+    for exactly this plan (same run key, dataset file, records, sigma, q, steps, delta...), and its evidence must be
+    the ledger's: an unfinished attempt whose latest *recorded* checkpoint is there with the recorded digest (resume),
+    or a completed one whose model dir hashes to the recorded model digest (reuse, nothing is trained). spec.json,
+    checkpoints and model files are the run dir's, writable by whoever runs training: they are caches, not evidence."""
+    from tasks.model import dir_digest
+    from tasks.privacy import plan_mismatch
+
     attempt = _spec_attempt(out)
     entry = ledger.entry(attempt) if attempt else None
-    if entry is None:
+    if entry is None or plan_mismatch(entry.plan, plan):
         return None
-    latest = out / "checkpoints" / "latest"
-    if entry.status == "reserved" and latest.is_file() and (out / "checkpoints" / latest.read_text().strip()).is_dir():
+    if entry.status == "reserved":
+        rec = ledger.last_checkpoint(attempt)
+        path = out / "checkpoints" / f"step{rec[0]}" if rec else None
+        ok = path is not None and path.is_dir() and any(path.iterdir()) and dir_digest(path) == rec[1]
+        return attempt if ok else None
+    model = out / "model"
+    if entry.status == "completed" and entry.model_digest and model.is_dir() and dir_digest(model) == entry.model_digest:
         return attempt
-    done = out / "model" / "privacy.json"
-    if entry.status == "completed" and done.is_file():
-        try:
-            return attempt if json.loads(done.read_text()).get("attempt_id") == attempt else None
-        except ValueError:
-            return None
     return None
 
 
@@ -632,11 +724,29 @@ def training_record_hashes(data: dict) -> list[str]:
     return sorted(set(hashes))
 
 
+def training_record_keys(data: dict) -> dict[str, list[int]]:
+    """The near-duplicate keys (tasks/neardup.py) of each record identity `training_record_hashes` returns: the
+    ledger relates variants, parts and concatenations of earlier-trained records to them. A redacted record's
+    sources get the redacted text's keys (the original text is not kept; the redacted one is its near-copy)."""
+    from tasks.data import read_texts, text_hash
+    from tasks.neardup import record_keys
+
+    out: dict[str, list[int]] = {}
+    sources = json.loads(Path(data["source_map"]).read_text()) if data.get("source_map") else {}
+    for t in read_texts(Path(data["train_path"])):
+        h, keys = text_hash(t), record_keys(t)
+        for s in sources.get(h, [h]):
+            out[s] = sorted(set(out.get(s, [])) | set(keys))
+    return out
+
+
 def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
     """Run the ranks: in a subprocess (1 rank) or via torchrun (N local ranks); read rank 0's outputs."""
     out = Path(spec.output_dir)
     done = out / "model" / "privacy.json"
-    if done.is_file():  # a completed run with the same inputs: reuse, charge nothing new
+    if done.is_file() and not _reusable(spec, out / "model"):  # planted or stale: never the evidence of anything
+        shutil.rmtree(out / "model", ignore_errors=True)
+    if done.is_file():  # the completed attempt's own model (ledger digest): reuse, charge nothing new
         return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
                 "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": True}
     spec_path = out / "spec.json"
@@ -656,6 +766,18 @@ def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
                           "checkpoint")
     return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
             "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": False}
+
+
+def _reusable(spec: FinetuneSpec, model: Path) -> bool:
+    """A finished model dir may be reused only if the ledger recorded exactly these files for this completed attempt
+    (a bare or non-private spec has no ledger evidence to protect: its model is never promotable)."""
+    if not spec.private or not spec.attempt_id:
+        return True
+    from tasks.model import dir_digest
+    from tasks.privacy import open_ledger
+
+    entry = open_ledger().entry(spec.attempt_id)
+    return bool(entry and entry.status == "completed" and entry.model_digest and dir_digest(model) == entry.model_digest)
 
 
 def _read_curve(out: Path) -> list[dict]:
@@ -684,15 +806,48 @@ def rank_env() -> dict:
 
 
 def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None = None) -> float:
+    """Settle the attempt: the privacy.json *inside the model dir* (the files whose digest the ledger records) must
+    describe the reserved plan, the history must be the whole plan, and then the digest is bound to the attempt.
+    Returns the dataset's worst-record epsilon at the budget's delta."""
+    from llmops.governance import load_governance
     from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
+    from tasks.privacy import PrivacyError, open_ledger
 
     if not spec.private:
         return math.inf
     ledger = open_ledger()
-    ledger.finish(spec.attempt_id, privacy["history"],
-                  model_digest=dir_digest(Path(model_path)) if model_path else "")
-    return ledger.spent(spec.fingerprint, spec.delta, spec.accountant)
+    model = Path(model_path) if model_path else Path(spec.output_dir) / "model"
+    try:
+        inside = json.loads((model / "privacy.json").read_text())
+    except (OSError, ValueError):
+        raise PrivacyError("the trained model has no readable privacy.json", str(model),
+                           "re-run the flow (a new attempt is charged)") from None
+    if problems := output_mismatch(ledger.entry(spec.attempt_id), inside):
+        raise PrivacyError(f"the trained model's privacy.json does not match the reserved attempt "
+                           f"({'; '.join(problems[:3])})", str(model), "re-run the flow (a new attempt is charged)")
+    ledger.finish(spec.attempt_id, inside["history"], model_digest=dir_digest(model))
+    return ledger.spent(spec.fingerprint, load_governance().privacy.budget_delta, spec.accountant)
+
+
+PLAN_OUTPUT_FIELDS = {"noise_multiplier": "noise_multiplier", "sample_rate": "sample_rate", "steps": "steps",
+                      "delta": "delta", "max_grad_norm": "max_grad_norm", "sampling": "sampling",
+                      "secure_mode": "secure_mode", "reproducible_insecure": "reproducible_insecure",
+                      "noise_seed": "noise_seed", "dataset_fingerprint": "fingerprint", "n_train": "n_train",
+                      "world_size": "world_size", "accountant": "accountant"}
+
+
+def output_mismatch(entry, privacy: dict) -> list[str]:
+    """How a model's privacy.json disagrees with the ledger row it claims (empty = it is that attempt's output)."""
+    if entry is None:
+        return [f"attempt {privacy.get('attempt_id')!r} is not in the ledger"]
+    problems = [] if privacy.get("attempt_id") == entry.run_id else [
+        f"attempt_id {privacy.get('attempt_id')!r} is not {entry.run_id}"]
+    if not privacy.get("dp_sgd"):
+        problems.append("dp_sgd is false")
+    for out_key, plan_key in PLAN_OUTPUT_FIELDS.items():
+        if entry.plan and privacy.get(out_key) != entry.plan.get(plan_key):
+            problems.append(f"{out_key}: {privacy.get(out_key)!r}, reserved {entry.plan.get(plan_key)!r}")
+    return problems
 
 
 def bind_artifact(attempt_id: str, name: str, path: str) -> str:

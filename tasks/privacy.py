@@ -34,7 +34,7 @@ import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -257,21 +257,77 @@ def guarantee_problems(privacy: dict) -> list[str]:
 
 
 def make_noise_generator(secure_mode: bool, seed: int | None) -> torch.Generator | None:
-    """Seeded noise is for tests only (predictable noise is no privacy); secure mode never takes a seed."""
+    """The generator of the DP noise: never torch's global one (which `training.seed` seeds, and that seed is
+    published). Secure mode: None, and `gaussian_noise` draws every tensor from a fresh 128-bit OS-entropy key.
+    Otherwise a generator of its own, seeded from the OS CSPRNG; a fixed seed is for `reproducible_insecure` only
+    (predictable noise is no privacy)."""
     if secure_mode:
         if seed is not None:
             raise PrivacyError("a noise seed with secure_mode makes noise predictable", "privacy.noise_seed",
                                "remove noise_seed")
-        return None  # opacus' secure path draws from fresh OS entropy each time
+        return None
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     return gen
 
 
+def secure_gaussian(std: float, shape) -> torch.Tensor:
+    """N(0, std^2) for secure mode: Philox keyed with 128 fresh bits from os.urandom per tensor (Opacus' own secure
+    path needs torchcsprng, which has no build for torch 2), summed from 2n = 4 draws as Opacus does against the
+    floating-point attacks on Gaussian sampling (arXiv 2107.10138, 5.1). Independent of every torch generator."""
+    import numpy as np
+
+    gen = np.random.Generator(np.random.Philox(key=int.from_bytes(os.urandom(16), "little")))
+    z = gen.standard_normal((4, *tuple(shape))).sum(0) / 2.0
+    return torch.from_numpy(z * std).float()
+
+
 def gaussian_noise(params: list[torch.Tensor], std: float, generator, secure_mode: bool) -> list[torch.Tensor]:
+    if secure_mode:
+        if generator is not None:
+            raise PrivacyError("secure mode draws from the OS entropy, not from a generator", "privacy.secure_mode",
+                               "pass generator=None")
+        return [torch.zeros(p.shape) if std == 0 else secure_gaussian(std, p.shape) for p in params]
+    if generator is None:  # torch's global generator is seeded with the published training.seed
+        raise PrivacyError("noise needs its own CSPRNG-seeded generator", "privacy", "use make_noise_generator()")
     from opacus.optimizers.optimizer import _generate_noise
 
-    return [_generate_noise(std, p.detach().float().cpu(), generator, secure_mode) for p in params]
+    return [_generate_noise(std, p.detach().float().cpu(), generator, False) for p in params]
+
+
+def privacy_plan(spec) -> dict:
+    """What the ledger reserves an attempt *for*: every field the epsilon depends on, plus the digest of the training
+    file. The rank refuses a spec.json that differs from the reserved plan (the run dir is writable; the ledger is
+    governance-side), and re-planning continues an attempt only if its plan is this one. Pure but for hashing the file."""
+    import hashlib
+
+    try:
+        train_digest = hashlib.sha256(Path(spec.train_path).read_bytes()).hexdigest()
+    except OSError:
+        train_digest = "missing"
+    return {"version": 1, "private": bool(spec.private), "fingerprint": spec.fingerprint, "n_train": int(spec.n_train),
+            "train_digest": train_digest, "noise_multiplier": float(spec.noise_multiplier),
+            "max_grad_norm": float(spec.max_grad_norm), "sample_rate": float(spec.sample_rate),
+            "steps": int(spec.steps), "delta": float(spec.delta), "accountant": spec.accountant,
+            "sampling": spec.sampling, "secure_mode": bool(spec.secure_mode),
+            "reproducible_insecure": bool(spec.reproducible_insecure), "noise_seed": spec.noise_seed,
+            "world_size": int(spec.world_size), "run_key": spec.run_id}
+
+
+def plan_problems(plan: dict, epsilon: float) -> list[str]:
+    """`guarantee_problems` of a plan, before anything is trained: stored in the ledger row at reserve time, so "not
+    private" is a governance-side fact, not an editable tag."""
+    return guarantee_problems({"dp_sgd": plan["private"], "noise_multiplier": plan["noise_multiplier"],
+                               "epsilon": epsilon, "sampling": plan["sampling"],
+                               "reproducible_insecure": plan["reproducible_insecure"]})
+
+
+def plan_mismatch(reserved: dict, plan: dict) -> list[str]:
+    """Fields in which `plan` differs from the reserved one (empty = the same attempt). Pure."""
+    if not reserved:
+        return ["the ledger row has no plan (reserved before plans were recorded)"]
+    return [f"{k}: reserved {reserved.get(k)!r}, now {plan.get(k)!r}" for k in sorted(set(reserved) | set(plan))
+            if reserved.get(k) != plan.get(k)]
 
 
 # --------------------------------------------------------------------------------------------------- ledger
@@ -289,6 +345,8 @@ class LedgerEntry:
     created: float
     run_key: str = ""  # the run's content key (its directory name): several attempts may share it
     model_digest: str = ""  # dir_digest of the model the completed attempt produced (what promotions must publish)
+    plan: dict = field(default_factory=dict)  # privacy_plan at reserve time: what a resume/reuse must equal
+    problems: list = field(default_factory=list)  # plan_problems at reserve time: non-empty = never promotable
 
 
 def new_attempt_id() -> str:
@@ -319,21 +377,75 @@ def count_private(texts, private_paths=()) -> int:
     train/held-out splits) or records any attempt in the deployment's ledger trained on. Text that reaches a model
     outside DP-SGD (distillation, a "public" eval set) must count zero."""
     from tasks.data import read_texts, text_hash
+    from tasks.neardup import record_keys, related_pairs
 
-    hashes = {text_hash(t) for t in texts}
-    private = {text_hash(t) for p in private_paths for t in read_texts(Path(p))}
-    return len(hashes & private) + open_ledger().known(hashes - private)
+    texts = list(dict.fromkeys(texts))
+    keys = [record_keys(t) for t in texts]
+    private_texts = [t for p in private_paths for t in read_texts(Path(p))]
+    pairs = related_pairs(keys + [record_keys(t) for t in private_texts])  # a variant or part of a split record
+    private_hashes = {text_hash(t) for t in private_texts}
+    hit = {i for i, t in enumerate(texts) if text_hash(t) in private_hashes}
+    hit |= {a for a, b in pairs if a < len(texts) <= b} | {b for a, b in pairs if b < len(texts) <= a}
+    rest = {text_hash(texts[i]): keys[i] for i in range(len(texts)) if i not in hit}
+    return len(hit) + open_ledger().known(list(rest), keys=rest)
 
 
 MODELS_TABLE = "CREATE TABLE IF NOT EXISTS models (run_id TEXT PRIMARY KEY, digest TEXT NOT NULL)"
 # Other files an attempt produced that a target may publish or a server may serve (e.g. the ONNX edge bundle):
 ARTIFACTS_TABLE = ("CREATE TABLE IF NOT EXISTS artifacts (run_id TEXT NOT NULL, name TEXT NOT NULL, digest TEXT NOT NULL, "
                    "PRIMARY KEY (run_id, name))")
-_ENTRY_COLS = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, run_key, digest"
+# Near-duplicate identity (tasks/neardup.py): each record's keys, so a variant, part or concatenation of a record an
+# earlier attempt trained on is charged with that record's history, whatever its exact text.
+KEYS_TABLE = ("CREATE TABLE IF NOT EXISTS record_keys (record TEXT NOT NULL, key BIGINT NOT NULL, "
+              "PRIMARY KEY (record, key))")
+KEYS_INDEX = "CREATE INDEX IF NOT EXISTS record_keys_key ON record_keys (key)"
+SIZES_TABLE = "CREATE TABLE IF NOT EXISTS record_sizes (record TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+CHECKPOINTS_TABLE = ("CREATE TABLE IF NOT EXISTS checkpoints (run_id TEXT NOT NULL, step INTEGER NOT NULL, "
+                     "digest TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (run_id, step))")
+_ENTRY_COLS = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, run_key, digest, plan, problems"
+_NEW_COLUMNS = (("run_key", "TEXT NOT NULL DEFAULT ''"), ("plan", "TEXT NOT NULL DEFAULT ''"),
+                ("problems", "TEXT NOT NULL DEFAULT '[]'"))
 
 
 def _entry(r) -> LedgerEntry:
-    return LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9] or "")
+    return LedgerEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9] or "",
+                       json.loads(r[10]) if r[10] else {}, json.loads(r[11] or "[]"))
+
+
+def _same_history(a: list, b: list) -> bool:
+    merged = lambda h: [[float(x[0]), float(x[1]), int(x[2])] for x in h if int(x[2]) > 0]  # noqa: E731
+    ha, hb = merged(a), merged(b)
+    return len(ha) == len(hb) and all(abs(x[0] - y[0]) <= 1e-9 * max(1, abs(y[0])) and abs(x[1] - y[1]) <= 1e-12
+                                      and x[2] == y[2] for x, y in zip(ha, hb))
+
+
+def _refuse_multiple_copies(near: dict[str, set[str]], records: set[str]) -> None:
+    """A recorded record that two records of the new dataset are both near-copies of (say its two halves), while it is
+    not itself in the dataset, would be trained twice in one attempt: a group of two, which composition does not
+    cover. Refused, naming them (within a dataset, related records were already deduplicated by tasks/neardup)."""
+    copies: dict[str, list[str]] = {}
+    for new, stored in near.items():
+        for old in stored:
+            if old not in records:
+                copies.setdefault(old, []).append(new)
+    if bad := {old: news for old, news in copies.items() if len(news) > 1}:
+        old, news = next(iter(bad.items()))
+        raise PrivacyError(f"{sum(len(v) for v in bad.values())} records are near-copies (parts or variants) of "
+                           f"{len(bad)} record(s) an earlier attempt trained on, several of one record (e.g. records "
+                           f"{', '.join(n[:12] for n in news[:3])} of earlier record {old[:12]})",
+                           "training data", "remove all but one copy of each, or train on the original record")
+
+
+def _private_file(path: Path) -> None:
+    """Create the ledger file 0600 (SQLite's -wal/-journal files copy its mode); an existing one of ours with wider
+    permissions is narrowed. The ledger names which texts trained which attempt: it is not for other users."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class PrivacyLedger:
@@ -355,6 +467,7 @@ class PrivacyLedger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(self.path)
         with self._tx() as db:
             db.execute("""CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,
                 status TEXT NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, history TEXT NOT NULL,
@@ -364,8 +477,13 @@ class PrivacyLedger:
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
             db.execute(MODELS_TABLE)
             db.execute(ARTIFACTS_TABLE)
-            if "run_key" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}:  # a ledger from before attempts
-                db.execute("ALTER TABLE runs ADD COLUMN run_key TEXT NOT NULL DEFAULT ''")
+            db.execute(CHECKPOINTS_TABLE)
+            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE):
+                db.execute(ddl)
+            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            for col, decl in _NEW_COLUMNS:  # a ledger from an older llmops
+                if col not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {col} {decl}")
 
     @contextmanager
     def _tx(self):
@@ -399,19 +517,46 @@ class PrivacyLedger:
         with self._tx() as db:
             return [r[0] for r in db.execute("SELECT record FROM members WHERE fingerprint=?", (fingerprint,))]
 
-    def known(self, records) -> int:
-        """How many of `records` (normalised content hashes) any recorded attempt trained on."""
+    def known(self, records, keys: dict | None = None) -> int:
+        """How many of `records` (normalised content hashes) any recorded attempt trained on, counting a record as
+        known when it is a near-copy (`keys`: hash -> tasks.neardup keys) of one that was."""
+        records = list(records)
         with self._tx() as db:
+            if keys:
+                near = self._related_stored(db, {r: keys[r] for r in records if r in keys})
+                records_near = {r for r, stored in near.items() if stored}
+            else:
+                records_near = set()
             db.execute("CREATE TEMP TABLE IF NOT EXISTS probe (record TEXT PRIMARY KEY) WITHOUT ROWID")
             db.execute("DELETE FROM probe")
             db.executemany("INSERT OR IGNORE INTO probe VALUES (?)", ((r,) for r in records))
-            n = db.execute("SELECT COUNT(DISTINCT p.record) FROM probe p JOIN members m ON m.record = p.record"
-                           ).fetchone()[0]
+            exact = {r[0] for r in db.execute("SELECT DISTINCT p.record FROM probe p JOIN members m ON m.record = p.record")}
             db.execute("DELETE FROM probe")
-        return int(n)
+        return len(exact | records_near)
 
-    def _signatures(self, db, fingerprint: str, records: list[str] | None,
-                    exclude: str | None) -> tuple[set[frozenset], dict[str, list]]:
+    def _related_stored(self, db, keys: dict[str, list[int]]) -> dict[str, set[str]]:
+        """For each new record (hash -> its tasks.neardup keys), the recorded records it is related to (a variant,
+        part, or concatenation of), by the same rule as `tasks.neardup.related`, counted in SQL over the key index."""
+        from tasks.neardup import MIN_SHARED, THRESHOLD
+
+        if not keys:
+            return {}
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS probe_keys (record TEXT NOT NULL, key BIGINT NOT NULL)")
+        db.execute("DELETE FROM probe_keys")
+        db.executemany("INSERT INTO probe_keys VALUES (?, ?)", ((r, int(k)) for r, ks in keys.items() for k in set(ks)))
+        rows = db.execute("SELECT p.record, k.record, COUNT(*), MAX(s.n) FROM probe_keys p "
+                          "JOIN record_keys k ON k.key = p.key JOIN record_sizes s ON s.record = k.record "
+                          "WHERE k.record <> p.record GROUP BY p.record, k.record").fetchall()
+        db.execute("DELETE FROM probe_keys")
+        out: dict[str, set[str]] = {r: set() for r in keys}
+        for new, old, shared, n_old in rows:
+            small = min(len(set(keys[new])), int(n_old))
+            if small and shared >= min(MIN_SHARED, small) and shared / small >= THRESHOLD:
+                out[new].add(old)
+        return out
+
+    def _signatures(self, db, fingerprint: str, records: list[str] | None, exclude: str | None,
+                    keys: dict | None = None) -> tuple[set[frozenset], dict[str, list]]:
         """The distinct sets of prior attempts that trained on the dataset's records (one set per group of records
         that share a history), and every prior attempt's history."""
         histories = {r[0]: (r[1], json.loads(r[2])) for r in db.execute("SELECT run_id, fingerprint, history FROM runs")
@@ -431,6 +576,20 @@ class PrivacyLedger:
         for rec, fp in db.execute("SELECT m.record, m.fingerprint FROM members m JOIN wanted w ON m.record = w.record"):
             per_record.setdefault(rec, set()).update(runs_of_fp.get(fp, ()))
         db.execute("DELETE FROM wanted")
+        if keys:  # near-copies of recorded records pay those records' histories too
+            near = self._related_stored(db, {r: keys[r] for r in records if r in keys})
+            _refuse_multiple_copies(near, set(records))
+            olds = sorted({o for stored in near.values() for o in stored})
+            fps_of: dict[str, set] = {}
+            for i in range(0, len(olds), 500):
+                chunk = olds[i:i + 500]
+                q = ",".join("?" * len(chunk))
+                for rec, fp in db.execute(f"SELECT record, fingerprint FROM members WHERE record IN ({q})", chunk):
+                    fps_of.setdefault(rec, set()).add(fp)
+            for new, stored in near.items():
+                for old in stored:
+                    for fp in fps_of.get(old, ()):
+                        per_record.setdefault(new, set()).update(runs_of_fp.get(fp, ()))
         groups = {frozenset(per_record.get(rec, set()) | same) for rec in records}
         return groups, {k: v[1] for k, v in histories.items()}
 
@@ -445,9 +604,9 @@ class PrivacyLedger:
                 worst, n_runs = eps, len(sig)
         return worst, n_runs
 
-    def summary(self) -> list[dict]:
-        """One row per dataset fingerprint: attempts, recorded training records, worst-record epsilon (at the delta
-        and accountant of its latest attempt)."""
+    def summary(self, budget_delta: float | None = None) -> list[dict]:
+        """One row per dataset fingerprint: attempts, recorded training records, worst-record epsilon (at the
+        governance's budget delta when given, else the delta of its latest attempt; the accountant of its latest)."""
         out = []
         with self._tx() as db:
             runs = db.execute("SELECT fingerprint, run_id, status, delta, accountant, created FROM runs "
@@ -459,8 +618,8 @@ class PrivacyLedger:
             for fp, rs in by_fp.items():
                 last = rs[-1]
                 out.append({"fingerprint": fp, "runs": len(rs), "statuses": sorted({r[2] for r in rs}),
-                            "records": counts.get(fp, 0), "delta": last[3], "accountant": last[4],
-                            "epsilon": self._spent(db, fp, last[3], last[4]), "last_run": last[1],
+                            "records": counts.get(fp, 0), "delta": budget_delta or last[3], "accountant": last[4],
+                            "epsilon": self._spent(db, fp, budget_delta or last[3], last[4]), "last_run": last[1],
                             "updated": last[5]})
         return out
 
@@ -474,59 +633,106 @@ class PrivacyLedger:
             return self._spent(db, fingerprint, delta, kind, exclude)
 
     def reserve(self, attempt_id: str, fingerprint: str, history: list, delta: float, kind: str, budget: float,
-                records: list[str] | None = None, run_key: str = "") -> float:
+                records: list[str] | None = None, run_key: str = "", plan: dict | None = None,
+                problems: list | None = None, budget_delta: float | None = None,
+                keys: dict | None = None) -> float:
         """Record a planned attempt on `records` (normalised content hashes of its training records); refuse,
         before any training and leaving nothing behind, if any record's composed epsilon would exceed the budget.
-        Reserving the same attempt id again (a resume) charges nothing new."""
+        The budget is an (epsilon, delta) pair: every record's composition is converted at `budget_delta` (the
+        governance's; `delta` is this run's, for its own epsilon). `plan` and its `problems` are stored with the row:
+        resuming, reusing and promoting compare against them. Reserving the same attempt id again (a resume)
+        charges nothing new, and only for the same plan."""
+        at = budget_delta or delta
         if not all(h[0] > 0 for h in history):
             raise PrivacyError("a run without noise (noise_multiplier=0) has epsilon = inf and cannot be charged "
                                "as private", "privacy.noise_multiplier",
                                "set privacy.noise_multiplier > 0 (or target_epsilon), or privacy.enabled: false for "
                                "a non-private comparison run")
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (attempt_id,)).fetchone():
-                return self._spent(db, fingerprint, delta, kind)
-            groups, histories = self._signatures(db, fingerprint, records, None)
-            before, _ = self._worst(groups, histories, [], delta, kind)
-            after, n_prior = self._worst(groups or {frozenset()}, histories, list(history), delta, kind)
+            row = db.execute("SELECT plan FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+            if row:
+                if plan is not None and (diff := plan_mismatch(json.loads(row[0]) if row[0] else {}, plan)):
+                    raise PrivacyError(f"attempt {attempt_id} was reserved for another plan ({'; '.join(diff[:3])})",
+                                       str(self.path), "re-run without the copied run directory: a new attempt is "
+                                       "planned and charged")
+                return self._spent(db, fingerprint, at, kind)
+            groups, histories = self._signatures(db, fingerprint, records, None, keys)
+            before, _ = self._worst(groups, histories, [], at, kind)
+            after, n_prior = self._worst(groups or {frozenset()}, histories, list(history), at, kind)
             if not math.isfinite(budget) or not after <= budget + 1e-9:
                 shared = "" if not records else " (records shared with earlier runs count, whatever their dataset)"
                 raise PrivacyError(
                     f"this run would bring records of dataset {fingerprint[:12]} to epsilon={after:.2f} "
-                    f"(already spent {before:.2f} over {n_prior} run(s){shared}; budget {budget:.2f})",
+                    f"(already spent {before:.2f} over {n_prior} run(s){shared}; budget {budget:.2f} at "
+                    f"delta {at:.3g})",
                     "privacy.dataset_budget_epsilon",
                     "lower privacy.target_epsilon / train fewer steps; the budget is the governance file's "
                     "privacy.dataset_budget_epsilon (a run config can only lower it)",
                 )
             now = time.time()
             db.execute("INSERT INTO runs (run_id, fingerprint, status, delta, accountant, history, epsilon, created, "
-                       "updated, run_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       "updated, run_key, plan, problems) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (attempt_id, fingerprint, "reserved", delta, kind, json.dumps(history),
-                        epsilon_of(history, delta, kind), now, now, run_key))
+                        epsilon_of(history, delta, kind), now, now, run_key,
+                        json.dumps(plan, sort_keys=True) if plan is not None else "", json.dumps(problems or [])))
             if records:
                 db.executemany("INSERT OR IGNORE INTO members VALUES (?,?)", ((fingerprint, r) for r in records))
+            if keys:
+                db.executemany("INSERT OR IGNORE INTO record_keys VALUES (?, ?)",
+                               ((r, int(k)) for r, ks in keys.items() for k in set(ks)))
+                db.executemany("INSERT OR IGNORE INTO record_sizes VALUES (?, ?)",
+                               ((r, len(set(ks))) for r, ks in keys.items() if ks))
         return after
 
     def finish(self, attempt_id: str, history: list, status: str = "completed", model_digest: str = "") -> None:
-        """Settle an attempt at what it actually did (never more than it reserved), and record the digest of the
-        model it produced: a promotion publishes only files with that digest (tags in the registry can be edited,
-        artifacts replaced; this row is governance-side)."""
+        """Mark an attempt completed and record the digest of the model it produced: a promotion publishes only files
+        with that digest (tags in the registry can be edited, artifacts replaced; this row is governance-side).
+        The charge stays the reserved plan: a completed attempt ran all of it, so `history` must equal it (a history
+        taken from a forged checkpoint, e.g. "step 399 of 400, nothing before", is refused, and the reservation
+        stands). Finishing again with the same history and model is a no-op."""
         with self._tx() as db:
-            row = db.execute("SELECT delta, accountant, history FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+            row = db.execute("SELECT delta, accountant, history, status FROM runs WHERE run_id=?",
+                             (attempt_id,)).fetchone()
             if row is None:
                 raise PrivacyError(f"attempt {attempt_id} was never reserved", str(self.path), "reserve before training")
             reserved = json.loads(row[2])
-            if epsilon_of(history, row[0], row[1]) > epsilon_of(reserved, row[0], row[1]) + 1e-9:
-                raise PrivacyError(f"attempt {attempt_id} did more than it reserved", str(self.path),
-                                   "re-plan the run (its reservation is kept)")
-            db.execute("UPDATE runs SET status=?, history=?, epsilon=?, updated=? WHERE run_id=?",
-                       (status, json.dumps(history), epsilon_of(history, row[0], row[1]), time.time(), attempt_id))
+            if not _same_history(history, reserved):
+                raise PrivacyError(f"attempt {attempt_id} reports history {history}, but it reserved {reserved}: a "
+                                   "completed attempt is charged its whole plan", str(self.path),
+                                   "re-run the flow (the reservation is kept; a new attempt is charged in full)")
+            if row[3] not in ("reserved", status):
+                raise PrivacyError(f"attempt {attempt_id} is '{row[3]}'", str(self.path), "train again (a new attempt)")
+            db.execute("UPDATE runs SET status=?, updated=? WHERE run_id=?", (status, time.time(), attempt_id))
             if model_digest:
                 had = db.execute("SELECT digest FROM models WHERE run_id=?", (attempt_id,)).fetchone()
                 if had and had[0] != model_digest:
                     raise PrivacyError(f"attempt {attempt_id} already recorded another model", str(self.path),
                                        "an attempt produces one model: train again (a new attempt)")
                 db.execute("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", (attempt_id, model_digest))
+
+    def checkpoint(self, attempt_id: str, step: int, digest: str) -> None:
+        """Record that the reserved attempt saved a checkpoint after `step` steps, with that file digest: the only
+        checkpoint a resume may load, at the step and history the ledger derives (the plan's sigma and q, `step`
+        steps), never at what the checkpoint's own client state says."""
+        with self._tx() as db:
+            row = db.execute("SELECT status, history FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+            if row is None or row[0] != "reserved":
+                raise PrivacyError(f"attempt {attempt_id} is not a reserved attempt in the ledger", str(self.path),
+                                   "checkpoints are recorded by the attempt's own training ranks")
+            planned = sum(int(h[2]) for h in json.loads(row[1]))
+            last = db.execute("SELECT MAX(step) FROM checkpoints WHERE run_id=?", (attempt_id,)).fetchone()[0]
+            if not 0 < step < planned or (last is not None and step <= last):
+                raise PrivacyError(f"checkpoint step {step} of attempt {attempt_id} is out of order (last {last}, "
+                                   f"plan {planned})", str(self.path), "this is a bug or a forged call: report it")
+            db.execute("INSERT INTO checkpoints (run_id, step, digest, created) VALUES (?, ?, ?, ?)",
+                       (attempt_id, int(step), digest, time.time()))
+
+    def last_checkpoint(self, attempt_id: str) -> tuple[int, str] | None:
+        """(step, digest) of the attempt's latest recorded checkpoint, or None."""
+        with self._tx() as db:
+            row = db.execute("SELECT step, digest FROM checkpoints WHERE run_id=? ORDER BY step DESC LIMIT 1",
+                             (attempt_id,)).fetchone()
+        return (int(row[0]), row[1]) if row else None
 
     def bind_artifact(self, attempt_id: str, name: str, digest: str) -> None:
         """Record the digest of another file tree the completed attempt produced (the edge bundle): publishing and
@@ -592,6 +798,11 @@ class PostgresLedger(PrivacyLedger):
             db.execute("CREATE INDEX IF NOT EXISTS members_record ON members (record)")
             db.execute(MODELS_TABLE)
             db.execute(ARTIFACTS_TABLE)
+            db.execute(CHECKPOINTS_TABLE)
+            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE):
+                db.execute(ddl)
+            for col, decl in _NEW_COLUMNS:
+                db.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} {decl}")
 
     @contextmanager
     def _tx(self):
@@ -620,18 +831,21 @@ def copy_ledger(source: str, dest: str) -> int:
     if "://" not in source and not Path(source).is_file():
         return 0
     src, dst = open_ledger(source), open_ledger(dest)
-    cols = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, updated, run_key"
+    cols = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, updated, run_key, plan, problems"
     with src._tx() as db:
         runs = db.execute(f"SELECT {cols} FROM runs").fetchall()
         members = db.execute("SELECT fingerprint, record FROM members").fetchall()
         models = db.execute("SELECT run_id, digest FROM models").fetchall()
         artifacts = db.execute("SELECT run_id, name, digest FROM artifacts").fetchall()
+        checkpoints = db.execute("SELECT run_id, step, digest, created FROM checkpoints").fetchall()
     with dst._tx() as db:
         have = {r[0] for r in db.execute("SELECT run_id FROM runs").fetchall()}
         new = [tuple(r) for r in runs if r[0] not in have]
-        db.executemany(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * 10)})", new)
+        db.executemany(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * 12)})", new)
         db.executemany("INSERT OR IGNORE INTO members (fingerprint, record) VALUES (?, ?)", [tuple(m) for m in members])
         db.executemany("INSERT OR IGNORE INTO models (run_id, digest) VALUES (?, ?)", [tuple(m) for m in models])
         db.executemany("INSERT OR IGNORE INTO artifacts (run_id, name, digest) VALUES (?, ?, ?)",
                        [tuple(a) for a in artifacts])
+        db.executemany("INSERT OR IGNORE INTO checkpoints (run_id, step, digest, created) VALUES (?, ?, ?, ?)",
+                       [tuple(c) for c in checkpoints])
     return len(new)

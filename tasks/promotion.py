@@ -94,7 +94,7 @@ def check_ledger(version_tags: dict, entry, spent: float | None, budget: float) 
     if entry is None:
         return [f"training attempt {aid} is not in the deployment's privacy ledger (evidence tags not backed by a "
                 "charged private run)"]
-    problems = []
+    problems = [f"ledger: training attempt {aid} was planned as not private: {why}" for why in entry.problems]
     if entry.status != "completed":
         problems.append(f"ledger: training attempt {aid} is '{entry.status}', not completed")
     if not math.isfinite(entry.epsilon):
@@ -233,8 +233,8 @@ class S3Target:
         from boto3.s3.transfer import TransferConfig
 
         model, version = manifest["model"], manifest["version"]
-        if self.read_manifest(model, version) == manifest:
-            return {"target": self.uri, "skipped": True}
+        if self.read_manifest(model, version) == manifest and self._objects_match(src, model, version, manifest):
+            return {"target": self.uri, "skipped": True}  # every object's checksum verified now, nothing extra
         s3 = self._client()
         cfg = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
         extra = {"ChecksumAlgorithm": "SHA256"} | ({"ServerSideEncryption": self.sse} if self.sse else {})
@@ -247,6 +247,27 @@ class S3Target:
                                      ChecksumAlgorithm="SHA256", **({"ServerSideEncryption": self.sse} if self.sse
                                                                     else {})), "write manifest")
         return {"target": self.uri, "skipped": False, "files": len(manifest["files"])}
+
+    def _objects_match(self, src: Path, model: str, version: str, manifest: dict) -> bool:
+        """Exactly the manifest's objects under the version prefix, each with its size and SHA-256 checksum (a
+        planted manifest beside other bytes is republished over, not skipped)."""
+        s3 = self._client()
+        prefix = self._key(model, str(version)) + "/"
+        keys, token = set(), None
+        while True:
+            page = s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+            keys.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
+            token = page.get("NextContinuationToken")
+            if not token:
+                break
+        if keys - {MANIFEST} != set(manifest["files"]):
+            return False
+        for rel, meta in manifest["files"].items():
+            head = s3.head_object(Bucket=self.bucket, Key=prefix + rel, ChecksumMode="ENABLED")
+            expected = {base64.b64encode(bytes.fromhex(meta["sha256"])).decode(), composite_sha256(src / rel, PART_SIZE)}
+            if head["ContentLength"] != meta["bytes"] or head.get("ChecksumSHA256") not in expected:
+                return False
+        return True
 
     def _verify(self, s3, key: str, path: Path, meta: dict) -> None:
         head = _retry(lambda: s3.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"), f"verify {key}")
@@ -334,6 +355,54 @@ def _copy_tree_at(src: Path, dfd: int, manifest: dict) -> None:
         finally:
             for fd in fds[1:]:
                 os.close(fd)
+
+
+def _tree_matches_at(hfd: int, name: str, manifest: dict) -> bool:
+    """Whether the version directory `name` under `hfd` holds exactly the manifest's files (plus the manifest) with
+    their sha256 and sizes, and nothing else; walked without following any link. A manifest alone proves nothing:
+    it is predictable from public data, and anyone with write access to the target can plant one beside other bytes."""
+    import stat
+
+    want = dict(manifest["files"])
+    seen: set[str] = set()
+
+    def walk(dfd: int, prefix: str) -> bool:
+        for entry in os.listdir(dfd):
+            rel = f"{prefix}{entry}"
+            st = os.lstat(entry, dir_fd=dfd)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(entry, _O_DIR, dir_fd=dfd)
+                try:
+                    if not walk(sub, rel + "/"):
+                        return False
+                finally:
+                    os.close(sub)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            if rel == MANIFEST:
+                continue
+            meta = want.get(rel)
+            if meta is None or st.st_size != meta["bytes"]:
+                return False
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+            h = hashlib.sha256()
+            with os.fdopen(fd, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != meta["sha256"]:
+                return False
+            seen.add(rel)
+        return True
+
+    try:
+        vfd = os.open(name, _O_DIR, dir_fd=hfd)
+    except OSError:
+        return False
+    try:
+        return walk(vfd, "") and seen == set(want)
+    finally:
+        os.close(vfd)
 
 
 def _copy_file(src: Path, fout) -> tuple[str, int]:
@@ -465,8 +534,9 @@ class DirTarget:
                 raise TargetTampered(f"{home / version} is a {'symlink' if kind == 'link' else 'non-directory'}, "
                                      "not a version this publisher wrote", str(home / version),
                                      "an admin inspects and removes it; nothing was written")
-            if kind == "dir" and self.read_manifest(model, version) == manifest:
-                return {"target": self.uri, "skipped": True}
+            if kind == "dir" and self.read_manifest(model, version) == manifest and _tree_matches_at(hfd, version,
+                                                                                                   manifest):
+                return {"target": self.uri, "skipped": True}  # the very bytes, hashed now: an idempotent re-run
             tmp_name = f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
             journal.record_debris(home / tmp_name, "tmp")
             replaced = None

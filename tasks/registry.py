@@ -325,8 +325,11 @@ def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, c
                public_eval: str | None = None, figures: list[str] | None = None) -> str:
     from tasks.privacy import guarantee_problems
 
+    from llmops.governance import load_governance
+
     p = privacy
     problems = guarantee_problems(p)
+    budget_delta_note = f"δ = {load_governance().privacy.budget_delta:.3g}"
     eps = f"{p['epsilon']:.3f}" if not problems else "∞ (not private)"
     rows = "\n".join(f"| {k} | {evaluation[k]:.4g} |" for k in
                      ("eval_loss", "perplexity", "latency_ms_per_token_p50", "size_bytes", "params")
@@ -346,9 +349,11 @@ def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, c
     if p.get("reproducible_insecure"):
         sampling_note = (f"\n- reproducible_insecure: batches from training.seed and noise from noise_seed="
                          f"{p.get('noise_seed')}; anyone who knows them knows every batch.")
-    fp_note = "" if p.get("secure_mode") else (
-        "\n- Noise came from PyTorch's standard generator (secure_mode off): floating-point attacks on the Gaussian "
-        "sampler are not defended against.")
+    fp_note = ("\n- Noise (secure_mode): every tensor from Philox keyed with 128 fresh bits of os.urandom, 2n = 4 "
+               "draws summed (Opacus' defence against floating-point attacks on Gaussian sampling)."
+               if p.get("secure_mode") else
+               "\n- Noise: a PyTorch generator of its own, seeded from os.urandom (never training.seed); secure_mode "
+               "off, so floating-point attacks on the Gaussian sampler are not defended against.")
     return f"""# Model card: {model_name}
 
 ## Intended use
@@ -361,7 +366,8 @@ Text generation in the style of the fine-tuning data. Research/demo quality; not
 ## Data
 - Fingerprint `{data.get('fingerprint')}` ({data.get('n_records')} records: {data.get('n_train')} train /
   {data.get('n_eval')} held out by content hash), source `{data.get('source')}`; {data.get('n_duplicates_removed', 0)}
-  duplicate train records (same normalised text) removed before training.
+  near-duplicate records (variants, parts or concatenations of an earlier record: tasks/neardup.py) removed
+  before the split, so one text is one record for training, the held-out split and the ledger.
 - Validation: {val}.
 
 ## Privacy guarantee{not_private}
@@ -376,6 +382,12 @@ Text generation in the style of the fine-tuning data. Research/demo quality; not
 - It covers the training steps only; pruning/weight quantization are post-processing (free); anything else that read
   the private data afterwards would have to be charged to the same budget.{sampling_note}{fp_note}
 - Exact per-step training loss and batch sizes are not released (they are computed outside the mechanism).
+- Released exactly, outside the DP mechanism (not covered by ε): the record counts above, the validation report's
+  counts (PII/PHI hits per kind, duplicates, Great Expectations observed values) and the dataset fingerprint. They
+  describe the dataset, not a model trained on it; treat them as a disclosure of the dataset's size and PII
+  prevalence, and keep the validation report internal when that matters.
+- The budget is one (ε, δ) pair per record: every charge on a record is converted at the governance's
+  privacy.budget_delta ({budget_delta_note}), whatever δ a run reports its own ε at.
 
 ## Evaluation ({eval_label})
 | metric | value |

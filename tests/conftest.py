@@ -197,9 +197,17 @@ def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: fl
     from tasks.model import dir_digest
     from tasks.privacy import new_attempt_id, open_ledger
 
+    from tasks.privacy import epsilon_of
+
     ledger, aid, history = open_ledger(), new_attempt_id(), [[sigma, q, steps]]
     fp = "fp-" + "-".join(records)
     ledger.reserve(aid, fp, history, 1e-5, "prv", budget=10.0, records=records)
+    if model_dir:  # what the trainer writes inside the model dir: promotion re-checks it after the digest
+        (Path(model_dir) / "privacy.json").write_text(json.dumps({
+            "dp_sgd": True, "private": True, "attempt_id": aid, "epsilon": epsilon_of(history, 1e-5, "prv"),
+            "delta": 1e-5, "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "history": history,
+            "sampling": "poisson", "reproducible_insecure": False, "secure_mode": False, "noise_seed": None,
+            "dataset_fingerprint": fp, "accountant": "prv"}))
     ledger.finish(aid, history, model_digest=dir_digest(Path(model_dir)) if model_dir else "")
     eps = ledger.entry(aid).epsilon
     return {**tags, "llmops.dp.attempt_id": aid, "llmops.dp.epsilon": f"{eps:.6g}",

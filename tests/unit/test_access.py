@@ -442,3 +442,20 @@ def test_background_keeps_every_cli_option(gov, tmp_path, monkeypatch):
     with pytest.raises(Stop):
         main(argv)
     assert seen["argv"][-len(argv) + 1:] == [a for a in argv if a != "--background"]
+
+
+def test_llmops_serve_cannot_put_an_unreleased_version_on_a_release_targets_port(gov):
+    """`llmops serve --model m/3` is for testing; on the port of a governance serve target only the version the
+    signed log released there may run (it was the one way to serve a rolled-back version where users are)."""
+    from types import SimpleNamespace
+
+    from flows.serve_cli import _refuse_unreleased_on_a_release_target
+    from llmops.governance import TargetSpec
+    from tasks.access import commit_governance
+
+    g = load_governance()
+    g.targets["live"] = TargetSpec(kind="serve", uri="http://127.0.0.1:8123")
+    commit_governance(g, "target", target="live")
+    with pytest.raises(LLMOpsError, match="governance serve target 'live'"):
+        _refuse_unreleased_on_a_release_target("m", "3", SimpleNamespace(http_port=8123))
+    _refuse_unreleased_on_a_release_target("m", "3", SimpleNamespace(http_port=8124))  # another port: a test

@@ -1,6 +1,7 @@
 """DP fine-tuning through a real DeepSpeed engine (CPU, gloo), tiny model. See tasks/privacy.py for the design."""
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,14 +198,15 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     env = rank_env()
     proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", str(Path(spec.output_dir) / "spec.json")],
                             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
-    latest = Path(spec.output_dir) / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while not latest.is_file() and time.time() < deadline and proc.poll() is None:
+    ledger = open_ledger()
+    deadline = time.time() + 120  # the checkpoint that counts is the one the ledger recorded (digest and step)
+    while ledger.last_checkpoint(spec.attempt_id) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL) if proc.poll() is None else None
     proc.wait()
-    assert latest.is_file(), f"no checkpoint before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
-    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    recorded = ledger.last_checkpoint(spec.attempt_id)
+    assert recorded, f"no checkpoint before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+    killed_at = recorded[0]
     assert 0 < killed_at < 40
     assert not (Path(spec.output_dir) / "model").exists()
 
@@ -217,7 +219,7 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     assert len(ledger.entries(spec.fingerprint)) == 1 and ledger.entries(spec.fingerprint)[0].run_id == spec.attempt_id
     assert spent == pytest.approx(resumed["privacy"]["epsilon"])
 
-    straight = train(replace(spec, output_dir=str(tmp_path / "straight")))
+    straight = train(replace(spec, output_dir=str(tmp_path / "straight"), attempt_id=""))  # a bare spec
     assert_same(weights(resumed), weights(straight), rtol=1e-4, atol=2e-5)
     # the held-out loss curve survives the kill: its points up to the checkpoint come back with it
     from tasks.finetune import curve_steps
@@ -246,7 +248,7 @@ def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config,
     from tasks.privacy import PrivacyError, open_ledger
 
     cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
-        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 7.0})})
+        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5})})  # two runs: 6.84 at delta 1e-5
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
     day1 = asdict(prepare_data(tiny_jsonl, cfg.state_dir, cfg.data.eval_fraction))
     spec1, eps1 = plan_finetune(cfg, day1, model)
@@ -293,13 +295,17 @@ def test_only_an_intact_checkpoint_of_a_reserved_attempt_is_continued(tiny_confi
     cfg = tiny_config
     data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
+    from tasks.model import dir_digest
+
     first, eps1 = plan_finetune(cfg, data, model)
     ckpt = Path(first.output_dir) / "checkpoints"
     (ckpt / "step2").mkdir(parents=True)
+    (ckpt / "step2" / "state.pt").write_bytes(b"the rank's state")
     (ckpt / "latest").write_text("step2")
+    open_ledger().checkpoint(first.attempt_id, 2, dir_digest(ckpt / "step2"))  # what the rank records
     again, eps_again = plan_finetune(cfg, data, model)
     assert again.attempt_id == first.attempt_id and eps_again == pytest.approx(eps1)  # a resume: no new charge
-    (ckpt / "step2").rmdir()  # the checkpoint it points to is gone: not intact
+    shutil.rmtree(ckpt / "step2")  # the checkpoint the ledger recorded is gone: not intact
     third, eps3 = plan_finetune(cfg, data, model)
     assert third.attempt_id != first.attempt_id and eps3 > eps1 + 0.1
     assert not ckpt.exists()  # the other attempt's state is never resumed by this one

@@ -117,11 +117,13 @@ def test_ledger_composes_refuses_and_never_double_charges(tmp_path):
         ledger.reserve("run2", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0)
     assert [e.run_id for e in ledger.entries("fp")] == ["run1"]  # the refused run left nothing behind
     ledger.reserve("other-data", "fp2", [[sigma, q, steps]], delta, "prv", budget=6.0)  # budgets are per dataset
-    ledger.finish("run1", [[sigma, q, steps // 2]])  # stopped early: charged for what it did
+    with pytest.raises(PrivacyError, match="charged its whole plan"):  # e.g. a history read from a forged checkpoint
+        ledger.finish("run1", [[sigma, q, steps // 2]])
+    ledger.finish("run1", [[sigma, q, steps]])
     again = PrivacyLedger(tmp_path / "ledger.sqlite")  # durable across processes
-    assert again.spent("fp", delta) < after1
+    assert again.spent("fp", delta) == pytest.approx(after1)
     entry = again.entries("fp")[0]
-    assert entry.status == "completed" and entry.history == [[sigma, q, steps // 2]]
+    assert entry.status == "completed" and entry.history == [[sigma, q, steps]]
 
 
 def test_ledger_charges_records_across_datasets(tmp_path):

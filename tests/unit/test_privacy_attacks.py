@@ -165,7 +165,7 @@ def test_invisible_edits_do_not_make_a_new_record(edit):
 
 def test_zero_width_edit_of_every_record_is_still_charged(tiny_config, tiny_jsonl, tmp_path):
     cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
-        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 7.0})})
+        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5})})  # two runs: 6.84 at delta 1e-5
     data, model = _plan_inputs(cfg)
     plan_finetune(cfg, data, model)
     rows = [json.loads(x) for x in tiny_jsonl.read_text().splitlines()]

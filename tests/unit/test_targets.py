@@ -371,3 +371,59 @@ def test_session_token_is_passed_to_boto3(tmp_path, monkeypatch):
                                         "aws_session_token=TOK\n")
     S3Target("s3://b/p", "http://127.0.0.1:1", credentials_file=str(creds))._client()
     assert (seen["aws_access_key_id"], seen["aws_secret_access_key"], seen["aws_session_token"]) == ("AK", "SK", "TOK")
+
+
+# ------------------------------------------------------------------------- planted bytes behind a real manifest
+
+
+def test_a_planted_or_tampered_version_dir_with_the_right_manifest_is_republished(tmp_path):
+    """The manifest is predictable from public data; a dir holding it beside other bytes must not be 'skipped'."""
+    target = DirTarget(str(tmp_path / "onprem"))
+    src = _model(tmp_path / "src")
+    man = file_manifest(src, "m", "3")
+    planted = tmp_path / "onprem" / "m" / "3"
+    _model(planted, tag="evil")  # other bytes, same names
+    (planted / "BACKDOOR.txt").write_text("x")
+    (planted / MANIFEST).write_text(json.dumps(man, indent=2))
+    assert target.publish(src, man)["skipped"] is False
+    assert _complete(planted) == man and not (planted / "BACKDOOR.txt").exists()
+    assert target.publish(src, man)["skipped"] is True  # now the bytes are the manifest's: idempotent
+    (planted / "shard-000.bin").write_bytes(b"flipped after publishing")
+    assert target.publish(src, man)["skipped"] is False and _complete(planted) == man
+    (planted / "extra.bin").write_bytes(b"an extra file")
+    assert target.publish(src, man)["skipped"] is False and not (planted / "extra.bin").exists()
+
+
+def test_a_pointer_on_a_target_the_log_never_published_to_is_a_divergence():
+    from tasks.access import ReleaseState, release_divergences
+
+    st = ReleaseState("m", ["1", "2"], {"onprem": "2"}, 5)
+    assert release_divergences(st, {}, {"onprem": "2", "spare": None}) == []
+    assert any("spare" in d for d in release_divergences(st, {}, {"onprem": "2", "spare": "2"}))
+
+
+def test_release_decisions_for_one_model_are_serialised(tmp_path):
+    import threading
+
+    from flows.promotion import release_lock
+    from llmops.governance import Governance
+
+    g = Governance()
+    g._path = tmp_path / "gov" / "governance.yaml"
+    (tmp_path / "gov").mkdir()
+    order = []
+
+    def decide(tag, hold):
+        with release_lock(g, "m"):
+            order.append(f"{tag}-in")
+            time.sleep(hold)
+            order.append(f"{tag}-out")
+
+    first = threading.Thread(target=decide, args=("a", 0.5))
+    first.start()
+    time.sleep(0.1)
+    second = threading.Thread(target=decide, args=("b", 0))
+    second.start()
+    first.join()
+    second.join()
+    assert order == ["a-in", "a-out", "b-in", "b-out"]
