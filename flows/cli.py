@@ -115,7 +115,11 @@ def cmd_train(args) -> int:
     from llmops import console
 
     started = time.time()
-    log = console.start(Path(cfg.state_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    import secrets
+
+    # unique per run: two runs started in the same second (a schedule and a person) must not share a log
+    log = console.start(Path(cfg.state_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                        f"{secrets.token_hex(3)}.log")
     print(f"log: {log} (third-party warnings and tracebacks go there)", file=console.terminal())
     from flows.training import training_flow
 
@@ -234,6 +238,9 @@ def cmd_services(args) -> int:
         if not args.team and services.read_record(state).get("mode") == "team":
             raise LLMOpsError("team mode runs for this state dir", str(state / services.RECORD),
                               "stop it with `llmops services stop --team`")
+        url = services.read_record(state).get("prefect", {}).get("url") or os.environ.get("PREFECT_API_URL")
+        if ended := end_background_runs(state, url):  # their flows audit 'interrupted' while the server is up
+            print(f"ended background run(s): {', '.join(ended)} (audited as interrupted)")
         stopped = services.stop_team(state) if args.team else services.stop_embedded(state)
         print(f"stopped: {', '.join(stopped)}" if stopped else "not running")
         return 0
@@ -312,6 +319,7 @@ def _background(args, flow_name: str, registry: str = "") -> int:
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, RUN_NAME_ENV: run_name})
+    _record_background(Path(os.environ.get("LLMOPS_HOME", ".llmops")), run_name, proc.pid)  # services' home
     with get_client(sync_client=True) as client:
         while time.time() - started < 600:
             for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))):
@@ -328,6 +336,71 @@ def _background(args, flow_name: str, registry: str = "") -> int:
 
 
 RUN_NAME_ENV = "LLMOPS_FLOW_RUN_NAME"
+
+
+def _record_background(state: Path, run_name: str, pid: int) -> None:
+    d = state / "background"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{run_name}.json").write_text(json.dumps({"run_name": run_name, "pid": pid}))
+
+
+def end_background_runs(state: Path, api_url: str | None, wait_s: float = 20.0) -> list[str]:
+    """`services stop`: end this state dir's background promotions/rollbacks before their server goes. Each run's
+    state is set Cancelled through the API, which the waiting flow notices and audits ('interrupted'); a process that
+    has not exited after `wait_s` is terminated. Returns the run names ended."""
+    import signal
+    import time
+
+    ended = []
+    for f in sorted((state / "background").glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+            pid, name = int(rec["pid"]), str(rec["run_name"])
+        except (OSError, ValueError, KeyError):
+            f.unlink(missing_ok=True)
+            continue
+        if not _alive(pid):
+            f.unlink(missing_ok=True)
+            continue
+        if api_url:
+            try:
+                _cancel_by_name(api_url, name)
+            except Exception:  # noqa: BLE001 - the server may already be gone: terminate below
+                pass
+        deadline = time.time() + wait_s
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.3)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        f.unlink(missing_ok=True)
+        ended.append(name)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _cancel_by_name(api_url: str, run_name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))):
+            if run.state and not run.state.is_final():
+                client.set_flow_run_state(run.id, Cancelled(message="llmops services stop"), force=True)
 
 
 def _named(flow):
@@ -388,8 +461,23 @@ def cmd_promote(args) -> int:
     request = _signed_request(args, "promote", cfg.registry.model_name, version)
     setup_logging()
     _quiet_user_errors()
-    print(json.dumps(_named(promotion_flow)(version=version, request=request, config=cfg), indent=2))
+    out = _quiet_console(cfg, "promotion")
+    print(json.dumps(_named(promotion_flow)(version=version, request=request, config=cfg), indent=2), file=out)
     return 0
+
+
+def _quiet_console(cfg, kind: str):
+    """The same console as `train`: library noise to a log file of its own, the flow's lines and errors on the
+    terminal; returns the real stdout for the result."""
+    import secrets
+    import time
+
+    from llmops import console
+
+    log = console.start(Path(cfg.state_dir) / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                        f"{secrets.token_hex(3)}.log")
+    print(f"log: {log} (third-party warnings and tracebacks go there)", file=console.terminal())
+    return console.stdout()
 
 
 def cmd_rollback(args) -> int:
@@ -403,7 +491,8 @@ def cmd_rollback(args) -> int:
         raise LLMOpsError("nothing to roll back to (no earlier audited promotion)", f"model {cfg.registry.model_name}",
                           "promote at least two versions first")
     request = _signed_request(args, "rollback", cfg.registry.model_name, prev)
-    print(json.dumps(_named(rollback_flow)(request=request, config=cfg), indent=2))
+    out = _quiet_console(cfg, "rollback")
+    print(json.dumps(_named(rollback_flow)(request=request, config=cfg), indent=2), file=out)
     return 0
 
 
@@ -912,11 +1001,19 @@ def _examples(p: argparse.ArgumentParser, sub) -> None:
             sp.epilog = "Example:\n" + "\n".join(f"  {line}" for line in text.splitlines())
 
 
+EPHEMERAL_STARTUP_S = 600
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Cached step results live beside the state they point at: deleting the state dir clears the cache too.
     home = Path(os.environ.get("LLMOPS_HOME", ".llmops")).resolve()
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
+    if not os.environ.get("PREFECT_API_URL"):
+        # No server configured: Prefect starts a temporary one and gives it 20 s, which a 2-core machine under load
+        # misses ("Timed out while attempting to connect to ephemeral Prefect API server"). A budget such a machine
+        # meets; `llmops services start` keeps a server (and the runs' history) instead.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_S))
     args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from llmops import console

@@ -71,6 +71,7 @@ class FinetuneSpec:
     eval_path: str = ""  # held-out (or public) text for the loss curve; never a training record
     curve_points: int = 0  # held-out evaluations during training (plus one before the first step); 0 = none
     curve_records: int = 16
+    base_digest: str = ""  # dir_digest of model_path (the base the plan was reserved for; the rank re-hashes it)
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -253,6 +254,11 @@ def train(spec: FinetuneSpec) -> dict | None:
     import torch.distributed as dist
 
     sample_group = dist.new_group(backend="gloo") if world > 1 else None  # CPU broadcast even when NCCL trains
+    from tasks.privacy import read_regular
+
+    raw_train = read_regular(spec.train_path)  # read once: the bytes hashed against the plan are the bytes trained on
+    raw_eval = read_regular(spec.eval_path) if spec.eval_path and spec.curve_points > 0 and rank == 0 else None
+    ledger = _attempt_ledger(spec, rank, raw_train, raw_eval)  # None: a bare spec (tests, benchmarks)
     torch.manual_seed(spec.seed)
     model, tok = load_model(spec.model_path, spec.dtype)
     model = prepare_trainable(model, spec)
@@ -264,15 +270,16 @@ def train(spec: FinetuneSpec) -> dict | None:
     engine, *_ = deepspeed.initialize(model=loss_module(model), optimizer=optimizer, config=ds_cfg,
                                       model_parameters=params)
     device = engine.device
-    texts = read_texts(Path(spec.train_path))
+    texts = _parse_jsonl_texts(raw_train)
     if len(texts) != spec.n_train:
         raise LLMOpsError(f"train split has {len(texts)} records, plan said {spec.n_train}", spec.train_path,
                           "re-run the flow (the split changed under the run)")
     data = encode(tok, texts, spec.max_len)
     ckpt_dir = Path(spec.output_dir) / "checkpoints"
     start, history, metrics, curve = 0, [], [], []
-    ledger = _attempt_ledger(spec, rank)  # None: a bare spec (tests, benchmarks) that no ledger row backs
     tag = _resume_tag(spec, ckpt_dir, ledger, rank, world, sample_group)
+    if ledger is not None:  # one training per (attempt, start step): no best-of-k on one charge
+        ledger.claim_launch(spec.attempt_id, int(tag.removeprefix("step")) if tag else 0)
     if tag:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
                                            load_optimizer_states=True)
@@ -295,7 +302,7 @@ def train(spec: FinetuneSpec) -> dict | None:
     scale = world / spec.batch_size  # DeepSpeed averages over ranks; we want (sum of clipped grads) / E[batch]
     bar = _progress(rank, start, spec.steps)
     points = curve_steps(spec.steps, spec.curve_points)
-    heldout = _curve_data(spec, tok, rank)
+    heldout = _curve_data(spec, tok, rank, raw_eval)
     if heldout is not None and start == 0 and 0 in points:
         curve.append({"step": 0, "eval_loss": heldout_point(engine.module.model, heldout, device)})
     engine.train()
@@ -369,14 +376,20 @@ def curve_steps(steps: int, points: int) -> set[int]:
     return {0} | {max(1, round(i * steps / points)) for i in range(1, points + 1)}
 
 
-def _curve_data(spec: FinetuneSpec, tok, rank: int):
-    """Rank 0's encoded evaluation records for the loss curve (None: no curve on this rank)."""
+def _parse_jsonl_texts(raw: bytes) -> list[str]:
+    """`tasks.data.read_texts` on bytes already read (and hashed)."""
+    return [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+def _curve_data(spec: FinetuneSpec, tok, rank: int, raw: bytes | None = None):
+    """Rank 0's encoded evaluation records for the loss curve (None: no curve on this rank); from the bytes the plan
+    check hashed when given."""
     if rank != 0 or spec.curve_points <= 0 or not spec.eval_path:
         return None
     from tasks.data import read_texts
     from tasks.lm import encode
 
-    texts = read_texts(Path(spec.eval_path))[:spec.curve_records]
+    texts = (_parse_jsonl_texts(raw) if raw is not None else read_texts(Path(spec.eval_path)))[:spec.curve_records]
     return encode(tok, texts, spec.max_len) if texts else None
 
 
@@ -419,13 +432,18 @@ def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _attempt_ledger(spec: FinetuneSpec, rank: int):
+def _attempt_ledger(spec: FinetuneSpec, rank: int, raw_train: bytes = b"", raw_eval: bytes | None = None):
     """Rank 0's check that spec.json (a file in the writable run dir) is the plan the ledger reserved this attempt
-    for: a lowered sigma, a swapped training file or another dataset's attempt id is refused before any step.
+    for: a lowered sigma, a swapped training file (hashed from the bytes this rank trains on), another base model
+    (its directory re-hashed), other loss-curve text or another dataset's attempt id is refused before any step.
     Returns the ledger for recording checkpoints (rank 0), or None for a spec with no attempt (tests, benchmarks:
     their outputs are never accepted by `finish_ledger`)."""
     if not spec.attempt_id or rank != 0:
         return None
+    import hashlib
+    from dataclasses import replace
+
+    from tasks.model import dir_digest
     from tasks.privacy import PrivacyError, open_ledger, plan_mismatch, privacy_plan
 
     ledger = open_ledger()
@@ -438,7 +456,10 @@ def _attempt_ledger(spec: FinetuneSpec, rank: int):
     if entry.status != "reserved":
         raise PrivacyError(f"training attempt {spec.attempt_id} is '{entry.status}' in the ledger: it cannot train "
                            "again", spec.output_dir, "re-run the flow: it reuses the recorded model or plans a new attempt")
-    if diff := plan_mismatch(entry.plan, privacy_plan(spec)):
+    actual = replace(spec, base_digest=dir_digest(Path(spec.model_path)))  # what will really be loaded
+    plan = privacy_plan(actual, hashlib.sha256(raw_train).hexdigest(),
+                        hashlib.sha256(raw_eval).hexdigest() if raw_eval is not None else None)
+    if diff := plan_mismatch(entry.plan, plan):
         raise PrivacyError(f"spec.json differs from the plan the ledger reserved ({'; '.join(diff[:3])})",
                            spec.output_dir, "re-run the flow (the run dir was changed; a new attempt is charged)")
     return ledger
@@ -603,8 +624,8 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     import hashlib
 
     from llmops.governance import load_governance
-    from tasks.privacy import (epsilon_of, new_attempt_id, noise_for_target, open_ledger, plan_problems,
-                               privacy_plan)
+    from tasks.privacy import (PrivacyError, epsilon_of, new_attempt_id, noise_for_target, open_ledger,
+                               plan_problems, privacy_plan)
 
     p, t = cfg.privacy, cfg.training
     governed = load_governance().privacy
@@ -641,7 +662,7 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
         max_grad_norm=p.max_grad_norm, sample_rate=q, sampling=p.sampling, secure_mode=p.secure_mode,
         noise_seed=p.noise_seed, delta=delta, accountant=p.accountant, reproducible_insecure=p.reproducible_insecure,
         eval_path=curve_eval_path(cfg, data), curve_points=cfg.evaluation.curve_points,
-        curve_records=cfg.evaluation.curve_records,
+        curve_records=cfg.evaluation.curve_records, base_digest=model["digest"],
     )
     # DP configuration errors surface here, before the ledger reserves anything (not inside a rank, after it did)
     deepspeed_config(spec.deepspeed_config, spec.micro_batch_size, grad_accumulation_steps(spec), spec.world_size,
@@ -649,6 +670,10 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     cumulative = math.inf
     if p.enabled:
         ledger = open_ledger()
+        if why := ledger.unaccounted(spec.base_digest):  # its training records were never charged
+            raise PrivacyError(f"the base model is the output of a run the ledger did not account ({why})",
+                               f"model.path {model['path']}", "fine-tune from the original base model, or from a "
+                               "private run's model (its records are composed by the ledger)")
         plan = privacy_plan(spec)
         spec.attempt_id = _continuing_attempt(out, ledger, plan) or new_attempt_id()
         cumulative = ledger.reserve(spec.attempt_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
@@ -718,9 +743,9 @@ def training_record_hashes(data: dict) -> list[str]:
     from tasks.data import read_texts, text_hash
 
     hashes = [text_hash(t) for t in read_texts(Path(data["train_path"]))]
-    if data.get("source_map"):
+    if data.get("source_map"):  # a cache in the state dir: it may add identities, never remove the trained text's
         sources = json.loads(Path(data["source_map"]).read_text())
-        hashes = [s for h in hashes for s in sources.get(h, [h])]
+        hashes = [s for h in hashes for s in [h, *(x for x in sources.get(h, []) if isinstance(x, str))]]
     return sorted(set(hashes))
 
 
@@ -735,7 +760,7 @@ def training_record_keys(data: dict) -> dict[str, list[int]]:
     sources = json.loads(Path(data["source_map"]).read_text()) if data.get("source_map") else {}
     for t in read_texts(Path(data["train_path"])):
         h, keys = text_hash(t), record_keys(t)
-        for s in sources.get(h, [h]):
+        for s in [h, *(x for x in sources.get(h, []) if isinstance(x, str))]:
             out[s] = sorted(set(out.get(s, [])) | set(keys))
     return out
 
@@ -813,10 +838,12 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     from tasks.model import dir_digest
     from tasks.privacy import PrivacyError, open_ledger
 
+    model = Path(model_path) if model_path else Path(spec.output_dir) / "model"
     if not spec.private:
+        if model.is_dir():  # never a base for a "private" run: its records were trained without any charge
+            open_ledger().record_unaccounted(dir_digest(model), f"privacy.enabled=false run {spec.run_id}")
         return math.inf
     ledger = open_ledger()
-    model = Path(model_path) if model_path else Path(spec.output_dir) / "model"
     try:
         inside = json.loads((model / "privacy.json").read_text())
     except (OSError, ValueError):
@@ -825,7 +852,10 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     if problems := output_mismatch(ledger.entry(spec.attempt_id), inside):
         raise PrivacyError(f"the trained model's privacy.json does not match the reserved attempt "
                            f"({'; '.join(problems[:3])})", str(model), "re-run the flow (a new attempt is charged)")
-    ledger.finish(spec.attempt_id, inside["history"], model_digest=dir_digest(model))
+    digest = dir_digest(model)
+    ledger.finish(spec.attempt_id, inside["history"], model_digest=digest)
+    if problems := ledger.entry(spec.attempt_id).problems:  # e.g. reproducible_insecure: never a private base
+        ledger.record_unaccounted(digest, "; ".join(problems))
     return ledger.spent(spec.fingerprint, load_governance().privacy.budget_delta, spec.accountant)
 
 

@@ -295,18 +295,41 @@ def gaussian_noise(params: list[torch.Tensor], std: float, generator, secure_mod
     return [_generate_noise(std, p.detach().float().cpu(), generator, False) for p in params]
 
 
-def privacy_plan(spec) -> dict:
-    """What the ledger reserves an attempt *for*: every field the epsilon depends on, plus the digest of the training
-    file. The rank refuses a spec.json that differs from the reserved plan (the run dir is writable; the ledger is
-    governance-side), and re-planning continues an attempt only if its plan is this one. Pure but for hashing the file."""
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file, read once (a FIFO or device could hand the hash check and the trainer different
+    contents; so the caller hashes and parses these same bytes)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PrivacyError("not a regular file", str(path), "training and evaluation data are plain files "
+                               "written by the data step; re-run the flow")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: str | Path) -> str:
     import hashlib
 
     try:
-        train_digest = hashlib.sha256(Path(spec.train_path).read_bytes()).hexdigest()
-    except OSError:
-        train_digest = "missing"
-    return {"version": 1, "private": bool(spec.private), "fingerprint": spec.fingerprint, "n_train": int(spec.n_train),
-            "train_digest": train_digest, "noise_multiplier": float(spec.noise_multiplier),
+        return hashlib.sha256(read_regular(path)).hexdigest()
+    except (OSError, PrivacyError):
+        return "missing"
+
+
+def privacy_plan(spec, train_digest: str | None = None, eval_digest: str | None = None) -> dict:
+    """What the ledger reserves an attempt *for*: every field the epsilon depends on, the digests of the training file,
+    the base model and the loss-curve text. The rank refuses a spec.json that differs from the reserved plan (the run
+    dir is writable; the ledger is governance-side), and re-planning continues an attempt only if its plan is this one.
+    `train_digest`/`eval_digest`: the sha256 of the bytes the caller read (the rank hashes what it trains on)."""
+    return {"version": 2, "private": bool(spec.private), "fingerprint": spec.fingerprint, "n_train": int(spec.n_train),
+            "train_digest": train_digest or sha256_of(spec.train_path), "base_digest": spec.base_digest,
+            "curve": [int(spec.curve_points), int(spec.curve_records),
+                      (eval_digest or sha256_of(spec.eval_path)) if spec.eval_path and spec.curve_points else ""],
+            "noise_multiplier": float(spec.noise_multiplier),
             "max_grad_norm": float(spec.max_grad_norm), "sample_rate": float(spec.sample_rate),
             "steps": int(spec.steps), "delta": float(spec.delta), "accountant": spec.accountant,
             "sampling": spec.sampling, "secure_mode": bool(spec.secure_mode),
@@ -400,6 +423,9 @@ KEYS_TABLE = ("CREATE TABLE IF NOT EXISTS record_keys (record TEXT NOT NULL, key
               "PRIMARY KEY (record, key))")
 KEYS_INDEX = "CREATE INDEX IF NOT EXISTS record_keys_key ON record_keys (key)"
 SIZES_TABLE = "CREATE TABLE IF NOT EXISTS record_sizes (record TEXT PRIMARY KEY, n INTEGER NOT NULL)"
+UNACCOUNTED_TABLE = "CREATE TABLE IF NOT EXISTS unaccounted (digest TEXT PRIMARY KEY, why TEXT NOT NULL)"
+LAUNCHES_TABLE = ("CREATE TABLE IF NOT EXISTS launches (run_id TEXT NOT NULL, start_step INTEGER NOT NULL, "
+                  "created REAL NOT NULL, PRIMARY KEY (run_id, start_step))")
 CHECKPOINTS_TABLE = ("CREATE TABLE IF NOT EXISTS checkpoints (run_id TEXT NOT NULL, step INTEGER NOT NULL, "
                      "digest TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (run_id, step))")
 _ENTRY_COLS = "run_id, fingerprint, status, delta, accountant, history, epsilon, created, run_key, digest, plan, problems"
@@ -478,7 +504,7 @@ class PrivacyLedger:
             db.execute(MODELS_TABLE)
             db.execute(ARTIFACTS_TABLE)
             db.execute(CHECKPOINTS_TABLE)
-            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE):
+            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE, LAUNCHES_TABLE, UNACCOUNTED_TABLE):
                 db.execute(ddl)
             have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
             for col, decl in _NEW_COLUMNS:  # a ledger from an older llmops
@@ -537,7 +563,7 @@ class PrivacyLedger:
     def _related_stored(self, db, keys: dict[str, list[int]]) -> dict[str, set[str]]:
         """For each new record (hash -> its tasks.neardup keys), the recorded records it is related to (a variant,
         part, or concatenation of), by the same rule as `tasks.neardup.related`, counted in SQL over the key index."""
-        from tasks.neardup import MIN_SHARED, THRESHOLD
+        from tasks.neardup import related_counts
 
         if not keys:
             return {}
@@ -550,8 +576,7 @@ class PrivacyLedger:
         db.execute("DELETE FROM probe_keys")
         out: dict[str, set[str]] = {r: set() for r in keys}
         for new, old, shared, n_old in rows:
-            small = min(len(set(keys[new])), int(n_old))
-            if small and shared >= min(MIN_SHARED, small) and shared / small >= THRESHOLD:
+            if related_counts(int(shared), len(set(keys[new])), int(n_old)):
                 out[new].add(old)
         return out
 
@@ -727,6 +752,33 @@ class PrivacyLedger:
             db.execute("INSERT INTO checkpoints (run_id, step, digest, created) VALUES (?, ?, ?, ?)",
                        (attempt_id, int(step), digest, time.time()))
 
+    def record_unaccounted(self, digest: str, why: str) -> None:
+        """A model trained on records without a charge that holds (privacy.enabled=false, reproducible_insecure): it
+        may never be the base of a private run (fine-tuning it further would launder its unaccounted training)."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO unaccounted (digest, why) VALUES (?, ?)", (digest, why))
+
+    def unaccounted(self, digest: str) -> str | None:
+        with self._tx() as db:
+            row = db.execute("SELECT why FROM unaccounted WHERE digest=?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def claim_launch(self, attempt_id: str, start_step: int) -> None:
+        """A reserved attempt trains from a given step once: launching the rank again from step 0 (or from the same
+        checkpoint) would train several models on one charge and let someone keep the best. A resume claims the
+        ledger's latest checkpoint step, once."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM runs WHERE run_id=?", (attempt_id,)).fetchone()
+            if row is None or row[0] != "reserved":
+                raise PrivacyError(f"attempt {attempt_id} is not a reserved attempt in the ledger", str(self.path),
+                                   "re-run the flow")
+            if db.execute("SELECT 1 FROM launches WHERE run_id=? AND start_step=?", (attempt_id, int(start_step))
+                          ).fetchone():
+                raise PrivacyError(f"attempt {attempt_id} already trained from step {start_step}: one charge, one "
+                                   "training", str(self.path), "re-run the flow: a new attempt is planned and charged")
+            db.execute("INSERT INTO launches (run_id, start_step, created) VALUES (?, ?, ?)",
+                       (attempt_id, int(start_step), time.time()))
+
     def last_checkpoint(self, attempt_id: str) -> tuple[int, str] | None:
         """(step, digest) of the attempt's latest recorded checkpoint, or None."""
         with self._tx() as db:
@@ -799,7 +851,7 @@ class PostgresLedger(PrivacyLedger):
             db.execute(MODELS_TABLE)
             db.execute(ARTIFACTS_TABLE)
             db.execute(CHECKPOINTS_TABLE)
-            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE):
+            for ddl in (KEYS_TABLE, KEYS_INDEX, SIZES_TABLE, LAUNCHES_TABLE, UNACCOUNTED_TABLE):
                 db.execute(ddl)
             for col, decl in _NEW_COLUMNS:
                 db.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} {decl}")
@@ -824,6 +876,10 @@ class PostgresLedger(PrivacyLedger):
             conn.close()
 
 
+_EXTRA_TABLES = {"record_keys": "record, key", "record_sizes": "record, n", "launches": "run_id, start_step, created",
+                 "unaccounted": "digest, why"}
+
+
 def copy_ledger(source: str, dest: str) -> int:
     """Copy every attempt and record membership of the ledger at `source` into `dest` (moving a deployment from its
     SQLite ledger to a team's Postgres one): charges must follow the records, or moving would reset every budget.
@@ -838,6 +894,7 @@ def copy_ledger(source: str, dest: str) -> int:
         models = db.execute("SELECT run_id, digest FROM models").fetchall()
         artifacts = db.execute("SELECT run_id, name, digest FROM artifacts").fetchall()
         checkpoints = db.execute("SELECT run_id, step, digest, created FROM checkpoints").fetchall()
+        extra = {t: db.execute(f"SELECT {c} FROM {t}").fetchall() for t, c in _EXTRA_TABLES.items()}
     with dst._tx() as db:
         have = {r[0] for r in db.execute("SELECT run_id FROM runs").fetchall()}
         new = [tuple(r) for r in runs if r[0] not in have]
@@ -848,4 +905,7 @@ def copy_ledger(source: str, dest: str) -> int:
                        [tuple(a) for a in artifacts])
         db.executemany("INSERT OR IGNORE INTO checkpoints (run_id, step, digest, created) VALUES (?, ?, ?, ?)",
                        [tuple(c) for c in checkpoints])
+        for t, c in _EXTRA_TABLES.items():  # near-duplicate keys, launch claims, unaccounted models
+            marks = ", ".join("?" * len(c.split(",")))
+            db.executemany(f"INSERT OR IGNORE INTO {t} ({c}) VALUES ({marks})", [tuple(r) for r in extra[t]])
     return len(new)

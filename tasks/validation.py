@@ -104,6 +104,18 @@ _PII_CLASSES: dict[str, type] = {}
 
 
 def run_gx(df, val_cfg, out_dir: Path, name: str):
+    """`_run_gx` under an exclusive lock on the GX file context: two runs on the same data (a scheduled retraining and
+    a manual run) share `validation/<fingerprint>/`, and GX refuses a suite that changed since it was last saved."""
+    import fcntl
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".gx.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run_gx(df, val_cfg, out_dir, name)
+
+
+def _run_gx(df, val_cfg, out_dir: Path, name: str):
     """Build the real GX objects (context → data source → asset → batch definition → suite → validation
     definition → checkpoint with Data Docs) in a file context under out_dir, run them, return (result, docs).
     Column-map expectations return up to max_examples `where` values (file:line) of failing rows: Data Docs shows

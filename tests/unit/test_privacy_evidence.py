@@ -364,3 +364,81 @@ def test_distillation_and_public_eval_checks_see_lowercased_and_truncated_privat
               "Completely new prose about trains and timetables that no play of Shakespeare ever contained."]
     assert count_private(disguised + public, [data["train_path"]]) == 2  # the run's own splits
     assert count_private(disguised + public) == 2  # the ledger alone (another run's records)
+
+
+# ------------------------------------------------------------------------ second blind attack (plan binding)
+
+
+def test_a_fifo_in_place_of_the_training_file_is_refused(tiny_config, tmp_path):
+    """The plan check and the trainer read the file separately: a FIFO handed each reader other bytes."""
+    import os
+
+    cfg = tiny_config
+    data, model = _inputs(cfg)
+    spec, _ = plan_finetune(cfg, data, model)
+    fifo = tmp_path / "train.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(PrivacyError, match="not a regular file"):
+        train(replace(spec, train_path=str(fifo)))
+
+
+def test_the_base_model_and_curve_text_are_part_of_the_plan(tiny_config, tmp_path):
+    cfg = tiny_config
+    data, model = _inputs(cfg)
+    spec, _ = plan_finetune(cfg, data, model)
+    other = tmp_path / "other-base"
+    shutil.copytree(model["path"], other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(PrivacyError, match="base_digest"):
+        train(replace(spec, model_path=str(other)))  # spec.json pointing at another base (e.g. a non-private model)
+    if spec.curve_points:
+        with pytest.raises(PrivacyError, match="curve"):
+            train(replace(spec, eval_path=spec.train_path, curve_records=1))  # the curve scored on training records
+
+
+def test_the_output_of_a_non_private_run_cannot_be_a_private_runs_base(tiny_config):
+    cfg = tiny_config
+    data, model = _inputs(cfg)
+    open_ledger().record_unaccounted(model["digest"], "privacy.enabled=false run r")
+    with pytest.raises(PrivacyError, match="did not account"):
+        plan_finetune(cfg, data, model)
+
+
+def test_one_reservation_trains_once(tiny_config):
+    """Launching the rank again on one reserved attempt trained several models on one charge (keep the best)."""
+    cfg = tiny_config
+    data, model = _inputs(cfg)
+    spec, _ = plan_finetune(cfg, data, model)
+    train(spec)
+    with pytest.raises(PrivacyError, match="already trained from step 0"):
+        train(spec)
+
+
+def test_a_forged_source_map_cannot_hide_the_trained_records(tmp_path):
+    from tasks.data import text_hash
+    from tasks.finetune import training_record_hashes, training_record_keys
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(json.dumps({"id": "1", "text": "a record that was trained"}) + "\n")
+    (tmp_path / "map.json").write_text(json.dumps({text_hash("a record that was trained"): []}))
+    data = {"train_path": str(train_file), "source_map": str(tmp_path / "map.json")}
+    assert training_record_hashes(data) == [text_hash("a record that was trained")]
+    assert list(training_record_keys(data)) == [text_hash("a record that was trained")]
+
+
+def test_a_padded_part_of_a_spent_record_pays_its_history(tmp_path):
+    """Split-and-pad: ~42% of a record followed by unrelated text is a small share of both; a shared verbatim run of
+    >= 10 words relates them whatever the ratio."""
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    a = ("Patient Jane Roe, born 1961-04-02, was admitted on 3 March with chest pain radiating to the left arm; "
+         "troponin was elevated, an ECG showed ST elevation in the inferior leads, and she was taken for urgent "
+         "angiography where a right coronary occlusion was stented without complication before discharge home.")
+    one = epsilon_of([[1.0, 0.05, 200]], 1e-5, "prv")
+    _reserve(ledger, "first", [a], one * 1.2)
+    words = a.split()
+    filler = ("the harbour was quiet that morning and the gulls circled above the fishing boats while a cold wind "
+              "came down from the hills across the grey water toward the old stone pier where nobody waited").split()
+    parts = [" ".join(words[i:i + len(words) * 42 // 100] + filler[:40]) for i in (0, 12, 24)]
+    for n, part in enumerate(parts):
+        with pytest.raises(PrivacyError, match="records shared with earlier runs"):
+            _reserve(ledger, f"pad{n}", [part], one * 1.2)

@@ -587,3 +587,33 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
             worker.terminate()
             worker.wait(timeout=30)
         services.stop_prefect(tmp_path / "server")
+
+
+def test_a_response_planted_in_the_run_input_store_does_not_lock_approvers_out(prefect_harness, world):
+    """Attack: creating the paused run's `paused-N-response` input through the API made every real approval fail
+    with 409 (Prefect refuses to resume over an existing key) and nothing was audited. The waiting flow removes a
+    response that stays while the run is still Paused and audits it; a real approval then goes through."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    from flows.promotion import promotion_flow
+
+    w = world
+    t, out = _start(promotion_flow, version="1", request=_request(w), config=w["cfg"])
+    run = _paused("llmops-promotion")
+    with get_client(sync_client=True) as pc:
+        key = pc.read_flow_run(run).state.state_details.run_input_keyset["response"]
+        pc.create_flow_run_input(flow_run_id=run, key=key, value=json.dumps({"approve": True, "approver": "rm-x",
+                                                                              "code": "x", "comment": ""}))
+        deadline = time.time() + 30
+        while time.time() < deadline and any(i.key == key for i in pc.filter_flow_run_input(
+                flow_run_id=run, key_prefix="paused-", limit=50, exclude_keys=set())):
+            time.sleep(0.5)
+        assert not any(i.key == key for i in pc.filter_flow_run_input(flow_run_id=run, key_prefix="paused-",
+                                                                       limit=50, exclude_keys=set()))
+    planted = [e for e in _audit(w) if e.get("decision") == "denied" and "planted" in e.get("reason", "")]
+    assert planted and planted[-1]["flow_run_id"] == run
+    assert _paused("llmops-promotion") == run  # still waiting for a real approval
+    with get_client(sync_client=True) as pc:
+        pc.set_flow_run_state(run, Cancelled(message="test over"), force=True)
+    t.join(timeout=60)
