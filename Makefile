@@ -59,6 +59,7 @@ demo-stop:
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
 test: env
+	@infra/system-deps.sh
 	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
 

@@ -16,6 +16,7 @@ import tempfile
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from llmops import console
 from llmops.caching import files_key
 from llmops.config import PipelineConfig
 from tasks.data import prepare_data_task
@@ -67,9 +68,11 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                                    validation_tokenizer(m.source, config.state_dir, m.path, m.tokenizer_path))
         logger.info("data validation passed (%d records%s); Data Docs: %s", validation["n_records"],
                     ", cleaned copy used" if validation["cleaned"] else "", validation["docs_path"])
-    model = resolve_model_task.with_options(**refresh)(config)
+    with console.phase("base model (resolve / convert)"):
+        model = resolve_model_task.with_options(**refresh)(config)
     logger.info("base model %s (%s) at %s", model["digest"][:12], model["source"], model["path"])
-    data = prepare_data_task.with_options(**refresh)(config, validation["data_path"] if validation else None)
+    with console.phase("data (near-duplicates, split)"):
+        data = prepare_data_task.with_options(**refresh)(config, validation["data_path"] if validation else None)
     # The privacy ledger and lineage key on the data as delivered: a redacted copy is the same people's data.
     data = data | {"source_fingerprint": validation["source_fingerprint"] if validation else data["fingerprint"],
                    "source_map": validation.get("source_map") if validation else None}
@@ -77,7 +80,7 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
                 data["fingerprint"][:12], data["n_records"], data["n_train"], data["n_eval"],
                 data.get("n_duplicates_removed", 0))
 
-    tuned = dp_finetune_task.with_options(**refresh)(config, data, model)
+    tuned = dp_finetune_task.with_options(**refresh)(config, data, model)  # its own phase (tasks/finetune.py)
     p = tuned["privacy"]
     if p["private"]:
         logger.info("DP fine-tune: epsilon=%.3f delta=%.2g sigma=%.3f C=%.2g q=%.4f steps=%d; dataset total "
@@ -93,19 +96,22 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
 
     compression = None
     if config.compression.enabled:  # post-processing of the DP model (distillation only on public data)
-        compression = compress_task.with_options(**refresh)(
-            tuned["model_path"], str(config.state_dir / "compression" / tuned["run_id"]), config.compression,
-            eval_path, config.model.max_seq_len, [data["train_path"], data["eval_path"]])
+        with console.phase("compression (build, ONNX export + checks, measure every variant)"):
+            compression = compress_task.with_options(**refresh)(
+                tuned["model_path"], str(config.state_dir / "compression" / tuned["run_id"]), config.compression,
+                eval_path, config.model.max_seq_len, [data["train_path"], data["eval_path"]])
         logger.info("compression: selected %s; edge bundle %s", compression.get("selected_reason"),
                     compression.get("edge_reason"))
         if compression.get("edge") and p["private"]:  # the edge target and `serve --engine onnx` verify these bytes
             bind_artifact_task(tuned["attempt_id"], "edge", compression["edge"])
 
-    candidate = evaluate_candidate_task.with_options(**refresh)(
-        tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,
-        e.max_new_tokens, config.model.dtype)
-    production = production_identity(config)
-    incumbent = evaluate_production_task.with_options(**refresh)(config, eval_path, production) if production else None
+    with console.phase("evaluation (candidate, then production on the same split)"):
+        candidate = evaluate_candidate_task.with_options(**refresh)(
+            tuned["model_path"], eval_path, e.prompts, e.max_eval_records, config.model.max_seq_len,
+            e.max_new_tokens, config.model.dtype)
+        production = production_identity(config)
+        incumbent = evaluate_production_task.with_options(**refresh)(config, eval_path, production) \
+            if production else None
     policy = GatePolicy(e.max_loss_increase, e.max_latency_ratio, e.require_private)
     decision = decision_dict(should_promote(candidate, incumbent, policy, p,
                                             f"v{incumbent['version']}" if incumbent else None))
@@ -115,10 +121,11 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     # Held-out loss + epsilon curves and the compression chart: PNGs for MLflow (model card) and Prefect.
     figures = figures_task(str(config.state_dir / "figures" / tuned["run_id"]), tuned.get("curve", []),
                            tuned.get("metrics", []), compression, tuned.get("budget"))
-    registered = register_task(**registration_inputs(
-        config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
-        validation=validation, compression=compression, figures=figures,
-        flow_run_id=flow_run.id, flow_run_url=run_url(flow_run.id)))
+    with console.phase("registration (MLflow upload, lineage)"):
+        registered = register_task(**registration_inputs(
+            config, data=data, base_model=model, tuned=tuned, evaluation=candidate, decision=decision,
+            validation=validation, compression=compression, figures=figures,
+            flow_run_id=flow_run.id, flow_run_url=run_url(flow_run.id)))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
     publish_figures_task(figures, registered, tracking_uri(config.registry.tracking_uri, config.state_dir))

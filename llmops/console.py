@@ -207,3 +207,113 @@ def train_summary(result: dict, seconds: float, mlflow_url: str | None, prefect_
     lines += [f"  {'links':<{width}}  {k}: {v}" if i == 0 else f"  {'':<{width}}  {k}: {v}"
               for i, (k, v) in enumerate(links)]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+HEARTBEAT_S = 30.0
+
+
+def _phase_times_path() -> Path | None:
+    return _state.log.parent / "phase-seconds.json" if _state.log else None
+
+
+def _phase_estimate(name: str) -> float | None:
+    import json
+
+    p = _phase_times_path()
+    try:
+        return float(json.loads(p.read_text())[name]) if p else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _phase_record(name: str, seconds: float) -> None:
+    import json
+
+    p = _phase_times_path()
+    if p is None:
+        return
+    try:
+        data = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[name] = round(seconds, 1)
+    try:
+        p.write_text(json.dumps(data, indent=1))
+    except OSError:
+        pass
+
+
+def _human(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class phase:
+    """A long step a person must be able to tell from a hang: a line when it starts, then on a terminal a bar of
+    elapsed seconds against the last run's duration (the ETA), without one a line at least every `every` seconds
+    with the phase name, elapsed time and ETA; the duration is remembered next to the logs for the next ETA.
+    `quiet_when()` true = something else reports progress now (the DP ranks' step lines): stop the heartbeat.
+
+        with console.phase("compression"):
+            compress(...)
+    """
+
+    def __init__(self, name: str, every: float | None = None, quiet_when=None, out: TextIO | None = None):
+        self.name, self.every, self.quiet_when = name, every or HEARTBEAT_S, quiet_when
+        self.out = out
+        self._stop = None
+
+    def __enter__(self) -> "phase":
+        import threading
+        import time
+
+        self.out = self.out or terminal()
+        self.t0 = time.time()
+        self.eta = _phase_estimate(self.name)
+        hint = f" (last run {_human(self.eta)})" if self.eta else ""
+        print(f"{time.strftime('%H:%M:%S')}  {self.name} ...{hint}", file=self.out, flush=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"phase-{self.name}")
+        self._thread.start()
+        return self
+
+    def _line(self) -> str:
+        import time
+
+        el = time.time() - self.t0
+        eta = f", ETA {_human(self.eta - el)}" if self.eta and self.eta > el else (
+            ", longer than last time" if self.eta else "")
+        return f"{time.strftime('%H:%M:%S')}  {self.name}: running {_human(el)}{eta}"
+
+    def _beat(self) -> None:
+        tty = getattr(self.out, "isatty", lambda: False)()
+        step = 1.0 if tty else self.every
+        last = 0.0
+        import time
+
+        while not self._stop.wait(step):
+            if self.quiet_when is not None and self.quiet_when():
+                continue
+            if tty:
+                print("\r" + self._line() + "   ", end="", file=self.out, flush=True)
+                last = time.time()
+            elif time.time() - max(last, self.t0) >= self.every - 0.01:
+                print(self._line(), file=self.out, flush=True)
+                last = time.time()
+        if tty and last:
+            print("", file=self.out, flush=True)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import time
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        seconds = time.time() - self.t0
+        if exc_type is None:
+            _phase_record(self.name, seconds)
+            if seconds >= 5:
+                print(f"{time.strftime('%H:%M:%S')}  {self.name}: done in {_human(seconds)}", file=self.out,
+                      flush=True)
+        return False

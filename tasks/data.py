@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,8 +291,10 @@ def split(ds: Dataset, eval_fraction: float) -> tuple[list[Record], list[Record]
 
 def write_jsonl(records: list[Record], path: Path) -> Path:
     """Write atomically (tmp + rename) so a crash never leaves a half-written split behind."""
+    import secrets
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}-{secrets.token_hex(3)}.tmp")  # concurrent runs: own tmp
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"id": r.id, "text": r.text}, ensure_ascii=False) + "\n")

@@ -300,7 +300,7 @@ def train(spec: FinetuneSpec) -> dict | None:
     step_seconds = []
     clipper = PerSampleClipper(engine.module.model, spec.max_grad_norm, spec.ghost) if spec.private else None
     scale = world / spec.batch_size  # DeepSpeed averages over ranks; we want (sum of clipped grads) / E[batch]
-    bar = _progress(rank, start, spec.steps)
+    bar = _progress(rank, start, spec.steps, Path(spec.output_dir) / PROGRESS_MARKER)
     points = curve_steps(spec.steps, spec.curve_points)
     heldout = _curve_data(spec, tok, rank, raw_eval)
     if heldout is not None and start == 0 and 0 in points:
@@ -530,7 +530,10 @@ def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics, curve=()) -
     return {"model_path": str(out / "model"), "privacy": privacy, "metrics": metrics, "curve": list(curve)}
 
 
-def _progress(rank: int, start: int, total: int):
+PROGRESS_MARKER = ".progress"
+
+
+def _progress(rank: int, start: int, total: int, marker: Path | None = None):
     if rank != 0:
         return None
     from tqdm.auto import tqdm
@@ -538,25 +541,36 @@ def _progress(rank: int, start: int, total: int):
     from llmops import console
 
     out = console.terminal()  # a person's terminal even when this rank's stderr goes to the run's log
+    if marker is not None:
+        try:
+            marker.touch()  # the parent's "starting ranks" heartbeat stops: this bar reports from here on
+        except OSError:
+            pass
     if not out.isatty():  # a CI log or `| tee`: a few plain lines instead of carriage-return redraws
         return _ProgressLines(out, start, total)
     return tqdm(total=total, initial=start, desc="DP fine-tune", unit="step", dynamic_ncols=True, file=out)
 
 
 class _ProgressLines:
-    """tqdm's update/set_postfix/close as one line per fifth of the run: step, epsilon, elapsed time."""
+    """tqdm's update/set_postfix/close as plain lines: the first step, each fifth of the run, and at least one line
+    every 30 s: step, epsilon, elapsed time, ETA."""
 
-    def __init__(self, out, start: int, total: int):
-        self.out, self.n, self.total, self.t0 = out, start, total, time.time()
-        self.marks = {max(1, round(total * i / 5)) for i in range(1, 6)}
+    def __init__(self, out, start: int, total: int, every: float = 30.0):
+        self.out, self.n, self.total, self.t0, self.start = out, start, total, time.time(), start
+        self.marks = {start + 1} | {max(1, round(total * i / 5)) for i in range(1, 6)}
+        self.every, self.last = every, time.time()
 
     def update(self, k: int) -> None:
         self.n += k
 
     def set_postfix(self, **values) -> None:
-        if self.n in self.marks:
+        now = time.time()
+        if self.n in self.marks or now - self.last >= self.every:
+            done = self.n - self.start
+            eta = (now - self.t0) / done * (self.total - self.n) if done else 0
             print(f"{time.strftime('%H:%M:%S')}  DP fine-tune: step {self.n}/{self.total}, epsilon "
-                  f"{values.get('eps', '?')}, {time.time() - self.t0:.0f} s", file=self.out, flush=True)
+                  f"{values.get('eps', '?')}, {now - self.t0:.0f} s, ETA {eta:.0f} s", file=self.out, flush=True)
+            self.last = now
 
     def close(self) -> None:
         pass
@@ -893,8 +907,14 @@ def bind_artifact(attempt_id: str, name: str, path: str) -> str:
 
 def finetune(cfg, data: dict, model: dict) -> dict:
     """Plan (ledger reservation) → launch ranks → settle the ledger. Returns paths, privacy and metrics."""
+    from llmops import console
+
     spec, planned = plan_finetune(cfg, data, model)
-    result = launch(spec)
+    marker = Path(spec.output_dir) / PROGRESS_MARKER  # rank 0 touches it with its first step line
+    marker.unlink(missing_ok=True)
+    with console.phase("DP fine-tune (start ranks, load model)", quiet_when=marker.exists):
+        result = launch(spec)
+    marker.unlink(missing_ok=True)
     result.pop("step_seconds", None)
     result["cumulative_epsilon"] = finish_ledger(cfg, spec, result["privacy"], result["model_path"])
     result["budget"] = privacy_budget(cfg)

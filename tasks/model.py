@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +57,29 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
+@contextmanager
+def _build_lock(out: Path):
+    """One builder per cached model dir at a time (two runs on one state dir, e.g. a schedule and a person, used to
+    write the same dir at once: one hashed the other's half-written files). Waiters find it complete."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def convert_smollm2(cache_root: Path) -> Path:
     """GGUF -> plain safetensors HF dir, once; later calls reuse the cache (loads in <1 s instead of ~17 s)."""
     out = cache_root / SMOLLM2_DIR
     if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    with _build_lock(out):
+        return _convert_smollm2(out)
+
+
+def _convert_smollm2(out: Path) -> Path:
+    if (out / "config.json").is_file() and (out / ".complete").is_file():  # another run built it meanwhile
         return out
     gguf = smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,9 +103,6 @@ def convert_smollm2(cache_root: Path) -> Path:
 def build_tiny(cache_root: Path, arch: str, layers: int, hidden: int, heads: int, seed: int, max_len: int,
                tokenizer_path: Path | None = None) -> Path:
     """A random model of the given shape, saved as an HF dir (deterministic for a seed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    import torch
-
     tok_dir = Path(tokenizer_path or SHIPPED_TOKENIZER)
     if not (tok_dir / "tokenizer.json").is_file():
         raise ModelError("no tokenizer.json", str(tok_dir), "set model.tokenizer_path to a tokenizer directory")
@@ -93,6 +110,16 @@ def build_tiny(cache_root: Path, arch: str, layers: int, hidden: int, heads: int
     out = cache_root / f"tiny-{arch}-l{layers}-h{hidden}-a{heads}-s{seed}-v{len(tok)}-n{max_len}"
     if (out / ".complete").is_file():
         return out
+    with _build_lock(out):
+        if (out / ".complete").is_file():  # another run built it while this one waited
+            return out
+        return _build_tiny(out, tok, arch, layers, hidden, heads, seed, max_len)
+
+
+def _build_tiny(out: Path, tok, arch: str, layers: int, hidden: int, heads: int, seed: int, max_len: int) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import torch
+
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)

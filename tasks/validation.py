@@ -351,7 +351,7 @@ def derived_table(results, limit: int | None):
 
 def write_copy(results, n: int, path: Path) -> Path:
     """Concatenate the workers' parts of the cleaned copy (first n records) atomically."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two runs validating the same data write their own tmp
     left = n
     with open(tmp, "w", encoding="utf-8") as out:
         for r in results:

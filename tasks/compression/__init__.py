@@ -6,9 +6,11 @@
 hidden tmp dir and renamed, so a failure never leaves a half variant). Every variant is then *reloaded from disk*
 and run next to the original on the same inputs: size on disk, parameters, held-out perplexity, CPU tokens/s and
 latency p50/p95. Quality gates (max perplexity increase, min speed-up) decide which variants may be passed on; a
-failing one says why. Among the passing variants within `pick_speed_tolerance` (5%) of the best speed, the smallest
-on disk is `selected`; the same rule over the ONNX variants picks the `edge` bundle. Each pick comes with its reason
-(`selected_reason`, `edge_reason`: e.g. "onnx-int8: 237 MB, 1.514× (within 5% of the best 1.549×, ...)").
+failing one says why. Speed-ups are medians of per-round paired ratios (rounds interleaved, so a load spike slows
+both sides of a ratio). Among the passing variants within the tie band of the best speed (`pick_speed_tolerance`,
+5%, widened to the measured noise: the largest relative IQR of the paired ratios), the smallest on disk is
+`selected`; the `edge` bundle is chosen on size first: the smallest passing ONNX variant. Each pick comes with its
+reason (`selected_reason`, `edge_reason`), and the rule is printed under the table in the model card.
 
 Variants (each selectable in `compression.*`):
   pruned-<method>   magnitude_global / magnitude_layer: unstructured L1, made permanent (zeros stay dense, so no
@@ -108,6 +110,29 @@ class Pick:
 
     variant: dict | None
     reason: str
+
+
+def noise_band(variants: list[dict], speed_tolerance: float) -> float:
+    """The tie band for speed: the configured tolerance, widened to the measured noise (the largest relative IQR of
+    the paired per-round speed-ups among the passing variants, capped at 25%). Two speeds closer than the noise are
+    the same speed; size decides."""
+    spreads = [float(v.get("speedup_spread") or 0.0) for v in variants if v.get("passed")]
+    return max(speed_tolerance, min(max(spreads, default=0.0), 0.25))
+
+
+def choose_edge(variants: list[dict]) -> Pick:
+    """Pure: the edge bundle is picked on size first: the smallest passing ONNX variant (speed only has to pass the
+    gate, `min_speedup`). A device that downloads and stores the bundle pays for every byte; a few percent of
+    timing noise must never ship a bundle twice the size."""
+    ok = [v for v in variants if v.get("format") == "onnx" and v.get("passed")]
+    if not ok:
+        built = [v for v in variants if v.get("format") == "onnx"]
+        return Pick(None, f"none: no onnx variant passed the gates ({len(built)} tried)" if built else
+                    "none: no onnx variant was built")
+    win = min(ok, key=lambda v: (v["size_bytes"], -v["speedup"]))
+    why = "the only passing onnx variant" if len(ok) == 1 else \
+        f"size first: smallest of {len(ok)} passing onnx variants; speed only has to pass the gate"
+    return Pick(win, f"{win['name']}: {_mb(win['size_bytes'])}, {win['speedup']:.3f}× ({why})")
 
 
 def choose(variants: list[dict], speed_tolerance: float, formats: tuple[str, ...] | None = None) -> Pick:
@@ -268,9 +293,14 @@ def decide(measured: dict, cfg) -> dict:
         if v.get("built", True):
             v["passed"], v["reason"] = gate(v, base, cfg.max_perplexity_increase, cfg.min_speedup)
     rows = table_rows(base, variants)
-    selected = choose(variants, cfg.pick_speed_tolerance)
-    edge = choose(variants, cfg.pick_speed_tolerance, ("onnx",))
-    picks = [f"- **Selected**: {selected.reason}", f"- **Edge bundle**: {edge.reason}"]
+    band = noise_band(variants, cfg.pick_speed_tolerance)
+    selected = choose(variants, band)
+    edge = choose_edge(variants)
+    rule = (f"- **Rule**: selected = the smallest passing variant within {band * 100:.3g}% of the fastest "
+            f"(pick_speed_tolerance {cfg.pick_speed_tolerance * 100:g}%, widened to the measured noise: the largest "
+            "relative IQR of paired per-round speed-ups); edge bundle = the smallest passing ONNX variant (size "
+            "first). Speed-ups are medians of per-round ratios to the original, rounds interleaved.")
+    picks = [f"- **Selected**: {selected.reason}", f"- **Edge bundle**: {edge.reason}", rule]
     sel, e = selected.variant, edge.variant
     return {"baseline": base, "variants": variants, "rows": rows,
             "table_md": table_markdown(rows, variants, measured["note"], picks),

@@ -91,12 +91,20 @@ def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int) -> dict[
             samples[name].append(time.perf_counter() - t0)
     n_tok = batch["input_ids"].numel()
     out = {}
+    base = samples.get("original")
     for name, s in samples.items():
+        if base is not None:  # paired by round: a load spike slows both sides of one ratio alike
+            ratios = sorted(b / x for b, x in zip(base, s))
+            med = statistics.median(ratios)
+            q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            paired = {"speedup_paired": round(med, 3), "speedup_spread": round((q3 - q1) / med, 3) if med else 0.0}
+        else:
+            paired = {}
         s = sorted(s)
         p50 = statistics.median(s)
         p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
         out[name] = {"latency_ms_p50": round(1000 * p50, 2), "latency_ms_p95": round(1000 * p95, 2),
-                     "tokens_per_s": round(n_tok / p50, 1)}
+                     "tokens_per_s": round(n_tok / p50, 1), **paired}
     return out
 
 
@@ -139,7 +147,8 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
         if not v.get("built", True):
             continue
         v.update(timing[v["name"]])
-        v["speedup"] = round(v["tokens_per_s"] / base["tokens_per_s"], 3)
+        # the median of per-round paired ratios (same round, same load), not a ratio of two medians
+        v["speedup"] = v.get("speedup_paired") or round(v["tokens_per_s"] / base["tokens_per_s"], 3)
         v["size_mb"] = round(v["size_bytes"] / 1e6, 1)
         v["size_ratio"] = round(v["size_bytes"] / base["size_bytes"], 3)
         v["ppl_delta"] = v["perplexity"] / base["perplexity"] - 1

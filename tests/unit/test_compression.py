@@ -391,3 +391,18 @@ def test_real_smollm2_blockwise_int8_onnx_keeps_quality(tmp_path):
     assert q["ppl_delta"] <= 0.02 and q["linear_bytes_ratio"] <= 0.30
     assert abs(by["onnx"]["ppl_delta"]) < 1e-3
     assert res["edge"] is not None
+
+
+def test_edge_is_chosen_on_size_first_and_noise_widens_the_tie_band():
+    """The issue: int8 measured > 5% slower in one noisy timing and the 543 MB fp32 ONNX shipped to the edge."""
+    vs = [_v("onnx", 1.60, 542.1), _v("onnx-int8", 1.45, 237.4), _v("int8-weight-only", 1.2, 200, "torchao")]
+    edge = c.choose_edge(vs)
+    assert edge.variant["name"] == "onnx-int8" and "size first" in edge.reason
+    assert c.choose_edge([_v("onnx", 1.6, 542.1), _v("onnx-int8", 0.9, 237.4, passed=False)]).variant["name"] == "onnx"
+    assert c.choose_edge([_v("x", 1.0, 1, "hf")]).variant is None
+    # selection: 9% apart is outside a 5% band, but inside a band widened to a measured 12% spread
+    noisy = [dict(v, speedup_spread=0.12) for v in vs]
+    assert c.choose(vs, c.noise_band(vs, 0.05)).variant["name"] == "onnx"
+    assert c.noise_band(noisy, 0.05) == pytest.approx(0.12)
+    assert c.choose(noisy, c.noise_band(noisy, 0.05)).variant["name"] == "onnx-int8"
+    assert c.noise_band([dict(v, speedup_spread=3.0) for v in vs], 0.05) == 0.25  # capped

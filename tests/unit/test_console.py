@@ -148,3 +148,35 @@ def test_train_prints_a_short_summary_and_json_only_with_json(tmp_path):
     r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["registered"]["version"]
+
+
+def test_services_stop_ends_the_state_dirs_background_runs(tmp_path):
+    """A paused background promotion used to survive `llmops services stop` (its server gone under it)."""
+    import subprocess
+    import sys
+
+    from flows.cli import _alive, _record_background, end_background_runs
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    _record_background(tmp_path, "promotion-x", proc.pid)
+    assert end_background_runs(tmp_path, None, wait_s=0.5) == ["promotion-x"]
+    proc.wait(timeout=10)
+    assert not _alive(proc.pid) and not list((tmp_path / "background").glob("*.json"))
+
+
+def test_a_phase_reports_at_least_every_interval_with_its_name(tmp_path):
+    import io
+    import time
+
+    from llmops import console
+
+    out = io.StringIO()
+    with console.phase("compression (test)", every=0.2, out=out):
+        time.sleep(0.75)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("compression (test) ...")
+    assert sum("compression (test): running" in x for x in lines) >= 3
+    stopped = io.StringIO()
+    with console.phase("dp", every=0.2, out=stopped, quiet_when=lambda: True):  # the ranks report: no heartbeat
+        time.sleep(0.5)
+    assert stopped.getvalue().count("\n") == 1

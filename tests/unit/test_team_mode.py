@@ -15,13 +15,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ROOT, _free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    not (Path("/usr/lib/postgresql/15/bin/initdb").exists() and Path("/usr/bin/redis-server").exists()),
+    reason="team mode needs Debian's postgresql 15 and redis-server (make test installs them as root: "
+           "infra/system-deps.sh)")]
 
 
 def _ports() -> dict:
