@@ -556,9 +556,23 @@ class _ProgressLines:
     every 30 s: step, epsilon, elapsed time, ETA."""
 
     def __init__(self, out, start: int, total: int, every: float = 30.0):
+        import threading
+
         self.out, self.n, self.total, self.t0, self.start = out, start, total, time.time(), start
         self.marks = {start + 1} | {max(1, round(total * i / 5)) for i in range(1, 6)}
         self.every, self.last = every, time.time()
+        self._print(f"DP fine-tune: {total - start} step(s) to train" + (f" (resumed at {start})" if start else ""))
+        self._done = threading.Event()  # a step longer than `every` still gets a line every `every` seconds
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _print(self, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')}  {text}", file=self.out, flush=True)
+        self.last = time.time()
+
+    def _beat(self) -> None:
+        while not self._done.wait(min(1.0, self.every / 3)):
+            if time.time() - self.last >= self.every:
+                self._print(f"DP fine-tune: step {self.n + 1}/{self.total} running, {time.time() - self.t0:.0f} s")
 
     def update(self, k: int) -> None:
         self.n += k
@@ -568,12 +582,11 @@ class _ProgressLines:
         if self.n in self.marks or now - self.last >= self.every:
             done = self.n - self.start
             eta = (now - self.t0) / done * (self.total - self.n) if done else 0
-            print(f"{time.strftime('%H:%M:%S')}  DP fine-tune: step {self.n}/{self.total}, epsilon "
-                  f"{values.get('eps', '?')}, {now - self.t0:.0f} s, ETA {eta:.0f} s", file=self.out, flush=True)
-            self.last = now
+            self._print(f"DP fine-tune: step {self.n}/{self.total}, epsilon {values.get('eps', '?')}, "
+                        f"{now - self.t0:.0f} s, ETA {eta:.0f} s")
 
     def close(self) -> None:
-        pass
+        self._done.set()
 
 
 def _update_bar(bar, m: dict) -> None:

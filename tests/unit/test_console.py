@@ -180,3 +180,22 @@ def test_a_phase_reports_at_least_every_interval_with_its_name(tmp_path):
     with console.phase("dp", every=0.2, out=stopped, quiet_when=lambda: True):  # the ranks report: no heartbeat
         time.sleep(0.5)
     assert stopped.getvalue().count("\n") == 1
+
+
+def test_dp_step_lines_start_at_once_and_cover_long_steps():
+    """The demo was silent between the rank's start and step 1, and during each 40 s step."""
+    import io
+    import time
+
+    from tasks.finetune import _ProgressLines
+
+    out = io.StringIO()
+    bar = _ProgressLines(out, 0, 10, every=0.3)
+    time.sleep(1.0)  # one long first step
+    bar.update(1)
+    bar.set_postfix(eps="0.50")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "10 step(s) to train" in lines[0]
+    assert sum("step 1/10 running" in x for x in lines) >= 2 and "step 1/10, epsilon 0.50" in lines[-1]
+    assert "ETA" in lines[-1]
