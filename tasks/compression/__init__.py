@@ -8,7 +8,7 @@ and run next to the original on the same inputs: size on disk, parameters, held-
 latency p50/p95. Quality gates (max perplexity increase, min speed-up) decide which variants may be passed on; a
 failing one says why. Speed-ups are medians of per-round paired ratios (rounds interleaved, so a load spike slows
 both sides of a ratio). Among the passing variants within the tie band of the best speed (`pick_speed_tolerance`,
-5%, widened to the measured noise: the largest relative IQR of the paired ratios), the smallest on disk is
+10%, widened to the measured noise: the largest relative IQR of the paired ratios), the smallest on disk is
 `selected`; the `edge` bundle is chosen on size first: the smallest passing ONNX variant. Each pick comes with its
 reason (`selected_reason`, `edge_reason`), and the rule is printed under the table in the model card.
 
