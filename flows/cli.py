@@ -351,6 +351,8 @@ def end_background_runs(state: Path, api_url: str | None, wait_s: float = 20.0) 
     import signal
     import time
 
+    from llmops.files import pid_alive
+
     ended = []
     for f in sorted((state / "background").glob("*.json")):
         try:
@@ -359,7 +361,7 @@ def end_background_runs(state: Path, api_url: str | None, wait_s: float = 20.0) 
         except (OSError, ValueError, KeyError):
             f.unlink(missing_ok=True)
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             f.unlink(missing_ok=True)
             continue
         if api_url:
@@ -368,9 +370,9 @@ def end_background_runs(state: Path, api_url: str | None, wait_s: float = 20.0) 
             except Exception:  # noqa: BLE001 - the server may already be gone: terminate below
                 pass
         deadline = time.time() + wait_s
-        while _alive(pid) and time.time() < deadline:
+        while pid_alive(pid) and time.time() < deadline:
             time.sleep(0.3)
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGTERM)
             except OSError:
@@ -378,17 +380,6 @@ def end_background_runs(state: Path, api_url: str | None, wait_s: float = 20.0) 
         f.unlink(missing_ok=True)
         ended.append(name)
     return ended
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _cancel_by_name(api_url: str, run_name: str) -> None:

@@ -615,13 +615,10 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
                 reason=f"{policy.required} approval(s); targets {sorted(policy.targets)}", **subject)
         approvals = collect_approvals(cfg, gov, "promote", subject, summary, requested_by, policy, challenge, expires)
         with release_lock(gov.g, name):  # re-read, publish, move aliases, log: one critical section
-            now = released(gov, name)  # compare-and-swap on the log: the approvers saw this state
-            diverged = alias_divergences(client, now)
-            if now.stack != st.stack or diverged:
-                _refuse(cfg, gov, "; ".join(diverged) or f"production moved from {_vv(st.production)} to "
-                        f"{_vv(now.production)} since the request", f"models:/{name}@production",
-                        "request the promotion again so approvers see the current state",
-                        requested_by=requested_by, approved_by=approvals, **subject)
+            now = _unmoved(cfg, gov, client, st, lambda n: f"production moved from {_vv(st.production)} to "
+                           f"{_vv(n.production)} since the request",
+                           "request the promotion again so approvers see the current state",
+                           requested_by=requested_by, approved_by=approvals, **subject)
             _stage(gov, subject, requested_by, "publish")
             try:
                 results = publish_everywhere(cfg, gov, policy, version, info, approvals)
@@ -646,6 +643,17 @@ def promotion_flow(version: str, request: str, config: PipelineConfig = Pipeline
     logger.info("%s v%s is now @production (previous: %s); targets: %s", name, version, old, results)
     return {"status": "promoted", "version": version, "previous": old, "approved_by": approvals,
             "requested_by": requested_by, "policy": policy.digest, "targets": results}
+
+
+def _unmoved(cfg: PipelineConfig, gov: Gov, client, st: ReleaseState, moved, fix: str, **entry) -> ReleaseState:
+    """Compare-and-swap on the signed log (call under `release_lock`): the release state now must be the one the
+    approvers saw (`st`) and MLflow's aliases must agree with it; otherwise refuse (audited) with `moved(now)` or the
+    divergences. Returns the state now."""
+    now = released(gov, st.model)
+    diverged = alias_divergences(client, now)
+    if now.stack != st.stack or diverged:
+        _refuse(cfg, gov, "; ".join(diverged) or moved(now), f"models:/{st.model}@production", fix, **entry)
+    return now
 
 
 @contextmanager
@@ -702,13 +710,11 @@ def rollback_flow(request: str, config: PipelineConfig = PipelineConfig()) -> di
         approvals = collect_approvals(cfg, gov, "rollback", subject, summary, requested_by, policy, challenge,
                                       expires)
         with release_lock(gov.g, name):  # re-read, publish, move aliases, log: one critical section
-            now = released(gov, name)
-            diverged = alias_divergences(client, now)
-            if now.stack != st.stack or diverged:  # a promotion landed while this rollback waited: it would be stale
-                _refuse(cfg, gov, "; ".join(diverged) or f"production/previous moved from {cur}/{prev} to "
-                        f"{now.production}/{now.previous} since the request", f"models:/{name}@production",
-                        "request the rollback again if it is still wanted",
-                        requested_by=requested_by, approved_by=approvals, **subject)
+            # a promotion that landed while this rollback waited would make it stale
+            now = _unmoved(cfg, gov, client, st, lambda n: f"production/previous moved from {cur}/{prev} to "
+                           f"{n.production}/{n.previous} since the request",
+                           "request the rollback again if it is still wanted",
+                           requested_by=requested_by, approved_by=approvals, **subject)
             _stage(gov, subject, requested_by, "publish")
             try:
                 results = publish_everywhere(cfg, gov, policy, prev, info, approvals)  # idempotent: re-points targets

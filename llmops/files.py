@@ -26,11 +26,15 @@ def write_text_atomic(path: str | Path, text: str, mode: int | None = None) -> P
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (another user's counts as alive)."""
+    """Whether a process with this pid exists on this host (another user's counts as alive; a zombie, which has
+    exited and only waits to be reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):  # another user's live process / not a pid we could have written
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -53,22 +53,37 @@ _INVISIBLE = {"Cf", "Cc", "Cs"}
 _EXTRA_INVISIBLE = {0x034F, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x1810)}
 
 
+def codepoint_class(codepoints, member) -> "re.Pattern":
+    """One regex character class of every code point in `codepoints` (ascending) for which `member(cp)` holds, as
+    ranges: a set tested per character once, then matched at regex speed."""
+    import re
+
+    ranges, start, prev = [], None, None
+    for cp in codepoints:
+        if member(cp):
+            if start is None or cp != prev + 1:
+                if start is not None:
+                    ranges.append((start, prev))
+                start = cp
+            prev = cp
+        elif start is not None:
+            ranges.append((start, prev))
+            start = None
+    if start is not None:
+        ranges.append((start, prev))
+    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" if b > a else re.escape(chr(a))
+                                    for a, b in ranges) + "]")
+
+
 def _invisible_pattern():
     """One regex class of every code point `identity` drops (computed once per process, ~0.3 s): the same set as
     testing each character's category, at regex speed (the per-character loop cost ~90 us per 400-char record)."""
-    import re
-
-    ranges, start = [], None
     # Planes 3-13 and 15-16 hold no Cc/Cf/Cs code point (tests check every code point against the definition).
-    for cp in [*range(0x30000), *range(0xE0000, 0xE1001)]:
-        ch = chr(cp) if cp <= 0xE0FFF else ""
-        drop = bool(ch) and not ch.isspace() and (unicodedata.category(ch) in _INVISIBLE or cp in _EXTRA_INVISIBLE)
-        if drop and start is None:
-            start = cp
-        elif not drop and start is not None:
-            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}" if cp - 1 > start else re.escape(chr(start)))
-            start = None
-    return re.compile(f"[{''.join(ranges)}]")
+    def drop(cp: int) -> bool:
+        ch = chr(cp)
+        return not ch.isspace() and (unicodedata.category(ch) in _INVISIBLE or cp in _EXTRA_INVISIBLE)
+
+    return codepoint_class([*range(0x30000), *range(0xE0000, 0xE1000)], drop)
 
 
 _DROP = None

@@ -125,15 +125,9 @@ _COMBINING = None
 
 def _combining_pattern():
     """One regex class of every code point with a nonzero canonical combining class (computed once, ~0.2 s)."""
-    ranges, start = [], None
-    for cp in range(0x30001):
-        comb = cp < 0x30000 and unicodedata.combining(chr(cp)) != 0
-        if comb and start is None:
-            start = cp
-        elif not comb and start is not None:
-            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(cp - 1))}" if cp - 1 > start else re.escape(chr(start)))
-            start = None
-    return re.compile(f"[{''.join(ranges)}]")
+    from tasks.data import codepoint_class
+
+    return codepoint_class(range(0x30000), lambda cp: unicodedata.combining(chr(cp)) != 0)
 
 
 def fold(text: str) -> list[str]:

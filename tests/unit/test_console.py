@@ -155,13 +155,14 @@ def test_services_stop_ends_the_state_dirs_background_runs(tmp_path):
     import subprocess
     import sys
 
-    from flows.cli import _alive, _record_background, end_background_runs
+    from flows.cli import _record_background, end_background_runs
+    from llmops.files import pid_alive
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     _record_background(tmp_path, "promotion-x", proc.pid)
     assert end_background_runs(tmp_path, None, wait_s=0.5) == ["promotion-x"]
     proc.wait(timeout=10)
-    assert not _alive(proc.pid) and not list((tmp_path / "background").glob("*.json"))
+    assert not pid_alive(proc.pid) and not list((tmp_path / "background").glob("*.json"))
 
 
 def test_a_phase_reports_at_least_every_interval_with_its_name(tmp_path):
