@@ -661,18 +661,14 @@ def release_lock(g: Governance, model: str):
     """One release decision per model at a time on this worker: without it two approved runs both pass the
     compare-and-swap against the same old log state and both publish (the second over the first). An exclusive
     flock on a file in the governance directory (the promotion worker's; team mode runs promotions on one pool)."""
-    import fcntl
     import hashlib
+
+    from llmops.files import exclusive_lock
 
     locks = g.home / "locks"
     locks.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(locks / f"release-{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock",
-                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(locks / f"release-{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock", 0o600):
         yield
-    finally:
-        os.close(fd)
 
 
 def _vv(v) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,3 +39,20 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, mode: int = 0o644):
+    """Hold an exclusive flock on `path` (created if missing, never through a symlink) for the `with` block: the one
+    way processes sharing a state or governance dir take turns (model builds, GX contexts, the MLflow sqlite
+    schema, the audit log, release decisions). Released when the block ends or the process dies."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

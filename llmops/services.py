@@ -25,6 +25,7 @@ purpose with `eval "$(llmops services env)"`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -222,6 +223,38 @@ def mlflow_argv(port: int, artifacts: str, app: str | None = None) -> list[str]:
             "--serve-artifacts", "--artifacts-destination", artifacts] + (["--app-name", app] if app else [])
 
 
+_SCHEMA_READY: set[Path] = set()
+
+
+def create_sqlite_schema_once(db: Path) -> None:
+    """Create (or migrate) MLflow's tables in the state dir's sqlite file under an exclusive lock, once per process.
+
+    MLflow's own stores check "are all tables there?" and then create them, unlocked: two runs that touch a fresh
+    state dir at the same time (a schedule and a person; the busy-machine test) both create them and one fails with
+    "table ... already exists" / "duplicate column name". Under the lock the second finds them complete."""
+    if db in _SCHEMA_READY:
+        return
+    from llmops.files import exclusive_lock
+
+    with exclusive_lock(db.with_name(".mlflow.db.lock")):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+        uri = f"sqlite:///{db}"
+        quiet = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]  # "Creating initial tables"
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.WARNING)
+        try:
+            TrackingStore(uri, (db.parent / "mlartifacts").as_uri()).engine.dispose()  # creates + migrates
+            RegistryStore(uri).engine.dispose()
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+    _SCHEMA_READY.add(db)
+
+
 def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float = 120, backend: str | None = None,
                  artifacts: str | None = None, env: dict | None = None, home: Path | None = None,
                  app: str | None = None) -> str:
@@ -236,6 +269,8 @@ def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float 
     if mlflow_healthy(url) and _pid(pid_file):
         return url
     _port_taken(url, pid_file, lambda: mlflow_healthy(url), "MLflow server", "LLMOPS_MLFLOW_PORT")
+    if backend is None:  # the state dir's file: its tables exist before the server and a run both open it
+        create_sqlite_schema_once(state / "mlflow.db")
     # the backend URI goes by environment: a password in argv would show in `ps` for every user
     env = _base_env(MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))

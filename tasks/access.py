@@ -29,7 +29,6 @@ Choices, and why:
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops.errors import LLMOpsError
-from llmops.files import pid_alive
+from llmops.files import exclusive_lock, pid_alive
 from llmops.governance import Governance
 
 APPROVAL_DOMAIN = "llmops-approval-v2"
@@ -512,13 +511,8 @@ class AuditLog:
 
     @contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.path.with_name(self.path.name + ".lock"), 0o600):
+            yield
 
     def append(self, **entry) -> dict:
         if {"credential", "secret", "code", "key"} & set(entry):

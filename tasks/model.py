@@ -61,11 +61,9 @@ def smollm2_gguf() -> Path:
 def _build_lock(out: Path):
     """One builder per cached model dir at a time (two runs on one state dir, e.g. a schedule and a person, used to
     write the same dir at once: one hashed the other's half-written files). Waiters find it complete."""
-    import fcntl
+    from llmops.files import exclusive_lock
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(out.parent / f".{out.name}.lock"):
         yield
 
 

@@ -52,8 +52,9 @@ def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
                                 "`llmops services start` (or `llmops services stop` to use the sqlite file directly)")
         services.use_team_mlflow_credentials(server, state_dir)
         return server
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{Path(state_dir).resolve()}/mlflow.db"
+    db = Path(state_dir).resolve() / "mlflow.db"
+    services.create_sqlite_schema_once(db)
+    return f"sqlite:///{db}"
 
 
 def model_version_url(uri: str, name: str, version: str | int) -> str | None:

@@ -106,13 +106,10 @@ _PII_CLASSES: dict[str, type] = {}
 def run_gx(df, val_cfg, out_dir: Path, name: str):
     """`_run_gx` under an exclusive lock on the GX file context: two runs on the same data (a scheduled retraining and
     a manual run) share `validation/<fingerprint>/`, and GX refuses a suite that changed since it was last saved."""
-    import fcntl
+    from llmops.files import exclusive_lock
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".gx.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _run_gx(df, val_cfg, out_dir, name)
+    with exclusive_lock(Path(out_dir) / ".gx.lock"):
+        return _run_gx(df, val_cfg, Path(out_dir), name)
 
 
 def _run_gx(df, val_cfg, out_dir: Path, name: str):

@@ -46,3 +46,28 @@ def test_two_concurrent_tiny_trains_finish_under_a_cpu_burner(tmp_path, tiny_jso
         assert "Traceback" not in err
     logs = sorted((state / "logs").glob("train-*.log"))
     assert len(logs) == 2  # one log per run, even when both start in the same second
+
+
+_OPEN_REGISTRY = """
+import sys
+from tasks.registry import tracking_uri
+import mlflow
+client = mlflow.MlflowClient(tracking_uri(None, sys.argv[1]))
+client.search_registered_models()
+client.search_experiments()
+print("opened")
+"""
+
+
+def test_processes_opening_a_fresh_state_dirs_registry_at_once_all_succeed(tmp_path):
+    """MLflow creates its sqlite tables check-then-create, unlocked: four processes opening a fresh state dir's
+    registry together failed 11 of 12 times ("table ... already exists", "duplicate column name: step") before the
+    schema was created under a lock (CI hit it as two concurrent `llmops train` reaching evaluation together)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "LLMOPS_TRACKING"))}
+    env |= {"PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    state = tmp_path / "state"
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_REGISTRY, str(state)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "opened" in out, err[-2000:]
