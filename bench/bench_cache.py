@@ -67,7 +67,7 @@ def in_process(config: str, tmp: Path) -> tuple[float, float]:
 
     from flows.training import training_flow
     from llmops.config import load_config
-    from tasks.access import init_governance
+    from llmops.governance.access import init_governance
 
     init_governance(Path(os.environ["LLMOPS_GOVERNANCE"]))
     cfg = load_config(config, {"state_dir": str(tmp / "state")})

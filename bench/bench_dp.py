@@ -11,8 +11,6 @@ Table 2: held-out loss after training with DP (epsilon=8) vs non-private, same s
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 import tempfile
@@ -81,7 +79,7 @@ def sampling_cost(sizes=(1_294, 20_000, 1_000_000), q: float = 0.01, rounds: int
 
 def quality(spec, data, tmp: Path, steps: int, epsilon: float, dp_lrs: list[float] | None = None) -> list[tuple]:
     from tasks.evaluation import heldout_loss
-    from tasks.privacy import noise_for_target
+    from llmops.governance.accounting import noise_for_target
 
     sigma = noise_for_target(epsilon, spec.delta, spec.sample_rate, steps, "prv")
     base = heldout_loss(spec.model_path, data.eval_path, max_records=10**9, max_len=spec.max_len)

@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tasks import neardup  # noqa: E402
-from tasks.data import identity  # noqa: E402
+from llmops.text.identity import identity  # noqa: E402
 
 SHAKESPEARE = ROOT / "data/sample/shakespeare.jsonl"
 MACBETH = ROOT / "data/public/macbeth.txt"
 
-# Attacker lookalikes per Latin letter: Cyrillic / Greek / Armenian (tasks.neardup folds them), plus fullwidth and
+# Attacker lookalikes per Latin letter: Cyrillic / Greek / Armenian (llmops.text.neardup folds them), plus fullwidth and
 # mathematical bold / italic / monospace (NFKC folds them).
 _LOOK = {
     "a": "аα", "c": "сϲ", "d": "ԁ", "e": "еε", "h": "һ", "i": "іι", "j": "ј", "k": "κ", "l": "ӏ", "n": "ոη",

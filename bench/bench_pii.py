@@ -54,7 +54,7 @@ def score(records: list[dict], preds: list[dict]) -> dict[str, dict[str, float]]
 
 
 def ours(text: str) -> dict:
-    from tasks.pii import find_pii
+    from llmops.text.pii import find_pii
 
     return find_pii(text, MRN)
 

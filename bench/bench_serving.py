@@ -172,7 +172,8 @@ def main() -> None:
     control.use_loopback_ray()  # before Ray is imported: every listener on 127.0.0.1
     import ray
 
-    from tasks.model import dir_digest, resolve_model
+    from llmops.files import dir_digest
+    from tasks.model import resolve_model
 
     state = Path(os.environ.get("LLMOPS_HOME", ROOT / ".llmops")) / "bench-serving"
     ref = resolve_model(args.model, state, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),

@@ -77,8 +77,9 @@ def profile(n: int) -> None:
     import re
 
     from tasks import scan
-    from tasks.data import iter_records, text_hash
-    from tasks.validation import find_pii, pii_categories, redact
+    from tasks.data import iter_records
+    from llmops.text.identity import text_hash
+    from llmops.text.pii import find_pii, pii_categories, redact
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.jsonl"

@@ -1,4 +1,4 @@
-"""Promotion and rollback flows: wiring only (logic in tasks/promotion.py and tasks/access.py).
+"""Promotion and rollback flows: the decision run once per approved request (its rules: llmops/governance/).
 
     llmops promote --config configs/demo.yaml --version 3 --requested-by ml-alice --key-file alice.key --background
     llmops approval-code <flow-run-id> --approver rm-bob --key-file bob.key     # prints a single-use code
@@ -20,31 +20,32 @@ is re-read from the log (compare-and-swap), every file is checked against the le
 written (no symlink followed), the aliases follow the log. Every way the run ends is audited.
 """
 from __future__ import annotations
-
 import json
-import os
 import secrets
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
-
 from llmops.config import PipelineConfig
-from llmops.governance import Governance, TargetSpec
-from tasks.access import (CHALLENGE_ARTIFACT, AccessDenied, AuditLog, GovernanceStore, ReleaseState, approval_subject,
-                          challenge_markdown, release_divergences, release_state, submission_delay, verified_entries,
-                          verified_governance, verify_approval, verify_request)
-from tasks.promotion import PromotionError, check_evidence, file_manifest, make_target
-from tasks.registry import download_hf_model, model_version_url, retry, tracking_uri
+from llmops.governance.policy import Governance, TargetSpec
+from llmops.governance.access import (CHALLENGE_ARTIFACT, approval_subject, challenge_markdown, submission_delay, verified_entries, verified_governance, verify_approval, verify_request)
+from llmops.errors import AccessDenied
+from llmops.governance.audit import AuditLog, ReleaseState, release_divergences, release_state
+from llmops.governance.store import GovernanceStore
+from llmops.errors import PromotionError
+from llmops.governance.evidence import check_evidence
+from tasks.promotion import file_manifest, make_target
+from tasks.registry import download_hf_model, retry
+from llmops.services import model_version_url, connect_registry
+from llmops.governance.decision import PolicyInForce, pinned_config, policy_in_force, release_lock
+from llmops.governance.evidence import artifact_digest_problem, ledger_problems, model_digest_problem
 
 
 class ApprovalInput(RunInput):
@@ -78,39 +79,10 @@ def released(gov: Gov, model: str) -> ReleaseState:
     return release_state(verified_entries(gov.g, gov.store), model)
 
 
-@dataclass
-class PolicyInForce:
-    """Governance, tightened (never loosened) by the run config."""
-
-    required: int
-    timeout_s: int
-    targets: dict[str, TargetSpec]
-    digest: str
-    approvers: list[str]
-
-
-def policy_in_force(g: Governance, cfg: PipelineConfig, model: str, action: str) -> PolicyInForce:
-    pc = cfg.promotion
-    allowed = {n: t for n, t in g.targets.items() if t.allows(model)}
-    if pc.targets is not None:
-        if bad := [n for n in pc.targets if n not in allowed]:
-            raise PromotionError(f"target(s) {bad} are not allowed for model '{model}' by governance",
-                                 "promotion.targets",
-                                 f"choose among {sorted(allowed)} (an admin manages targets in {g.path})")
-        allowed = {n: allowed[n] for n in pc.targets}
-    if not allowed:
-        raise PromotionError(f"governance allows no target for model '{model}'", str(g.path),
-                             "an admin adds one: `llmops governance target NAME --kind onprem --uri DIR`")
-    perm = "approve-promotion" if action == "promote" else "approve-rollback"
-    return PolicyInForce(required=max(g.approvals.required_for(model), pc.required_approvals or 0),
-                         timeout_s=min(g.approvals.timeout_s, pc.approval_timeout_s or g.approvals.timeout_s),
-                         targets=allowed, digest=g.digest(), approvers=g.holders(perm))
-
-
 def _client(cfg: PipelineConfig):
     import mlflow
 
-    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    uri = connect_registry(cfg.registry.tracking_uri, cfg.state_dir)
     return mlflow.MlflowClient(uri), uri
 
 
@@ -459,82 +431,6 @@ def recover_aborted(cfg: PipelineConfig, gov: Gov) -> list[str]:
     return done
 
 
-def ledger_problems(g: Governance, tags: dict) -> list[str]:
-    """Cross-check the version's privacy tags against the deployment's ledger (see tasks.promotion.check_ledger)."""
-    from tasks.promotion import check_ledger
-    from tasks.privacy import open_ledger
-
-    ledger = open_ledger(g.ledger)
-    entry = ledger.entry(tags.get("llmops.dp.attempt_id", "")) if tags.get("llmops.dp.attempt_id") else None
-    spent = ledger.spent(entry.fingerprint, g.privacy.budget_delta, entry.accountant) if entry else None
-    return check_ledger(tags, entry, spent, g.privacy.dataset_budget_epsilon)
-
-
-def model_digest_problem(g: Governance, tags: dict, model_dir: Path) -> str | None:
-    """The files about to be published against the model the ledger's training attempt produced: registry tags can be
-    copied onto another version and artifacts replaced by anyone with EDIT; the ledger row is governance-side."""
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
-
-    aid = tags.get("llmops.dp.attempt_id", "")
-    entry = open_ledger(g.ledger).entry(aid) if aid else None
-    if entry is None:
-        return f"training attempt {aid or '(none)'} is not in the deployment's privacy ledger"
-    if not entry.model_digest:
-        return (f"the ledger records no model for training attempt {aid} (trained before model digests were "
-                "recorded, or the attempt did not complete): retrain to promote")
-    got = dir_digest(model_dir)
-    if got != entry.model_digest:
-        return (f"the registered model files (digest {got[:12]}) are not the model training attempt {aid} produced "
-                f"({entry.model_digest[:12]})")
-    return inside_privacy_problem(entry, model_dir)
-
-
-def inside_privacy_problem(entry, model_dir: Path) -> str | None:
-    """The privacy.json inside the digest-verified files, re-checked: it must be the ledger attempt's own output and
-    describe a guarantee (tags are editable; these bytes are the ones the ledger recorded)."""
-    import json
-
-    from tasks.finetune import output_mismatch
-    from tasks.privacy import guarantee_problems
-
-    try:
-        inside = json.loads((model_dir / "privacy.json").read_text())
-    except (OSError, ValueError):
-        return "the registered model has no readable privacy.json"
-    if problems := output_mismatch(entry, inside) + guarantee_problems(inside) + list(entry.problems):
-        return f"the model's own privacy.json: {'; '.join(dict.fromkeys(problems))}"
-    return None
-
-
-def artifact_digest_problem(g: Governance, tags: dict, name: str, path: Path) -> str | None:
-    """Another published tree (the edge bundle) against the digest its training attempt bound in the ledger."""
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
-
-    aid = tags.get("llmops.dp.attempt_id", "")
-    want = open_ledger(g.ledger).artifact_digest(aid, name) if aid else None
-    if not want:
-        return (f"the ledger binds no {name} bundle to training attempt {aid or '(none)'}: it was never evaluated "
-                "as this model's (retrain with compression.export_onnx)")
-    got = dir_digest(path)
-    if got != want:
-        return f"the registered {name} bundle (digest {got[:12]}) is not the one attempt {aid} produced ({want[:12]})"
-    return None
-
-
-def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:
-    """The run config with governance's registry: a requester must not point a promotion at an MLflow of their own
-    (where any evidence tag can be written)."""
-    if not g.registry_uri:
-        return cfg
-    mine = cfg.registry.tracking_uri
-    if mine and mine != g.registry_uri:
-        raise PromotionError(f"registry.tracking_uri {mine!r} is not the registry governance pins for promotions",
-                             "registry.tracking_uri", f"leave it unset (governance uses {g.registry_uri!r})")
-    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": g.registry_uri})})
-
-
 def _start(cfg: PipelineConfig, gov: Gov, action: str, request: str, version: str) -> str:
     """Consume this flow-run id (a run executes once), recover dead runs, verify the signed request (audited)."""
     name, run_id = cfg.registry.model_name, str(flow_run.id)
@@ -654,21 +550,6 @@ def _unmoved(cfg: PipelineConfig, gov: Gov, client, st: ReleaseState, moved, fix
     if now.stack != st.stack or diverged:
         _refuse(cfg, gov, "; ".join(diverged) or moved(now), f"models:/{st.model}@production", fix, **entry)
     return now
-
-
-@contextmanager
-def release_lock(g: Governance, model: str):
-    """One release decision per model at a time on this worker: without it two approved runs both pass the
-    compare-and-swap against the same old log state and both publish (the second over the first). An exclusive
-    flock on a file in the governance directory (the promotion worker's; team mode runs promotions on one pool)."""
-    import hashlib
-
-    from llmops.files import exclusive_lock
-
-    locks = g.home / "locks"
-    locks.mkdir(mode=0o700, exist_ok=True)
-    with exclusive_lock(locks / f"release-{hashlib.sha256(model.encode()).hexdigest()[:16]}.lock", 0o600):
-        yield
 
 
 def _vv(v) -> str:

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger
 
 from llmops.config import PipelineConfig
 from flows.training import training_flow
-from tasks.data import prepare_data_task
-from tasks.registry import production_version, tracking_uri
+from flows.steps import prepare_data_task
+from tasks.registry import production_version
+from llmops.services import connect_registry
 
 PROMOTION_DEPLOYMENT = "llmops-promotion/promote"
 
@@ -32,7 +33,7 @@ def retraining_flow(config: PipelineConfig = PipelineConfig(), requested_by: str
                     open_promotion: bool = True) -> dict:
     logger = get_run_logger()
     data = prepare_data_task(config)  # the fingerprint of the raw data (validation runs inside training)
-    prod = production_version(tracking_uri(config.registry.tracking_uri, config.state_dir), config.registry.model_name)
+    prod = production_version(connect_registry(config.registry.tracking_uri, config.state_dir), config.registry.model_name)
     if not data_changed(data["fingerprint"], dict(prod.tags) if prod else None):
         logger.info("data fingerprint %s unchanged since production v%s: nothing to do", data["fingerprint"][:12],
                     prod.version)
@@ -54,8 +55,10 @@ def _open_promotion(config: PipelineConfig, version: str, requested_by: str) -> 
     key this worker holds (governance `service_keys`); approvers are still people."""
     from prefect.deployments import run_deployment
 
-    from llmops.governance import load_governance
-    from tasks.access import AccessDenied, load_private_key, make_request
+    from llmops.governance.policy import load_governance
+    from llmops.errors import AccessDenied
+    from llmops.governance.keys import load_private_key
+    from llmops.governance.access import make_request
 
     logger = get_run_logger()
     g = load_governance()

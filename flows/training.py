@@ -12,50 +12,35 @@ logged with the run.
 """
 from __future__ import annotations
 
-import tempfile
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from llmops import console
-from llmops.caching import files_key
 from llmops.config import PipelineConfig
-from tasks.data import prepare_data_task
-from tasks.evaluation import GatePolicy, decision_dict, evaluate_candidate_task, public_eval_task, should_promote
-from tasks.finetune import bind_artifact_task, dp_finetune_task
-from tasks.model import resolve_model_task, validation_tokenizer
-from tasks.plots import figures_task, publish_figures_task
-from tasks.privacy import guarantee_problems
-from tasks.compression import compress_task
-from tasks.validation import validate_task
-from tasks.registry import download_hf_model, production_version, register_task, registration_inputs, tracking_uri
+from flows.steps import prepare_data_task
+from tasks.evaluation import GatePolicy, decision_dict, should_promote
+from flows.steps import evaluate_candidate_task, public_eval_task
+from flows.steps import bind_artifact_task, dp_finetune_task
+from flows.steps import resolve_model_task
+from tasks.model import validation_tokenizer
+from flows.steps import figures_task, publish_figures_task
+from llmops.governance.accounting import guarantee_problems
+from flows.steps import compress_task
+from flows.steps import validate_task
+from tasks.registry import production_version, registration_inputs
+from flows.steps import register_task
+from llmops.services import connect_registry
+from flows.steps import evaluate_production_task
 
 
 def production_identity(cfg: PipelineConfig) -> dict | None:
     """Which registered version is `production` now (None if none): what its evaluation is cached on."""
-    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    uri = connect_registry(cfg.registry.tracking_uri, cfg.state_dir)
     prod = production_version(uri, cfg.registry.model_name)
     if prod is None:
         return None
     return {"uri": uri, "name": cfg.registry.model_name, "version": str(prod.version), "run_id": prod.run_id or "",
             "source": prod.source or ""}
-
-
-@task(name="evaluate-production", retries=2, retry_delay_seconds=5, persist_result=True,
-      cache_policy=files_key(lambda i: [i["eval_path"]]))
-def evaluate_production_task(cfg: PipelineConfig, eval_path: str, production: dict) -> dict:
-    """The model under alias `production`, scored on *this* run's held-out split (a fair comparison). Cached on the
-    version's identity, the split's bytes and the settings: a re-run does not download and score it again."""
-    from tasks.evaluation import evaluate_model
-
-    prod = production
-    with tempfile.TemporaryDirectory() as tmp:
-        path = download_hf_model(prod["uri"], prod["name"], prod["version"], tmp)
-        e = cfg.evaluation
-        out = evaluate_model(str(path), eval_path, e.prompts, e.max_eval_records, cfg.model.max_seq_len,
-                             e.max_new_tokens, cfg.model.dtype)
-    return out | {"version": prod["version"]}
-
-
 @flow(name="llmops-training", log_prints=True, validate_parameters=True)
 def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
     logger = get_run_logger()
@@ -128,7 +113,7 @@ def training_flow(config: PipelineConfig = PipelineConfig()) -> dict:
             flow_run_id=flow_run.id, flow_run_url=run_url(flow_run.id)))
     logger.info("registered %s version %s%s", registered["model_name"], registered["version"],
                 " as @candidate" if registered["alias"] else " (gate failed: no alias)")
-    publish_figures_task(figures, registered, tracking_uri(config.registry.tracking_uri, config.state_dir))
+    publish_figures_task(figures, registered, connect_registry(config.registry.tracking_uri, config.state_dir))
     return {"validation": validation, "compression": compression, "data": data, "base_model": model,
             "finetune": {k: v for k, v in tuned.items() if k != "metrics"}, "figures": figures,
             "eval": candidate, "production_eval": incumbent, "gate": decision, "registered": registered,

@@ -52,10 +52,10 @@ class DataConfig(Section):
 
 PiiPolicy = Literal["block", "redact", "allow"]
 def pii_defaults() -> dict[str, str]:
-    """The default policy of every category the detectors report (tasks.pii.DEFAULT_POLICY; a category without an
+    """The default policy of every category the detectors report (llmops.text.pii.DEFAULT_POLICY; a category without an
     entry defaults to "redact": kept out of training, never silently allowed)."""
-    from tasks.pii import DEFAULT_POLICY
-    from tasks.validation import pii_categories
+    from llmops.text.pii import DEFAULT_POLICY
+    from llmops.text.pii import pii_categories
 
     return {c: DEFAULT_POLICY.get(c, "redact") for c in pii_categories()}
 

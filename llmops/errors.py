@@ -29,3 +29,27 @@ class DataError(LLMOpsError):
 
 class ModelError(LLMOpsError):
     """The model cannot be found, converted or loaded."""
+
+
+class AccessDenied(LLMOpsError):
+    """Authentication or authorisation failed."""
+
+
+class AuditTampered(LLMOpsError):
+    """The audit trail does not verify."""
+
+
+class GovernanceTampered(LLMOpsError):
+    """The governance file is not the one the signed audit log last recorded, or others can read/write it."""
+
+
+class PrivacyError(LLMOpsError):
+    """A run would break the privacy guarantee or budget."""
+
+
+class PromotionError(LLMOpsError):
+    """A promotion cannot proceed."""
+
+
+class RegistryError(LLMOpsError):
+    """Tracking server/registry failure."""

@@ -1,6 +1,7 @@
 """Small file helpers shared by the steps."""
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from contextlib import contextmanager
@@ -56,3 +57,15 @@ def exclusive_lock(path: str | Path, mode: int = 0o644):
         yield
     finally:
         os.close(fd)
+
+
+def dir_digest(path: Path) -> str:
+    """sha256 over (relative name, sha256 of bytes) of every file: stable content identity of a model dir."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        fh = hashlib.sha256()
+        with open(f, "rb") as fp:
+            for chunk in iter(lambda: fp.read(1 << 20), b""):
+                fh.update(chunk)
+        h.update(f"{f.relative_to(path).as_posix()}\0{fh.hexdigest()}\n".encode())
+    return h.hexdigest()

@@ -67,12 +67,12 @@ def pending_approvals(state: Path) -> tuple[list[dict], str | None]:
 
 def production_versions(state: Path) -> tuple[list[dict], str | None]:
     """Every registered model with its @production version (None when nothing is promoted yet)."""
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from llmops.errors import LLMOpsError
-    from tasks.registry import model_version_url, tracking_uri
+    from llmops.services import model_version_url, connect_registry
 
     try:
-        uri = tracking_uri(load_governance().registry_uri, state)  # governance's pin wins; team auth
+        uri = connect_registry(load_governance().registry_uri, state)  # governance's pin wins; team auth
     except LLMOpsError as e:
         return [], str(e)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -103,8 +103,9 @@ def production_versions(state: Path) -> tuple[list[dict], str | None]:
 
 def _logged_production() -> dict[str, str | None] | None:
     """Production per model from the signed audit log, where this process can read and verify it (else None)."""
-    from llmops.governance import load_governance
-    from tasks.access import release_state, verified_entries
+    from llmops.governance.policy import load_governance
+    from llmops.governance.audit import release_state
+    from llmops.governance.access import verified_entries
 
     try:
         g = load_governance()

@@ -9,7 +9,6 @@ The train/eval split is by content hash too: stable across runs, re-orderings an
 (same identity) in the train split are removed before training and counted (`DataRef.n_duplicates_removed`).
 """
 from __future__ import annotations
-
 import csv
 import hashlib
 import io
@@ -19,8 +18,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
-
 from llmops.errors import DataError
+from llmops.text.identity import text_hash
+
 
 SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "text", ".md": "text"}
 Format = Literal["auto", "jsonl", "csv", "text"]
@@ -45,60 +45,6 @@ class Dataset:
 
 def normalise(text: str) -> str:
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
-
-
-# Invisible code points that NFKC keeps: format (Cf: U+200B..U+200F, U+2060, U+FEFF, soft hyphen ...), control (Cc,
-# whitespace aside), surrogates, variation selectors and the combining grapheme joiner.
-_INVISIBLE = {"Cf", "Cc", "Cs"}
-_EXTRA_INVISIBLE = {0x034F, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x1810)}
-
-
-def codepoint_class(codepoints, member) -> "re.Pattern":
-    """One regex character class of every code point in `codepoints` (ascending) for which `member(cp)` holds, as
-    ranges: a set tested per character once, then matched at regex speed."""
-    import re
-
-    ranges, start, prev = [], None, None
-    for cp in codepoints:
-        if member(cp):
-            if start is None or cp != prev + 1:
-                if start is not None:
-                    ranges.append((start, prev))
-                start = cp
-            prev = cp
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
-    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" if b > a else re.escape(chr(a))
-                                    for a, b in ranges) + "]")
-
-
-def _invisible_pattern():
-    """One regex class of every code point `identity` drops (computed once per process, ~0.3 s): the same set as
-    testing each character's category, at regex speed (the per-character loop cost ~90 us per 400-char record)."""
-    # Planes 3-13 and 15-16 hold no Cc/Cf/Cs code point (tests check every code point against the definition).
-    def drop(cp: int) -> bool:
-        ch = chr(cp)
-        return not ch.isspace() and (unicodedata.category(ch) in _INVISIBLE or cp in _EXTRA_INVISIBLE)
-
-    return codepoint_class([*range(0x30000), *range(0xE0000, 0xE1000)], drop)
-
-
-_DROP = None
-
-
-def identity(text: str) -> str:
-    """The text a record is identified by: NFKC, invisible characters dropped, whitespace runs -> one space."""
-    global _DROP
-    if _DROP is None:
-        _DROP = _invisible_pattern()
-    return " ".join(_DROP.sub("", unicodedata.normalize("NFKC", text)).split())
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(identity(text).encode("utf-8")).hexdigest()
 
 
 def dedupe(records: list[Record]) -> tuple[list[Record], int]:
@@ -344,7 +290,7 @@ def prepare_data(
 ) -> DataRef:
     """Load, fingerprint and split; the splits land in <state_dir>/data/<fingerprint>/ (content-addressed)."""
     ds = load_dataset(path, fmt, text_field, id_field, max_records, max_line_bytes, encoding)
-    from tasks.neardup import near_dedupe
+    from llmops.text.neardup import near_dedupe
 
     # One record per near-duplicate cluster (homoglyph/case/punctuation/one-word variants, parts, concatenations:
     # tasks/neardup.py), kept before the split, so variants of one text neither train twice nor sit in the held-out
@@ -364,33 +310,3 @@ def prepare_data(
         write_jsonl(held, eval_path)
     return DataRef(ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path),
                    n_dup)
-
-
-def _task():
-    from dataclasses import asdict
-
-    from prefect import task
-
-    from llmops.caching import files_key
-
-    @task(name="prepare-data", cache_policy=files_key(lambda i: [i.get("path") or i["cfg"].data.path]),
-          persist_result=True)
-    def prepare_data_task(cfg, path: str | None = None) -> dict:
-        """Split `path` (the validated, possibly redacted data) or, without validation, `data.path`."""
-        d = cfg.data
-        if path and path != str(d.path):  # the redacted copy is JSONL with id/text, capped already
-            return asdict(prepare_data(path, cfg.state_dir, d.eval_fraction, "jsonl", "text", "id", None,
-                                       d.max_line_bytes))
-        return asdict(prepare_data(d.path, cfg.state_dir, d.eval_fraction, d.format, d.text_field, d.id_field,
-                                   d.max_records, d.max_line_bytes, d.encoding))
-
-    return prepare_data_task
-
-
-
-def __getattr__(attr: str):
-    """`prepare_data_task` is built on first use, so the CLI's validation (before any flow) does not import Prefect."""
-    if attr == "prepare_data_task":
-        globals()[attr] = _task()
-        return globals()[attr]
-    raise AttributeError(attr)

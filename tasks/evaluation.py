@@ -12,9 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import task
 
-from llmops.caching import CONTENT
 from tasks.data import read_texts
 
 
@@ -63,7 +61,8 @@ def public_eval_split(path: str | Path, out_dir: str | Path, private_paths: list
     normalised identity) is one of `private_paths`' records or in the privacy ledger: a "public" eval set that
     holds private records would release metrics computed on them outside the mechanism."""
     from tasks.data import load_dataset, write_jsonl
-    from tasks.privacy import PrivacyError, count_private
+    from llmops.errors import PrivacyError
+    from tasks.privacy import count_private
 
     ds = load_dataset(Path(path))
     if overlap := count_private([r.text for r in ds.records], private_paths):
@@ -107,7 +106,7 @@ class Decision:
 def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, privacy: dict | None = None,
                    incumbent_name: str | None = None) -> Decision:
     """Pure: decide whether `candidate` may become the release candidate. Every reason is stated."""
-    from tasks.privacy import guarantee_problems
+    from llmops.governance.accounting import guarantee_problems
 
     reasons: list[str] = []
     ok = True
@@ -139,24 +138,5 @@ def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, 
         reasons.append(f"latency {c_lat:.1f} ms/token is {c_lat / i_lat:.2f}x production "
                        f"(allowed {policy.max_latency_ratio:g}x)")
     return Decision(ok, reasons, incumbent_name)
-
-
-@task(name="evaluate-heldout", persist_result=False)
-def evaluate_task(model_path: str, eval_path: str, max_records: int, max_len: int, dtype: str) -> dict:
-    return heldout_loss(model_path, eval_path, max_records, max_len, dtype=dtype)
-
-
-@task(name="evaluate-candidate", cache_policy=CONTENT, persist_result=True)
-def evaluate_candidate_task(model_path: str, eval_path: str, prompts: list[str], max_records: int, max_len: int,
-                            max_new_tokens: int, dtype: str) -> dict:
-    return evaluate_model(model_path, eval_path, prompts, max_records, max_len, max_new_tokens, dtype)
-
-
-@task(name="public-eval-data", persist_result=False)
-def public_eval_task(path: str, out_dir: str, private_paths: list[str]) -> str:
-    """Checked every run (no cache): the ledger grows between runs."""
-    return public_eval_split(path, out_dir, private_paths)
-
-
 def decision_dict(d: Decision) -> dict:
     return asdict(d) | {"summary": d.summary()}

@@ -13,7 +13,6 @@ console, never written to MLflow or Prefect. See tasks/privacy.py for why this i
 evaluation text at a few steps (`evaluation.curve_points`); no training record enters it.
 """
 from __future__ import annotations
-
 import json
 import math
 import os
@@ -24,8 +23,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 from llmops.errors import LLMOpsError
+from llmops.governance.evidence import output_mismatch
+
 
 DS_AUTO = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -239,10 +239,10 @@ def train(spec: FinetuneSpec) -> dict | None:
     import deepspeed
     import torch
 
-    from tasks.data import read_texts
     from tasks.lm import encode
     from tasks.model import load_model
-    from tasks.privacy import PerSampleClipper, gaussian_noise, make_accountant, make_noise_generator
+    from tasks.privacy import PerSampleClipper, gaussian_noise, make_noise_generator
+    from llmops.governance.accounting import make_accountant
 
     rank, world = init_distributed()
     if world != spec.world_size:
@@ -254,7 +254,7 @@ def train(spec: FinetuneSpec) -> dict | None:
     import torch.distributed as dist
 
     sample_group = dist.new_group(backend="gloo") if world > 1 else None  # CPU broadcast even when NCCL trains
-    from tasks.privacy import read_regular
+    from llmops.governance.ledger import read_regular
 
     raw_train = read_regular(spec.train_path)  # read once: the bytes hashed against the plan are the bytes trained on
     raw_eval = read_regular(spec.eval_path) if spec.eval_path and spec.curve_points > 0 and rank == 0 else None
@@ -284,7 +284,7 @@ def train(spec: FinetuneSpec) -> dict | None:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
                                            load_optimizer_states=True)
         if client.get("attempt_id") != spec.attempt_id:
-            from tasks.privacy import PrivacyError
+            from llmops.errors import PrivacyError
 
             raise PrivacyError("checkpoint belongs to another training attempt than the one the ledger charged",
                                str(ckpt_dir), "delete the checkpoints directory and re-run (a new attempt is charged)")
@@ -361,7 +361,7 @@ def _step_metrics(step, loss_sum, n_samples, n_tokens, world, seconds, spec, his
     t = torch.tensor([loss_sum, n_samples, n_tokens], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(t)
-    from tasks.privacy import epsilon_of
+    from llmops.governance.accounting import epsilon_of
 
     eps = epsilon_of(history, spec.delta, spec.accountant) if spec.private else math.inf
     return {"step": step + 1, "loss": float(t[0] / max(t[1], 1)), "batch": int(t[1]), "tokens": int(t[2]),
@@ -424,7 +424,7 @@ def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id:
         dist.barrier()  # every rank's shard is on disk before rank 0 hashes the step directory
     if engine.global_rank == 0:
         if ledger is not None:
-            from tasks.model import dir_digest
+            from llmops.files import dir_digest
 
             ledger.checkpoint(attempt_id, step, dir_digest(ckpt_dir / f"step{step}"))
         for old in ckpt_dir.glob("step*"):
@@ -443,8 +443,9 @@ def _attempt_ledger(spec: FinetuneSpec, rank: int, raw_train: bytes = b"", raw_e
     import hashlib
     from dataclasses import replace
 
-    from tasks.model import dir_digest
-    from tasks.privacy import PrivacyError, open_ledger, plan_mismatch, privacy_plan
+    from llmops.files import dir_digest
+    from llmops.errors import PrivacyError
+    from llmops.governance.ledger import open_ledger, plan_mismatch, privacy_plan
 
     ledger = open_ledger()
     entry = ledger.entry(spec.attempt_id)
@@ -473,8 +474,8 @@ def _resume_tag(spec: FinetuneSpec, ckpt_dir: Path, ledger, rank: int, world: in
     tag = None
     if rank == 0:
         if ledger is not None:
-            from tasks.model import dir_digest
-            from tasks.privacy import PrivacyError
+            from llmops.files import dir_digest
+            from llmops.errors import PrivacyError
 
             rec = ledger.last_checkpoint(spec.attempt_id)
             if rec is not None:
@@ -497,7 +498,7 @@ def _resume_tag(spec: FinetuneSpec, ckpt_dir: Path, ledger, rank: int, world: in
 
 
 def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics, curve=()) -> dict:
-    from tasks.privacy import epsilon_of, guarantee_problems
+    from llmops.governance.accounting import epsilon_of, guarantee_problems
 
     out = Path(spec.output_dir)
     tmp = out / "model.tmp"
@@ -637,7 +638,7 @@ if __name__ == "__main__":
 
 def privacy_budget(cfg) -> float:
     """The per-record budget in force: the governance file's, lowered (never raised) by the run config."""
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
 
     governed = load_governance().privacy.dataset_budget_epsilon
     asked = cfg.privacy.dataset_budget_epsilon
@@ -650,9 +651,10 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     attempt the ledger knows continues that attempt; anything else is a new attempt, charged in full."""
     import hashlib
 
-    from llmops.governance import load_governance
-    from tasks.privacy import (PrivacyError, epsilon_of, new_attempt_id, noise_for_target, open_ledger,
-                               plan_problems, privacy_plan)
+    from llmops.governance.policy import load_governance
+    from llmops.errors import PrivacyError
+    from llmops.governance.accounting import epsilon_of, noise_for_target
+    from llmops.governance.ledger import new_attempt_id, open_ledger, plan_problems, privacy_plan
 
     p, t = cfg.privacy, cfg.training
     governed = load_governance().privacy
@@ -746,8 +748,8 @@ def _continuing_attempt(out: Path, ledger, plan: dict) -> str | None:
     the ledger's: an unfinished attempt whose latest *recorded* checkpoint is there with the recorded digest (resume),
     or a completed one whose model dir hashes to the recorded model digest (reuse, nothing is trained). spec.json,
     checkpoints and model files are the run dir's, writable by whoever runs training: they are caches, not evidence."""
-    from tasks.model import dir_digest
-    from tasks.privacy import plan_mismatch
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import plan_mismatch
 
     attempt = _spec_attempt(out)
     entry = ledger.entry(attempt) if attempt else None
@@ -767,7 +769,8 @@ def _continuing_attempt(out: Path, ledger, plan: dict) -> str | None:
 def training_record_hashes(data: dict) -> list[str]:
     """Content hashes of the records DP training will read, as the ledger's record identities. For a redacted copy,
     each record maps back to the original record(s) it came from (the same person's data)."""
-    from tasks.data import read_texts, text_hash
+    from tasks.data import read_texts
+    from llmops.text.identity import text_hash
 
     hashes = [text_hash(t) for t in read_texts(Path(data["train_path"]))]
     if data.get("source_map"):  # a cache in the state dir: it may add identities, never remove the trained text's
@@ -780,8 +783,9 @@ def training_record_keys(data: dict) -> dict[str, list[int]]:
     """The near-duplicate keys (tasks/neardup.py) of each record identity `training_record_hashes` returns: the
     ledger relates variants, parts and concatenations of earlier-trained records to them. A redacted record's
     sources get the redacted text's keys (the original text is not kept; the redacted one is its near-copy)."""
-    from tasks.data import read_texts, text_hash
-    from tasks.neardup import record_keys
+    from tasks.data import read_texts
+    from llmops.text.identity import text_hash
+    from llmops.text.neardup import record_keys
 
     out: dict[str, list[int]] = {}
     sources = json.loads(Path(data["source_map"]).read_text()) if data.get("source_map") else {}
@@ -825,8 +829,8 @@ def _reusable(spec: FinetuneSpec, model: Path) -> bool:
     (a bare or non-private spec has no ledger evidence to protect: its model is never promotable)."""
     if not spec.private or not spec.attempt_id:
         return True
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import open_ledger
 
     entry = open_ledger().entry(spec.attempt_id)
     return bool(entry and entry.status == "completed" and entry.model_digest and dir_digest(model) == entry.model_digest)
@@ -861,9 +865,10 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     """Settle the attempt: the privacy.json *inside the model dir* (the files whose digest the ledger records) must
     describe the reserved plan, the history must be the whole plan, and then the digest is bound to the attempt.
     Returns the dataset's worst-record epsilon at the budget's delta."""
-    from llmops.governance import load_governance
-    from tasks.model import dir_digest
-    from tasks.privacy import PrivacyError, open_ledger
+    from llmops.governance.policy import load_governance
+    from llmops.files import dir_digest
+    from llmops.errors import PrivacyError
+    from llmops.governance.ledger import open_ledger
 
     model = Path(model_path) if model_path else Path(spec.output_dir) / "model"
     if not spec.private:
@@ -886,32 +891,11 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     return ledger.spent(spec.fingerprint, load_governance().privacy.budget_delta, spec.accountant)
 
 
-PLAN_OUTPUT_FIELDS = {"noise_multiplier": "noise_multiplier", "sample_rate": "sample_rate", "steps": "steps",
-                      "delta": "delta", "max_grad_norm": "max_grad_norm", "sampling": "sampling",
-                      "secure_mode": "secure_mode", "reproducible_insecure": "reproducible_insecure",
-                      "noise_seed": "noise_seed", "dataset_fingerprint": "fingerprint", "n_train": "n_train",
-                      "world_size": "world_size", "accountant": "accountant"}
-
-
-def output_mismatch(entry, privacy: dict) -> list[str]:
-    """How a model's privacy.json disagrees with the ledger row it claims (empty = it is that attempt's output)."""
-    if entry is None:
-        return [f"attempt {privacy.get('attempt_id')!r} is not in the ledger"]
-    problems = [] if privacy.get("attempt_id") == entry.run_id else [
-        f"attempt_id {privacy.get('attempt_id')!r} is not {entry.run_id}"]
-    if not privacy.get("dp_sgd"):
-        problems.append("dp_sgd is false")
-    for out_key, plan_key in PLAN_OUTPUT_FIELDS.items():
-        if entry.plan and privacy.get(out_key) != entry.plan.get(plan_key):
-            problems.append(f"{out_key}: {privacy.get(out_key)!r}, reserved {entry.plan.get(plan_key)!r}")
-    return problems
-
-
 def bind_artifact(attempt_id: str, name: str, path: str) -> str:
     """Record in the ledger the digest of a file tree this attempt produced that a target may publish or a server may
     serve (the edge bundle), next to the model's: what is published later must be these bytes. Returns the digest."""
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import open_ledger
 
     digest = dir_digest(Path(path))
     open_ledger().bind_artifact(attempt_id, name, digest)
@@ -934,32 +918,3 @@ def finetune(cfg, data: dict, model: dict) -> dict:
     result["run_id"] = spec.run_id
     result["attempt_id"] = spec.attempt_id
     return result
-
-
-def _task():
-    from prefect import task
-
-    from llmops.caching import CONTENT
-
-    # Inputs are the config and the data/model dicts (content hashes), so an unchanged re-run reuses the result.
-    @task(name="dp-finetune", cache_policy=CONTENT, persist_result=True)
-    def dp_finetune_task(cfg, data: dict, model: dict) -> dict:
-        return finetune(cfg, data, model)
-
-    return dp_finetune_task
-
-
-dp_finetune_task = _task()
-
-
-def _bind_task():
-    from prefect import task
-
-    @task(name="bind-artifact", persist_result=False)
-    def bind_artifact_task(attempt_id: str, name: str, path: str) -> str:
-        return bind_artifact(attempt_id, name, path)
-
-    return bind_artifact_task
-
-
-bind_artifact_task = _bind_task()

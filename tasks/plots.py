@@ -135,31 +135,3 @@ def figures_markdown(figures: dict[str, str], registered: dict, tracking_uri: st
         if url:
             images.append(f"![{name}]({url})")
     return "\n".join(lines + ([""] + images if images else [])) + "\n"
-
-
-def _task():
-    from prefect import task
-
-    @task(name="figures", persist_result=False)
-    def figures_task(out_dir: str, curve: list[dict], step_metrics: list[dict], compression: dict | None,
-                     budget: float | None = None) -> dict[str, str]:
-        return render(out_dir, curve, step_metrics, compression, budget)
-
-    @task(name="publish-figures", persist_result=False)
-    def publish_figures_task(figures: dict[str, str], registered: dict, tracking_uri: str) -> None:
-        from prefect.artifacts import create_image_artifact, create_markdown_artifact
-
-        from tasks.registry import model_version_url
-
-        url = model_version_url(tracking_uri, registered["model_name"], registered["version"])
-        create_markdown_artifact(markdown=figures_markdown(figures, registered, tracking_uri, url),
-                                 key="figures", description="Loss/epsilon curves and compression chart (MLflow)")
-        for name in figures:  # an image artifact needs a URL: only when an MLflow server serves the PNG
-            if image := artifact_url(tracking_uri, registered["run_id"], name):
-                create_image_artifact(image_url=image, key=f"figure-{Path(name).stem}",
-                                      description=f"{registered['model_name']} v{registered['version']}: {name}")
-
-    return figures_task, publish_figures_task
-
-
-figures_task, publish_figures_task = _task()

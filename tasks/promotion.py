@@ -1,4 +1,4 @@
-"""Promotion: evidence checks, publishing to targets, and moving MLflow aliases.
+"""Promotion targets: publishing a verified version and moving MLflow aliases (evidence: llmops/governance/evidence.py).
 
 Targets implement one small protocol (`Target`). Every target writes the model files first and the
 `manifest.json` (file list + sha256 of each file) *last*, so a reader that looks for the manifest never sees a
@@ -23,7 +23,6 @@ S3 credentials come from the target's spec (`credentials_file`, an AWS shared-cr
 not from the process environment, so a worker can hold a different key per target.
 """
 from __future__ import annotations
-
 import base64
 import configparser
 import ctypes
@@ -31,7 +30,6 @@ import errno
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -40,75 +38,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from llmops.errors import PromotionError
 
-from llmops.errors import LLMOpsError
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
 PART_SIZE = 8 * 1024 * 1024  # multipart part size; also used to recompute composite checksums
 
 
-class PromotionError(LLMOpsError):
-    """A promotion cannot proceed."""
-
-
-# ------------------------------------------------------------------------------------------------- evidence
-
-
-def check_evidence(version_tags: dict) -> list[str]:
-    """Problems that forbid promotion (empty = promotable). Pure: reads the lineage tags set at registration."""
-    problems = []
-    if version_tags.get("llmops.validation") not in ("passed", "not-run"):
-        problems.append(f"data validation: {version_tags.get('llmops.validation', 'missing')}")
-    if not version_tags.get("llmops.gate", "").startswith("passed"):
-        problems.append(f"evaluation gate: {version_tags.get('llmops.gate', 'missing')}")
-    if version_tags.get("llmops.dp.private") != "True":
-        problems.append("model was not trained with differential privacy")
-    if version_tags.get("llmops.dp.reproducible_insecure") == "True":
-        problems.append("model was trained with privacy.reproducible_insecure (seeded batches/noise): never promotable")
-    if version_tags.get("llmops.dp.sampling", "poisson") != "poisson":
-        problems.append(f"sampling '{version_tags['llmops.dp.sampling']}' is not Poisson: epsilon does not hold")
-    try:
-        if not math.isfinite(float(version_tags.get("llmops.dp.epsilon", "inf"))):
-            problems.append("privacy epsilon is infinite (or missing)")
-    except ValueError:
-        problems.append(f"privacy epsilon tag is not a number: {version_tags.get('llmops.dp.epsilon')!r}")
-    try:
-        spent = float(version_tags["llmops.dp.epsilon_cumulative"])
-        budget = float(version_tags["llmops.dp.budget"])
-        if spent > budget:
-            problems.append(f"dataset epsilon {spent:.3f} exceeds budget {budget:.3f}")
-    except (KeyError, ValueError):
-        problems.append("privacy tags missing (llmops.dp.epsilon_cumulative / llmops.dp.budget)")
-    return problems
-
-
-def check_ledger(version_tags: dict, entry, spent: float | None, budget: float) -> list[str]:
-    """The version's privacy claims against the deployment's ledger. Evidence tags can be written by anyone with
-    EDIT on the registered model; the ledger is governance-side (not a run's), so a claim with no charged,
-    completed attempt behind it, or a smaller epsilon than the ledger's, is refused. Pure: the caller reads the ledger
-    (`entry` = the attempt's LedgerEntry or None, `spent` = its dataset's worst-record epsilon)."""
-    aid = version_tags.get("llmops.dp.attempt_id")
-    if not aid:
-        return ["no llmops.dp.attempt_id tag: the version cannot be matched to a charged training attempt"]
-    if entry is None:
-        return [f"training attempt {aid} is not in the deployment's privacy ledger (evidence tags not backed by a "
-                "charged private run)"]
-    problems = [f"ledger: training attempt {aid} was planned as not private: {why}" for why in entry.problems]
-    if entry.status != "completed":
-        problems.append(f"ledger: training attempt {aid} is '{entry.status}', not completed")
-    if not math.isfinite(entry.epsilon):
-        problems.append(f"ledger: training attempt {aid} has epsilon = inf")
-    try:
-        claimed = float(version_tags.get("llmops.dp.epsilon", "nan"))
-        if not abs(claimed - entry.epsilon) <= 1e-3 * max(1.0, entry.epsilon):
-            problems.append(f"epsilon tag {claimed:.6g} disagrees with the ledger's {entry.epsilon:.6g} for attempt {aid}")
-    except ValueError:
-        problems.append("epsilon tag is not a number")
-    if spent is not None and spent > budget + 1e-9:
-        problems.append(f"ledger: the dataset's worst-record epsilon {spent:.3f} exceeds the governance budget "
-                        f"{budget:.3f}")
-    return problems
 
 
 def sha256_file(path: Path) -> str:
@@ -431,8 +368,8 @@ def _write_at(dfd: int, name: str, body: bytes) -> None:
 
 
 def _default_journal():
-    from llmops.governance import load_governance
-    from tasks.access import GovernanceStore
+    from llmops.governance.policy import load_governance
+    from llmops.governance.store import GovernanceStore
 
     return GovernanceStore(load_governance().state_db)
 
@@ -450,7 +387,7 @@ class DirTarget:
     def __post_init__(self) -> None:
         self.root = Path(self.uri.removeprefix("file://"))
         if isinstance(self.journal, (str, Path)):
-            from tasks.access import GovernanceStore
+            from llmops.governance.store import GovernanceStore
 
             self.journal = GovernanceStore(self.journal)
 
@@ -619,7 +556,7 @@ class ServeTarget:
 
     def publish(self, src: Path, manifest: dict) -> dict:
         from llmops.serving import control
-        from tasks.model import dir_digest
+        from llmops.files import dir_digest
 
         model, version = manifest["model"], manifest["version"]
         result = self.store.publish(src, manifest)
@@ -633,7 +570,7 @@ class ServeTarget:
 
     def point_current(self, model_name: str, version: str) -> None:
         from llmops.serving import control
-        from tasks.model import dir_digest
+        from llmops.files import dir_digest
 
         model_dir = self.store.root / model_name / str(version)
         control.connect(self.settings)

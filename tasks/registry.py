@@ -9,7 +9,6 @@ Default store: `sqlite:///<state_dir>/mlflow.db` with artifacts in `<state_dir>/
 start` runs the MLflow server on that same store (UI included), clients of the state dir go through it.
 """
 from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -17,51 +16,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
 from llmops.errors import LLMOpsError
+from llmops.errors import RegistryError
+from llmops.services import connect_registry
+
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-
-
-class RegistryError(LLMOpsError):
-    """Tracking server/registry failure."""
-
-
-def tracking_uri(configured: str | None, state_dir: str | Path) -> str:
-    """registry.tracking_uri, else $LLMOPS_TRACKING_URI (workers in infra/), else the MLflow server that
-    `llmops services start` recorded for this state dir, else sqlite in the state dir.
-
-    Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so it would leak between runs.
-    A recorded server that does not answer is an error, not a silent switch to the file: runs it created keep their
-    artifacts behind the server (mlflow-artifacts:/), so the file alone would show them half.
-
-    Team mode's server (basic auth): MLFLOW_TRACKING_USERNAME/PASSWORD as set, else the operator's from the secrets
-    file when this user can read it (services.use_team_mlflow_credentials).
-    """
-    from llmops import services
-
-    if configured or os.environ.get("LLMOPS_TRACKING_URI"):
-        uri = configured or os.environ["LLMOPS_TRACKING_URI"]
-        services.use_team_mlflow_credentials(uri, state_dir)  # team mode's server wants a user (basic auth)
-        return uri
-    if server := services.recorded_mlflow(state_dir):
-        if not services.mlflow_healthy(server):
-            raise RegistryError(f"the MLflow server recorded for this state dir ({server}) does not answer",
-                                str(Path(state_dir).resolve() / services.RECORD),
-                                "`llmops services start` (or `llmops services stop` to use the sqlite file directly)")
-        services.use_team_mlflow_credentials(server, state_dir)
-        return server
-    db = Path(state_dir).resolve() / "mlflow.db"
-    services.create_sqlite_schema_once(db)
-    return f"sqlite:///{db}"
-
-
-def model_version_url(uri: str, name: str, version: str | int) -> str | None:
-    """The MLflow UI page of a registered version (model card, plots, lineage), when the registry is a server."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}"
 
 
 def _client(uri: str):
@@ -324,9 +285,9 @@ def _log_run(client, run_id: str, params: dict, metrics: dict, step_metrics: lis
 def model_card(*, model_name: str, base_model: str, data: dict, privacy: dict, cumulative_epsilon: float | None,
                budget: float, evaluation: dict, decision: dict, validation: dict | None, config_yaml: str,
                public_eval: str | None = None, figures: list[str] | None = None) -> str:
-    from tasks.privacy import guarantee_problems
+    from llmops.governance.accounting import guarantee_problems
 
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
 
     p = privacy
     problems = guarantee_problems(p)
@@ -404,21 +365,6 @@ Generations (greedy):
 ```yaml
 {config_yaml}```
 """
-
-
-def _task():
-    from prefect import task
-
-    @task(name="register-model", retries=2, retry_delay_seconds=5, persist_result=False)
-    def register_task(**kwargs) -> dict:
-        return register_candidate(**kwargs)
-
-    return register_task
-
-
-register_task = _task()
-
-
 def figures_note(figures: list[str] | None) -> str:
     if not figures:
         return ""
@@ -442,7 +388,7 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
     params.update({f"dp.{k}": str(privacy.get(k)) for k in
                    ("noise_multiplier", "max_grad_norm", "sample_rate", "steps", "delta", "accountant", "sampling",
                     "reproducible_insecure")})
-    from tasks.privacy import guarantee_problems
+    from llmops.governance.accounting import guarantee_problems
 
     private = not guarantee_problems(privacy)
     budget = tuned.get("budget", cfg.privacy.dataset_budget_epsilon)
@@ -496,7 +442,7 @@ def registration_inputs(cfg, *, data: dict, base_model: dict, tuned: dict, evalu
         texts["validation_summary.md"] = validation.get("summary_md", "")
     if compression:
         texts["compression.md"] = compression.get("table_md", "")
-    return dict(uri=tracking_uri(cfg.registry.tracking_uri, cfg.state_dir), state_dir=str(cfg.state_dir),
+    return dict(uri=connect_registry(cfg.registry.tracking_uri, cfg.state_dir), state_dir=str(cfg.state_dir),
                 experiment=cfg.registry.experiment, model_name=cfg.registry.model_name, model_dir=model_dir,
                 params=params, metrics=metrics, step_metrics=released_step_metrics(tuned), artifacts=artifacts,
                 texts=texts, tags=lineage | {"llmops.run_name": f"{cfg.name}-{tuned.get('run_id', '')}"},

@@ -179,8 +179,9 @@ def _token_counter(path: str):
 
 def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
     """Scan one byte range. Errors come back as data (the main process adds the file name and picks the first)."""
-    from tasks import validation as detectors  # the PII detector module (find_pii, redact)
-    from tasks.data import RecordError, check_line_lengths, decode, iter_records, text_hash
+    from llmops.text import pii as detectors  # find_pii, redact
+    from tasks.data import RecordError, check_line_lengths, decode, iter_records
+    from llmops.text.identity import text_hash
 
     with open(chunk.path, "rb") as fh:
         fh.seek(chunk.start)

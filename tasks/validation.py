@@ -26,15 +26,8 @@ from pathlib import Path
 from llmops.errors import DataError
 from llmops.files import write_text_atomic
 
-# ------------------------------------------------------------------------------------------- PII detectors
-# The detectors live in tasks/pii.py (measured on a labelled set: tests/assets/pii_eval); re-exported here for the
-# scan workers and the report.
-from tasks.pii import PLACEHOLDER, find_pii, iban_ok, luhn_ok, redact  # noqa: E402,F401
-
-
-def pii_categories() -> tuple[str, ...]:
-    """The categories the PII detectors report: config, scan and report all read them from here."""
-    return tuple(PLACEHOLDER)
+# The PII/PHI detectors live in llmops/text/pii.py (measured on a labelled set: tests/assets/pii_eval).
+from llmops.text.pii import pii_categories
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -254,7 +247,7 @@ def _input_key(data_cfg, val_cfg, files: list[Path], tokenizer_path: str | None)
     from llmops.caching import hash_path
 
     h = hashlib.sha256(data_cfg.model_dump_json().encode() + val_cfg.model_dump_json().encode())
-    for mod in ("tasks.validation", "tasks.scan", "tasks.data", find_pii.__module__):
+    for mod in ("tasks.validation", "tasks.scan", "tasks.data", "llmops.text.pii", "llmops.text.identity"):
         h.update(Path(importlib.import_module(mod).__file__).read_bytes())
     for f in files:
         hash_path(f, h)
@@ -505,28 +498,3 @@ def failed_error(rep: ValidationReport, source) -> DataValidationError:
     more = f" (+{len(rep.failures) - 3} more)" if len(rep.failures) > 3 else ""
     return DataValidationError(f"data validation failed: {'; '.join(rep.failures[:3])}{more}", str(source),
                                f"report: {rep.report_path}")
-
-
-def _task():
-    from prefect import task
-
-    @task(name="validate-data", persist_result=False)
-    def validate_task(data_cfg, val_cfg, out_dir: str, tokenizer_path: str | None, reuse: bool = True) -> dict:
-        from prefect.artifacts import create_markdown_artifact
-
-        rep = validate_data(data_cfg, val_cfg, out_dir, tokenizer_path, workers=val_cfg.workers, reuse=reuse)
-        create_markdown_artifact(rep.summary_md, key="data-validation", description="GX data validation")
-        if not rep.passed:
-            raise failed_error(rep, data_cfg.path)
-        return asdict(rep)
-
-    return validate_task
-
-
-
-def __getattr__(attr: str):
-    """`validate_task` is built on first use, so the CLI's validation (before any flow) does not import Prefect."""
-    if attr == "validate_task":
-        globals()[attr] = _task()
-        return globals()[attr]
-    raise AttributeError(attr)

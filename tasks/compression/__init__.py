@@ -201,7 +201,8 @@ def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
              private_paths: list[str] | None) -> dict:
     """Build, reload, measure and gate every configured variant of `model_path`; see the module docstring."""
     from tasks.data import read_texts
-    from tasks.model import dir_digest, load_model
+    from llmops.files import dir_digest
+    from tasks.model import load_model
 
     steps = plan(cfg)
     out = Path(out_dir)
@@ -246,7 +247,7 @@ def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
 
 
 def _privacy_error():
-    from tasks.privacy import PrivacyError
+    from llmops.errors import PrivacyError
 
     return PrivacyError
 
@@ -320,27 +321,3 @@ def _write_report(out: Path, result: dict) -> None:
 def _compress_files(inputs) -> list:
     cfg = inputs["cfg"]
     return [inputs["model_path"], inputs["eval_path"], getattr(cfg, "distill_data", None) if cfg.distill else None]
-
-
-def _task():
-    from prefect import task
-
-    from llmops.caching import files_key
-
-    @task(name="compress", cache_policy=files_key(_compress_files), persist_result=True)
-    def compress_task(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
-                      private_paths: list[str] | None) -> dict:
-        from prefect.artifacts import create_table_artifact
-
-        result = compress(model_path, out_dir, cfg, eval_path, max_len, private_paths)
-        if result["variants"]:
-            create_table_artifact(table=result["rows"], key="compression",
-                                  description=f"Compression variants vs original. Selected: "
-                                              f"{result.get('selected_reason', result['selected'])}. Edge bundle: "
-                                              f"{result.get('edge_reason', result['edge'])}")
-        return result
-
-    return compress_task
-
-
-compress_task = _task()

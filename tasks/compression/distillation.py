@@ -17,7 +17,8 @@ def check_public(data_path: str | Path | None, private_paths: list[str] | None) 
     plus one extra line, or a re-ordered, re-spaced copy of it.
     """
     from tasks.data import load_dataset
-    from tasks.privacy import PrivacyError, count_private
+    from llmops.errors import PrivacyError
+    from tasks.privacy import count_private
 
     if data_path is None:
         raise PrivacyError("distillation needs text and none was declared public", "compression.distill_data",

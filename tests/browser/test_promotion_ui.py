@@ -35,7 +35,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     from playwright.sync_api import sync_playwright
 
     from llmops.files import write_text_atomic
-    from llmops.governance import TargetSpec, load_governance
+    from llmops.governance.policy import TargetSpec, load_governance
     from tasks.access import commit_governance, enrol_user, init_governance
     from tasks.model import resolve_model
     from tasks.registry import register_candidate, tracking_uri

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmops.errors import ConfigError, LLMOpsError
-from llmops.governance import load_governance
+from llmops.governance.policy import load_governance
 from tasks.access import (AccessDenied, AuditLog, AuditTampered, GovernanceStore, approval_code, enrol_user,
                           init_governance, load_private_key, make_request, verify_approval, verify_audit_log,
                           verify_request)
@@ -62,7 +62,7 @@ def test_requester_cannot_set_governance_from_the_run_config(override):
 def test_run_config_only_tightens(gov):
     from flows.promotion import policy_in_force
     from llmops.config import PipelineConfig
-    from llmops.governance import TargetSpec
+    from llmops.governance.policy import TargetSpec
 
     g = gov[0]
     g.approvals.required = 2
@@ -450,7 +450,7 @@ def test_llmops_serve_cannot_put_an_unreleased_version_on_a_release_targets_port
     from types import SimpleNamespace
 
     from flows.serve_cli import _refuse_unreleased_on_a_release_target
-    from llmops.governance import TargetSpec
+    from llmops.governance.policy import TargetSpec
     from tasks.access import commit_governance
 
     g = load_governance()

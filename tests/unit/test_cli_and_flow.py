@@ -189,7 +189,7 @@ def test_cli_ledger_shows_worst_record_epsilon(tmp_path):
     assert r.returncode == 0 and "no privacy ledger yet" in r.stdout
     delta, q, steps = 1e-5, 0.05, 50
     run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
 
     ledger = PrivacyLedger(load_governance().ledger)  # LLMOPS_GOVERNANCE is inherited by the CLI process
     ledger.reserve("a", "f" * 64, run, delta, "prv", 10.0, records=["x", "y"])

@@ -90,7 +90,7 @@ STABLE_KEYS = [72447644336172149, 2853265099222325878, 4546750278370221622, 6319
 
 def test_keys_are_stable_across_processes():
     assert K(STABLE_TEXT) == STABLE_KEYS
-    code = f"from tasks.neardup import record_keys; print(record_keys({STABLE_TEXT!r}))"
+    code = f"from llmops.text.neardup import record_keys; print(record_keys({STABLE_TEXT!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": ""})
     assert json.loads(out.stdout) == STABLE_KEYS

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from bench.bench_pii import SCORED, load, score
-from tasks.pii import CATEGORIES, DEFAULT_POLICY, PLACEHOLDER, find_pii, redact
+from llmops.text.pii import CATEGORIES, DEFAULT_POLICY, PLACEHOLDER, find_pii, redact
 
 MRN = [re.compile(r"\bMRN[:#\s]*\d{6,10}\b")]
 

@@ -255,7 +255,7 @@ def test_the_budget_is_converted_at_the_governance_delta_not_the_runs(tmp_path):
 
 
 def test_plan_uses_the_governance_delta_and_refuses_one_not_below_1_over_n(tiny_config, tmp_path):
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
 
     data, model = _inputs(tiny_config)
     spec, _ = plan_finetune(tiny_config, data, model)
@@ -319,7 +319,7 @@ def test_variants_of_one_text_are_one_training_record(tmp_path):
 
 def _reserve(ledger, aid, texts, budget, run=((1.0, 0.05, 200),)):
     from tasks.data import text_hash
-    from tasks.neardup import record_keys
+    from llmops.text.neardup import record_keys
 
     keys = {text_hash(t): record_keys(t) for t in texts}
     return ledger.reserve(aid, f"fp-{aid}", [list(h) for h in run], 1e-5, "prv", budget=budget, records=sorted(keys),

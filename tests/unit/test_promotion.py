@@ -138,7 +138,7 @@ def test_edge_bundle_and_served_files_must_be_the_ledger_bound_bytes(tmp_path, m
     from flows.promotion import artifact_digest_problem
     from flows.serve_cli import _verify_served
     from llmops.errors import LLMOpsError
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.finetune import bind_artifact
     from tasks.privacy import PrivacyError, open_ledger
     from tests.conftest import ledger_backed_tags

@@ -15,7 +15,7 @@ import time
 import boto3
 import pytest
 
-from llmops.governance import TargetSpec, load_governance
+from llmops.governance.policy import TargetSpec, load_governance
 from tasks.access import (AuditLog, approval_code, commit_governance, enrol_user, init_governance, load_private_key,
                           make_request, verify_audit_log)
 from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port, ledger_backed_tags

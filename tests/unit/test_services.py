@@ -60,7 +60,7 @@ def test_status_lists_production_per_model_with_its_mlflow_link(tmp_path, mlflow
 def test_moving_the_ledger_to_postgres_carries_every_charge_and_is_audited(tmp_path, postgres_url, capsys):
     import psycopg
 
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.access import verify_audit_log
     from tasks.privacy import open_ledger
 

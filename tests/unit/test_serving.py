@@ -429,7 +429,7 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     rollback flow switches serving back."""
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
-    from llmops.governance import TargetSpec, load_governance
+    from llmops.governance.policy import TargetSpec, load_governance
     from tasks.access import AuditLog, commit_governance, enrol_user, init_governance, load_private_key, make_request
     from tasks.registry import register_candidate, tracking_uri
     from tests.conftest import ledger_backed_tags

@@ -406,7 +406,7 @@ def test_release_decisions_for_one_model_are_serialised(tmp_path):
     import threading
 
     from flows.promotion import release_lock
-    from llmops.governance import Governance
+    from llmops.governance.policy import Governance
 
     g = Governance()
     g._path = tmp_path / "gov" / "governance.yaml"

@@ -287,7 +287,7 @@ def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tm
     assert "leaky.jsonl:1" in str(e.value) and "report: " in str(e.value)
     state = Path(tiny_config.state_dir)
     assert not (state / "models").exists()  # validation runs before the model is resolved (built) at all
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
 
     assert not (state / "runs").exists() and not Path(load_governance().ledger).exists()
     assert not (state / "data").exists()  # not even the splits were written

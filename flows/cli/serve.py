@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from flows.cli.common import _config_or_default, _state_dir
 from llmops.errors import LLMOpsError
 
 
@@ -45,11 +46,10 @@ def _gateway_cache() -> dict:
 
 
 def _registry_uri(args) -> str:
-    from llmops.config import PipelineConfig, load_config
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.registry import tracking_uri
 
-    cfg = load_config(args.config, {}) if args.config else PipelineConfig()
+    cfg = _config_or_default(args)
     return tracking_uri(load_governance().registry_uri or cfg.registry.tracking_uri, cfg.state_dir)
 
 
@@ -103,7 +103,7 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
 
 
 def _released(name: str, alias: str) -> str | None:
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.access import AuditLog, release_state
 
     g = load_governance()
@@ -116,7 +116,7 @@ def _released(name: str, alias: str) -> str | None:
 
 
 def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.model import dir_digest
     from tasks.privacy import open_ledger
 
@@ -129,8 +129,8 @@ def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
                           f"{aid or '(none)'}", "llmops serve", "serve a version trained by llmops train (retrain)")
     got = dir_digest(path)
     if got != want:
-        raise LLMOpsError(f"{what}: the {kind} files (digest {got[:12]}) are not the ones its training attempt produced "
-                          f"({want[:12]}); registry artifacts or the local cache were changed", str(path),
+        raise LLMOpsError(f"{what}: the {kind} files (digest {got[:12]}) are not the ones its training attempt "
+                          f"produced ({want[:12]}); registry artifacts or the local cache were changed", str(path),
                           "nothing was served; investigate, then delete the cache dir and serve again")
 
 
@@ -139,7 +139,7 @@ def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) ->
     run any ledger-verified version for testing, but not onto the gateway release managers approve for."""
     from urllib.parse import urlparse
 
-    from llmops.governance import load_governance
+    from llmops.governance.policy import load_governance
     from tasks.access import release_state, verified_entries
 
     g = load_governance()
@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
     from llmops.serving.settings import resolve_cache
     from tasks.model import dir_digest
 
-    settings = resolve_cache(settings, home.parent)  # team mode's Redis unless a cache backend is named
+    settings = resolve_cache(settings, _state_dir().resolve())  # team mode's Redis unless a cache backend is named
     engine = "onnx" if settings.engine == "onnx" else "hf"
     name, version, path, evaluated = fetch_model(_registry_uri(args), args.model, engine, home)
     _refuse_unreleased_on_a_release_target(name, version, settings)

@@ -73,7 +73,7 @@ import unicodedata
 from collections import defaultdict
 from typing import Sequence
 
-from tasks.data import identity
+from llmops.text.identity import identity
 
 W = 3  # words per gram
 WINDOW = 1  # grams per winnowing window: every shared run of >= W + WINDOW - 1 words shares a key
@@ -125,7 +125,7 @@ _COMBINING = None
 
 def _combining_pattern():
     """One regex class of every code point with a nonzero canonical combining class (computed once, ~0.2 s)."""
-    from tasks.data import codepoint_class
+    from llmops.text.identity import codepoint_class
 
     return codepoint_class(range(0x30000), lambda cp: unicodedata.combining(chr(cp)) != 0)
 
