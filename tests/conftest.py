@@ -194,10 +194,10 @@ def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: fl
     """Evidence tags backed by a completed attempt in the (test's) governance ledger, as a real training run leaves
     them: promotion refuses privacy tags the deployment's ledger does not confirm, and publishes only the model
     (`model_dir`'s digest) the attempt recorded."""
-    from tasks.model import dir_digest
-    from tasks.privacy import new_attempt_id, open_ledger
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import new_attempt_id, open_ledger
 
-    from tasks.privacy import epsilon_of
+    from llmops.governance.accounting import epsilon_of
 
     ledger, aid, history = open_ledger(), new_attempt_id(), [[sigma, q, steps]]
     fp = "fp-" + "-".join(records)

@@ -13,7 +13,7 @@ from llmops.errors import LLMOpsError
 
 def cmd_users(args) -> int:
     from llmops.governance.policy import load_governance
-    from tasks.access import commit_governance, enrol_user, verified_governance
+    from llmops.governance.access import commit_governance, enrol_user, verified_governance
 
     if args.op == "list":
         for name, u in sorted(load_governance(required=True).users.items()):
@@ -48,8 +48,8 @@ def cmd_users(args) -> int:
 
 def cmd_governance(args) -> int:
     from llmops.governance.policy import TargetSpec, load_governance, set_field
-    from tasks.access import (GovernanceStore, commit_governance, init_governance, verified_entries,
-                              verified_governance)
+    from llmops.governance.store import GovernanceStore
+    from llmops.governance.access import commit_governance, init_governance, verified_entries, verified_governance
 
     if args.op == "init":
         g = init_governance()
@@ -135,7 +135,7 @@ def cmd_governance(args) -> int:
 
 
 def _audit_entries(g) -> list[dict]:
-    from tasks.access import AuditLog
+    from llmops.governance.audit import AuditLog
 
     return AuditLog.for_governance(g).entries()
 
@@ -144,9 +144,9 @@ def audit_anchors(cfg) -> list[tuple[int, str, str]]:
     """(seq, line hash, where) of every decision anchored on MLflow model versions."""
     import mlflow
 
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
-    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    uri = connect_registry(cfg.registry.tracking_uri, cfg.state_dir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return []  # no registry yet, so nothing was ever anchored (and do not create one here)
     client = mlflow.MlflowClient(uri)
@@ -169,12 +169,13 @@ def release_report(g, cfg) -> tuple[list[dict], list[str]]:
     import mlflow
 
     from flows.promotion import alias_divergences, target_of
-    from tasks.access import release_divergences, release_state, verified_entries
-    from tasks.registry import tracking_uri
+    from llmops.governance.audit import release_divergences, release_state
+    from llmops.governance.access import verified_entries
+    from llmops.services import connect_registry
 
     entries = verified_entries(g)
     logged = {e["model"] for e in entries if e.get("decision") in ("promoted", "rolled-back") and e.get("model")}
-    uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+    uri = connect_registry(cfg.registry.tracking_uri, cfg.state_dir)
     no_registry = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
     client = mlflow.MlflowClient(uri) if logged or not no_registry else None  # never create a registry here
     aliased = set()
@@ -208,9 +209,12 @@ def cmd_audit(args) -> int:
     the governance file against the last signed admin entry, and every cache of the release state (MLflow aliases,
     target pointers) against the log. `reconcile` (admin) rewrites the MLflow aliases from the log, audited."""
     from llmops.governance.policy import load_governance
-    from tasks.access import AuditTampered, GovernanceStore, verified_governance, verify_audit_log
+    from llmops.errors import AuditTampered
+    from llmops.governance.store import GovernanceStore
+    from llmops.governance.access import verified_governance
+    from llmops.governance.audit import verify_audit_log
 
-    from flows.promotion import pinned_config
+    from llmops.governance.decision import pinned_config
 
     g = load_governance(required=True)
     cfg = pinned_config(_config_or_default(args), g)
@@ -222,10 +226,11 @@ def cmd_audit(args) -> int:
         import mlflow
 
         from flows.promotion import set_release_aliases
-        from tasks.access import AuditLog, actor, release_state
-        from tasks.registry import tracking_uri
+        from llmops.governance.audit import AuditLog, release_state
+        from llmops.governance.access import actor
+        from llmops.services import connect_registry
 
-        client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+        client = mlflow.MlflowClient(connect_registry(cfg.registry.tracking_uri, cfg.state_dir))
         entries = AuditLog.for_governance(g).entries()
         for r in rows:
             if any(d.startswith("MLflow") for d in r["diverged"]):
@@ -254,7 +259,7 @@ def cmd_audit(args) -> int:
 def cmd_ledger(args) -> int:
     """The deployment's ledger (governance file: privacy.ledger), whatever the run config or LLMOPS_HOME say."""
     from llmops.governance.policy import load_governance
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     g = load_governance()
     path = g.ledger

@@ -87,9 +87,9 @@ def _key_file(args) -> Path:
 def _move_ledger(g, uri: str) -> int:
     """Point governance's privacy ledger at `uri`, carrying every charge over first (a fresh ledger would reset every
     record's budget); audited, without the URL's password."""
-    from tasks.privacy import copy_ledger
+    from llmops.governance.ledger import copy_ledger
 
-    from tasks.access import commit_governance
+    from llmops.governance.access import commit_governance
 
     moved = copy_ledger(g.ledger, uri if "://" in uri else str(g.resolve(uri)))
     g.privacy.ledger = uri

@@ -15,9 +15,9 @@ def _resolve_version(cfg, version: str) -> str:
         return version
     import mlflow
 
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
-    client = mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir))
+    client = mlflow.MlflowClient(connect_registry(cfg.registry.tracking_uri, cfg.state_dir))
     try:
         return str(client.get_model_version_by_alias(cfg.registry.model_name, version).version)
     except Exception:  # noqa: BLE001
@@ -94,14 +94,15 @@ Waiting for approval (requested by {requested_by}, signed). Release managers: {w
 
 
 def _signed_request(args, action: str, model: str, version: str) -> str:
-    from tasks.access import load_private_key, make_request
+    from llmops.governance.keys import load_private_key
+    from llmops.governance.access import make_request
 
     return make_request(load_private_key(_key_file(args)), args.requested_by, action, model, version)
 
 
 def _promotion_config(args):
     """The run config with governance's pinned registry (if this machine has governance)."""
-    from flows.promotion import pinned_config
+    from llmops.governance.decision import pinned_config
     from llmops.governance.policy import load_governance
 
     return pinned_config(_config(args), load_governance())
@@ -111,11 +112,11 @@ def cmd_promote(args) -> int:
     cfg = _promotion_config(args)
     version = _resolve_version(cfg, args.version)
     if args.background:
-        from tasks.registry import tracking_uri
+        from llmops.services import connect_registry
 
-        from tasks.registry import model_version_url
+        from llmops.services import model_version_url
 
-        uri = tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)
+        uri = connect_registry(cfg.registry.tracking_uri, cfg.state_dir)
         link = model_version_url(uri, cfg.registry.model_name, version)
         where = f"\n  MLflow UI  : {link}  (model card, plots, evidence)" if link else \
             f"\n  MLflow     : models:/{cfg.registry.model_name}/{version} (tracking URI {uri}; `llmops services " \
@@ -168,7 +169,7 @@ def read_challenge(client, run_id: str) -> tuple[str, int] | None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from tasks.access import CHALLENGE_ARTIFACT, parse_challenge
+    from llmops.governance.access import CHALLENGE_ARTIFACT, parse_challenge
 
     arts = client.read_artifacts(artifact_filter=ArtifactFilter(
         key=ArtifactFilterKey(any_=[CHALLENGE_ARTIFACT]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])),
@@ -180,7 +181,7 @@ def _rollback_target(cfg) -> str | None:
     """The version a rollback returns to: from the signed audit log where this process can read it (the worker,
     an admin), else MLflow's @previous as a hint (the flow checks it against the log and refuses a mismatch)."""
     from llmops.governance.policy import load_governance
-    from tasks.access import AuditLog, release_state
+    from llmops.governance.audit import AuditLog, release_state
 
     g = load_governance()
     if os.access(g.audit_log, os.R_OK):
@@ -188,16 +189,16 @@ def _rollback_target(cfg) -> str | None:
     import mlflow
 
     from flows.promotion import _alias
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
-    return _alias(mlflow.MlflowClient(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir)),
+    return _alias(mlflow.MlflowClient(connect_registry(cfg.registry.tracking_uri, cfg.state_dir)),
                   cfg.registry.model_name, "previous")
 
 
 def _run_subject(run_id: str) -> tuple[str, str, tuple[str, int]]:
     """(subject the code signs, a description, (challenge, expires)) of a paused promotion/rollback, read from the
     Prefect API. None of it is trusted by the flow: a forged display only yields a code that verifies nowhere."""
-    from tasks.access import approval_subject
+    from llmops.governance.access import approval_subject
 
     if not os.environ.get("PREFECT_API_URL"):
         raise LLMOpsError("cannot read the flow run to know what you approve", "PREFECT_API_URL",
@@ -225,7 +226,8 @@ def _run_subject(run_id: str) -> tuple[str, str, tuple[str, int]]:
 
 
 def _code(args) -> str:
-    from tasks.access import approval_code, load_private_key
+    from llmops.governance.access import approval_code
+    from llmops.governance.keys import load_private_key
 
     subject, about, (challenge, expires) = _run_subject(args.run_id)
     if args.expect and args.expect != subject.split(" v")[-1]:

@@ -47,10 +47,10 @@ def _gateway_cache() -> dict:
 
 def _registry_uri(args) -> str:
     from llmops.governance.policy import load_governance
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
     cfg = _config_or_default(args)
-    return tracking_uri(load_governance().registry_uri or cfg.registry.tracking_uri, cfg.state_dir)
+    return connect_registry(load_governance().registry_uri or cfg.registry.tracking_uri, cfg.state_dir)
 
 
 def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str, Path, dict]:
@@ -104,7 +104,7 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
 
 def _released(name: str, alias: str) -> str | None:
     from llmops.governance.policy import load_governance
-    from tasks.access import AuditLog, release_state
+    from llmops.governance.audit import AuditLog, release_state
 
     g = load_governance()
     if not os.access(g.audit_log, os.R_OK):
@@ -117,8 +117,8 @@ def _released(name: str, alias: str) -> str | None:
 
 def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
     from llmops.governance.policy import load_governance
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import open_ledger
 
     aid = tags.get("llmops.dp.attempt_id", "")
     ledger = open_ledger(load_governance().ledger)
@@ -140,7 +140,8 @@ def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) ->
     from urllib.parse import urlparse
 
     from llmops.governance.policy import load_governance
-    from tasks.access import release_state, verified_entries
+    from llmops.governance.audit import release_state
+    from llmops.governance.access import verified_entries
 
     g = load_governance()
     for tname, t in g.targets.items():
@@ -177,7 +178,7 @@ def cmd_serve(args) -> int:
     if not args.model:
         raise LLMOpsError("no --model given", "llmops serve", "e.g. llmops serve --model m@production")
     from llmops.serving.settings import resolve_cache
-    from tasks.model import dir_digest
+    from llmops.files import dir_digest
 
     settings = resolve_cache(settings, _state_dir().resolve())  # team mode's Redis unless a cache backend is named
     engine = "onnx" if settings.engine == "onnx" else "hf"

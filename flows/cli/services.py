@@ -12,7 +12,7 @@ def _team_governance(info: dict):
     """Point the admin's governance at team mode (ledger on Postgres, registry = the MLflow server, an `s3` target
     in SeaweedFS), each change audited like `llmops governance`; the old SQLite ledger's charges move along."""
     from llmops.governance.policy import TargetSpec, load_governance
-    from tasks.access import commit_governance, init_governance, verified_governance
+    from llmops.governance.access import commit_governance, init_governance, verified_governance
 
     g = load_governance()
     g = init_governance() if not g.path.is_file() else verified_governance()

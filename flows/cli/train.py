@@ -73,10 +73,11 @@ def cmd_train(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str), file=console.stdout())
         return 0
-    from tasks.registry import model_version_url, tracking_uri
+    from llmops.services import model_version_url
+    from llmops.services import connect_registry
 
     reg = result["registered"]
-    mlflow_url = model_version_url(tracking_uri(cfg.registry.tracking_uri, cfg.state_dir), reg["model_name"],
+    mlflow_url = model_version_url(connect_registry(cfg.registry.tracking_uri, cfg.state_dir), reg["model_name"],
                              reg["version"])
     prefect_url = result.get("prefect_run_url") if os.environ.get("PREFECT_API_URL") else None
     print(console.train_summary(result, time.time() - started, mlflow_url, prefect_url, log), file=console.stdout())

@@ -36,9 +36,10 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
 
     from llmops.files import write_text_atomic
     from llmops.governance.policy import TargetSpec, load_governance
-    from tasks.access import commit_governance, enrol_user, init_governance
+    from llmops.governance.access import commit_governance, enrol_user, init_governance
     from tasks.model import resolve_model
-    from tasks.registry import register_candidate, tracking_uri
+    from tasks.registry import register_candidate
+    from llmops.services import connect_registry
 
     api, port = prefect_server
     state = tmp_path / "state"
@@ -48,7 +49,7 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem"))}
     commit_governance(g, "test-setup")
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
-    register_candidate(uri=tracking_uri(None, state), state_dir=str(state), experiment="e", model_name="m",
+    register_candidate(uri=connect_registry(None, state), state_dir=str(state), experiment="e", model_name="m",
                        model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
                        artifacts={}, texts={}, tags={},
                        version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"], model_dir=model.path)),

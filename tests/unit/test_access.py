@@ -12,9 +12,11 @@ import pytest
 
 from llmops.errors import ConfigError, LLMOpsError
 from llmops.governance.policy import load_governance
-from tasks.access import (AccessDenied, AuditLog, AuditTampered, GovernanceStore, approval_code, enrol_user,
-                          init_governance, load_private_key, make_request, verify_approval, verify_audit_log,
-                          verify_request)
+from llmops.errors import AccessDenied, AuditTampered
+from llmops.governance.audit import AuditLog, verify_audit_log
+from llmops.governance.store import GovernanceStore
+from llmops.governance.access import (approval_code, enrol_user, init_governance, make_request, verify_approval, verify_request)
+from llmops.governance.keys import load_private_key
 
 
 def _write_key(path: Path, pem: str) -> Path:
@@ -60,7 +62,7 @@ def test_requester_cannot_set_governance_from_the_run_config(override):
 
 
 def test_run_config_only_tightens(gov):
-    from flows.promotion import policy_in_force
+    from llmops.governance.decision import policy_in_force
     from llmops.config import PipelineConfig
     from llmops.governance.policy import TargetSpec
 
@@ -99,7 +101,8 @@ def test_signed_request_names_its_signer_only(gov):
         verify_request(g, store, make_request(keys["eve"], "eve", "rollback", "m", "2"), "rollback", "m", "2")
     old = json.loads(make_request(keys["eve"], "eve", "promote", "m", "3"))
     old["ts"] -= 3600
-    from tasks.access import _request_message, sign
+    from llmops.governance.access import _request_message
+    from llmops.governance.keys import sign
 
     old["sig"] = sign(keys["eve"], _request_message(old))
     with pytest.raises(AccessDenied, match="s old"):
@@ -197,7 +200,7 @@ def test_reencoded_request_starts_nothing_new(gov):
 def test_junk_codes_lock_nobody_out(gov):
     """Attack: five junk codes under bob's name locked him out of every run for 15 minutes. Now bad submissions
     only slow down the run they were typed into; bob's real code works at once, here and in any other run."""
-    from tasks.access import submission_delay
+    from llmops.governance.access import submission_delay
 
     g, _, keys, _ = gov
     for _ in range(3 * g.approvals.max_failures_per_approver):
@@ -263,7 +266,7 @@ def test_edit_and_rechain_is_detected(audit):
 
 
 def test_forged_append_is_detected(audit, tmp_path):
-    from tasks.access import generate_keypair
+    from llmops.governance.keys import generate_keypair
 
     g, log, _ = audit
     # the attacker signs with their own key: the governance public key does not accept it
@@ -309,7 +312,7 @@ def test_cli_audit_verify_reports_tampering_in_one_line(audit, capsys):
 
 def test_truncating_the_last_admin_entry_is_detected_by_the_anchored_head(audit):
     """Attack: dropping the last audit line (an admin entry, which has no registry anchor) went unnoticed."""
-    from tasks.access import verified_entries
+    from llmops.governance.access import verified_entries
 
     g, log, _ = audit
     log.append(action="governance", decision="user-enrolled", user="mallory")
@@ -329,7 +332,9 @@ def test_hand_edited_governance_is_refused_until_audited(gov, capsys):
     import yaml
 
     from flows.cli import main
-    from tasks.access import GovernanceTampered, generate_keypair, verified_governance
+    from llmops.errors import GovernanceTampered
+    from llmops.governance.keys import generate_keypair
+    from llmops.governance.access import verified_governance
 
     g = gov[0]
     verified_governance()
@@ -356,7 +361,8 @@ def test_hand_edited_governance_is_refused_until_audited(gov, capsys):
 
 @pytest.mark.parametrize("what,mode", [("file", 0o604), ("file", 0o640), ("dir", 0o750), ("dir", 0o705)])
 def test_governance_readable_or_writable_by_others_is_refused(gov, what, mode):
-    from tasks.access import GovernanceTampered, verified_governance
+    from llmops.errors import GovernanceTampered
+    from llmops.governance.access import verified_governance
 
     g = gov[0]
     os.chmod(g.path if what == "file" else g.home, mode)
@@ -365,7 +371,8 @@ def test_governance_readable_or_writable_by_others_is_refused(gov, what, mode):
 
 
 def test_governance_owned_by_another_uid_is_refused(gov, monkeypatch):
-    from tasks.access import GovernanceTampered, verified_governance
+    from llmops.errors import GovernanceTampered
+    from llmops.governance.access import verified_governance
 
     monkeypatch.setattr(os, "geteuid", lambda: 12345)  # as if the worker ran as another user than the file's owner
     with pytest.raises(GovernanceTampered, match="owned by uid"):
@@ -449,9 +456,9 @@ def test_llmops_serve_cannot_put_an_unreleased_version_on_a_release_targets_port
     signed log released there may run (it was the one way to serve a rolled-back version where users are)."""
     from types import SimpleNamespace
 
-    from flows.serve_cli import _refuse_unreleased_on_a_release_target
+    from flows.cli.serve import _refuse_unreleased_on_a_release_target
     from llmops.governance.policy import TargetSpec
-    from tasks.access import commit_governance
+    from llmops.governance.access import commit_governance
 
     g = load_governance()
     g.targets["live"] = TargetSpec(kind="serve", uri="http://127.0.0.1:8123")

@@ -50,9 +50,9 @@ def test_two_concurrent_tiny_trains_finish_under_a_cpu_burner(tmp_path, tiny_jso
 
 _OPEN_REGISTRY = """
 import sys
-from tasks.registry import tracking_uri
+from llmops.services import connect_registry
 import mlflow
-client = mlflow.MlflowClient(tracking_uri(None, sys.argv[1]))
+client = mlflow.MlflowClient(connect_registry(None, sys.argv[1]))
 client.search_registered_models()
 client.search_experiments()
 print("opened")

@@ -57,9 +57,10 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
     assert out["production_eval"] is None and out["gate"]["passed"]
     assert out["registered"]["version"] == "1" and out["registered"]["alias"] == "candidate"
     # the ledger records the trained model's digest; what the registry hands a promotion has exactly that digest
-    from tasks.model import dir_digest
-    from tasks.privacy import open_ledger
-    from tasks.registry import download_hf_model, tracking_uri as _uri
+    from llmops.files import dir_digest
+    from llmops.governance.ledger import open_ledger
+    from llmops.services import connect_registry as _uri
+    from tasks.registry import download_hf_model
 
     recorded = open_ledger().entry(out["finetune"]["attempt_id"]).model_digest
     assert recorded == dir_digest(Path(out["finetune"]["model_path"]))
@@ -72,9 +73,9 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
     import mlflow
 
     from tasks.finetune import curve_steps
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
-    client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
+    client = mlflow.MlflowClient(connect_registry(None, cfg.state_dir))
     run_id, steps = out["registered"]["run_id"], out["finetune"]["privacy"]["steps"]
     curve = client.get_metric_history(run_id, "heldout.eval_loss")
     assert sorted(m.step for m in curve) == sorted(curve_steps(steps, cfg.evaluation.curve_points))
@@ -94,7 +95,7 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     import time
 
     from flows.training import training_flow
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     t0 = time.perf_counter()
     first = training_flow(config=tiny_config)
@@ -112,9 +113,9 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     import mlflow
 
     from tasks import evaluation
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
-    client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
+    client = mlflow.MlflowClient(connect_registry(None, tiny_config.state_dir))
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", "1")
     third = training_flow(config=tiny_config)
     assert third["production_eval"]["version"] == "1"
@@ -134,7 +135,7 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     lines = path.read_text().splitlines()
     lines[0] = lines[0].replace('"text": "', '"text": "EDITED ')
     path.write_text("\n".join(lines) + "\n")
-    from tasks.data import prepare_data_task
+    from flows.steps import prepare_data_task
     from prefect import flow
 
     @flow
@@ -148,11 +149,11 @@ def test_retraining_skips_when_production_has_the_same_data(prefect_harness, tin
     import mlflow
 
     from flows.retraining import retraining_flow
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
     first = retraining_flow(config=tiny_config, open_promotion=False)
     assert first["status"] == "trained"
-    client = mlflow.MlflowClient(tracking_uri(None, tiny_config.state_dir))
+    client = mlflow.MlflowClient(connect_registry(None, tiny_config.state_dir))
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", first["registered"]["version"])
     again = retraining_flow(config=tiny_config, open_promotion=False)
     assert again["status"] == "skipped" and again["production"] == first["registered"]["version"]
@@ -162,7 +163,7 @@ def test_flow_with_compression_logs_table_and_edge_bundle(prefect_harness, tiny_
     import mlflow
 
     from flows.training import training_flow
-    from tasks.registry import tracking_uri
+    from llmops.services import connect_registry
 
     cfg = tiny_config
     cfg.compression = cfg.compression.model_validate({
@@ -171,7 +172,7 @@ def test_flow_with_compression_logs_table_and_edge_bundle(prefect_harness, tiny_
     out = training_flow(config=cfg)
     names = {v["name"] for v in out["compression"]["variants"]}
     assert {"int8-weight-only", "onnx"} <= names and out["compression"]["edge"]
-    client = mlflow.MlflowClient(tracking_uri(None, cfg.state_dir))
+    client = mlflow.MlflowClient(connect_registry(None, cfg.state_dir))
     run_id = out["registered"]["run_id"]
     edge = {a.path for a in client.list_artifacts(run_id, "edge")}
     assert any(p.endswith(".onnx") for p in edge)
@@ -182,7 +183,8 @@ def test_cli_ledger_shows_worst_record_epsilon(tmp_path):
     import json
     import os
 
-    from tasks.privacy import PrivacyLedger, epsilon_of, noise_for_target
+    from llmops.governance.ledger import PrivacyLedger
+    from llmops.governance.accounting import epsilon_of, noise_for_target
 
     env = dict(os.environ, LLMOPS_HOME=str(tmp_path))
     r = llmops("ledger", env=env)

@@ -14,7 +14,7 @@ from pydantic import ConfigDict
 from llmops.config import CompressionConfig
 from tasks import compression as c
 from tasks.model import load_model, resolve_model
-from tasks.privacy import PrivacyError
+from llmops.errors import PrivacyError
 from tests.conftest import ROOT
 
 MAX_LEN = 32

@@ -108,10 +108,10 @@ def test_identity_regex_drops_exactly_the_invisible_code_points():
     import sys
     import unicodedata
 
-    from tasks.data import _EXTRA_INVISIBLE, _INVISIBLE, identity
+    from llmops.text.identity import _EXTRA_INVISIBLE, _INVISIBLE, identity
 
     identity("x")
-    from tasks.data import _DROP
+    from llmops.text.identity import _DROP
 
     for cp in range(sys.maxunicode + 1):
         ch = chr(cp)

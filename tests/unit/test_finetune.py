@@ -184,7 +184,7 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     """SIGKILL the training process after a checkpoint; the re-run resumes and ends exactly where an
     uninterrupted run ends, and the ledger holds one entry charged once."""
     from tasks.finetune import finish_ledger
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     cfg = tiny_config.model_copy(update={"training": tiny_config.training.model_copy(
         update={"max_steps": 40, "checkpoint_every": 2})})
@@ -235,7 +235,7 @@ def test_plan_refuses_over_budget_before_training(tiny_config):
     cfg.training.max_steps = 200
     data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
-    from tasks.privacy import PrivacyError
+    from llmops.errors import PrivacyError
 
     with pytest.raises(PrivacyError, match="budget"):
         plan_finetune(cfg, data, model)
@@ -245,7 +245,8 @@ def test_plan_refuses_over_budget_before_training(tiny_config):
 def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config, tiny_jsonl, tmp_path):
     """The scheduled-retraining case: day 2's file = day 1's records + new ones (a new fingerprint). Day 1's
     epsilon carries over to the shared records, so a run that fits the budget alone is refused on day 2."""
-    from tasks.privacy import PrivacyError, open_ledger
+    from llmops.errors import PrivacyError
+    from llmops.governance.ledger import open_ledger
 
     cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
         update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5})})  # two runs: 6.84 at delta 1e-5
@@ -272,7 +273,7 @@ def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config,
 
 
 def test_redacted_records_are_charged_to_their_source_records(tmp_path):
-    from tasks.data import text_hash
+    from llmops.text.identity import text_hash
     from tasks.finetune import training_record_hashes
 
     train = tmp_path / "train.jsonl"
@@ -292,12 +293,12 @@ def test_redacted_records_are_charged_to_their_source_records(tmp_path):
 def test_only_an_intact_checkpoint_of_a_reserved_attempt_is_continued(tiny_config):
     """Re-planning continues the ledger's attempt only when its checkpoint is there (resume) or its finished model
     is (reuse, nothing trained); a run dir without either is a new attempt, charged in full."""
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     cfg = tiny_config
     data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
-    from tasks.model import dir_digest
+    from llmops.files import dir_digest
 
     first, eps1 = plan_finetune(cfg, data, model)
     ckpt = Path(first.output_dir) / "checkpoints"

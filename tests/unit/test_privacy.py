@@ -7,8 +7,10 @@ import torch
 from tasks.finetune import prepare_trainable, FinetuneSpec
 from tasks.lm import encode, per_sample_loss
 from tasks.model import load_model, resolve_model
-from tasks.privacy import (PerSampleClipper, PrivacyError, PrivacyLedger, dp_linear_modules, epsilon_of,
-                           make_noise_generator, noise_for_target)
+from tasks.privacy import PerSampleClipper, dp_linear_modules, make_noise_generator
+from llmops.errors import PrivacyError
+from llmops.governance.ledger import PrivacyLedger
+from llmops.governance.accounting import epsilon_of, noise_for_target
 
 TEXTS = ["To be, or not to be, that is the question", "Shall I compare thee to a summer's day?",
          "O Romeo, Romeo, wherefore art thou Romeo?", "Now is the winter of our discontent",
@@ -171,7 +173,7 @@ def test_ledger_location_and_budget_come_from_governance(isolated_governance, ti
 
     from tasks.data import prepare_data
     from tasks.finetune import plan_finetune, privacy_budget
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     isolated_governance.parent.mkdir(parents=True, exist_ok=True)
     isolated_governance.write_text(yaml.safe_dump({"privacy": {"ledger": "team/ledger.sqlite",
@@ -193,7 +195,7 @@ def test_ledger_location_and_budget_come_from_governance(isolated_governance, ti
 
 
 def test_ledger_locations_other_than_sqlite_and_postgres_are_refused_and_errors_name_the_setting():
-    from tasks.privacy import open_ledger
+    from llmops.governance.ledger import open_ledger
 
     with pytest.raises(PrivacyError, match="'mysql://...' is not supported") as e:
         open_ledger("mysql://ledger@db/llmops")

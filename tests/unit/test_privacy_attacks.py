@@ -18,10 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.data import prepare_data, text_hash
+from tasks.data import prepare_data
+from llmops.text.identity import text_hash
 from tasks.finetune import FinetuneSpec, plan_finetune, rank_env, train
 from tasks.model import resolve_model
-from tasks.privacy import PrivacyError, PrivacyLedger, epsilon_of, noise_for_target
+from llmops.errors import PrivacyError
+from llmops.governance.ledger import PrivacyLedger
+from llmops.governance.accounting import epsilon_of, noise_for_target
 from tests.conftest import ROOT
 
 HELPER = Path(__file__).with_name("_rank_probe.py")
@@ -216,7 +219,7 @@ OLD_STYLE = {"private": True, "epsilon": 3.0, "delta": 1e-5, "noise_multiplier":
     ({"reproducible_insecure": True}, "reproducible_insecure"),
 ])
 def test_no_guarantee_is_never_tagged_private_gated_or_promotable(tiny_config, change, why):
-    from tasks.promotion import check_evidence
+    from llmops.governance.evidence import check_evidence
 
     decision, reg = _registration(tiny_config, OLD_STYLE | change)
     tags = reg["version_tags"]
@@ -228,7 +231,7 @@ def test_no_guarantee_is_never_tagged_private_gated_or_promotable(tiny_config, c
 
 def test_reproducible_insecure_is_refused_even_when_non_private_models_are_allowed(tiny_config):
     from tasks.evaluation import GatePolicy, should_promote
-    from tasks.promotion import check_evidence
+    from llmops.governance.evidence import check_evidence
 
     priv = OLD_STYLE | {"reproducible_insecure": True}
     assert not should_promote({"eval_loss": 1.0}, None, GatePolicy(require_private=False), priv).passed
@@ -346,7 +349,7 @@ def test_concurrent_reserves_on_the_team_postgres_ledger(postgres_url, n, fit):
     import multiprocessing
     import uuid
 
-    from tasks.privacy import PostgresLedger, open_ledger
+    from llmops.governance.ledger import PostgresLedger, open_ledger
 
     delta, q, steps = 1e-5, 0.02, 200
     run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
@@ -368,7 +371,8 @@ def test_concurrent_reserves_on_the_team_postgres_ledger(postgres_url, n, fit):
 
 def _pg_reserve(args):
     url, attempt, fp, run, delta, budget = args
-    from tasks.privacy import PrivacyError, open_ledger
+    from llmops.errors import PrivacyError
+    from llmops.governance.ledger import open_ledger
 
     ledger = open_ledger(url)
     try:

@@ -14,9 +14,12 @@ from safetensors.torch import load_file
 from llmops.errors import LLMOpsError
 from tasks.data import prepare_data
 from tasks.finetune import FinetuneSpec, finish_ledger, launch, plan_finetune, train
-from tasks.model import dir_digest, resolve_model
-from tasks.privacy import (PrivacyError, PrivacyLedger, epsilon_of, gaussian_noise, make_noise_generator,
-                           open_ledger)
+from llmops.files import dir_digest
+from tasks.model import resolve_model
+from llmops.errors import PrivacyError
+from llmops.governance.ledger import PrivacyLedger, open_ledger
+from llmops.governance.accounting import epsilon_of
+from tasks.privacy import gaussian_noise, make_noise_generator
 from tests.conftest import ROOT
 
 
@@ -205,7 +208,7 @@ def test_another_datasets_spec_and_checkpoint_copied_in_is_a_new_attempt(tiny_co
 
 
 def test_not_private_is_a_ledger_fact_that_edited_tags_cannot_undo(tiny_config):
-    from tasks.promotion import check_ledger
+    from llmops.governance.evidence import check_ledger
 
     cfg = tiny_config
     cfg.privacy.reproducible_insecure = True
@@ -223,7 +226,7 @@ def test_not_private_is_a_ledger_fact_that_edited_tags_cannot_undo(tiny_config):
 
 
 def test_inside_privacy_json_is_rechecked_after_the_digest(tiny_config, tmp_path):
-    from flows.promotion import inside_privacy_problem
+    from llmops.governance.evidence import inside_privacy_problem
 
     cfg = tiny_config
     data, model = _inputs(cfg)
@@ -318,7 +321,7 @@ def test_variants_of_one_text_are_one_training_record(tmp_path):
 
 
 def _reserve(ledger, aid, texts, budget, run=((1.0, 0.05, 200),)):
-    from tasks.data import text_hash
+    from llmops.text.identity import text_hash
     from llmops.text.neardup import record_keys
 
     keys = {text_hash(t): record_keys(t) for t in texts}
@@ -415,7 +418,7 @@ def test_one_reservation_trains_once(tiny_config):
 
 
 def test_a_forged_source_map_cannot_hide_the_trained_records(tmp_path):
-    from tasks.data import text_hash
+    from llmops.text.identity import text_hash
     from tasks.finetune import training_record_hashes, training_record_keys
 
     train_file = tmp_path / "train.jsonl"

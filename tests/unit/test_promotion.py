@@ -11,8 +11,9 @@ import boto3
 import pytest
 
 from llmops.errors import LLMOpsError
-from tasks.promotion import (DirTarget, EdgeTarget, PromotionError, S3Target, check_evidence, file_manifest,
-                             make_target)
+from tasks.promotion import DirTarget, EdgeTarget, S3Target, file_manifest, make_target
+from llmops.errors import PromotionError
+from llmops.governance.evidence import check_evidence
 
 GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
              "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
@@ -135,12 +136,13 @@ def test_edge_bundle_and_served_files_must_be_the_ledger_bound_bytes(tmp_path, m
     """Attack: the edge bundle replaced in the registry after approval was published; `llmops serve` downloaded
     registry files without a digest check. Both now compare the files with what the training attempt bound in the
     ledger (the model's digest at finish, the edge bundle's after compression)."""
-    from flows.promotion import artifact_digest_problem
-    from flows.serve_cli import _verify_served
+    from llmops.governance.evidence import artifact_digest_problem
+    from flows.cli.serve import _verify_served
     from llmops.errors import LLMOpsError
     from llmops.governance.policy import load_governance
     from tasks.finetune import bind_artifact
-    from tasks.privacy import PrivacyError, open_ledger
+    from llmops.errors import PrivacyError
+    from llmops.governance.ledger import open_ledger
     from tests.conftest import ledger_backed_tags
 
     model, edge = tmp_path / "model", tmp_path / "edge"

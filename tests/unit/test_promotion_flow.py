@@ -16,8 +16,9 @@ import boto3
 import pytest
 
 from llmops.governance.policy import TargetSpec, load_governance
-from tasks.access import (AuditLog, approval_code, commit_governance, enrol_user, init_governance, load_private_key,
-                          make_request, verify_audit_log)
+from llmops.governance.audit import AuditLog, verify_audit_log
+from llmops.governance.access import approval_code, commit_governance, enrol_user, init_governance, make_request
+from llmops.governance.keys import load_private_key
 from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port, ledger_backed_tags
 
 GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
@@ -34,7 +35,8 @@ def world(tmp_path, s3_server, monkeypatch):
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
     from tasks.model import resolve_model
-    from tasks.registry import register_candidate, tracking_uri
+    from tasks.registry import register_candidate
+    from llmops.services import connect_registry
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the worker's credentials file is the only source
         monkeypatch.delenv(var, raising=False)
@@ -53,11 +55,11 @@ def world(tmp_path, s3_server, monkeypatch):
     g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem")),
                  "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server,
                                   credentials_file=creds)}
-    g.registry_uri = tracking_uri(None, tmp_path / "state")  # promotions read evidence here only
+    g.registry_uri = connect_registry(None, tmp_path / "state")  # promotions read evidence here only
     commit_governance(g, "test-setup")  # the worker refuses governance the audit log did not record
     state = tmp_path / "state"
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
-    uri = tracking_uri(None, state)
+    uri = connect_registry(None, state)
     for i in range(3):  # each backed by a charged, completed attempt in the governance ledger
         register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="m", model_dir=model.path,
                            params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
@@ -108,7 +110,7 @@ def _subj(run_id):
     from prefect.client.orchestration import get_client
 
     from flows.cli import read_challenge
-    from tasks.access import approval_subject
+    from llmops.governance.access import approval_subject
 
     with get_client(sync_client=True) as client:
         req = json.loads(client.read_flow_run(run_id).parameters["request"])
@@ -311,10 +313,11 @@ def test_forged_requester_is_refused_and_audited(prefect_harness, world):
 def test_evidence_tags_not_backed_by_the_ledger_are_refused(prefect_harness, world):
     """An ML engineer with EDIT on the registered model writes passing privacy tags on a version by hand."""
     from flows.promotion import promotion_flow
-    from tasks.registry import register_candidate, tracking_uri
+    from tasks.registry import register_candidate
+    from llmops.services import connect_registry
 
     w = world
-    uri, state = tracking_uri(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
+    uri, state = connect_registry(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
     real = ledger_backed_tags(GOOD_TAGS, ["rec-x"])
     cases = {"4": GOOD_TAGS,  # no attempt behind it (e.g. a non-private model re-tagged)
              "5": {**real, "llmops.dp.epsilon": "0.5"},  # a smaller epsilon than was charged
@@ -340,10 +343,11 @@ def test_a_swapped_model_under_copied_evidence_is_never_published(prefect_harnes
     files are not the model the ledger's training attempt recorded."""
     from flows.promotion import promotion_flow
     from tasks.model import resolve_model
-    from tasks.registry import register_candidate, tracking_uri
+    from tasks.registry import register_candidate
+    from llmops.services import connect_registry
 
     w, keys = world, world["keys"]
-    uri, state = tracking_uri(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
+    uri, state = connect_registry(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
     real = w["mlflow"].get_model_version("m", "1").tags  # backed by the ledger, with model A's digest
     other = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=7), max_len=32)
     out = register_candidate(uri=uri, state_dir=state, experiment="e", model_name="m", model_dir=other.path,

@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from tasks.evaluation import GatePolicy, should_promote
-from tasks.registry import CANDIDATE, RegistryError, production_version, register_candidate, tracking_uri
+from tasks.registry import CANDIDATE, production_version, register_candidate
+from llmops.services import connect_registry
+from llmops.errors import RegistryError
 
 PRIVATE = {"private": True, "dp_sgd": True, "epsilon": 3.0, "noise_multiplier": 1.0, "sampling": "poisson",
            "reproducible_insecure": False}
@@ -34,7 +36,7 @@ def test_gate_refuses_non_private_models():
 
 
 def _register(tmp_path, model_dir, uri=None, set_alias=True, **over):
-    uri = uri or tracking_uri(None, tmp_path)
+    uri = uri or connect_registry(None, tmp_path)
     kwargs = dict(uri=uri, state_dir=str(tmp_path), experiment="exp", model_name="m", model_dir=model_dir,
                   params={"privacy.target_epsilon": "8"}, metrics={"eval.eval_loss": 2.5},
                   step_metrics=[{"step": 1, "loss": 3.0, "epsilon": 0.5}, {"step": 2, "loss": 2.9, "epsilon": 0.7}],
@@ -130,7 +132,7 @@ def test_failure_mid_registration_leaves_no_version(tmp_path, tiny_model_dir, mo
     monkeypatch.setattr(registry, "_wait_ready", broken)
     with pytest.raises(RegistryError, match="registration failed .*artifact store went away"):
         _register(tmp_path, tiny_model_dir)
-    client = mlflow.MlflowClient(tracking_uri(None, tmp_path))
+    client = mlflow.MlflowClient(connect_registry(None, tmp_path))
     assert client.search_model_versions("name='m'") == []
     runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -10,7 +10,8 @@ import pytest
 
 from flows.cli import main
 from llmops import services
-from tasks.registry import RegistryError, tracking_uri
+from llmops.errors import RegistryError
+from llmops.services import connect_registry
 from tests.conftest import ROOT, _free_port
 
 
@@ -22,13 +23,13 @@ def _record_mlflow(state, url):
 def test_clients_use_the_recorded_mlflow_server_and_a_dead_one_is_an_error_not_a_silent_switch(tmp_path,
                                                                                               mlflow_server):
     state = tmp_path / "state"
-    assert tracking_uri(None, state) == f"sqlite:///{state.resolve()}/mlflow.db"  # nothing recorded: the file
+    assert connect_registry(None, state) == f"sqlite:///{state.resolve()}/mlflow.db"  # nothing recorded: the file
     _record_mlflow(state, mlflow_server)
-    assert tracking_uri(None, state) == mlflow_server
-    assert tracking_uri("sqlite:////elsewhere.db", state) == "sqlite:////elsewhere.db"  # a configured URI wins
+    assert connect_registry(None, state) == mlflow_server
+    assert connect_registry("sqlite:////elsewhere.db", state) == "sqlite:////elsewhere.db"  # a configured URI wins
     _record_mlflow(state, f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(RegistryError, match="does not answer") as e:
-        tracking_uri(None, state)
+        connect_registry(None, state)
     assert "llmops services start" in str(e.value) and str(state / services.RECORD) in str(e.value)
 
 
@@ -61,8 +62,8 @@ def test_moving_the_ledger_to_postgres_carries_every_charge_and_is_audited(tmp_p
     import psycopg
 
     from llmops.governance.policy import load_governance
-    from tasks.access import verify_audit_log
-    from tasks.privacy import open_ledger
+    from llmops.governance.audit import verify_audit_log
+    from llmops.governance.ledger import open_ledger
 
     assert main(["governance", "init"]) == 0
     sqlite = open_ledger()
@@ -108,9 +109,9 @@ def test_embedded_services_start_once_reuse_and_stop(tmp_path):
         assert services.read_record(state)["prefect"]["pid"] == rec["prefect"]["pid"]
         report = json.loads(llmops("status", "--json"))
         assert {s["name"]: s["healthy"] for s in report["services"]} == {"prefect": True, "mlflow": True}
-        assert tracking_uri(None, state) == rec["mlflow"]["url"]
+        assert connect_registry(None, state) == rec["mlflow"]["url"]
         assert (state / "mlflow-server" / "server.log").stat().st_size > 0
     finally:
         llmops("services", "stop")
     assert not services.mlflow_healthy(rec["mlflow"]["url"]) and not services.healthy(rec["prefect"]["url"])
-    assert services.read_record(state) == {} and tracking_uri(None, state).startswith("sqlite:///")
+    assert services.read_record(state) == {} and connect_registry(None, state).startswith("sqlite:///")

@@ -430,8 +430,11 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
     from llmops.governance.policy import TargetSpec, load_governance
-    from tasks.access import AuditLog, commit_governance, enrol_user, init_governance, load_private_key, make_request
-    from tasks.registry import register_candidate, tracking_uri
+    from llmops.governance.audit import AuditLog
+    from llmops.governance.access import commit_governance, enrol_user, init_governance, make_request
+    from llmops.governance.keys import load_private_key
+    from tasks.registry import register_candidate
+    from llmops.services import connect_registry
     from tests.conftest import ledger_backed_tags
     from tests.unit.test_promotion_flow import GOOD_TAGS, _code, _paused, _start, _submit
 
@@ -443,7 +446,7 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     live = served["settings"].model_copy(update={"replicas": 1, "num_cpus": 0.25})  # room beside m's replicas
     g.targets = {"live": TargetSpec(kind="serve", uri=served["url"], serve=live)}
     state = tmp_path / "state"
-    g.registry_uri = uri = tracking_uri(None, state)
+    g.registry_uri = uri = connect_registry(None, state)
     commit_governance(g, "test-setup")
     g = load_governance(required=True)
     for i, (model, loss) in enumerate(((served["v1"], 20.0), (served["v2"], 0.5), (served["v2"], 20.0))):

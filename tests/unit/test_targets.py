@@ -16,8 +16,8 @@ import boto3
 import pytest
 
 import tasks.promotion as promo
-from tasks.promotion import (MANIFEST, DirTarget, EdgeTarget, PromotionError, S3Target, clean_debris, file_manifest,
-                             make_target)
+from tasks.promotion import MANIFEST, DirTarget, EdgeTarget, S3Target, clean_debris, file_manifest, make_target
+from llmops.errors import PromotionError
 from tests.conftest import ROOT, S3_KEY, S3_SECRET
 
 
@@ -184,7 +184,7 @@ def test_clean_debris_touches_only_recorded_debris_of_dead_publishers(tmp_path):
     """Debris is recognised by the worker's journal, not by a name pattern: a planted `.old-999999-…-7` (attack:
     renamed into place as version 7) or a symlinked `.tmp-*` is never touched; recorded debris of a dead publisher
     is; a live publisher's is not."""
-    from tasks.access import GovernanceStore
+    from llmops.governance.store import GovernanceStore
 
     journal = GovernanceStore(tmp_path / "journal.sqlite")
     home = tmp_path / "m"
@@ -395,7 +395,7 @@ def test_a_planted_or_tampered_version_dir_with_the_right_manifest_is_republishe
 
 
 def test_a_pointer_on_a_target_the_log_never_published_to_is_a_divergence():
-    from tasks.access import ReleaseState, release_divergences
+    from llmops.governance.audit import ReleaseState, release_divergences
 
     st = ReleaseState("m", ["1", "2"], {"onprem": "2"}, 5)
     assert release_divergences(st, {}, {"onprem": "2", "spare": None}) == []
@@ -405,7 +405,7 @@ def test_a_pointer_on_a_target_the_log_never_published_to_is_a_divergence():
 def test_release_decisions_for_one_model_are_serialised(tmp_path):
     import threading
 
-    from flows.promotion import release_lock
+    from llmops.governance.decision import release_lock
     from llmops.governance.policy import Governance
 
     g = Governance()

@@ -7,7 +7,8 @@ import pytest
 
 from llmops.config import DataConfig, ValidationConfig
 from llmops.errors import DataError
-from tasks.validation import DataValidationError, find_pii, iban_ok, luhn_ok, redact, validate_data
+from tasks.validation import DataValidationError, validate_data
+from llmops.text.pii import find_pii, iban_ok, luhn_ok, redact
 from tests.conftest import ROOT, write_jsonl
 
 MRN = [__import__("re").compile(r"\bMRN[:#\s]*\d{6,10}\b")]
@@ -119,7 +120,7 @@ def test_control_chars_stripped_by_default_counted_with_locations(tmp_path, toke
     assert "ctl.jsonl:3" in rep.summary_md and "validation.control_chars" in rep.summary_md
     # the ledger charges the copy's records to the originals: an overstruck letter changed the identity of record
     # 3, while dropping Cc characters alone (record 10) does not change a record's identity
-    from tasks.data import text_hash
+    from llmops.text.identity import text_hash
 
     sources = json.loads(Path(rep.source_map).read_text())
     assert sources == {text_hash(copy[2]): [text_hash(rows[2]["text"])]}
@@ -238,7 +239,7 @@ def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
     redacted = [json.loads(x)["text"] for x in Path(rep.data_path).read_text().splitlines()]
     assert "[EMAIL]" in redacted[3] and "[PHONE]" in redacted[7] and len(redacted) == len(rows)
     assert rep.fingerprint != rep.source_fingerprint
-    from tasks.data import text_hash  # the ledger charges each redacted record to the original it came from
+    from llmops.text.identity import text_hash  # the ledger charges each redacted record to the original it came from
 
     sources = json.loads(Path(rep.source_map).read_text())  # the ledger reads sources.get(h, [h])
     assert sources[text_hash(redacted[3])] == [text_hash(rows[3]["text"])]
