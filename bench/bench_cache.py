@@ -9,6 +9,7 @@ Prefect server, as `make demo` runs it. `in-process`: the flow function twice in
 harness), i.e. without process start-up. Each mode starts from a fresh temporary state dir and governance, so the
 first run does everything (model conversion included). Goal (issue 15): cli cached / first <= 0.05 on the demo config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,15 @@ def _run(argv: list[str], env: dict, log: Path) -> float:
 
 def cli(config: str, tmp: Path) -> tuple[float, float]:
     home = tmp / "home"
-    env = dict(os.environ, LLMOPS_HOME=str(home), PREFECT_HOME=str(home / "prefect"),
-               LLMOPS_GOVERNANCE=str(tmp / "governance" / "governance.yaml"),
-               LLMOPS_PREFECT_PORT=str(_free_port()), LLMOPS_MLFLOW_PORT=str(_free_port()),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(
+        os.environ,
+        LLMOPS_HOME=str(home),
+        PREFECT_HOME=str(home / "prefect"),
+        LLMOPS_GOVERNANCE=str(tmp / "governance" / "governance.yaml"),
+        LLMOPS_PREFECT_PORT=str(_free_port()),
+        LLMOPS_MLFLOW_PORT=str(_free_port()),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     env.pop("PREFECT_API_URL", None)
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "bench.log"

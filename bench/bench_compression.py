@@ -9,6 +9,7 @@ Run 2: structured MLP-channel pruning at the same sparsity (the config holds one
 Perplexity on the held-out split of the shipped Shakespeare sample; latency = batch-1 forward of --max-len tokens.
 Prints both tables, then the issue's goals (met / missed) from the measured numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ def goals(res: dict, structured: dict | None) -> list[str]:
     for name in ("int8-weight-only", "int8-dynamic", "onnx-int8"):
         v = by.get(name)
         if v and v.get("built", True) and "linear_bytes_ratio" in v:
-            line("int8 Linear bytes <= 0.30 of fp32", name, f"{v['linear_bytes_ratio']:.3f}",
-                 v["linear_bytes_ratio"] <= 0.30)
+            line(
+                "int8 Linear bytes <= 0.30 of fp32",
+                name,
+                f"{v['linear_bytes_ratio']:.3f}",
+                v["linear_bytes_ratio"] <= 0.30,
+            )
     for name in ("int8-weight-only", "int8-dynamic", "onnx-int8"):
         v = by.get(name)
         if v and v.get("built", True):
@@ -51,13 +56,17 @@ def goals(res: dict, structured: dict | None) -> list[str]:
         line("int8 file size (whole model) vs fp32", "onnx-int8", f"{v['size_ratio']:.3f}", True)
     for v in [x for x in res["variants"] if x["name"].startswith("pruned")] + ([structured] if structured else []):
         if v and v.get("built", True):
-            out.append(f"INFO   pruning {v['name']}: perplexity {v['ppl_delta']:+.2%}, speed-up {v['speedup']:.2f}x, "
-                       f"sparsity {v.get('sparsity')}, params {v['params']:,}")
+            out.append(
+                f"INFO   pruning {v['name']}: perplexity {v['ppl_delta']:+.2%}, speed-up {v['speedup']:.2f}x, "
+                f"sparsity {v.get('sparsity')}, params {v['params']:,}"
+            )
     v = by.get("distilled")
     if v and v.get("built", True):
-        out.append(f"INFO   distilled student: {v.get('student_layers')}/{v.get('teacher_layers')} layers, "
-                   f"{v['size_mb']} MB ({v['size_ratio']:.2f}x), params {v['params']:,}, perplexity "
-                   f"{v['perplexity']:.2f} ({v['ppl_delta']:+.1%}), speed-up {v['speedup']:.2f}x")
+        out.append(
+            f"INFO   distilled student: {v.get('student_layers')}/{v.get('teacher_layers')} layers, "
+            f"{v['size_mb']} MB ({v['size_ratio']:.2f}x), params {v['params']:,}, perplexity "
+            f"{v['perplexity']:.2f} ({v['ppl_delta']:+.1%}), speed-up {v['speedup']:.2f}x"
+        )
     return out
 
 
@@ -87,22 +96,41 @@ def main() -> None:
     model = resolve_model("smollm2", state)
     work = Path(args.out or tempfile.mkdtemp(prefix="bench-compression-"))
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", work / "state", 0.1)
-    common = dict(max_perplexity_increase=0.02, min_speedup=1.5, bench_rounds=args.rounds,
-                  max_eval_records=args.eval_records, bench_threads=args.threads)
-    cfg = make_cfg(prune_sparsity=args.sparsity, prune_method="magnitude_global", quantize="both",
-                   distill="distill" not in args.skip, distill_data=ROOT / "data/public/macbeth.txt",
-                   distill_steps=args.distill_steps, distill_batch_size=4, distill_learning_rate=1e-4,
-                   export_onnx="onnx" not in args.skip, onnx_int8_method=args.onnx_int8_method,
-                   onnx_int8_block_size=args.onnx_block_size, **common)
+    common = dict(
+        max_perplexity_increase=0.02,
+        min_speedup=1.5,
+        bench_rounds=args.rounds,
+        max_eval_records=args.eval_records,
+        bench_threads=args.threads,
+    )
+    cfg = make_cfg(
+        prune_sparsity=args.sparsity,
+        prune_method="magnitude_global",
+        quantize="both",
+        distill="distill" not in args.skip,
+        distill_data=ROOT / "data/public/macbeth.txt",
+        distill_steps=args.distill_steps,
+        distill_batch_size=4,
+        distill_learning_rate=1e-4,
+        export_onnx="onnx" not in args.skip,
+        onnx_int8_method=args.onnx_int8_method,
+        onnx_int8_block_size=args.onnx_block_size,
+        **common,
+    )
     t0 = time.time()
     res = compress(model.path, str(work / "run1"), cfg, data.eval_path, args.max_len, data.fingerprint)
     print(f"\n## Run 1 ({time.time() - t0:.0f} s)\n\n{res['table_md']}", flush=True)
     structured = None
     if "structured" not in args.skip:
         t0 = time.time()
-        res2 = compress(model.path, str(work / "run2"),
-                        make_cfg(prune_sparsity=args.sparsity, prune_method="mlp_channels", **common),
-                        data.eval_path, args.max_len, data.fingerprint)
+        res2 = compress(
+            model.path,
+            str(work / "run2"),
+            make_cfg(prune_sparsity=args.sparsity, prune_method="mlp_channels", **common),
+            data.eval_path,
+            args.max_len,
+            data.fingerprint,
+        )
         structured = res2["variants"][0]
         print(f"\n## Run 2: structured pruning ({time.time() - t0:.0f} s)\n\n{res2['table_md']}", flush=True)
     print("\n## Goals (issue 5)\n")

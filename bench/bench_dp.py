@@ -8,6 +8,7 @@ Table 1: seconds per optimizer step, DP vs non-private, same model, same batches
 (interleaved steps of each mode), for LoRA and full fine-tuning.
 Table 2: held-out loss after training with DP (epsilon=8) vs non-private, same steps/lr, Poisson batches (CSPRNG).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,24 @@ def base_spec(state: Path, steps: int, batch: int, max_len: int):
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", state, 0.1)
     model = resolve_model("smollm2", state)
     return data, FinetuneSpec(
-        run_id="bench", model_path=model.path, train_path=data.train_path, output_dir="", fingerprint=data.fingerprint,
-        n_train=data.n_train, max_len=max_len, batch_size=batch, micro_batch_size=batch // 2, steps=steps,
-        sample_rate=batch / data.n_train, sampling="poisson", learning_rate=2e-3, noise_multiplier=1.0,
-        deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"), checkpoint_every=10**9, delta=1e-4)
+        run_id="bench",
+        model_path=model.path,
+        train_path=data.train_path,
+        output_dir="",
+        fingerprint=data.fingerprint,
+        n_train=data.n_train,
+        max_len=max_len,
+        batch_size=batch,
+        micro_batch_size=batch // 2,
+        steps=steps,
+        sample_rate=batch / data.n_train,
+        sampling="poisson",
+        learning_rate=2e-3,
+        noise_multiplier=1.0,
+        deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"),
+        checkpoint_every=10**9,
+        delta=1e-4,
+    )
 
 
 def run(spec, out: Path, **kw) -> dict:
@@ -53,8 +68,15 @@ def speed(spec, tmp: Path, rounds: int, methods: list[str]) -> list[tuple]:
         times = {"dp": [], "plain": []}
         for r in range(rounds):  # interleave the two modes so machine noise hits both alike
             for mode in ("dp", "plain"):
-                res = run(spec, tmp / f"{method}-{mode}-{r}", method=method, learning_rate=lr, steps=3,
-                          private=mode == "dp", reproducible_insecure=True)
+                res = run(
+                    spec,
+                    tmp / f"{method}-{mode}-{r}",
+                    method=method,
+                    learning_rate=lr,
+                    steps=3,
+                    private=mode == "dp",
+                    reproducible_insecure=True,
+                )
                 times[mode] += res["step_seconds"][1:]  # first step warms up; in memory only, never logged
         dp, plain = statistics.median(times["dp"]), statistics.median(times["plain"])
         print(f"  {method}: per-step seconds dp={times['dp']} plain={times['plain']}", flush=True)
@@ -78,15 +100,17 @@ def sampling_cost(sizes=(1_294, 20_000, 1_000_000), q: float = 0.01, rounds: int
 
 
 def quality(spec, data, tmp: Path, steps: int, epsilon: float, dp_lrs: list[float] | None = None) -> list[tuple]:
-    from tasks.evaluation import heldout_loss
     from llmops.governance.accounting import noise_for_target
+    from tasks.evaluation import heldout_loss
 
     sigma = noise_for_target(epsilon, spec.delta, spec.sample_rate, steps, "prv")
     base = heldout_loss(spec.model_path, data.eval_path, max_records=10**9, max_len=spec.max_len)
     rows = [("base model (no training)", "-", base["eval_loss"], base["eval_tokens"])]
     runs = [("non-private", {"private": False})]
-    runs += [(f"DP eps={epsilon:g}" + (f" lr={lr:g}" if dp_lrs else ""),
-              {"noise_multiplier": sigma, "learning_rate": lr}) for lr in (dp_lrs or [spec.learning_rate])]
+    runs += [
+        (f"DP eps={epsilon:g}" + (f" lr={lr:g}" if dp_lrs else ""), {"noise_multiplier": sigma, "learning_rate": lr})
+        for lr in (dp_lrs or [spec.learning_rate])
+    ]
     for name, kw in runs:
         res = run(spec, tmp / name.replace(" ", "_"), steps=steps, **kw)
         ev = heldout_loss(res["model_path"], data.eval_path, max_records=10**9, max_len=spec.max_len)
@@ -122,9 +146,11 @@ def main() -> None:
                 print(f"  n={n:>9,}: {sec * 1000:.2f} ms")
         if args.only in (None, "quality"):
             rows, sigma = quality(spec, data, tmp, args.steps, 8.0, args.dp_lr)
-            print(f"\nTable 2: held-out loss on {data.n_eval} held-out Shakespeare records after {args.steps} LoRA "
-                  f"(r={args.lora_r}) steps (batch {args.batch}, q={spec.sample_rate:.4f}, sigma={sigma:.3f}, C=1, "
-                  f"delta={spec.delta:g}, lr={args.lr:g})")
+            print(
+                f"\nTable 2: held-out loss on {data.n_eval} held-out Shakespeare records after {args.steps} LoRA "
+                f"(r={args.lora_r}) steps (batch {args.batch}, q={spec.sample_rate:.4f}, sigma={sigma:.3f}, C=1, "
+                f"delta={spec.delta:g}, lr={args.lr:g})"
+            )
             print(f"{'run':<26}{'epsilon':>9}{'eval loss':>11}{'tokens':>8}")
             for name, eps, loss, toks in rows:
                 print(f"{name:<26}{eps:>9}{loss:>11.4f}{toks:>8}")

@@ -1,4 +1,4 @@
-"""Near-duplicate record identity (tasks/neardup.py) measured on real text.
+"""Near-duplicate record identity (llmops/text/neardup.py) measured on real text.
 
     .venv/bin/python bench/bench_neardup.py            # the chosen constants: full table
     .venv/bin/python bench/bench_neardup.py --sweep    # + a sweep over (w, window, threshold, min_shared)
@@ -12,6 +12,7 @@ data/public/macbeth.txt cut into blank-line paragraphs (not used to choose the c
   `related(keys(variant), keys(original))` is False. Seeded, so the numbers are reproducible;
 * cost: microseconds per record for record_keys, and keys per record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks import neardup  # noqa: E402
+from llmops.text import neardup  # noqa: E402
 from llmops.text.identity import identity  # noqa: E402
 
 SHAKESPEARE = ROOT / "data/sample/shakespeare.jsonl"
@@ -35,10 +36,42 @@ MACBETH = ROOT / "data/public/macbeth.txt"
 # Attacker lookalikes per Latin letter: Cyrillic / Greek / Armenian (llmops.text.neardup folds them), plus fullwidth and
 # mathematical bold / italic / monospace (NFKC folds them).
 _LOOK = {
-    "a": "аα", "c": "сϲ", "d": "ԁ", "e": "еε", "h": "һ", "i": "іι", "j": "ј", "k": "κ", "l": "ӏ", "n": "ոη",
-    "o": "оοօσ", "p": "рρ", "q": "ԛ", "s": "ѕ", "u": "υս", "v": "ν", "w": "ԝω", "x": "хχ", "y": "уγ",
-    "A": "АΑ", "B": "ВΒ", "C": "СϹ", "E": "ЕΕ", "H": "НΗ", "I": "ІΙ", "J": "Ј", "K": "КΚ", "M": "МΜ", "N": "Ν",
-    "O": "ОΟՕ", "P": "РΡ", "S": "Ѕ", "T": "ТΤ", "X": "ХΧ", "Y": "УΥ", "Z": "Ζ",
+    "a": "аα",
+    "c": "сϲ",
+    "d": "ԁ",
+    "e": "еε",
+    "h": "һ",
+    "i": "іι",
+    "j": "ј",
+    "k": "κ",
+    "l": "ӏ",
+    "n": "ոη",
+    "o": "оοօσ",
+    "p": "рρ",
+    "q": "ԛ",
+    "s": "ѕ",
+    "u": "υս",
+    "v": "ν",
+    "w": "ԝω",
+    "x": "хχ",
+    "y": "уγ",
+    "A": "АΑ",
+    "B": "ВΒ",
+    "C": "СϹ",
+    "E": "ЕΕ",
+    "H": "НΗ",
+    "I": "ІΙ",
+    "J": "Ј",
+    "K": "КΚ",
+    "M": "МΜ",
+    "N": "Ν",
+    "O": "ОΟՕ",
+    "P": "РΡ",
+    "S": "Ѕ",
+    "T": "ТΤ",
+    "X": "ХΧ",
+    "Y": "УΥ",
+    "Z": "Ζ",
 }
 for _c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
     lo = _c.islower()
@@ -64,6 +97,7 @@ def load_macbeth() -> list[str]:
 
 # ---- variants (each takes the text and a seeded Random) ----
 
+
 def homoglyph(t, rng):
     return "".join(rng.choice(_LOOK[c]) if c in _LOOK and rng.random() < 0.5 else c for c in t)
 
@@ -76,6 +110,7 @@ def punctuation(t, rng):
     def one(m):
         r = rng.random()
         return "" if r < 0.5 else rng.choice(_OTHER_PUNCT) if r < 0.75 else m.group()
+
     out = _PUNCT.sub(one, t)
     return out if out != t else t + "!"
 
@@ -111,18 +146,30 @@ def split(t, parts):
     spans = _words(t)
     cuts = [spans[len(spans) * i // parts][0] for i in range(1, parts)]
     bounds = [0, *cuts, len(t)]
-    return [t[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    return [t[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 def truncate(t, frac, end):
     spans = _words(t)
     n = max(1, round(len(spans) * frac))
-    return t[:spans[n - 1][1]] if end == "first" else t[spans[len(spans) - n][0]:]
+    return t[: spans[n - 1][1]] if end == "first" else t[spans[len(spans) - n][0] :]
 
 
-KINDS = ["homoglyph", "case", "punctuation", "substitution", "insertion", "deletion", "split 2 (each half)",
-         "split 3 (each third)", "concatenation", "truncate 70% (first)", "truncate 70% (last)", "all of the above",
-         "part 42% + 40 words of filler"]
+KINDS = [
+    "homoglyph",
+    "case",
+    "punctuation",
+    "substitution",
+    "insertion",
+    "deletion",
+    "split 2 (each half)",
+    "split 3 (each third)",
+    "concatenation",
+    "truncate 70% (first)",
+    "truncate 70% (last)",
+    "all of the above",
+    "part 42% + 40 words of filler",
+]
 
 
 def variants(texts: list[str], seed: int) -> dict[str, list[tuple[int, str]]]:
@@ -146,7 +193,8 @@ def variants(texts: list[str], seed: int) -> dict[str, list[tuple[int, str]]]:
         out["truncate 70% (last)"].append((i, truncate(t, 0.7, "last")))
         # everything at once: homoglyphs + case + punctuation + one substitution, then a 70% prefix
         out["all of the above"].append(
-            (i, truncate(substitution(punctuation(case(homoglyph(t, rng), rng), rng), rng, vocab), 0.7, "first")))
+            (i, truncate(substitution(punctuation(case(homoglyph(t, rng), rng), rng), rng, vocab), 0.7, "first"))
+        )
         # the blind attacker's split-and-pad: a 42% slice of the record followed by ~40 words of another record
         filler = " ".join(other.split()[:40]) if len(other.split()) >= 40 else " ".join((other.split() * 40)[:40])
         out["part 42% + 40 words of filler"].append((i, truncate(t, 0.42, "first") + " " + filler))
@@ -164,8 +212,9 @@ def miss_rates(orig_keys, var_keys, groups, w, window, min_shared, threshold):
         out[kind] = {}
         for g, members in groups.items():
             trials = [(i, k) for i, k in vs if i in members]
-            miss = sum(not neardup.related(k, orig_keys[i], min_shared=min_shared, threshold=threshold)
-                       for i, k in trials)
+            miss = sum(
+                not neardup.related(k, orig_keys[i], min_shared=min_shared, threshold=threshold) for i, k in trials
+            )
             out[kind][g] = (miss, len(trials))
     return out
 
@@ -173,8 +222,11 @@ def miss_rates(orig_keys, var_keys, groups, w, window, min_shared, threshold):
 def false_merges(texts, keys, min_shared, threshold):
     """Pairs of records with different identities that are related; the records involved."""
     ident = [identity(t) for t in texts]
-    pairs = [(a, b) for a, b in neardup.related_pairs(keys, min_shared=min_shared, threshold=threshold)
-             if ident[a] != ident[b]]
+    pairs = [
+        (a, b)
+        for a, b in neardup.related_pairs(keys, min_shared=min_shared, threshold=threshold)
+        if ident[a] != ident[b]
+    ]
     involved = {x for p in pairs for x in p}
     distinct = len(set(ident))
     return pairs, involved, distinct
@@ -182,12 +234,15 @@ def false_merges(texts, keys, min_shared, threshold):
 
 def short(t, n=70):
     t = " ".join(t.split())
-    return t if len(t) <= n else t[:n - 3] + "..."
+    return t if len(t) <= n else t[: n - 3] + "..."
 
 
 def measure(texts, w, window, min_shared, threshold, seed):
     folded = [len(neardup.fold(t)) for t in texts]
-    groups = {">=8": {i for i, n in enumerate(folded) if n >= 8}, "4-7": {i for i, n in enumerate(folded) if 4 <= n < 8}}
+    groups = {
+        ">=8": {i for i, n in enumerate(folded) if n >= 8},
+        "4-7": {i for i, n in enumerate(folded) if 4 <= n < 8},
+    }
     keys = keys_of(texts, w, window)
     var = variants(texts, seed)
     var_keys = {k: [(i, neardup.record_keys(v, w=w, window=window)) for i, v in vs] for k, vs in var.items()}
@@ -198,20 +253,30 @@ REQUIRED = [k for k in KINDS if k not in ("split 3 (each third)", "all of the ab
 
 
 def sweep(texts, seed):
-    print(f"\nSweep on shakespeare.jsonl (seed {seed}). worst: the highest miss rate over the required variant kinds"
-          f" ({', '.join(REQUIRED)}) for >= 8-word records, and its kind; split3: miss rate of thirds (>= 8 words);"
-          " short: mean miss over the required kinds for 4-7-word records; false-merge: records related to another"
-          " distinct record")
-    print(f"{'w':>2} {'win':>3} {'minsh':>5} {'thr':>4} | {'worst':>6} {'kind':<20} | {'split3':>6} | {'short':>6}"
-          f" | {'false-merge':>11} {'pairs':>5} | keys/rec")
+    print(
+        f"\nSweep on shakespeare.jsonl (seed {seed}). worst: the highest miss rate over the required variant kinds"
+        f" ({', '.join(REQUIRED)}) for >= 8-word records, and its kind; split3: miss rate of thirds (>= 8 words);"
+        " short: mean miss over the required kinds for 4-7-word records; false-merge: records related to another"
+        " distinct record"
+    )
+    print(
+        f"{'w':>2} {'win':>3} {'minsh':>5} {'thr':>4} | {'worst':>6} {'kind':<20} | {'split3':>6} | {'short':>6}"
+        f" | {'false-merge':>11} {'pairs':>5} | keys/rec"
+    )
     folded = [len(neardup.fold(t)) for t in texts]
-    groups = {">=8": {i for i, n in enumerate(folded) if n >= 8}, "4-7": {i for i, n in enumerate(folded) if 4 <= n < 8}}
+    groups = {
+        ">=8": {i for i, n in enumerate(folded) if n >= 8},
+        "4-7": {i for i, n in enumerate(folded) if 4 <= n < 8},
+    }
     var = variants(texts, seed)
     for w in (2, 3, 4, 5):
         for window in (1, 2, 3):
             keys = keys_of(texts, w, window)
-            var_keys = {k: [(i, neardup.record_keys(v, w=w, window=window)) for i, v in vs] for k, vs in var.items()
-                        if k != "all of the above"}
+            var_keys = {
+                k: [(i, neardup.record_keys(v, w=w, window=window)) for i, v in vs]
+                for k, vs in var.items()
+                if k != "all of the above"
+            }
             for min_shared in (1, 2, 3):
                 for thr in (0.3, 0.4, 0.5, 0.6):
                     mr = miss_rates(keys, var_keys, groups, w, window, min_shared, thr)
@@ -219,9 +284,11 @@ def sweep(texts, seed):
                     worst_kind = max(REQUIRED, key=rate.get)
                     short_mean = statistics.mean(mr[k]["4-7"][0] / max(1, mr[k]["4-7"][1]) for k in REQUIRED)
                     pairs, involved, distinct = false_merges(texts, keys, min_shared, thr)
-                    print(f"{w:>2} {window:>3} {min_shared:>5} {thr:>4} | {rate[worst_kind]:>6.2%} {worst_kind:<20} |"
-                          f" {rate['split 3 (each third)']:>6.2%} | {short_mean:>6.2%} |"
-                          f" {len(involved) / distinct:>11.2%} {len(pairs):>5} | {statistics.mean(len(k) for k in keys):.1f}")
+                    print(
+                        f"{w:>2} {window:>3} {min_shared:>5} {thr:>4} | {rate[worst_kind]:>6.2%} {worst_kind:<20} |"
+                        f" {rate['split 3 (each third)']:>6.2%} | {short_mean:>6.2%} |"
+                        f" {len(involved) / distinct:>11.2%} {len(pairs):>5} | {statistics.mean(len(k) for k in keys):.1f}"
+                    )
 
 
 def report(name, texts, w, window, min_shared, threshold, seeds, examples=5):
@@ -234,8 +301,10 @@ def report(name, texts, w, window, min_shared, threshold, seeds, examples=5):
                 acc = total.setdefault(kind, {}).setdefault(g, [0, 0])
                 acc[0] += m
                 acc[1] += n
-    print(f"records with >= 8 folded words: {len(groups['>=8'])}, with 4-7: {len(groups['4-7'])}, "
-          f"< 4: {len(texts) - len(groups['>=8']) - len(groups['4-7'])}; seeds {list(seeds)}")
+    print(
+        f"records with >= 8 folded words: {len(groups['>=8'])}, with 4-7: {len(groups['4-7'])}, "
+        f"< 4: {len(texts) - len(groups['>=8']) - len(groups['4-7'])}; seeds {list(seeds)}"
+    )
     print(f"{'variant kind':<24} {'miss >= 8 words':>18} {'miss 4-7 words':>18}")
     for kind in KINDS:
         m8, n8 = total[kind][">=8"]
@@ -244,8 +313,10 @@ def report(name, texts, w, window, min_shared, threshold, seeds, examples=5):
     pairs, involved, distinct = false_merges(texts, keys, min_shared, threshold)
     ids = neardup.clusters(keys, min_shared=min_shared, threshold=threshold)
     sizes = sorted((ids.count(c) for c in set(ids) if ids.count(c) > 1), reverse=True)
-    print(f"false merges: {len(involved)}/{distinct} distinct records ({len(involved) / distinct:.2%}) related to another"
-          f" distinct record; {len(pairs)} pairs; clusters of > 1 record (exact duplicates included): sizes {sizes}")
+    print(
+        f"false merges: {len(involved)}/{distinct} distinct records ({len(involved) / distinct:.2%}) related to another"
+        f" distinct record; {len(pairs)} pairs; clusters of > 1 record (exact duplicates included): sizes {sizes}"
+    )
     print(f"  the {min(examples, len(pairs))} lowest-containment pairs (the most doubtful):")
     for a, b in sorted(pairs, key=lambda p: neardup.containment(keys[p[0]], keys[p[1]]))[:examples]:
         c = neardup.containment(keys[a], keys[b])
@@ -259,8 +330,10 @@ def report(name, texts, w, window, min_shared, threshold, seeds, examples=5):
     t0 = time.perf_counter()
     neardup.clusters(keys, min_shared=min_shared, threshold=threshold)
     dc = time.perf_counter() - t0
-    print(f"cost: record_keys {dt * 1e6:.1f} us/record (mean {words:.1f} words), "
-          f"{statistics.mean(len(k) for k in keys):.2f} keys/record; clusters {dc * 1e3:.1f} ms for {len(texts)} records")
+    print(
+        f"cost: record_keys {dt * 1e6:.1f} us/record (mean {words:.1f} words), "
+        f"{statistics.mean(len(k) for k in keys):.2f} keys/record; clusters {dc * 1e3:.1f} ms for {len(texts)} records"
+    )
     return keys
 
 
@@ -272,8 +345,12 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=neardup.WINDOW)
     ap.add_argument("--min-shared", type=int, default=neardup.MIN_SHARED)
     ap.add_argument("--threshold", type=float, default=neardup.THRESHOLD)
-    ap.add_argument("--abs-shared", type=int, default=neardup.ABS_SHARED,
-                    help="shared keys that relate two records whatever the ratio")
+    ap.add_argument(
+        "--abs-shared",
+        type=int,
+        default=neardup.ABS_SHARED,
+        help="shared keys that relate two records whatever the ratio",
+    )
     a = ap.parse_args()
     neardup.ABS_SHARED = a.abs_shared
     shakespeare, macbeth = load_shakespeare(), load_macbeth()
@@ -281,8 +358,9 @@ def main() -> None:
         sweep(shakespeare, seed=0)
     seeds = range(a.seeds)
     ks = report("data/sample/shakespeare.jsonl", shakespeare, a.w, a.window, a.min_shared, a.threshold, seeds)
-    km = report("data/public/macbeth.txt paragraphs (held out)", macbeth, a.w, a.window, a.min_shared, a.threshold,
-                seeds)
+    km = report(
+        "data/public/macbeth.txt paragraphs (held out)", macbeth, a.w, a.window, a.min_shared, a.threshold, seeds
+    )
     both = ks + km
     texts = shakespeare + macbeth
     pairs, _, _ = false_merges(texts, both, a.min_shared, a.threshold)

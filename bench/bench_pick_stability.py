@@ -7,6 +7,7 @@ pick changed, for the old rule (5% tolerance, ratio of medians, edge by the same
     .venv/bin/python bench/bench_pick_stability.py --repeats 5            # ~10 min on 2 cores
     .venv/bin/python bench/bench_pick_stability.py --repeats 5 --burn     # the same under load
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,22 +57,29 @@ def main() -> None:
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", work / "state", 0.1)
     t0 = time.time()
     first = compress(model.path, str(work / "c"), cfg, data.eval_path, args.max_len, [data.train_path])
-    print(f"built {len(first['variants'])} variants in {time.time() - t0:.0f} s: "
-          f"{', '.join(v['name'] for v in first['variants'])}")
+    print(
+        f"built {len(first['variants'])} variants in {time.time() - t0:.0f} s: "
+        f"{', '.join(v['name'] for v in first['variants'])}"
+    )
     from tasks.data import read_texts
 
     texts = read_texts(Path(data.eval_path))[: cfg.max_eval_records]
     burners = []
     if args.burn:
-        burners = [multiprocessing.Process(target=_burn, args=(time.time() + 3600,), daemon=True)
-                   for _ in range(os.cpu_count() or 2)]
+        burners = [
+            multiprocessing.Process(target=_burn, args=(time.time() + 3600,), daemon=True)
+            for _ in range(os.cpu_count() or 2)
+        ]
         for b in burners:
             b.start()
     rows = []
     try:
         for r in range(args.repeats):
-            variants = [{k: v[k] for k in ("name", "path", "technique", "format") if k in v}
-                        for v in first["variants"] if v.get("built", True)]
+            variants = [
+                {k: v[k] for k in ("name", "path", "technique", "format") if k in v}
+                for v in first["variants"]
+                if v.get("built", True)
+            ]
             measured = measure(model.path, variants, texts, args.max_len, cfg)
             base = measured["baseline"]
             for v in measured["variants"]:
@@ -79,20 +87,30 @@ def main() -> None:
             res = decide(measured, cfg)
             by = {v["name"]: v for v in res["variants"]}
             old_sel, old_edge = old_rule(res["variants"], cfg.pick_speed_tolerance)
-            rows.append({"selected": res["selected"], "edge": res["edge_name"], "old_selected": old_sel,
-                         "old_edge": old_edge,
-                         **{f"{n} speed-up": by[n]["speedup"] for n in ("onnx", "onnx-int8") if n in by},
-                         **{f"{n} spread": by[n].get("speedup_spread") for n in ("onnx", "onnx-int8") if n in by}})
+            rows.append(
+                {
+                    "selected": res["selected"],
+                    "edge": res["edge_name"],
+                    "old_selected": old_sel,
+                    "old_edge": old_edge,
+                    **{f"{n} speed-up": by[n]["speedup"] for n in ("onnx", "onnx-int8") if n in by},
+                    **{f"{n} spread": by[n].get("speedup_spread") for n in ("onnx", "onnx-int8") if n in by},
+                }
+            )
             print(f"repeat {r + 1}: {rows[-1]}", flush=True)
     finally:
         for b in burners:
             b.terminate()
-    print(f"\n{'repeat':>6} | {'selected':<14} {'edge':<12} | {'old selected':<14} {'old edge':<12} | "
-          "onnx×  int8×  spread(onnx, int8)")
+    print(
+        f"\n{'repeat':>6} | {'selected':<14} {'edge':<12} | {'old selected':<14} {'old edge':<12} | "
+        "onnx×  int8×  spread(onnx, int8)"
+    )
     for i, r in enumerate(rows, 1):
-        print(f"{i:>6} | {str(r['selected']):<14} {str(r['edge']):<12} | {str(r['old_selected']):<14} "
-              f"{str(r['old_edge']):<12} | {r.get('onnx speed-up', '-'):>5} {r.get('onnx-int8 speed-up', '-'):>5}  "
-              f"{r.get('onnx spread')}, {r.get('onnx-int8 spread')}")
+        print(
+            f"{i:>6} | {str(r['selected']):<14} {str(r['edge']):<12} | {str(r['old_selected']):<14} "
+            f"{str(r['old_edge']):<12} | {r.get('onnx speed-up', '-'):>5} {r.get('onnx-int8 speed-up', '-'):>5}  "
+            f"{r.get('onnx spread')}, {r.get('onnx-int8 spread')}"
+        )
     for key in ("selected", "edge", "old_selected", "old_edge"):
         c = Counter(r[key] for r in rows)
         print(f"{key:<13} {dict(c)}  changes vs the most common: {len(rows) - c.most_common(1)[0][1]}/{len(rows)}")

@@ -1,4 +1,4 @@
-"""PII detectors measured on the labelled evaluation set: tasks/pii.py vs the old regexes vs Presidio.
+"""PII detectors measured on the labelled evaluation set: llmops/text/pii.py vs the old regexes vs Presidio.
 
     .venv/bin/pip install -e '.[bench]'      # presidio-analyzer (bench only; no spaCy model is used)
     .venv/bin/python bench/bench_pii.py [--split all|real|dev|test]
@@ -11,6 +11,7 @@ marked synthetic insertions, `fresh` the 200 records added after tuning (ids >= 
 predefined pattern recognizers directly (nlp_artifacts=None),
 with tldextract offline (its bundled public-suffix snapshot).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,14 @@ SCORED = ("email", "message_id", "phone", "ssn", "credit_card", "ip_address", "i
 
 def load(split: str = "all") -> list[dict]:
     recs = [json.loads(x) for x in EVAL.read_text(encoding="utf-8").splitlines()]
-    keep = {"all": lambda r: True, "real": lambda r: not r.get("synthetic"),
-            "dev": lambda r: r["id"] % 5 != 0, "test": lambda r: r["id"] % 5 == 0,
-            "test-real": lambda r: r["id"] % 5 == 0 and not r.get("synthetic"),
-            "fresh": lambda r: r["id"] >= 1400}[split]
+    keep = {
+        "all": lambda r: True,
+        "real": lambda r: not r.get("synthetic"),
+        "dev": lambda r: r["id"] % 5 != 0,
+        "test": lambda r: r["id"] % 5 == 0,
+        "test-real": lambda r: r["id"] % 5 == 0 and not r.get("synthetic"),
+        "fresh": lambda r: r["id"] >= 1400,
+    }[split]
     return [r for r in recs if keep(r)]
 
 
@@ -60,7 +65,7 @@ def ours(text: str) -> dict:
 
 
 def old(text: str) -> dict:
-    from pii_baseline import find_pii  # the detectors as they were before tasks/pii.py (frozen copy)
+    from pii_baseline import find_pii  # the detectors as they were before llmops/text/pii.py (frozen copy)
 
     return find_pii(text, MRN)
 
@@ -68,15 +73,28 @@ def old(text: str) -> dict:
 def presidio_detector(threshold: float = 0.0):
     """Presidio's predefined pattern recognizers; `threshold` 0 is AnalyzerEngine's default score_threshold."""
     import tldextract
-    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer, IbanRecognizer,
-                                                          IpRecognizer, PhoneRecognizer, UsSsnRecognizer)
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        UsSsnRecognizer,
+    )
     from presidio_analyzer.predefined_recognizers.generic import email_recognizer
 
     # Offline: the bundled public-suffix snapshot, no download attempt (and no traceback in the output).
-    email_recognizer.tldextract = type("T", (), {"extract": staticmethod(
-        tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None))})
-    recs = {"email": EmailRecognizer(), "phone": PhoneRecognizer(), "ssn": UsSsnRecognizer(),
-            "credit_card": CreditCardRecognizer(), "ip_address": IpRecognizer(), "iban": IbanRecognizer()}
+    email_recognizer.tldextract = type(
+        "T", (), {"extract": staticmethod(tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None))}
+    )
+    recs = {
+        "email": EmailRecognizer(),
+        "phone": PhoneRecognizer(),
+        "ssn": UsSsnRecognizer(),
+        "credit_card": CreditCardRecognizer(),
+        "ip_address": IpRecognizer(),
+        "iban": IbanRecognizer(),
+    }
 
     def detect(text: str) -> dict:
         out: dict[str, list] = {}
@@ -107,11 +125,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real", "fresh"])
     ap.add_argument("--no-presidio", action="store_true")
-    ap.add_argument("--speed-corpus", default=str(ROOT / "data/sample/shakespeare.jsonl"),
-                    help="JSONL with a 'text' field: records/s on ordinary text (the eval set is PII-dense on purpose)")
+    ap.add_argument(
+        "--speed-corpus",
+        default=str(ROOT / "data/sample/shakespeare.jsonl"),
+        help="JSONL with a 'text' field: records/s on ordinary text (the eval set is PII-dense on purpose)",
+    )
     args = ap.parse_args()
     records = load(args.split)
-    detectors = {"tasks/pii.py": ours, "old (bench/pii_baseline.py = 9b982bf)": old}
+    detectors = {"llmops/text/pii.py": ours, "old (bench/pii_baseline.py = 9b982bf)": old}
     if not args.no_presidio:
         detectors["Presidio pattern recognizers"] = presidio_detector()
         detectors["Presidio, score >= 0.5"] = presidio_detector(0.5)

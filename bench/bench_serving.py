@@ -10,6 +10,7 @@ Load (the same for every row): --requests completions, --concurrency at a time, 
 around the same engine (one request at a time, like a replica): the floor that 2 replicas must beat.
 On a shared 2-core machine the numbers are noisy; the table says what was run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,15 @@ def post(url: str, body: dict) -> tuple[float, dict, dict]:
 
 def load(url: str, n: int, conc: int, max_tokens: int, tag: str) -> dict:
     def one(i):
-        return post(url, {"model": "bench", "prompt": f"{tag} request {i}: Once upon a time",
-                          "max_tokens": max_tokens, "temperature": 0})[0]
+        return post(
+            url,
+            {
+                "model": "bench",
+                "prompt": f"{tag} request {i}: Once upon a time",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )[0]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
@@ -85,8 +93,12 @@ def rss_mb(pid: int) -> float:
 
 def plain_row(path: str, engine: str, args) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", PLAIN, path, str(port), str(ROOT), engine],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PLAIN, path, str(port), str(ROOT), engine],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         url = f"http://127.0.0.1:{port}/"
@@ -106,9 +118,15 @@ def ray_rows(path: str, digest: str, engine: str, args) -> list[dict]:
     rows = []
     port = free_port()
     for version, replicas in (("1", 1), ("2", 2)):
-        s = ServeSettings(http_port=port, replicas=replicas, num_cpus=1, engine=engine,
-                          limits={"max_tokens": 256, "max_queued": 1000, "timeout_s": 300},
-                          cache={"backend": "memory"}, smoke={"prompts": 2})
+        s = ServeSettings(
+            http_port=port,
+            replicas=replicas,
+            num_cpus=1,
+            engine=engine,
+            limits={"max_tokens": 256, "max_queued": 1000, "timeout_s": 300},
+            cache={"backend": "memory"},
+            smoke={"prompts": 2},
+        )
         rep = control.rollout("bench", version, path, f"{digest}-{version}", s, {})
         url = f"http://127.0.0.1:{port}/v1/completions"
         control.wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -118,11 +136,16 @@ def ray_rows(path: str, digest: str, engine: str, args) -> list[dict]:
 
         h = serve.get_deployment_handle("ModelServer", app_name=control.app_name("bench", version))
         pids = {h.info.remote().result()["pid"] for _ in range(8 * replicas)}
-        row.update(replicas=replicas, rollout_s=rep["seconds"]["total"],
-                   mem_mb=statistics.mean(rss_mb(p) for p in pids))
+        row.update(
+            replicas=replicas, rollout_s=rep["seconds"]["total"], mem_mb=statistics.mean(rss_mb(p) for p in pids)
+        )
         if replicas == 2:  # cache: the first request of a prompt misses, the same request again hits
-            body = {"model": "bench", "prompt": "The cache bench prompt", "max_tokens": args.max_tokens,
-                    "temperature": 0}
+            body = {
+                "model": "bench",
+                "prompt": "The cache bench prompt",
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
             miss, headers, _ = post(url, body)
             assert headers["x-llmops-cache"] == "miss"
             hits = []
@@ -147,12 +170,12 @@ def semantic_false_hits(threshold: float) -> dict:
         idx.add("g", x, str(i))
     same = sum(idx.lookup("g", "  " + x.upper().replace(",", "") + " ") == str(i) for i, x in enumerate(lines))
     changed, false = 0, 0
-    for i, x in enumerate(lines):
+    for x in lines:
         words = x.split()
         if len(words) < 3:
             continue
         j = len(words) // 2
-        variant = " ".join(words[:j] + ["not" if words[j] != "not" else "never"] + words[j + 1:])
+        variant = " ".join(words[:j] + ["not" if words[j] != "not" else "never"] + words[j + 1 :])
         changed += 1
         false += idx.lookup("g", variant) is not None
     return {"n": len(lines), "true_hit_rate": same / len(lines), "false_hit_rate": false / max(changed, 1)}
@@ -176,8 +199,7 @@ def main() -> None:
     from tasks.model import resolve_model
 
     state = Path(os.environ.get("LLMOPS_HOME", ROOT / ".llmops")) / "bench-serving"
-    ref = resolve_model(args.model, state, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
-                        max_len=512)
+    ref = resolve_model(args.model, state, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=512)
     variants = [] if args.skip_torch else [("torch", ref.path, "transformers", ref.digest)]
     if args.onnx:
         variants.append(("onnx-int8", args.onnx, "onnx", dir_digest(Path(args.onnx))))
@@ -186,8 +208,10 @@ def main() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # 4 logical CPUs on 2 cores: blue/green needs the old and the new version side by side
     ray.init(**control.local_ray(temp, num_cpus=4)["init_kwargs"], logging_level=logging.WARNING, log_to_driver=False)
-    print(f"model {args.model} ({ref.path}); load: {args.requests} requests, {args.concurrency} concurrent, "
-          f"{args.max_tokens} greedy tokens each, distinct prompts; {os.cpu_count()} cores (shared)\n")
+    print(
+        f"model {args.model} ({ref.path}); load: {args.requests} requests, {args.concurrency} concurrent, "
+        f"{args.max_tokens} greedy tokens each, distinct prompts; {os.cpu_count()} cores (shared)\n"
+    )
     print("| engine | server | req/s | p50 s | p95 s | rollout s | mem/replica MB |")
     print("|---|---|---|---|---|---|---|")
     cache_line = ""
@@ -196,14 +220,22 @@ def main() -> None:
 
         for name, path, engine, digest in variants:
             p = plain_row(path, engine, args)
-            print(f"| {name} | plain process | {p['rps']:.2f} | {p['p50']:.2f} | {p['p95']:.2f} | — | "
-                  f"{p['mem_mb']:.0f} |", flush=True)
+            print(
+                f"| {name} | plain process | {p['rps']:.2f} | {p['p50']:.2f} | {p['p95']:.2f} | — | "
+                f"{p['mem_mb']:.0f} |",
+                flush=True,
+            )
             for r in ray_rows(path, f"{name}-{digest}", engine, args):
-                print(f"| {name} | Ray Serve x{r['replicas']} | {r['rps']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
-                      f"{r['rollout_s']:.1f} | {r['mem_mb']:.0f} |", flush=True)
+                print(
+                    f"| {name} | Ray Serve x{r['replicas']} | {r['rps']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
+                    f"{r['rollout_s']:.1f} | {r['mem_mb']:.0f} |",
+                    flush=True,
+                )
                 if "hit_s" in r:
-                    cache_line += (f"\ncache ({name}): miss {1000 * r['miss_s']:.1f} ms, hit {1000 * r['hit_s']:.2f} "
-                                   f"ms (median of 20), hit/miss = {r['hit_s'] / r['miss_s']:.4f} (goal <= 0.05)")
+                    cache_line += (
+                        f"\ncache ({name}): miss {1000 * r['miss_s']:.1f} ms, hit {1000 * r['hit_s']:.2f} "
+                        f"ms (median of 20), hit/miss = {r['hit_s'] / r['miss_s']:.4f} (goal <= 0.05)"
+                    )
             for app in [a for a in serve.status().applications if a.startswith("llmops-")]:
                 serve.delete(app)  # the next engine starts from an empty cluster
     finally:
@@ -216,8 +248,10 @@ def main() -> None:
         shutil.rmtree(temp, ignore_errors=True)
     print(cache_line)
     sem = semantic_false_hits(0.95)
-    print(f"\nnear-duplicate cache (threshold 0.95, {sem['n']} sample lines): reworded copies hit "
-          f"{100 * sem['true_hit_rate']:.1f}%, one-word changes (false hits) {100 * sem['false_hit_rate']:.1f}%")
+    print(
+        f"\nnear-duplicate cache (threshold 0.95, {sem['n']} sample lines): reworded copies hit "
+        f"{100 * sem['true_hit_rate']:.1f}%, one-word changes (false hits) {100 * sem['false_hit_rate']:.1f}%"
+    )
 
 
 if __name__ == "__main__":

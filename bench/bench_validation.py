@@ -11,6 +11,7 @@ Records are built from the shipped sample (speeches, re-combined) with 1% carryi
 the shipped tiny byte-level BPE tokenizer: a record is tokenized only when its UTF-8 length could exceed
 validation.max_tokens (the default 4096 never does here; --max-tokens 64 makes every record count exactly).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,14 @@ def run_cli(config: Path, home: Path) -> tuple[float, float, float, str]:
     env = dict(os.environ, LLMOPS_HOME=str(home))
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "validate", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "validate", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     parent, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -76,10 +83,10 @@ def profile(n: int) -> None:
     """Per-stage CPU time of one process over n records (what each worker does, and the main process's part)."""
     import re
 
-    from tasks import scan
-    from tasks.data import iter_records
     from llmops.text.identity import text_hash
     from llmops.text.pii import find_pii, pii_categories, redact
+    from tasks import scan
+    from tasks.data import iter_records
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.jsonl"
@@ -99,14 +106,18 @@ def profile(n: int) -> None:
 
         timed("control characters", lambda: [scan.strip_control(b) for b in bodies if scan.CONTROL.search(b)])
         spans = timed("PII detectors (find_pii)", lambda: [find_pii(b, mrn) for b in bodies])
-        timed("redact + re-detect (1%)", lambda: [find_pii(redact(b, s, {"email"}), mrn) for b, s in zip(bodies, spans)
-                                                  if s.get("email")])
+        timed(
+            "redact + re-detect (1%)",
+            lambda: [find_pii(redact(b, s, {"email"}), mrn) for b, s in zip(bodies, spans) if s.get("email")],
+        )
         timed("text_hash (NFKC identity)", lambda: [text_hash(b) for b in bodies])
         count, bound = scan._token_counter(str(ROOT / "llmops/assets/tiny-tokenizer"))
         timed("token bound (UTF-8 length)", lambda: [bound(b) for b in bodies])
         timed("exact token counts (if needed)", lambda: count(bodies))
-        timed("write cleaned copy (json.dumps)", lambda: [json.dumps({"id": i, "text": b}, ensure_ascii=False)
-                                                          for _, i, b in recs])
+        timed(
+            "write cleaned copy (json.dumps)",
+            lambda: [json.dumps({"id": i, "text": b}, ensure_ascii=False) for _, i, b in recs],
+        )
     print(f"\nPer-stage CPU, one process, {n:,} records ({len(pii_categories())} PII categories)")
     for k, v in stages.items():
         print(f"  {k:<34}{v / n * 1e6:8.1f} us/record")
@@ -121,12 +132,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
-    print(f"\nValidation end to end (llmops validate: workers, GX, Data Docs, report), {os.cpu_count()} cores, "
-          f"max_tokens {args.max_tokens}")
-    print("(CPU s: user+sys of the CLI and its workers; records/s if 2 idle cores = records / (CPU s / 2); load: the "
-          "1-min load average before the run, other users' processes included)")
-    print(f"{'records':>10}{'MB':>8}{'seconds':>9}{'records/s':>11}{'CPU s':>8}{'2-core rec/s':>14}"
-          f"{'peak RSS GB':>13}{'load':>6}  passed  cleaned  tokenized")
+    print(
+        f"\nValidation end to end (llmops validate: workers, GX, Data Docs, report), {os.cpu_count()} cores, "
+        f"max_tokens {args.max_tokens}"
+    )
+    print(
+        "(CPU s: user+sys of the CLI and its workers; records/s if 2 idle cores = records / (CPU s / 2); load: the "
+        "1-min load average before the run, other users' processes included)"
+    )
+    print(
+        f"{'records':>10}{'MB':>8}{'seconds':>9}{'records/s':>11}{'CPU s':>8}{'2-core rec/s':>14}"
+        f"{'peak RSS GB':>13}{'load':>6}  passed  cleaned  tokenized"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep or tmp)
         base.mkdir(parents=True, exist_ok=True)
@@ -135,15 +152,19 @@ def main() -> None:
             if not data.is_file():
                 make_data(data, n)
             config = base / f"bench-{n}.yaml"
-            config.write_text(f"data: {{path: {data}}}\nmodel: {{source: tiny, max_seq_len: 64}}\n"
-                              f"validation: {{min_records: 100, max_tokens: {args.max_tokens}, "
-                              f"max_duplicate_rate: 0.5}}\n")
+            config.write_text(
+                f"data: {{path: {data}}}\nmodel: {{source: tiny, max_seq_len: 64}}\n"
+                f"validation: {{min_records: 100, max_tokens: {args.max_tokens}, "
+                f"max_duplicate_rate: 0.5}}\n"
+            )
             load = os.getloadavg()[0]
             dt, cpu, peak, out = run_cli(config, base / f"home-{n}")
             report = json.loads(Path(out.split("Report: `", 1)[1].split("`", 1)[0]).read_text())
-            print(f"{n:>10,}{data.stat().st_size / 1e6:>8.0f}{dt:>9.1f}{n / dt:>11,.0f}{cpu:>8.1f}"
-                  f"{n / (cpu / 2):>14,.0f}{peak:>13.2f}{load:>6.1f}  {str(report['passed']):<7} {str(report['cleaned']):<8} "
-                  f"{report['n_tokenized']:,}")
+            print(
+                f"{n:>10,}{data.stat().st_size / 1e6:>8.0f}{dt:>9.1f}{n / dt:>11,.0f}{cpu:>8.1f}"
+                f"{n / (cpu / 2):>14,.0f}{peak:>13.2f}{load:>6.1f}  {str(report['passed']):<7} {str(report['cleaned']):<8} "
+                f"{report['n_tokenized']:,}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""The PII detectors as they were before tasks/pii.py (commit 9b982bf's tasks/validation.py), frozen here only as
+"""The PII detectors as they were before llmops/text/pii.py (commit 9b982bf's tasks/validation.py), frozen here only as
 the baseline column of bench/bench_pii.py. Not used at run time."""
+
 from __future__ import annotations
 
 import ipaddress
 import re
 
 from llmops.text.pii import luhn_ok  # unchanged since; the rest below is the old code
-
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 # +44 20 7946 0958 · (415) 555-0132 · +1-415-555-0132 · 020 7946 0958 · 415.555.0132
@@ -17,7 +17,8 @@ IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}\b")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 
-def iban_ok(s: str) -> bool:  # the old rule (tasks/pii.py also checks each country's IBAN length)
+
+def iban_ok(s: str) -> bool:  # the old rule (llmops/text/pii.py also checks each country's IBAN length)
     s = s.replace(" ", "")
     if not 15 <= len(s) <= 34:
         return False

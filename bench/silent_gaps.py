@@ -4,6 +4,7 @@ longest silences: what a person waiting at the terminal experiences.
     .venv/bin/python bench/silent_gaps.py -- make demo
     .venv/bin/python bench/silent_gaps.py --burn -- make demo      # with a CPU burner on every core
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ def main() -> int:
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     burners = []
     if a.burn:
-        burners = [multiprocessing.Process(target=_burn, args=(time.time() + 7200,), daemon=True)
-                   for _ in range(os.cpu_count() or 2)]
+        burners = [
+            multiprocessing.Process(target=_burn, args=(time.time() + 7200,), daemon=True)
+            for _ in range(os.cpu_count() or 2)
+        ]
         for b in burners:
             b.start()
     t0 = time.time()

@@ -5,6 +5,7 @@
 
 Writes data/sample/shakespeare.jsonl: one record per speech/stanza with `id`, `text`, `source`.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,7 +1,8 @@
 """Train the small BPE tokenizer shipped for tiny test models (no hub download needed).
 
-    python data/make_tiny_tokenizer.py     # writes llmops/assets/tiny-tokenizer/
+python data/make_tiny_tokenizer.py     # writes llmops/assets/tiny-tokenizer/
 """
+
 import json
 from pathlib import Path
 
@@ -16,11 +17,15 @@ def main(sample="data/sample/shakespeare.jsonl", out="llmops/assets/tiny-tokeniz
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     print(f"saved {len(fast)}-token tokenizer to {out}")

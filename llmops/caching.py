@@ -4,6 +4,7 @@ Prefect's INPUTS policy hashes argument values; a path argument whose file chang
 steps that read files key on the files' bytes (`files_key`). Results are persisted so a later run (another
 process, another day) can reuse them. `PipelineConfig.use_cache: false` forces a refresh.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,9 @@ def files_key(*paths_of) -> CachePolicy:
         h.update((TASK_SOURCE.compute_key(ctx, inputs, {}) or "").encode())
         for name in sorted(inputs):
             v = inputs[name]
-            h.update(name.encode() + b"=" + (v.model_dump_json() if hasattr(v, "model_dump_json") else repr(v)).encode())
+            h.update(
+                name.encode() + b"=" + (v.model_dump_json() if hasattr(v, "model_dump_json") else repr(v)).encode()
+            )
         for fn in paths_of:
             for p in fn(inputs):
                 if p:

@@ -7,6 +7,7 @@ built); single-value checks live where the value is used. Relative paths written
 against that file's directory (a config works from any working directory); paths given with `--set` or in a
 Prefect deployment's parameters are resolved against the working directory the run starts in.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,11 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Held-out share, split by content hash")
     max_records: int | None = Field(None, gt=0, description="Cap for quick runs; None = all records")
     max_line_bytes: int = Field(1_000_000, gt=0, description="A longer JSONL/text line is rejected as corrupt")
-    encoding: str = Field("utf-8", description="Text encoding of the files (utf-8, latin-1, cp1252, utf-16...); "
-                                               "a UTF-8 byte-order mark is dropped")
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of the files (utf-8, latin-1, cp1252, utf-16...); "
+        "a UTF-8 byte-order mark is dropped",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -43,19 +47,23 @@ class DataConfig(Section):
         try:
             codecs.lookup(v)
         except LookupError:
-            raise ValueError(f"unknown encoding '{v}'{did_you_mean(v, ['utf-8', 'latin-1', 'cp1252', 'utf-16', 'ascii'])}"
-                             " (any Python codec name works)") from None
+            raise ValueError(
+                f"unknown encoding '{v}'{did_you_mean(v, ['utf-8', 'latin-1', 'cp1252', 'utf-16', 'ascii'])}"
+                " (any Python codec name works)"
+            ) from None
         return v
+
     # Duplicates (same normalised text) in the train split are removed before training and reported: a record
     # present k times would otherwise be charged once but lose k times as much.
 
 
 PiiPolicy = Literal["block", "redact", "allow"]
+
+
 def pii_defaults() -> dict[str, str]:
     """The default policy of every category the detectors report (llmops.text.pii.DEFAULT_POLICY; a category without an
     entry defaults to "redact": kept out of training, never silently allowed)."""
-    from llmops.text.pii import DEFAULT_POLICY
-    from llmops.text.pii import pii_categories
+    from llmops.text.pii import DEFAULT_POLICY, pii_categories
 
     return {c: DEFAULT_POLICY.get(c, "redact") for c in pii_categories()}
 
@@ -78,19 +86,25 @@ class ValidationConfig(Section):
     max_blank_rate: float = Field(0.0, ge=0.0, le=1.0)
     max_examples: int = Field(5, ge=0, description="file:line examples each failing check reports (never the text)")
     control_chars: Literal["strip", "block", "allow"] = Field(
-        "strip", description="C0/C1 control characters (tab, newline, CR kept) and U+FFFD: strip = remove them in the "
-                             "copy used for training (counted, reported with locations); block = fail; allow = keep")
+        "strip",
+        description="C0/C1 control characters (tab, newline, CR kept) and U+FFFD: strip = remove them in the "
+        "copy used for training (counted, reported with locations); block = fail; allow = keep",
+    )
     workers: int | None = Field(None, ge=1, description="Processes that scan the data; None = one per CPU core")
     # Per PII/PHI category: block fails the run, redact writes a redacted copy, allow only reports. A partial mapping
     # (YAML `pii: {email: block}` or `--set validation.pii.email=block`) changes only the categories it names.
-    pii: dict[str, PiiPolicy] = Field(default_factory=pii_defaults,
-                                      description="Policy per category, merged over the defaults")
+    pii: dict[str, PiiPolicy] = Field(
+        default_factory=pii_defaults, description="Policy per category, merged over the defaults"
+    )
     mrn_patterns: list[str] = Field(
         default_factory=lambda: [r"\bMRN[:#\s]*\d{6,10}\b"],
         description="Regexes for medical record numbers (site-specific)",
     )
-    phone_region: str = Field("US", pattern=r"^[A-Z]{2}$",
-                              description="Default region for phone numbers without +country (libphonenumber), e.g. GB")
+    phone_region: str = Field(
+        "US",
+        pattern=r"^[A-Z]{2}$",
+        description="Default region for phone numbers without +country (libphonenumber), e.g. GB",
+    )
 
     @field_validator("pii", mode="before")
     @classmethod
@@ -99,12 +113,13 @@ class ValidationConfig(Section):
             return v
         defaults = pii_defaults()
         if unknown := sorted(set(v) - set(defaults)):
-            raise ValueError(f"unknown PII category '{unknown[0]}'{did_you_mean(unknown[0], defaults)}; known: "
-                             f"{sorted(defaults)}")
+            raise ValueError(
+                f"unknown PII category '{unknown[0]}'{did_you_mean(unknown[0], defaults)}; known: {sorted(defaults)}"
+            )
         return defaults | v
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ValidationConfig":
+    def _bounds(self) -> ValidationConfig:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
         return self
@@ -120,7 +135,7 @@ class TinyModelConfig(Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "TinyModelConfig":
+    def _heads_divide(self) -> TinyModelConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         return self
@@ -137,7 +152,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
     @model_validator(mode="after")
-    def _source_needs_path(self) -> "ModelConfig":
+    def _source_needs_path(self) -> ModelConfig:
         if self.source == "local" and self.path is None:
             raise ValueError("source 'local' needs model.path (an HF-format model directory)")
         if self.source != "local" and self.path is not None:
@@ -153,27 +168,40 @@ class PrivacyConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-sample clipping bound C")
     accountant: Literal["prv", "rdp"] = "prv"
     sampling: Literal["poisson", "shuffle"] = Field(
-        "poisson", description="poisson is what the accountant assumes; shuffle runs are marked NOT private")
-    secure_mode: bool = Field(False, description="Opacus' secure Gaussian sampler (floating-point attacks; slower). "
-                                                 "Batch sampling always uses the OS CSPRNG")
+        "poisson", description="poisson is what the accountant assumes; shuffle runs are marked NOT private"
+    )
+    secure_mode: bool = Field(
+        False,
+        description="Opacus' secure Gaussian sampler (floating-point attacks; slower). "
+        "Batch sampling always uses the OS CSPRNG",
+    )
     reproducible_insecure: bool = Field(
-        False, description="Seeded batches (training.seed) and noise (noise_seed) for tests/debugging: the model is "
-                           "marked NOT private and can never pass the gate or be promoted")
+        False,
+        description="Seeded batches (training.seed) and noise (noise_seed) for tests/debugging: the model is "
+        "marked NOT private and can never pass the gate or be promoted",
+    )
     noise_seed: int | None = Field(None, description="Only with reproducible_insecure: predictable noise")
     dataset_budget_epsilon: float | None = Field(
-        None, gt=0.0, description="Tighten only: the budget is min(this, the governance file's); None = governance's")
+        None, gt=0.0, description="Tighten only: the budget is min(this, the governance file's); None = governance's"
+    )
 
     @model_validator(mode="after")
-    def _one_noise_source(self) -> "PrivacyConfig":
+    def _one_noise_source(self) -> PrivacyConfig:
         if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("set exactly one of privacy.target_epsilon and privacy.noise_multiplier")
         if self.noise_seed is not None and not self.reproducible_insecure:
-            raise ValueError("noise_seed makes the noise predictable: it needs privacy.reproducible_insecure: true "
-                             "(and such a model is never private)")
+            raise ValueError(
+                "noise_seed makes the noise predictable: it needs privacy.reproducible_insecure: true "
+                "(and such a model is never private)"
+            )
         if self.secure_mode and self.reproducible_insecure:
             raise ValueError("secure_mode and reproducible_insecure contradict each other")
-        if (self.enabled and self.target_epsilon and self.dataset_budget_epsilon is not None
-                and self.target_epsilon > self.dataset_budget_epsilon):
+        if (
+            self.enabled
+            and self.target_epsilon
+            and self.dataset_budget_epsilon is not None
+            and self.target_epsilon > self.dataset_budget_epsilon
+        ):
             raise ValueError(
                 f"target_epsilon {self.target_epsilon} exceeds dataset_budget_epsilon {self.dataset_budget_epsilon}"
             )
@@ -192,14 +220,15 @@ class TrainingConfig(Section):
     micro_batch_size: int = Field(4, ge=1, description="Per-rank physical batch (memory bound)")
     learning_rate: float = Field(5e-4, gt=0.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    seed: int = Field(42, description="Model init/dropout only; batches come from the OS CSPRNG unless "
-                                       "privacy.reproducible_insecure")
+    seed: int = Field(
+        42, description="Model init/dropout only; batches come from the OS CSPRNG unless privacy.reproducible_insecure"
+    )
     deepspeed_config: Path = Field(Path("infra/deepspeed/zero0.json"))
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints")
     world_size: int = Field(1, ge=1, description="Data-parallel ranks (local: torchrun; cluster: deepspeed launcher)")
 
     @model_validator(mode="after")
-    def _batches(self) -> "TrainingConfig":
+    def _batches(self) -> TrainingConfig:
         if self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) > batch_size ({self.batch_size})")
         return self
@@ -210,7 +239,8 @@ class CompressionConfig(Section):
     prune_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     prune_method: Literal["magnitude_global", "magnitude_layer", "mlp_channels"] = "magnitude_global"
     quantize: Literal["none", "int8_weight_only", "int8_dynamic", "both"] = Field(
-        "none", description="torchao int8; both = build both variants")
+        "none", description="torchao int8; both = build both variants"
+    )
     distill: bool = False
     distill_data: Path | None = Field(None, description="PUBLIC text for distillation (never the private set)")
     student_layers: int | None = Field(None, ge=1, description="Distilled student depth; None = half the teacher's")
@@ -223,24 +253,28 @@ class CompressionConfig(Section):
     export_onnx: bool = False
     onnx_int8: bool = Field(True, description="Also write an onnxruntime int8 copy of the ONNX export")
     onnx_int8_method: Literal["blockwise", "dynamic"] = Field(
-        "blockwise", description="blockwise = MatMulNBits 8-bit per-block scales; dynamic = per-tensor quantize_dynamic")
+        "blockwise", description="blockwise = MatMulNBits 8-bit per-block scales; dynamic = per-tensor quantize_dynamic"
+    )
     onnx_int8_block_size: int = Field(32, ge=16, description="Input channels per scale (blockwise); power of two")
     onnx_source: Literal["original", "pruned", "distilled"] = Field("original", description="Model exported to ONNX")
     max_perplexity_increase: float = Field(0.02, ge=0.0, description="Relative, e.g. 0.02 = +2%")
     min_speedup: float = Field(1.0, gt=0.0)
     pick_speed_tolerance: float = Field(
-        0.10, ge=0.0, lt=1.0,
+        0.10,
+        ge=0.0,
+        lt=1.0,
         description="How the selected variant is picked: among the passing variants whose speed is within this "
-                    "fraction of the fastest one's (widened to the measured noise), the smallest on disk wins; the "
-                    "edge bundle is picked on size first. 0.10: on the demo model the fp32/int8 ONNX speed ratio "
-                    "moved by 0-8.4% between five repeated measurements (bench/bench_pick_stability.py); noise must "
-                    "not buy a variant twice the size; 0 = fastest wins")
+        "fraction of the fastest one's (widened to the measured noise), the smallest on disk wins; the "
+        "edge bundle is picked on size first. 0.10: on the demo model the fp32/int8 ONNX speed ratio "
+        "moved by 0-8.4% between five repeated measurements (bench/bench_pick_stability.py); noise must "
+        "not buy a variant twice the size; 0 = fastest wins",
+    )
     bench_rounds: int = Field(20, ge=3, description="Timed forward passes per variant, interleaved")
     bench_threads: int | None = Field(None, ge=1, description="CPU threads while measuring; None = torch default")
     max_eval_records: int = Field(64, ge=1, description="Held-out records for the perplexity column")
 
     @model_validator(mode="after")
-    def _distill_data(self) -> "CompressionConfig":
+    def _distill_data(self) -> CompressionConfig:
         if self.enabled and self.distill and self.distill_data is None:
             raise ValueError("compression.distill needs compression.distill_data (public text, not the private set)")
         if self.export_onnx and self.onnx_source == "pruned" and not self.prune_sparsity:
@@ -248,8 +282,10 @@ class CompressionConfig(Section):
         if self.export_onnx and self.onnx_source == "distilled" and not self.distill:
             raise ValueError("compression.onnx_source 'distilled' needs compression.distill: true")
         if self.onnx_int8_block_size & (self.onnx_int8_block_size - 1):
-            raise ValueError(f"compression.onnx_int8_block_size must be a power of two (16, 32, 64, 128...), "
-                             f"got {self.onnx_int8_block_size}")
+            raise ValueError(
+                f"compression.onnx_int8_block_size must be a power of two (16, 32, 64, 128...), "
+                f"got {self.onnx_int8_block_size}"
+            )
         return self
 
 
@@ -261,14 +297,23 @@ class EvaluationConfig(Section):
     max_latency_ratio: float | None = Field(None, gt=0.0, description="e.g. 1.5 = at most 50% slower than production")
     require_private: bool = Field(True, description="A model trained without DP never becomes a candidate")
     public_eval_path: Path | None = Field(
-        None, description="Public text to evaluate and gate on (none of it may be training data); None = the private "
-                          "held-out split, whose metrics are not covered by epsilon")
+        None,
+        description="Public text to evaluate and gate on (none of it may be training data); None = the private "
+        "held-out split, whose metrics are not covered by epsilon",
+    )
     curve_points: int = Field(
-        5, ge=0, le=100, description="Held-out loss evaluations during the DP fine-tune, for the loss curve (plus one "
-                                     "before the first step; 0 = no curve). Scores the intermediate DP models on the "
-                                     "evaluation text, never on training records")
-    curve_records: int = Field(16, ge=1, description="Evaluation records per curve point (each point is one forward "
-                                                      "pass over them: keep it small)")
+        5,
+        ge=0,
+        le=100,
+        description="Held-out loss evaluations during the DP fine-tune, for the loss curve (plus one "
+        "before the first step; 0 = no curve). Scores the intermediate DP models on the "
+        "evaluation text, never on training records",
+    )
+    curve_records: int = Field(
+        16,
+        ge=1,
+        description="Evaluation records per curve point (each point is one forward pass over them: keep it small)",
+    )
 
 
 class RegistryConfig(Section):
@@ -279,11 +324,15 @@ class RegistryConfig(Section):
 
 class PromotionConfig(Section):
     """Run-side promotion settings. Who approves, how many, which targets exist and their credentials are
-    governance (llmops/governance.py), not run parameters: these fields can only tighten it."""
+    governance (llmops/governance/policy.py), not run parameters: these fields can only tighten it."""
 
     targets: list[str] | None = Field(
-        None, description="Names of governance targets to publish to (a subset); None = every target allowed for the model")
-    required_approvals: int | None = Field(None, ge=1, description="Ask for more approvals than governance (never fewer)")
+        None,
+        description="Names of governance targets to publish to (a subset); None = every target allowed for the model",
+    )
+    required_approvals: int | None = Field(
+        None, ge=1, description="Ask for more approvals than governance (never fewer)"
+    )
     approval_timeout_s: int | None = Field(None, ge=10, description="Wait less than governance's limit")
 
     @model_validator(mode="before")
@@ -291,11 +340,15 @@ class PromotionConfig(Section):
     def _governance_is_not_a_run_setting(cls, data: Any) -> Any:
         if isinstance(data, dict):
             if moved := sorted(set(data) & {"roles_file", "approvers", "roles", "audit_key", "ledger"}):
-                raise ValueError(f"promotion.{moved[0]} is governance, not a run setting: an admin sets it in the "
-                                 "governance file (`llmops governance show`)")
+                raise ValueError(
+                    f"promotion.{moved[0]} is governance, not a run setting: an admin sets it in the "
+                    "governance file (`llmops governance show`)"
+                )
             if any(isinstance(t, dict) for t in data.get("targets") or []):
-                raise ValueError("promotion.targets names governance targets (e.g. [onprem, edge]); their kind, URI "
-                                 "and credentials live in the governance file (`llmops governance show`)")
+                raise ValueError(
+                    "promotion.targets names governance targets (e.g. [onprem, edge]); their kind, URI "
+                    "and credentials live in the governance file (`llmops governance show`)"
+                )
         return data
 
 
@@ -317,13 +370,13 @@ class PipelineConfig(Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @model_validator(mode="after")
-    def _eval_fits(self) -> "PipelineConfig":
+    def _eval_fits(self) -> PipelineConfig:
         if self.validation.max_tokens and self.validation.max_tokens < self.model.max_seq_len // 8:
             raise ValueError("validation.max_tokens is far below model.max_seq_len; raise it or shorten the sequence")
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "PipelineConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
         return load_config(path, overrides)
 
 

@@ -12,6 +12,7 @@ included, at WARNING and up for third-party loggers and INFO for ours and Prefec
 A training rank (a child process) calls `child_start()`: its own noise goes to the same log (`LLMOPS_LOG_FILE`),
 its progress bar to the terminal it was given as stderr.
 """
+
 from __future__ import annotations
 
 import logging
@@ -136,8 +137,9 @@ class _PeopleFormatter(logging.Formatter):
 def _configure_logging(log: Path, term: TextIO) -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     for lg in loggers:  # Prefect's console handlers (root, uvicorn, fastapi) would copy everything into the file
         for h in list(lg.handlers):  # (other libraries' stream handlers write to fd 2: the file, once)
             if isinstance(h, PrefectConsoleHandler):
@@ -162,50 +164,88 @@ def _fmt(x, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
 
 
-def train_summary(result: dict, seconds: float, mlflow_url: str | None, prefect_url: str | None,
-                  log: Path | None) -> str:
+def train_summary(
+    result: dict, seconds: float, mlflow_url: str | None, prefect_url: str | None, log: Path | None
+) -> str:
     """The end of `llmops train` for a person: one line per step that matters, then where to look."""
     d, ft, ev, gate, reg = (result.get(k) or {} for k in ("data", "finetune", "eval", "gate", "registered"))
-    p, prod, comp, val = ft.get("privacy") or {}, result.get("production_eval"), result.get("compression"), \
-        result.get("validation")
-    rows = [("data", f"{d.get('n_records')} records ({d.get('n_train')} train / {d.get('n_eval')} held out), "
-                     f"fingerprint {str(d.get('fingerprint', ''))[:12]}; validation "
-                     f"{'passed' if val and val.get('passed') else 'off' if not val else 'FAILED'}"
-                     + (" (cleaned copy)" if val and val.get("cleaned") else ""))]
+    p, prod, comp, val = (
+        ft.get("privacy") or {},
+        result.get("production_eval"),
+        result.get("compression"),
+        result.get("validation"),
+    )
+    rows = [
+        (
+            "data",
+            f"{d.get('n_records')} records ({d.get('n_train')} train / {d.get('n_eval')} held out), "
+            f"fingerprint {str(d.get('fingerprint', ''))[:12]}; validation "
+            f"{'passed' if val and val.get('passed') else 'off' if not val else 'FAILED'}"
+            + (" (cleaned copy)" if val and val.get("cleaned") else ""),
+        )
+    ]
     if p.get("private"):
-        rows.append(("privacy", f"ε = {_fmt(p.get('epsilon'), '.3f')}, δ = {_fmt(p.get('delta'), '.2g')} this run "
-                                f"({p.get('steps')} steps, σ = {_fmt(p.get('noise_multiplier'), '.3f')}); dataset "
-                                f"total ε = {_fmt(ft.get('cumulative_epsilon'), '.3f')} of budget "
-                                f"{_fmt(ft.get('budget'), 'g')} per record"))
+        rows.append(
+            (
+                "privacy",
+                f"ε = {_fmt(p.get('epsilon'), '.3f')}, δ = {_fmt(p.get('delta'), '.2g')} this run "
+                f"({p.get('steps')} steps, σ = {_fmt(p.get('noise_multiplier'), '.3f')}); dataset "
+                f"total ε = {_fmt(ft.get('cumulative_epsilon'), '.3f')} of budget "
+                f"{_fmt(ft.get('budget'), 'g')} per record",
+            )
+        )
     else:
         rows.append(("privacy", "NOT PRIVATE: " + "; ".join(p.get("not_private_because") or ["DP off"])))
-    vs = (f"; production v{prod.get('version')}: loss {_fmt(prod.get('eval_loss'))}, perplexity "
-          f"{_fmt(prod.get('perplexity'), '.2f')}" if prod else "; no production model yet")
-    rows.append(("evaluation", f"held-out loss {_fmt(ev.get('eval_loss'))}, perplexity "
-                               f"{_fmt(ev.get('perplexity'), '.2f')}{vs}"))
+    vs = (
+        f"; production v{prod.get('version')}: loss {_fmt(prod.get('eval_loss'))}, perplexity "
+        f"{_fmt(prod.get('perplexity'), '.2f')}"
+        if prod
+        else "; no production model yet"
+    )
+    rows.append(
+        ("evaluation", f"held-out loss {_fmt(ev.get('eval_loss'))}, perplexity {_fmt(ev.get('perplexity'), '.2f')}{vs}")
+    )
     rows.append(("gate", gate.get("summary", "-")))
     if comp and comp.get("variants"):
         chosen = next((v for v in comp["variants"] if v["name"] == comp.get("selected")), None)
-        what = (f"selected {chosen['name']} ({_fmt(chosen.get('size_ratio'), '.3g')}× size, "
-                f"{_fmt(chosen.get('speedup'), '.3g')}× speed)" if chosen else "no variant passed its gate")
+        what = (
+            f"selected {chosen['name']} ({_fmt(chosen.get('size_ratio'), '.3g')}× size, "
+            f"{_fmt(chosen.get('speedup'), '.3g')}× speed)"
+            if chosen
+            else "no variant passed its gate"
+        )
         edge = comp.get("edge_name") or (Path(comp["edge"]).name if comp.get("edge") else None)
         rows.append(("compression", what + (f"; edge bundle {edge}" if edge else "; no edge bundle")))
     else:
         rows.append(("compression", "off"))
-    rows.append(("registered", f"{reg.get('model_uri', '-')}" + (f" @{reg['alias']}" if reg.get("alias")
-                                                                   else " (gate failed: no alias)")))
+    rows.append(
+        (
+            "registered",
+            f"{reg.get('model_uri', '-')}" + (f" @{reg['alias']}" if reg.get("alias") else " (gate failed: no alias)"),
+        )
+    )
     if result.get("figures"):
-        rows.append(("figures", ", ".join(sorted(result["figures"])) + " (MLflow run artifacts plots/, Prefect "
-                                                                       "artifact 'figures')"))
-    links = [("Prefect run", prefect_url or "temporary Prefect server (gone); `llmops services start` and export "
-                                            "PREFECT_API_URL to keep runs"),
-             ("MLflow", mlflow_url or f"{reg.get('model_uri', '-')} (`mlflow ui` on the tracking URI shows it)"),
-             ("log", str(log) if log else "-")]
+        rows.append(
+            (
+                "figures",
+                ", ".join(sorted(result["figures"])) + " (MLflow run artifacts plots/, Prefect artifact 'figures')",
+            )
+        )
+    links = [
+        (
+            "Prefect run",
+            prefect_url
+            or "temporary Prefect server (gone); `llmops services start` and export PREFECT_API_URL to keep runs",
+        ),
+        ("MLflow", mlflow_url or f"{reg.get('model_uri', '-')} (`mlflow ui` on the tracking URI shows it)"),
+        ("log", str(log) if log else "-"),
+    ]
     width = max(len(k) for k, _ in rows)
     lines = [f"Training run finished in {seconds:.0f} s"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines += [f"  {'links':<{width}}  {k}: {v}" if i == 0 else f"  {'':<{width}}  {k}: {v}"
-              for i, (k, v) in enumerate(links)]
+    lines += [
+        f"  {'links':<{width}}  {k}: {v}" if i == 0 else f"  {'':<{width}}  {k}: {v}" for i, (k, v) in enumerate(links)
+    ]
     return "\n".join(lines)
 
 
@@ -265,7 +305,7 @@ class phase:
         self.out = out
         self._stop = None
 
-    def __enter__(self) -> "phase":
+    def __enter__(self) -> phase:
         import threading
         import time
 
@@ -283,8 +323,11 @@ class phase:
         import time
 
         el = time.time() - self.t0
-        eta = f", ETA {_human(self.eta - el)}" if self.eta and self.eta > el else (
-            ", longer than last time" if self.eta else "")
+        eta = (
+            f", ETA {_human(self.eta - el)}"
+            if self.eta and self.eta > el
+            else (", longer than last time" if self.eta else "")
+        )
         return f"{time.strftime('%H:%M:%S')}  {self.name}: running {_human(el)}{eta}"
 
     def _beat(self) -> None:
@@ -314,6 +357,5 @@ class phase:
         if exc_type is None:
             _phase_record(self.name, seconds)
             if seconds >= 5:
-                print(f"{time.strftime('%H:%M:%S')}  {self.name}: done in {_human(seconds)}", file=self.out,
-                      flush=True)
+                print(f"{time.strftime('%H:%M:%S')}  {self.name}: done in {_human(seconds)}", file=self.out, flush=True)
         return False

@@ -2,6 +2,7 @@
 
 The CLI prints `str(err)` as one line and exits non-zero; nothing else reaches the user.
 """
+
 from __future__ import annotations
 
 

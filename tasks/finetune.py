@@ -12,7 +12,9 @@ console, never written to MLflow or Prefect. See tasks/privacy.py for why this i
 (`curve.json`) scores the intermediate models — DP outputs, post-processing is free — on the held-out or public
 evaluation text at a few steps (`evaluation.curve_points`); no training record enters it.
 """
+
 from __future__ import annotations
+
 import json
 import math
 import os
@@ -23,9 +25,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from llmops.errors import LLMOpsError
 from llmops.governance.evidence import output_mismatch
-
 
 DS_AUTO = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -78,7 +80,7 @@ class FinetuneSpec:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FinetuneSpec":
+    def load(cls, path: str | Path) -> FinetuneSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -90,20 +92,31 @@ def deepspeed_config(path: str | Path, micro: int, gas: int, world: int, dtype: 
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise LLMOpsError(f"cannot read DeepSpeed config ({e})", str(path), "use one of infra/deepspeed/*.json") from None
-    owned = {"train_batch_size": micro * gas * world, "train_micro_batch_size_per_gpu": micro,
-             "gradient_accumulation_steps": gas}
+        raise LLMOpsError(
+            f"cannot read DeepSpeed config ({e})", str(path), "use one of infra/deepspeed/*.json"
+        ) from None
+    owned = {
+        "train_batch_size": micro * gas * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+    }
     for key, value in owned.items():
         if cfg.get(key, "auto") not in ("auto", value):
-            raise LLMOpsError(f"{key}={cfg[key]} conflicts with the run config ({value})", str(path),
-                              f'set "{key}": "auto"; the batch sizes come from training.*')
+            raise LLMOpsError(
+                f"{key}={cfg[key]} conflicts with the run config ({value})",
+                str(path),
+                f'set "{key}": "auto"; the batch sizes come from training.*',
+            )
         cfg[key] = value
     cfg.setdefault("bf16", {})["enabled"] = dtype == "bfloat16"
     if cfg.get("fp16", {}).get("enabled"):
         raise LLMOpsError("fp16 loss scaling is not supported with DP", str(path), "use bf16 or fp32")
     if private and cfg.get("gradient_clipping", 0):
-        raise LLMOpsError("DeepSpeed gradient_clipping would clip the noisy aggregate, not per sample", str(path),
-                          'set "gradient_clipping": 0 (DP clipping is privacy.max_grad_norm)')
+        raise LLMOpsError(
+            "DeepSpeed gradient_clipping would clip the noisy aggregate, not per sample",
+            str(path),
+            'set "gradient_clipping": 0 (DP clipping is privacy.max_grad_norm)',
+        )
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage > 2:
         raise LLMOpsError(f"ZeRO stage {stage} is not supported with DP", str(path), "use zero0/1/2 configs")
@@ -123,12 +136,13 @@ def global_batch(step: int, spec: FinetuneSpec, generator_seed: int | None):
     from tasks.privacy import poisson_sample
 
     if spec.sampling == "poisson":
-        return poisson_sample(spec.n_train, spec.sample_rate,
-                              None if generator_seed is None else generator_seed * 1_000_003 + step)
+        return poisson_sample(
+            spec.n_train, spec.sample_rate, None if generator_seed is None else generator_seed * 1_000_003 + step
+        )
     per_epoch = max(spec.n_train // spec.batch_size, 1)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(spec.n_train, generator=torch.Generator().manual_seed(spec.seed * 7919 + epoch))
-    return perm[k * spec.batch_size:(k + 1) * spec.batch_size]
+    return perm[k * spec.batch_size : (k + 1) * spec.batch_size]
 
 
 def shared_batch(step: int, spec: FinetuneSpec, generator_seed: int | None, world: int, group=None):
@@ -172,10 +186,19 @@ def prepare_trainable(model, spec: FinetuneSpec):
 
         names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         if missing := [t for t in spec.lora_target_modules if t not in names]:
-            raise LLMOpsError(f"LoRA target modules {missing} not in the model (Linear layers: {sorted(names)[:8]})",
-                              "training.lora_target_modules", "pick names from that list")
-        cfg = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                         target_modules=spec.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+            raise LLMOpsError(
+                f"LoRA target modules {missing} not in the model (Linear layers: {sorted(names)[:8]})",
+                "training.lora_target_modules",
+                "pick names from that list",
+            )
+        cfg = LoraConfig(
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=spec.lora_target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, cfg)
     out_emb = model.get_output_embeddings()
     for mod in model.modules():
@@ -239,18 +262,24 @@ def train(spec: FinetuneSpec) -> dict | None:
     import deepspeed
     import torch
 
+    from llmops.governance.accounting import make_accountant
     from tasks.lm import encode
     from tasks.model import load_model
     from tasks.privacy import PerSampleClipper, gaussian_noise, make_noise_generator
-    from llmops.governance.accounting import make_accountant
 
     rank, world = init_distributed()
     if world != spec.world_size:
-        raise LLMOpsError(f"launched with {world} ranks but the spec says {spec.world_size}", "training.world_size",
-                          "launch as many ranks as training.world_size")
+        raise LLMOpsError(
+            f"launched with {world} ranks but the spec says {spec.world_size}",
+            "training.world_size",
+            "launch as many ranks as training.world_size",
+        )
     if spec.noise_seed is not None and not spec.reproducible_insecure:
-        raise LLMOpsError("noise_seed without reproducible_insecure", "privacy.noise_seed",
-                          "remove noise_seed, or set privacy.reproducible_insecure: true (never private)")
+        raise LLMOpsError(
+            "noise_seed without reproducible_insecure",
+            "privacy.noise_seed",
+            "remove noise_seed, or set privacy.reproducible_insecure: true (never private)",
+        )
     import torch.distributed as dist
 
     sample_group = dist.new_group(backend="gloo") if world > 1 else None  # CPU broadcast even when NCCL trains
@@ -265,15 +294,22 @@ def train(spec: FinetuneSpec) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     gas = grad_accumulation_steps(spec)
     ds_cfg = deepspeed_config(spec.deepspeed_config, spec.micro_batch_size, gas, world, spec.dtype, spec.private)
-    optimizer = (torch.optim.SGD(params, lr=spec.learning_rate) if spec.optimizer == "sgd"
-                 else torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0))
-    engine, *_ = deepspeed.initialize(model=loss_module(model), optimizer=optimizer, config=ds_cfg,
-                                      model_parameters=params)
+    optimizer = (
+        torch.optim.SGD(params, lr=spec.learning_rate)
+        if spec.optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+    )
+    engine, *_ = deepspeed.initialize(
+        model=loss_module(model), optimizer=optimizer, config=ds_cfg, model_parameters=params
+    )
     device = engine.device
     texts = _parse_jsonl_texts(raw_train)
     if len(texts) != spec.n_train:
-        raise LLMOpsError(f"train split has {len(texts)} records, plan said {spec.n_train}", spec.train_path,
-                          "re-run the flow (the split changed under the run)")
+        raise LLMOpsError(
+            f"train split has {len(texts)} records, plan said {spec.n_train}",
+            spec.train_path,
+            "re-run the flow (the split changed under the run)",
+        )
     data = encode(tok, texts, spec.max_len)
     ckpt_dir = Path(spec.output_dir) / "checkpoints"
     start, history, metrics, curve = 0, [], [], []
@@ -281,15 +317,20 @@ def train(spec: FinetuneSpec) -> dict | None:
     if ledger is not None:  # one training per (attempt, start step): no best-of-k on one charge
         ledger.claim_launch(spec.attempt_id, int(tag.removeprefix("step")) if tag else 0)
     if tag:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
-                                           load_optimizer_states=True)
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False, load_optimizer_states=True)
         if client.get("attempt_id") != spec.attempt_id:
             from llmops.errors import PrivacyError
 
-            raise PrivacyError("checkpoint belongs to another training attempt than the one the ledger charged",
-                               str(ckpt_dir), "delete the checkpoints directory and re-run (a new attempt is charged)")
-        start, metrics, curve = int(tag.removeprefix("step")), client["metrics"][:int(tag.removeprefix("step"))], \
-            client.get("curve", [])
+            raise PrivacyError(
+                "checkpoint belongs to another training attempt than the one the ledger charged",
+                str(ckpt_dir),
+                "delete the checkpoints directory and re-run (a new attempt is charged)",
+            )
+        start, metrics, curve = (
+            int(tag.removeprefix("step")),
+            client["metrics"][: int(tag.removeprefix("step"))],
+            client.get("curve", []),
+        )
         # the history is the ledger's (the plan's sigma and q for `start` steps), never the checkpoint's own claim
         history = [[spec.noise_multiplier, spec.sample_rate, start]] if spec.private else []
         if rank == 0:
@@ -328,8 +369,9 @@ def train(spec: FinetuneSpec) -> dict | None:
                 if clipper and rank == 0 and k == len(chunks) - 1 and spec.noise_multiplier > 0:
                     if spec.noise_seed is not None:  # reproducible_insecure: resumed == uninterrupted
                         noise_gen.manual_seed(spec.noise_seed * 1_000_003 + step)
-                    noise = gaussian_noise(params, spec.noise_multiplier * spec.max_grad_norm, noise_gen,
-                                           spec.secure_mode)
+                    noise = gaussian_noise(
+                        params, spec.noise_multiplier * spec.max_grad_norm, noise_gen, spec.secure_mode
+                    )
                     loss = loss + sum((z.to(p.device, p.dtype) * p).sum() for z, p in zip(noise, params)) * scale
                 engine.backward(loss, scale_wrt_gas=False)
                 loss_sum += float((weight * losses.detach().float()).sum())
@@ -364,8 +406,15 @@ def _step_metrics(step, loss_sum, n_samples, n_tokens, world, seconds, spec, his
     from llmops.governance.accounting import epsilon_of
 
     eps = epsilon_of(history, spec.delta, spec.accountant) if spec.private else math.inf
-    return {"step": step + 1, "loss": float(t[0] / max(t[1], 1)), "batch": int(t[1]), "tokens": int(t[2]),
-            "tokens_per_s": float(t[2] / seconds), "seconds": round(seconds, 3), "epsilon": eps}
+    return {
+        "step": step + 1,
+        "loss": float(t[0] / max(t[1], 1)),
+        "batch": int(t[1]),
+        "tokens": int(t[2]),
+        "tokens_per_s": float(t[2] / seconds),
+        "seconds": round(seconds, 3),
+        "epsilon": eps,
+    }
 
 
 def curve_steps(steps: int, points: int) -> set[int]:
@@ -389,7 +438,7 @@ def _curve_data(spec: FinetuneSpec, tok, rank: int, raw: bytes | None = None):
     from tasks.data import read_texts
     from tasks.lm import encode
 
-    texts = (_parse_jsonl_texts(raw) if raw is not None else read_texts(Path(spec.eval_path)))[:spec.curve_records]
+    texts = (_parse_jsonl_texts(raw) if raw is not None else read_texts(Path(spec.eval_path)))[: spec.curve_records]
     return encode(tok, texts, spec.max_len) if texts else None
 
 
@@ -404,20 +453,31 @@ def heldout_point(model, data: dict, device, batch: int = 8) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data["input_ids"]), batch):
-            nll, n = token_nll(model, data["input_ids"][i:i + batch].to(device),
-                               data["attention_mask"][i:i + batch].to(device))
+            nll, n = token_nll(
+                model, data["input_ids"][i : i + batch].to(device), data["attention_mask"][i : i + batch].to(device)
+            )
             total, count = total + nll, count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def _checkpoint(engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str, curve=(), ledger=None,
-                world: int = 1) -> None:
+def _checkpoint(
+    engine, ckpt_dir: Path, step: int, history, metrics, attempt_id: str, curve=(), ledger=None, world: int = 1
+) -> None:
     """Save a checkpoint; rank 0 records its digest and step in the ledger (the only checkpoint a resume may load),
     then removes older ones: a kill between save and record leaves the previous recorded checkpoint in place."""
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", exclude_frozen_parameters=True,
-                           client_state={"step": step, "history": history, "metrics": metrics,
-                                         "attempt_id": attempt_id, "curve": list(curve)})
+    engine.save_checkpoint(
+        str(ckpt_dir),
+        tag=f"step{step}",
+        exclude_frozen_parameters=True,
+        client_state={
+            "step": step,
+            "history": history,
+            "metrics": metrics,
+            "attempt_id": attempt_id,
+            "curve": list(curve),
+        },
+    )
     if world > 1:
         import torch.distributed as dist
 
@@ -443,26 +503,38 @@ def _attempt_ledger(spec: FinetuneSpec, rank: int, raw_train: bytes = b"", raw_e
     import hashlib
     from dataclasses import replace
 
-    from llmops.files import dir_digest
     from llmops.errors import PrivacyError
+    from llmops.files import dir_digest
     from llmops.governance.ledger import open_ledger, plan_mismatch, privacy_plan
 
     ledger = open_ledger()
     entry = ledger.entry(spec.attempt_id)
     if entry is None:
         if spec.private:
-            raise PrivacyError(f"training attempt {spec.attempt_id} is not reserved in the privacy ledger",
-                               spec.output_dir, "run training through `llmops train` (it reserves the budget)")
+            raise PrivacyError(
+                f"training attempt {spec.attempt_id} is not reserved in the privacy ledger",
+                spec.output_dir,
+                "run training through `llmops train` (it reserves the budget)",
+            )
         return None
     if entry.status != "reserved":
-        raise PrivacyError(f"training attempt {spec.attempt_id} is '{entry.status}' in the ledger: it cannot train "
-                           "again", spec.output_dir, "re-run the flow: it reuses the recorded model or plans a new attempt")
+        raise PrivacyError(
+            f"training attempt {spec.attempt_id} is '{entry.status}' in the ledger: it cannot train again",
+            spec.output_dir,
+            "re-run the flow: it reuses the recorded model or plans a new attempt",
+        )
     actual = replace(spec, base_digest=dir_digest(Path(spec.model_path)))  # what will really be loaded
-    plan = privacy_plan(actual, hashlib.sha256(raw_train).hexdigest(),
-                        hashlib.sha256(raw_eval).hexdigest() if raw_eval is not None else None)
+    plan = privacy_plan(
+        actual,
+        hashlib.sha256(raw_train).hexdigest(),
+        hashlib.sha256(raw_eval).hexdigest() if raw_eval is not None else None,
+    )
     if diff := plan_mismatch(entry.plan, plan):
-        raise PrivacyError(f"spec.json differs from the plan the ledger reserved ({'; '.join(diff[:3])})",
-                           spec.output_dir, "re-run the flow (the run dir was changed; a new attempt is charged)")
+        raise PrivacyError(
+            f"spec.json differs from the plan the ledger reserved ({'; '.join(diff[:3])})",
+            spec.output_dir,
+            "re-run the flow (the run dir was changed; a new attempt is charged)",
+        )
     return ledger
 
 
@@ -474,17 +546,20 @@ def _resume_tag(spec: FinetuneSpec, ckpt_dir: Path, ledger, rank: int, world: in
     tag = None
     if rank == 0:
         if ledger is not None:
-            from llmops.files import dir_digest
             from llmops.errors import PrivacyError
+            from llmops.files import dir_digest
 
             rec = ledger.last_checkpoint(spec.attempt_id)
             if rec is not None:
                 step, digest = rec
                 path = ckpt_dir / f"step{step}"
                 if not path.is_dir() or not any(path.iterdir()) or dir_digest(path) != digest:
-                    raise PrivacyError(f"the checkpoint at step {step} is not the one the ledger recorded for attempt "
-                                       f"{spec.attempt_id}", str(path), "delete the run dir and re-run: a new "
-                                       "attempt is planned and charged in full")
+                    raise PrivacyError(
+                        f"the checkpoint at step {step} is not the one the ledger recorded for attempt "
+                        f"{spec.attempt_id}",
+                        str(path),
+                        "delete the run dir and re-run: a new attempt is planned and charged in full",
+                    )
                 tag = f"step{step}"
         elif not spec.attempt_id and (ckpt_dir / "latest").is_file():
             tag = (ckpt_dir / "latest").read_text().strip() or None
@@ -511,14 +586,26 @@ def _save_outputs(engine, tok, spec: FinetuneSpec, history, metrics, curve=()) -
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     privacy = {
-        "dp_sgd": spec.private, "epsilon": epsilon_of(history, spec.delta, spec.accountant) if spec.private else None,
-        "delta": spec.delta, "noise_multiplier": spec.noise_multiplier if spec.private else 0.0,
-        "max_grad_norm": spec.max_grad_norm, "sample_rate": spec.sample_rate, "steps": spec.steps,
-        "expected_batch_size": spec.batch_size, "n_train": spec.n_train, "accountant": spec.accountant,
-        "sampling": spec.sampling, "sampling_rng": "seeded" if spec.reproducible_insecure else "os.urandom",
-        "secure_mode": spec.secure_mode, "reproducible_insecure": spec.reproducible_insecure,
-        "noise_seed": spec.noise_seed, "history": history, "dataset_fingerprint": spec.fingerprint,
-        "world_size": spec.world_size, "method": spec.method, "attempt_id": spec.attempt_id,
+        "dp_sgd": spec.private,
+        "epsilon": epsilon_of(history, spec.delta, spec.accountant) if spec.private else None,
+        "delta": spec.delta,
+        "noise_multiplier": spec.noise_multiplier if spec.private else 0.0,
+        "max_grad_norm": spec.max_grad_norm,
+        "sample_rate": spec.sample_rate,
+        "steps": spec.steps,
+        "expected_batch_size": spec.batch_size,
+        "n_train": spec.n_train,
+        "accountant": spec.accountant,
+        "sampling": spec.sampling,
+        "sampling_rng": "seeded" if spec.reproducible_insecure else "os.urandom",
+        "secure_mode": spec.secure_mode,
+        "reproducible_insecure": spec.reproducible_insecure,
+        "noise_seed": spec.noise_seed,
+        "history": history,
+        "dataset_fingerprint": spec.fingerprint,
+        "world_size": spec.world_size,
+        "method": spec.method,
+        "attempt_id": spec.attempt_id,
     }
     privacy["not_private_because"] = guarantee_problems(privacy)
     privacy["private"] = not privacy["not_private_because"]  # a guarantee holds, not merely "DP-SGD ran"
@@ -583,8 +670,10 @@ class _ProgressLines:
         if self.n in self.marks or now - self.last >= self.every:
             done = self.n - self.start
             eta = (now - self.t0) / done * (self.total - self.n) if done else 0
-            self._print(f"DP fine-tune: step {self.n}/{self.total}, epsilon {values.get('eps', '?')}, "
-                        f"{now - self.t0:.0f} s, ETA {eta:.0f} s")
+            self._print(
+                f"DP fine-tune: step {self.n}/{self.total}, epsilon {values.get('eps', '?')}, "
+                f"{now - self.t0:.0f} s, ETA {eta:.0f} s"
+            )
 
     def close(self) -> None:
         self._done.set()
@@ -593,8 +682,9 @@ class _ProgressLines:
 def _update_bar(bar, m: dict) -> None:
     if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", batch=m["batch"], eps=f"{m['epsilon']:.2f}",
-                        tok_s=f"{m['tokens_per_s']:.0f}")
+        bar.set_postfix(
+            loss=f"{m['loss']:.3f}", batch=m["batch"], eps=f"{m['epsilon']:.2f}", tok_s=f"{m['tokens_per_s']:.0f}"
+        )
 
 
 def _has_cuda() -> bool:
@@ -651,66 +741,129 @@ def plan_finetune(cfg, data: dict, model: dict) -> tuple[FinetuneSpec, float]:
     attempt the ledger knows continues that attempt; anything else is a new attempt, charged in full."""
     import hashlib
 
-    from llmops.governance.policy import load_governance
     from llmops.errors import PrivacyError
     from llmops.governance.accounting import epsilon_of, noise_for_target
     from llmops.governance.ledger import new_attempt_id, open_ledger, plan_problems, privacy_plan
+    from llmops.governance.policy import load_governance
 
     p, t = cfg.privacy, cfg.training
     governed = load_governance().privacy
     n = int(data["n_train"])
     if t.batch_size > n:
-        raise LLMOpsError(f"batch_size {t.batch_size} exceeds the {n} training records", "training.batch_size",
-                          "lower training.batch_size or add data")
+        raise LLMOpsError(
+            f"batch_size {t.batch_size} exceeds the {n} training records",
+            "training.batch_size",
+            "lower training.batch_size or add data",
+        )
     q = t.batch_size / n
     steps = t.max_steps or max(1, math.ceil(t.epochs / q))
     delta = p.delta or governed.budget_delta
     if p.enabled and governed.budget_delta >= 1.0 / n:
-        raise LLMOpsError(f"the budget's delta {governed.budget_delta:g} is not below 1/n = {1 / n:g}",
-                          "governance file: privacy.budget_delta", "an admin lowers privacy.budget_delta "
-                          "(`llmops governance set privacy.budget_delta 1e-6`), or train on more records")
+        raise LLMOpsError(
+            f"the budget's delta {governed.budget_delta:g} is not below 1/n = {1 / n:g}",
+            "governance file: privacy.budget_delta",
+            "an admin lowers privacy.budget_delta "
+            "(`llmops governance set privacy.budget_delta 1e-6`), or train on more records",
+        )
     if p.enabled and delta >= 1.0 / n:
-        raise LLMOpsError(f"delta {delta:g} is not below 1/n = {1 / n:g}", "privacy.delta",
-                          "use a delta well below 1/n_train (default: the governance's privacy.budget_delta)")
+        raise LLMOpsError(
+            f"delta {delta:g} is not below 1/n = {1 / n:g}",
+            "privacy.delta",
+            "use a delta well below 1/n_train (default: the governance's privacy.budget_delta)",
+        )
     sigma = 0.0
     if p.enabled:
-        sigma = p.noise_multiplier if p.noise_multiplier is not None else noise_for_target(
-            p.target_epsilon, delta, q, steps, p.accountant)
-    key = json.dumps([data["fingerprint"], model["digest"], p.model_dump(mode="json"), t.model_dump(mode="json"),
-                      cfg.model.max_seq_len, cfg.model.dtype], sort_keys=True)
+        sigma = (
+            p.noise_multiplier
+            if p.noise_multiplier is not None
+            else noise_for_target(p.target_epsilon, delta, q, steps, p.accountant)
+        )
+    key = json.dumps(
+        [
+            data["fingerprint"],
+            model["digest"],
+            p.model_dump(mode="json"),
+            t.model_dump(mode="json"),
+            cfg.model.max_seq_len,
+            cfg.model.dtype,
+        ],
+        sort_keys=True,
+    )
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     out = Path(cfg.state_dir) / "runs" / run_id
     spec = FinetuneSpec(
-        run_id=run_id, model_path=model["path"], train_path=data["train_path"], output_dir=str(out),
-        fingerprint=data.get("source_fingerprint", data["fingerprint"]), n_train=n, method=t.method,
-        lora_r=t.lora_r, lora_alpha=t.lora_alpha,
-        lora_dropout=t.lora_dropout, lora_target_modules=list(t.lora_target_modules), max_len=cfg.model.max_seq_len,
-        dtype=cfg.model.dtype, batch_size=t.batch_size, micro_batch_size=t.micro_batch_size,
-        learning_rate=t.learning_rate, optimizer=t.optimizer, steps=steps, seed=t.seed, deepspeed_config=str(t.deepspeed_config),
-        checkpoint_every=t.checkpoint_every, world_size=t.world_size, private=p.enabled, noise_multiplier=sigma,
-        max_grad_norm=p.max_grad_norm, sample_rate=q, sampling=p.sampling, secure_mode=p.secure_mode,
-        noise_seed=p.noise_seed, delta=delta, accountant=p.accountant, reproducible_insecure=p.reproducible_insecure,
-        eval_path=curve_eval_path(cfg, data), curve_points=cfg.evaluation.curve_points,
-        curve_records=cfg.evaluation.curve_records, base_digest=model["digest"],
+        run_id=run_id,
+        model_path=model["path"],
+        train_path=data["train_path"],
+        output_dir=str(out),
+        fingerprint=data.get("source_fingerprint", data["fingerprint"]),
+        n_train=n,
+        method=t.method,
+        lora_r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        lora_target_modules=list(t.lora_target_modules),
+        max_len=cfg.model.max_seq_len,
+        dtype=cfg.model.dtype,
+        batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+        learning_rate=t.learning_rate,
+        optimizer=t.optimizer,
+        steps=steps,
+        seed=t.seed,
+        deepspeed_config=str(t.deepspeed_config),
+        checkpoint_every=t.checkpoint_every,
+        world_size=t.world_size,
+        private=p.enabled,
+        noise_multiplier=sigma,
+        max_grad_norm=p.max_grad_norm,
+        sample_rate=q,
+        sampling=p.sampling,
+        secure_mode=p.secure_mode,
+        noise_seed=p.noise_seed,
+        delta=delta,
+        accountant=p.accountant,
+        reproducible_insecure=p.reproducible_insecure,
+        eval_path=curve_eval_path(cfg, data),
+        curve_points=cfg.evaluation.curve_points,
+        curve_records=cfg.evaluation.curve_records,
+        base_digest=model["digest"],
     )
     # DP configuration errors surface here, before the ledger reserves anything (not inside a rank, after it did)
-    deepspeed_config(spec.deepspeed_config, spec.micro_batch_size, grad_accumulation_steps(spec), spec.world_size,
-                     spec.dtype, spec.private)
+    deepspeed_config(
+        spec.deepspeed_config,
+        spec.micro_batch_size,
+        grad_accumulation_steps(spec),
+        spec.world_size,
+        spec.dtype,
+        spec.private,
+    )
     cumulative = math.inf
     if p.enabled:
         ledger = open_ledger()
         if why := ledger.unaccounted(spec.base_digest):  # its training records were never charged
-            raise PrivacyError(f"the base model is the output of a run the ledger did not account ({why})",
-                               f"model.path {model['path']}", "fine-tune from the original base model, or from a "
-                               "private run's model (its records are composed by the ledger)")
+            raise PrivacyError(
+                f"the base model is the output of a run the ledger did not account ({why})",
+                f"model.path {model['path']}",
+                "fine-tune from the original base model, or from a "
+                "private run's model (its records are composed by the ledger)",
+            )
         plan = privacy_plan(spec)
         spec.attempt_id = _continuing_attempt(out, ledger, plan) or new_attempt_id()
-        cumulative = ledger.reserve(spec.attempt_id, spec.fingerprint, [[sigma, q, steps]], delta, p.accountant,
-                                    privacy_budget(cfg), records=training_record_hashes(data),
-                                    keys=training_record_keys(data), run_key=run_id,
-                                    plan=plan, problems=plan_problems(plan, epsilon_of([[sigma, q, steps]], delta,
-                                                                                       p.accountant)),
-                                    budget_delta=governed.budget_delta)
+        cumulative = ledger.reserve(
+            spec.attempt_id,
+            spec.fingerprint,
+            [[sigma, q, steps]],
+            delta,
+            p.accountant,
+            privacy_budget(cfg),
+            records=training_record_hashes(data),
+            keys=training_record_keys(data),
+            run_key=run_id,
+            plan=plan,
+            problems=plan_problems(plan, epsilon_of([[sigma, q, steps]], delta, p.accountant)),
+            budget_delta=governed.budget_delta,
+        )
     else:  # nothing to charge: a non-private run is never a candidate (guarantee_problems)
         spec.attempt_id = _spec_attempt(out) or new_attempt_id()
     if not (out / "spec.json").is_file() or _spec_attempt(out) != spec.attempt_id:
@@ -730,8 +883,9 @@ def curve_eval_path(cfg, data: dict) -> str:
     if e.public_eval_path:
         from tasks.evaluation import public_eval_split
 
-        return public_eval_split(str(e.public_eval_path), str(Path(cfg.state_dir) / "public-eval"),
-                                 [data["train_path"], data["eval_path"]])
+        return public_eval_split(
+            str(e.public_eval_path), str(Path(cfg.state_dir) / "public-eval"), [data["train_path"], data["eval_path"]]
+        )
     return data["eval_path"]
 
 
@@ -761,7 +915,12 @@ def _continuing_attempt(out: Path, ledger, plan: dict) -> str | None:
         ok = path is not None and path.is_dir() and any(path.iterdir()) and dir_digest(path) == rec[1]
         return attempt if ok else None
     model = out / "model"
-    if entry.status == "completed" and entry.model_digest and model.is_dir() and dir_digest(model) == entry.model_digest:
+    if (
+        entry.status == "completed"
+        and entry.model_digest
+        and model.is_dir()
+        and dir_digest(model) == entry.model_digest
+    ):
         return attempt
     return None
 
@@ -769,8 +928,8 @@ def _continuing_attempt(out: Path, ledger, plan: dict) -> str | None:
 def training_record_hashes(data: dict) -> list[str]:
     """Content hashes of the records DP training will read, as the ledger's record identities. For a redacted copy,
     each record maps back to the original record(s) it came from (the same person's data)."""
-    from tasks.data import read_texts
     from llmops.text.identity import text_hash
+    from tasks.data import read_texts
 
     hashes = [text_hash(t) for t in read_texts(Path(data["train_path"]))]
     if data.get("source_map"):  # a cache in the state dir: it may add identities, never remove the trained text's
@@ -780,12 +939,12 @@ def training_record_hashes(data: dict) -> list[str]:
 
 
 def training_record_keys(data: dict) -> dict[str, list[int]]:
-    """The near-duplicate keys (tasks/neardup.py) of each record identity `training_record_hashes` returns: the
+    """The near-duplicate keys (llmops/text/neardup.py) of each record identity `training_record_hashes` returns: the
     ledger relates variants, parts and concatenations of earlier-trained records to them. A redacted record's
     sources get the redacted text's keys (the original text is not kept; the redacted one is its near-copy)."""
-    from tasks.data import read_texts
     from llmops.text.identity import text_hash
     from llmops.text.neardup import record_keys
+    from tasks.data import read_texts
 
     out: dict[str, list[int]] = {}
     sources = json.loads(Path(data["source_map"]).read_text()) if data.get("source_map") else {}
@@ -803,25 +962,47 @@ def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
     if done.is_file() and not _reusable(spec, out / "model"):  # planted or stale: never the evidence of anything
         shutil.rmtree(out / "model", ignore_errors=True)
     if done.is_file():  # the completed attempt's own model (ledger digest): reuse, charge nothing new
-        return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
-                "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": True}
+        return {
+            "model_path": str(out / "model"),
+            "privacy": json.loads(done.read_text()),
+            "metrics": json.loads((out / "metrics.json").read_text()),
+            "curve": _read_curve(out),
+            "reused": True,
+        }
     spec_path = out / "spec.json"
     if spec.world_size == 1:
         cmd = [sys.executable, "-m", "tasks.finetune", str(spec_path)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.world_size}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tasks.finetune", str(spec_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={spec.world_size}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "tasks.finetune",
+            str(spec_path),
+        ]
     from llmops import console
 
-    proc = subprocess.run(cmd, env=rank_env(), timeout=timeout_s, stdout=subprocess.PIPE, text=True,
-                          stderr=console.child_stderr())
+    proc = subprocess.run(
+        cmd, env=rank_env(), timeout=timeout_s, stdout=subprocess.PIPE, text=True, stderr=console.child_stderr()
+    )
     if proc.returncode != 0:
         log = console.log_path()
-        raise LLMOpsError(f"training ranks exited with code {proc.returncode}" + _rank_error(log), str(out),
-                          f"see {log if log else 'the log above'}; re-running the flow resumes from the last "
-                          "checkpoint")
-    return {"model_path": str(out / "model"), "privacy": json.loads(done.read_text()),
-            "metrics": json.loads((out / "metrics.json").read_text()), "curve": _read_curve(out), "reused": False}
+        raise LLMOpsError(
+            f"training ranks exited with code {proc.returncode}" + _rank_error(log),
+            str(out),
+            f"see {log if log else 'the log above'}; re-running the flow resumes from the last checkpoint",
+        )
+    return {
+        "model_path": str(out / "model"),
+        "privacy": json.loads(done.read_text()),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "curve": _read_curve(out),
+        "reused": False,
+    }
 
 
 def _reusable(spec: FinetuneSpec, model: Path) -> bool:
@@ -833,7 +1014,9 @@ def _reusable(spec: FinetuneSpec, model: Path) -> bool:
     from llmops.governance.ledger import open_ledger
 
     entry = open_ledger().entry(spec.attempt_id)
-    return bool(entry and entry.status == "completed" and entry.model_digest and dir_digest(model) == entry.model_digest)
+    return bool(
+        entry and entry.status == "completed" and entry.model_digest and dir_digest(model) == entry.model_digest
+    )
 
 
 def _read_curve(out: Path) -> list[dict]:
@@ -854,10 +1037,14 @@ def _rank_error(log) -> str:
 
 def rank_env() -> dict:
     """Environment for fresh ranks: the project importable, no distributed settings inherited from this process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                      os.environ.get("PYTHONPATH")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+    )
     return env
 
 
@@ -865,10 +1052,10 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     """Settle the attempt: the privacy.json *inside the model dir* (the files whose digest the ledger records) must
     describe the reserved plan, the history must be the whole plan, and then the digest is bound to the attempt.
     Returns the dataset's worst-record epsilon at the budget's delta."""
-    from llmops.governance.policy import load_governance
-    from llmops.files import dir_digest
     from llmops.errors import PrivacyError
+    from llmops.files import dir_digest
     from llmops.governance.ledger import open_ledger
+    from llmops.governance.policy import load_governance
 
     model = Path(model_path) if model_path else Path(spec.output_dir) / "model"
     if not spec.private:
@@ -879,11 +1066,15 @@ def finish_ledger(cfg, spec: FinetuneSpec, privacy: dict, model_path: str | None
     try:
         inside = json.loads((model / "privacy.json").read_text())
     except (OSError, ValueError):
-        raise PrivacyError("the trained model has no readable privacy.json", str(model),
-                           "re-run the flow (a new attempt is charged)") from None
+        raise PrivacyError(
+            "the trained model has no readable privacy.json", str(model), "re-run the flow (a new attempt is charged)"
+        ) from None
     if problems := output_mismatch(ledger.entry(spec.attempt_id), inside):
-        raise PrivacyError(f"the trained model's privacy.json does not match the reserved attempt "
-                           f"({'; '.join(problems[:3])})", str(model), "re-run the flow (a new attempt is charged)")
+        raise PrivacyError(
+            f"the trained model's privacy.json does not match the reserved attempt ({'; '.join(problems[:3])})",
+            str(model),
+            "re-run the flow (a new attempt is charged)",
+        )
     digest = dir_digest(model)
     ledger.finish(spec.attempt_id, inside["history"], model_digest=digest)
     if problems := ledger.entry(spec.attempt_id).problems:  # e.g. reproducible_insecure: never a private base

@@ -1,4 +1,5 @@
 """Causal-LM helpers shared by training and evaluation: tokenising to fixed blocks and per-sample loss."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,13 @@ import torch.nn.functional as F
 
 def encode(tok, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
     """Right-padded, truncated token blocks; padding is masked out of the loss by `attention_mask`."""
-    enc = tok([t + (tok.eos_token or "") for t in texts], max_length=max_len, truncation=True,
-              padding="max_length", return_tensors="pt")
+    enc = tok(
+        [t + (tok.eos_token or "") for t in texts],
+        max_length=max_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

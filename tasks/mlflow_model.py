@@ -3,6 +3,7 @@
 Logged by tasks/registry.py; loaded anywhere with `mlflow.pyfunc.load_model("models:/NAME@candidate")`.
 Self-contained: needs only torch + transformers at load time, not this project.
 """
+
 from __future__ import annotations
 
 import mlflow
@@ -27,9 +28,10 @@ class CausalLM(PythonModel):
         for prompt in model_input:  # one at a time: no left-padding subtleties, deterministic greedy output
             ids = self.tok(prompt, return_tensors="pt")
             with torch.no_grad():
-                gen = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False,
-                                          pad_token_id=self.tok.pad_token_id)
-            outs.append(self.tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+                gen = self.model.generate(
+                    **ids, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tok.pad_token_id
+                )
+            outs.append(self.tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return outs
 
 

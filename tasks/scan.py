@@ -16,6 +16,7 @@ Token counts: with a byte-level BPE tokenizer (GPT-2/Llama-3/SmolLM2 style, no n
 token per UTF-8 byte, so only records whose byte length exceeds `max_tokens` are tokenized (the rest are left empty:
 they provably fit). Other tokenizers count every record.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ class Chunk:
 def ascii_compatible(encoding: str) -> bool:
     """Newlines are the single byte 0x0A, so a byte range cut at one decodes on its own."""
     try:
-        return "\n\r ab{}\"".encode(encoding) == b"\n\r ab{}\""
+        return '\n\r ab{}"'.encode(encoding) == b'\n\r ab{}"'
     except LookupError:
         return False
 
@@ -78,8 +79,9 @@ def ascii_compatible(encoding: str) -> bool:
 # ------------------------------------------------------------------------------------------------ main process
 
 
-def plan_chunks(files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHUNK_BYTES,
-                names: list[str] | None = None) -> list[Chunk]:
+def plan_chunks(
+    files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHUNK_BYTES, names: list[str] | None = None
+) -> list[Chunk]:
     chunks = []
     for fi, f in enumerate(files):
         name = names[fi] if names else f.name
@@ -99,7 +101,7 @@ def plan_chunks(files: list[Path], fmt_of, encoding: str, chunk_bytes: int = CHU
                     more = fh.read(1 << 16)
                     if not more:
                         break
-                    look = block[-(len(sep) - 1):] if len(sep) > 1 else b""
+                    look = block[-(len(sep) - 1) :] if len(sep) > 1 else b""
                     pos = (look + more).find(sep)
                     block += more if pos < 0 else more[: pos + len(sep) - len(look)]
                     end = start + len(block)
@@ -159,8 +161,11 @@ def _token_counter(path: str):
             cfg = json.loads(tj.read_text(encoding="utf-8"))
             pre = cfg.get("pre_tokenizer") or {}
             pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-            if cfg.get("normalizer") is None and (cfg.get("model") or {}).get("type") == "BPE" and \
-                    any(p.get("type") == "ByteLevel" for p in pres):
+            if (
+                cfg.get("normalizer") is None
+                and (cfg.get("model") or {}).get("type") == "BPE"
+                and any(p.get("type") == "ByteLevel" for p in pres)
+            ):
                 extra = int(any(p.get("add_prefix_space") for p in pres))
                 bound = lambda t: (len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass"))) + extra  # noqa: E731
 
@@ -173,6 +178,7 @@ def _token_counter(path: str):
 
             def count(texts):
                 return [len(x) for x in hf(texts, add_special_tokens=False)["input_ids"]]
+
         _TOKENIZER[path] = (count, bound)
     return _TOKENIZER[path]
 
@@ -180,8 +186,8 @@ def _token_counter(path: str):
 def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
     """Scan one byte range. Errors come back as data (the main process adds the file name and picks the first)."""
     from llmops.text import pii as detectors  # find_pii, redact
-    from tasks.data import RecordError, check_line_lengths, decode, iter_records
     from llmops.text.identity import text_hash
+    from tasks.data import RecordError, check_line_lengths, decode, iter_records
 
     with open(chunk.path, "rb") as fh:
         fh.seek(chunk.start)
@@ -255,8 +261,7 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
         with open(part, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"id": r, "text": t}, ensure_ascii=False) + "\n" for r, t in zip(ids, finals))
         out["part"] = str(part)
-    out.update(n=len(ids), cols=cols, where=where, ids=ids, hashes=hashes, source_hashes=source_hashes,
-               changed=changed)
+    out.update(n=len(ids), cols=cols, where=where, ids=ids, hashes=hashes, source_hashes=source_hashes, changed=changed)
     return out
 
 

@@ -12,6 +12,7 @@ IPs) to avoid false positives. Policy per category: `block` fails the run; `reda
 placeholders like `[EMAIL]`; control characters are stripped by default (`validation.control_chars`). When any
 record changed, training uses the cleaned copy, and the copy is what GX validated.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,6 @@ from llmops.files import write_text_atomic
 
 # The PII/PHI detectors live in llmops/text/pii.py (measured on a labelled set: tests/assets/pii_eval).
 from llmops.text.pii import pii_categories
-
 
 # ----------------------------------------------------------------------------------------------- the report
 
@@ -61,8 +61,12 @@ def _expectations(val_cfg, has_tokens: bool) -> list:
     E = gx.expectations
     ex = [
         E.ExpectTableRowCountToBeBetween(min_value=val_cfg.min_records),
-        E.ExpectColumnValuesToBeBetween(column="n_chars", min_value=val_cfg.min_chars, max_value=val_cfg.max_chars,
-                                        mostly=1.0 - val_cfg.max_blank_rate if val_cfg.max_blank_rate else 1.0),
+        E.ExpectColumnValuesToBeBetween(
+            column="n_chars",
+            min_value=val_cfg.min_chars,
+            max_value=val_cfg.max_chars,
+            mostly=1.0 - val_cfg.max_blank_rate if val_cfg.max_blank_rate else 1.0,
+        ),
         E.ExpectColumnMeanToBeBetween(column="is_blank", max_value=val_cfg.max_blank_rate),
         E.ExpectColumnProportionOfUniqueValuesToBeBetween(column="text_hash", min_value=1 - val_cfg.max_duplicate_rate),
         E.ExpectColumnSumToBeBetween(column="is_eval", min_value=val_cfg.min_eval_records),
@@ -86,9 +90,14 @@ def pii_expectation(category: str):
     cls_name = "ExpectNo" + "".join(p.title() for p in category.split("_"))
     cls = _PII_CLASSES.get(cls_name)
     if cls is None:
-        cls = type(cls_name, (gx.expectations.ExpectColumnValuesToBeBetween,), {
-            "__doc__": f"Expect no {category.replace('_', ' ')} in any record (detector hits per record == 0).",
-            "description": f"No {category.replace('_', ' ')} (PII/PHI) in the training text"})
+        cls = type(
+            cls_name,
+            (gx.expectations.ExpectColumnValuesToBeBetween,),
+            {
+                "__doc__": f"Expect no {category.replace('_', ' ')} in any record (detector hits per record == 0).",
+                "description": f"No {category.replace('_', ' ')} (PII/PHI) in the training text",
+            },
+        )
         _PII_CLASSES[cls_name] = cls
     return cls(column=f"pii_{category}", min_value=0, max_value=0)
 
@@ -118,14 +127,24 @@ def _run_gx(df, val_cfg, out_dir: Path, name: str):
     ds = context.data_sources.add_or_update_pandas("llmops")
     asset = ds.add_dataframe_asset(name=name) if name not in [a.name for a in ds.assets] else ds.get_asset(name)
     batch_def = asset.add_batch_definition_whole_dataframe(f"{name}-all")
-    suite = context.suites.add_or_update(gx.ExpectationSuite(name=f"{name}-suite",
-                                                             expectations=_expectations(val_cfg, "n_tokens" in df)))
-    vd = context.validation_definitions.add_or_update(gx.ValidationDefinition(name=f"{name}-validation",
-                                                                              data=batch_def, suite=suite))
-    cp = context.checkpoints.add_or_update(gx.Checkpoint(
-        name=f"{name}-checkpoint", validation_definitions=[vd], actions=[],
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": val_cfg.max_examples,
-                       "unexpected_index_column_names": ["where"]}))
+    suite = context.suites.add_or_update(
+        gx.ExpectationSuite(name=f"{name}-suite", expectations=_expectations(val_cfg, "n_tokens" in df))
+    )
+    vd = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=f"{name}-validation", data=batch_def, suite=suite)
+    )
+    cp = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=f"{name}-checkpoint",
+            validation_definitions=[vd],
+            actions=[],
+            result_format={
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": val_cfg.max_examples,
+                "unexpected_index_column_names": ["where"],
+            },
+        )
+    )
     result = cp.run(batch_parameters={"dataframe": df})
     # Data Docs draws its file:line table from `unexpected_index_list`, which GX fills only in COMPLETE mode (every
     # failing row: too big at 1M records). Give it the first max_examples, then render.
@@ -141,27 +160,51 @@ def _run_gx(df, val_cfg, out_dir: Path, name: str):
 
 # What each derived column means when its expectation fails, and the setting that changes it.
 _HINTS = {  # column: (what failed, what to do, the setting that changes it)
-    "n_chars": ("record(s) {n_chars}", "fix those records or change validation.max_chars / validation.min_chars",
-                "validation.max_chars"),
-    "is_blank": ("blank record(s); allowed share validation.max_blank_rate={max_value}",
-                 "remove them or raise validation.max_blank_rate", "validation.max_blank_rate"),
-    "n_control": ("record(s) with control characters (policy block)",
-                  "set validation.control_chars: strip (the default) to remove them, or allow to keep them",
-                  "validation.control_chars"),
-    "text_hash": ("duplicate record(s) (same normalised text); allowed share validation.max_duplicate_rate="
-                  "{max_rate}", "remove the duplicates or raise validation.max_duplicate_rate",
-                  "validation.max_duplicate_rate"),
-    "is_eval": ("held-out record(s); need validation.min_eval_records={min_value}",
-                "add records, raise data.eval_fraction or lower validation.min_eval_records",
-                "validation.min_eval_records"),
-    "is_train": ("training record(s); need at least {min_value}", "add records or lower data.eval_fraction",
-                 "data.eval_fraction"),
-    "id": ("record(s) sharing an id", "make the data.id_field values unique, or set data.id_field: null (line ids)",
-           "data.id_field"),
-    "n_tokens": ("record(s) over validation.max_tokens={max_value} tokens",
-                 "split those records or raise validation.max_tokens", "validation.max_tokens"),
-    "table": ("records; need validation.min_records={min_value}", "add records or lower validation.min_records",
-              "validation.min_records"),
+    "n_chars": (
+        "record(s) {n_chars}",
+        "fix those records or change validation.max_chars / validation.min_chars",
+        "validation.max_chars",
+    ),
+    "is_blank": (
+        "blank record(s); allowed share validation.max_blank_rate={max_value}",
+        "remove them or raise validation.max_blank_rate",
+        "validation.max_blank_rate",
+    ),
+    "n_control": (
+        "record(s) with control characters (policy block)",
+        "set validation.control_chars: strip (the default) to remove them, or allow to keep them",
+        "validation.control_chars",
+    ),
+    "text_hash": (
+        "duplicate record(s) (same normalised text); allowed share validation.max_duplicate_rate={max_rate}",
+        "remove the duplicates or raise validation.max_duplicate_rate",
+        "validation.max_duplicate_rate",
+    ),
+    "is_eval": (
+        "held-out record(s); need validation.min_eval_records={min_value}",
+        "add records, raise data.eval_fraction or lower validation.min_eval_records",
+        "validation.min_eval_records",
+    ),
+    "is_train": (
+        "training record(s); need at least {min_value}",
+        "add records or lower data.eval_fraction",
+        "data.eval_fraction",
+    ),
+    "id": (
+        "record(s) sharing an id",
+        "make the data.id_field values unique, or set data.id_field: null (line ids)",
+        "data.id_field",
+    ),
+    "n_tokens": (
+        "record(s) over validation.max_tokens={max_value} tokens",
+        "split those records or raise validation.max_tokens",
+        "validation.max_tokens",
+    ),
+    "table": (
+        "records; need validation.min_records={min_value}",
+        "add records or lower validation.min_records",
+        "validation.min_records",
+    ),
 }
 
 
@@ -217,22 +260,38 @@ def _failures(result, df, val_cfg, source: str) -> list[dict]:
                 fix = f"remove them, or set {setting}: redact"
             else:
                 desc, fix, setting = _HINTS.get(col, ("record(s) outside the bound", "fix the data or the bound", ""))
-                what = f"{count} " + desc.format(min_value=_num(kw.get("min_value")), max_value=_num(kw.get("max_value")),
-                                                 max_rate=val_cfg.max_duplicate_rate, n_chars=_n_chars(df, val_cfg))
+                what = f"{count} " + desc.format(
+                    min_value=_num(kw.get("min_value")),
+                    max_value=_num(kw.get("max_value")),
+                    max_rate=val_cfg.max_duplicate_rate,
+                    n_chars=_n_chars(df, val_cfg),
+                )
                 if col == "n_chars" and not (df["n_chars"] > val_cfg.max_chars).any():
                     setting = "validation.min_chars"
-            out.append({"check": cfg.type, "column": col, "label": col.removeprefix("pii_"), "count": count,
-                        "examples": examples,
-                        "more": max(0, count - len(examples)) if mask is not None else 0,
-                        "what": what, "fix": fix, "setting": setting,
-                        "where": source if mask is None else None})
+            out.append(
+                {
+                    "check": cfg.type,
+                    "column": col,
+                    "label": col.removeprefix("pii_"),
+                    "count": count,
+                    "examples": examples,
+                    "more": max(0, count - len(examples)) if mask is not None else 0,
+                    "what": what,
+                    "fix": fix,
+                    "setting": setting,
+                    "where": source if mask is None else None,
+                }
+            )
     return out
 
 
 def failure_line(f: dict) -> str:
     """`<what> at a.jsonl:3, a.jsonl:9 (+12 more) — <fix>`: count, locations (never the text), the setting."""
-    at = f" at {', '.join(f['examples'])}" + (f" (+{f['more']} more)" if f["more"] else "") if f["examples"] \
+    at = (
+        f" at {', '.join(f['examples'])}" + (f" (+{f['more']} more)" if f["more"] else "")
+        if f["examples"]
         else (f" in {f['where']}" if f.get("where") else "")
+    )
     return f"{f['label']}: {f['what']}{at} — {f['fix']}"
 
 
@@ -273,26 +332,44 @@ def _progress(total_bytes: int, show: bool):
     return step, bar.close
 
 
-def scan_data(data_cfg, val_cfg, files: list[Path], work: Path, tokenizer_path: str | None, workers: int | None,
-              progress: bool, chunk_bytes: int | None = None):
+def scan_data(
+    data_cfg,
+    val_cfg,
+    files: list[Path],
+    work: Path,
+    tokenizer_path: str | None,
+    workers: int | None,
+    progress: bool,
+    chunk_bytes: int | None = None,
+):
     """Run tasks/scan.py over the files; raise DataError for undecodable files (all named) or a bad record."""
     from tasks import scan
     from tasks.data import encoding_error, format_of, location
 
     spec = scan.ScanSpec(
-        fmt=data_cfg.format, text_field=data_cfg.text_field, id_field=data_cfg.id_field, encoding=data_cfg.encoding,
-        max_line_bytes=data_cfg.max_line_bytes, eval_fraction=data_cfg.eval_fraction,
-        control_chars=val_cfg.control_chars, categories=pii_categories(), mrn_patterns=tuple(val_cfg.mrn_patterns),
-        phone_region=val_cfg.phone_region, redact=tuple(c for c, p in val_cfg.pii.items() if p == "redact"),
+        fmt=data_cfg.format,
+        text_field=data_cfg.text_field,
+        id_field=data_cfg.id_field,
+        encoding=data_cfg.encoding,
+        max_line_bytes=data_cfg.max_line_bytes,
+        eval_fraction=data_cfg.eval_fraction,
+        control_chars=val_cfg.control_chars,
+        categories=pii_categories(),
+        mrn_patterns=tuple(val_cfg.mrn_patterns),
+        phone_region=val_cfg.phone_region,
+        redact=tuple(c for c, p in val_cfg.pii.items() if p == "redact"),
         tokenizer=tokenizer_path,
-        max_tokens=val_cfg.max_tokens, copy_dir=str(work))
+        max_tokens=val_cfg.max_tokens,
+        copy_dir=str(work),
+    )
     root = Path(data_cfg.path)
     total = sum(f.stat().st_size for f in files)
     cores = workers or len(os.sched_getaffinity(0))
     # ~6 ranges per worker (so one slow range does not leave a core idle at the end), 1-8 MB each
     size = chunk_bytes or min(scan.CHUNK_BYTES, max(1 << 20, total // (6 * cores)))
-    chunks = scan.plan_chunks(files, lambda f: format_of(f, data_cfg.format), data_cfg.encoding, size,
-                              [location(f, root) for f in files])
+    chunks = scan.plan_chunks(
+        files, lambda f: format_of(f, data_cfg.format), data_cfg.encoding, size, [location(f, root) for f in files]
+    )
     workers = min(cores, len(chunks))
     step, close = _progress(sum(c.end - c.start for c in chunks), progress)
     try:
@@ -323,9 +400,16 @@ def derived_table(results, limit: int | None):
     def cat(key):
         return [x for r in done for x in r[key]][:n]
 
-    df = pd.DataFrame({"where": cat("where"), "id": cat("ids"), "text_hash": cat("hashes"),
-                       **{k: np.concatenate([r["cols"][k] for r in done])[:n] for k in done[0]["cols"]}}
-                      if done else {"where": [], "id": [], "text_hash": []})
+    df = pd.DataFrame(
+        {
+            "where": cat("where"),
+            "id": cat("ids"),
+            "text_hash": cat("hashes"),
+            **{k: np.concatenate([r["cols"][k] for r in done])[:n] for k in done[0]["cols"]},
+        }
+        if done
+        else {"where": [], "id": [], "text_hash": []}
+    )
     if done:
         df["is_train"] = 1 - df["is_eval"]
         if df["n_tokens"].isna().all():
@@ -371,9 +455,17 @@ def source_map(df, sources: dict[int, str]) -> dict[str, list[str]]:
     return out
 
 
-def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | None = None, *,
-                  workers: int | None = None, progress: bool = False, reuse: bool = True,
-                  chunk_bytes: int | None = None) -> ValidationReport:
+def validate_data(
+    data_cfg,
+    val_cfg,
+    out_dir: str | Path,
+    tokenizer_path: str | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+    reuse: bool = True,
+    chunk_bytes: int | None = None,
+) -> ValidationReport:
     """Scan (workers), build the derived table, run GX, write report.json; reuse a report of identical inputs."""
     from tasks.data import fingerprint_of_hashes, list_files
 
@@ -395,8 +487,11 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
         # the table holds the columns now: keep only what the copy and the report still need (peak memory)
         results = [{k: r.get(k) for k in ("n", "part", "changed", "n_tokenized")} for r in results]
         if df.empty:
-            raise DataError("no records found", str(data_cfg.path),
-                            "check the file is not empty and data.format/text_field match it")
+            raise DataError(
+                "no records found",
+                str(data_cfg.path),
+                "check the file is not empty and data.format/text_field match it",
+            )
         hashes = df["text_hash"].tolist()
         fp = fingerprint_of_hashes(hashes)
         for i, h in sources.items():  # a plain list: item assignment on a pandas column copies it (copy-on-write)
@@ -413,19 +508,34 @@ def validate_data(data_cfg, val_cfg, out_dir: str | Path, tokenizer_path: str | 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     pii = _pii_summary(df, val_cfg)
-    control = {"policy": val_cfg.control_chars, "count": int(df["n_control"].sum()),
-               "records": int((df["n_control"] > 0).sum()),
-               "examples": _examples(df, df["n_control"] > 0, val_cfg.max_examples)}
+    control = {
+        "policy": val_cfg.control_chars,
+        "count": int(df["n_control"].sum()),
+        "records": int((df["n_control"] > 0).sum()),
+        "examples": _examples(df, df["n_control"] > 0, val_cfg.max_examples),
+    }
     table = df.drop(columns=[c for c in df if c.startswith("found_")])
     result, docs = run_gx(table, val_cfg, final, "records")
     checks = _failures(result, table, val_cfg, str(data_cfg.path))
     report = ValidationReport(
-        passed=bool(result.success), fingerprint=fp, source_fingerprint=source_fp, data_path=data_path,
-        n_records=len(df), failures=[failure_line(f) for f in checks], checks=checks, pii=pii, control_chars=control,
-        redacted=any(v["policy"] == "redact" and v["count"] for v in pii.values()), cleaned=changed, docs_path=docs,
-        report_path=str(final / "report.json"), source_map=smap,
-        n_tokenized=sum(r.get("n_tokenized", 0) for r in results), seconds=round(time.perf_counter() - started, 2),
-        tokens=_token_note(tokenizer_path, val_cfg.max_tokens, sum(r.get("n_tokenized", 0) for r in results), len(df)))
+        passed=bool(result.success),
+        fingerprint=fp,
+        source_fingerprint=source_fp,
+        data_path=data_path,
+        n_records=len(df),
+        failures=[failure_line(f) for f in checks],
+        checks=checks,
+        pii=pii,
+        control_chars=control,
+        redacted=any(v["policy"] == "redact" and v["count"] for v in pii.values()),
+        cleaned=changed,
+        docs_path=docs,
+        report_path=str(final / "report.json"),
+        source_map=smap,
+        n_tokenized=sum(r.get("n_tokenized", 0) for r in results),
+        seconds=round(time.perf_counter() - started, 2),
+        tokens=_token_note(tokenizer_path, val_cfg.max_tokens, sum(r.get("n_tokenized", 0) for r in results), len(df)),
+    )
     report.summary_md = summary_markdown(report, data_cfg.path)
     write_text_atomic(final / "report.json", json.dumps(asdict(report), indent=2))
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -440,8 +550,10 @@ def _token_note(tokenizer_path: str | None, max_tokens: int | None, n: int, n_re
         return "skipped: the model's tokenizer is not available yet (run `llmops prepare-model`)"
     if n >= n_records:
         return f"all {n} records tokenized"
-    return (f"{n} record(s) tokenized; the other {n_records - n} have at most {max_tokens} UTF-8 bytes, so at most "
-            f"{max_tokens} tokens (byte-level BPE)")
+    return (
+        f"{n} record(s) tokenized; the other {n_records - n} have at most {max_tokens} UTF-8 bytes, so at most "
+        f"{max_tokens} tokens (byte-level BPE)"
+    )
 
 
 def _import_gx_in_background() -> None:
@@ -458,21 +570,28 @@ def _pii_summary(df, val_cfg) -> dict:
     for cat in pii_categories():
         found = df[f"found_{cat}"]
         hit = found > 0
-        out[cat] = {"count": int(found.sum()), "records": int(hit.sum()), "policy": val_cfg.pii.get(cat, "allow"),
-                    "examples": _examples(df, hit, val_cfg.max_examples)}
+        out[cat] = {
+            "count": int(found.sum()),
+            "records": int(hit.sum()),
+            "policy": val_cfg.pii.get(cat, "allow"),
+            "examples": _examples(df, hit, val_cfg.max_examples),
+        }
     return out
 
 
 def summary_markdown(rep: ValidationReport, source) -> str:
-    rows = "\n".join(f"| {c} | {v['count']} | {v['policy']} | {', '.join(v['examples']) or '—'} |"
-                     for c, v in rep.pii.items())
+    rows = "\n".join(
+        f"| {c} | {v['count']} | {v['policy']} | {', '.join(v['examples']) or '—'} |" for c, v in rep.pii.items()
+    )
     fails = "\n".join(f"- {f}" for f in rep.failures) or "- none"
     cc = rep.control_chars
-    control = (f"Control characters (policy `{cc['policy']}`, setting `validation.control_chars`): {cc['count']} in "
-               f"{cc['records']} record(s){' at ' + ', '.join(cc['examples']) if cc['examples'] else ''}"
-               f"{' — stripped in the copy used for training' if cc['policy'] == 'strip' and cc['count'] else ''}")
-    return f"""## Data validation: {'PASSED' if rep.passed else 'FAILED'}
-Source `{source}` · {rep.n_records} records · fingerprint `{rep.fingerprint[:16]}…`{' · **cleaned copy used**' if rep.cleaned else ''}
+    control = (
+        f"Control characters (policy `{cc['policy']}`, setting `validation.control_chars`): {cc['count']} in "
+        f"{cc['records']} record(s){' at ' + ', '.join(cc['examples']) if cc['examples'] else ''}"
+        f"{' — stripped in the copy used for training' if cc['policy'] == 'strip' and cc['count'] else ''}"
+    )
+    return f"""## Data validation: {"PASSED" if rep.passed else "FAILED"}
+Source `{source}` · {rep.n_records} records · fingerprint `{rep.fingerprint[:16]}…`{" · **cleaned copy used**" if rep.cleaned else ""}
 
 Failures (count, example locations as file:line, the setting that changes it):
 {fails}
@@ -496,5 +615,6 @@ class DataValidationError(DataError):
 def failed_error(rep: ValidationReport, source) -> DataValidationError:
     """One line: the failures (first three in full), and where the report is."""
     more = f" (+{len(rep.failures) - 3} more)" if len(rep.failures) > 3 else ""
-    return DataValidationError(f"data validation failed: {'; '.join(rep.failures[:3])}{more}", str(source),
-                               f"report: {rep.report_path}")
+    return DataValidationError(
+        f"data validation failed: {'; '.join(rep.failures[:3])}{more}", str(source), f"report: {rep.report_path}"
+    )

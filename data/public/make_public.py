@@ -7,6 +7,7 @@ Writes data/public/macbeth.txt: one speech per blank-line block (the project's `
 40 characters dropped, exactly like data/make_sample.py. Macbeth is NOT in the private demo sample (tempest, sonnets,
 twelfth_night), so distilling on it reads no private record.
 """
+
 from __future__ import annotations
 
 import sys

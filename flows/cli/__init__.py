@@ -17,6 +17,7 @@
 Errors a user can fix print one line (`error: <where>: <what> — <fix>`) and exit 2; no tracebacks.
 Heavy libraries are imported inside commands so `llmops --help` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,26 +51,26 @@ Example:
 
 EXAMPLES = {
     "train": "llmops train --config configs/tiny.yaml\n"
-             "llmops train --config configs/demo.yaml --set training.max_steps=5 --json > result.json",
+    "llmops train --config configs/demo.yaml --set training.max_steps=5 --json > result.json",
     "check-config": "llmops check-config configs/demo.yaml --show --set privacy.target_epsilon=4",
     "validate": "llmops validate --config configs/demo.yaml --set data.path=my_data/",
     "prepare-model": "llmops prepare-model --config configs/demo.yaml   # converts SmolLM2 once into the state dir",
     "promote": "llmops promote --config configs/demo.yaml --version candidate --requested-by ml-alice \\\n"
-               "    --key-file alice.key --background            # ml-engineer",
+    "    --key-file alice.key --background            # ml-engineer",
     "rollback": "llmops rollback --config configs/demo.yaml --requested-by rm-carol --key-file carol.key "
-                "--background   # release-manager",
+    "--background   # release-manager",
     "approval-code": "llmops approval-code 0b6c...e1 --approver rm-bob --key-file ~/bob.key --expect 3"
-                     "   # release-manager",
+    "   # release-manager",
     "approve": "llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key            # release-manager\n"
-               "llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key --reject --comment 'loss too high'",
+    "llmops approve 0b6c...e1 --approver rm-bob --key-file ~/bob.key --reject --comment 'loss too high'",
     "users": "llmops users add rm-bob --role release-manager --key-out bob.key   # admin\nllmops users list",
     "governance": "llmops governance init                                              # admin, once\n"
-                  "llmops governance target onprem --kind onprem --uri /srv/models\n"
-                  "llmops governance set approvals.models.m 2      # every field; audited\n"
-                  "llmops governance show",
+    "llmops governance target onprem --kind onprem --uri /srv/models\n"
+    "llmops governance set approvals.models.m 2      # every field; audited\n"
+    "llmops governance show",
     "ledger": "llmops ledger --json",
     "audit": "llmops audit verify --config configs/demo.yaml\n"
-             "llmops audit reconcile --config configs/demo.yaml   # admin: MLflow aliases back to the log",
+    "llmops audit reconcile --config configs/demo.yaml   # admin: MLflow aliases back to the log",
 }
 
 

@@ -1,6 +1,7 @@
 """What the command groups share: `--set` overrides and the run config, one-line user errors, the state dir, the
 private key, the privacy ledger's move, and the record of background runs (`promote`/`rollback --background` write
 it, `services stop` ends them)."""
+
 from __future__ import annotations
 
 import json
@@ -79,17 +80,19 @@ def _state_dir(args=None) -> Path:
 def _key_file(args) -> Path:
     path = args.key_file or os.environ.get("LLMOPS_KEY_FILE")
     if not path:
-        raise LLMOpsError("no private key given", "--key-file",
-                          "pass the key file `llmops users add` gave you (or set LLMOPS_KEY_FILE)")
+        raise LLMOpsError(
+            "no private key given",
+            "--key-file",
+            "pass the key file `llmops users add` gave you (or set LLMOPS_KEY_FILE)",
+        )
     return Path(path)
 
 
 def _move_ledger(g, uri: str) -> int:
     """Point governance's privacy ledger at `uri`, carrying every charge over first (a fresh ledger would reset every
     record's budget); audited, without the URL's password."""
-    from llmops.governance.ledger import copy_ledger
-
     from llmops.governance.access import commit_governance
+    from llmops.governance.ledger import copy_ledger
 
     moved = copy_ledger(g.ledger, uri if "://" in uri else str(g.resolve(uri)))
     g.privacy.ledger = uri

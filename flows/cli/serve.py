@@ -8,11 +8,12 @@ The first `serve` starts a local Ray head (127.0.0.1, no dashboard; logs in $LLM
 serving after the command returns; a later `serve` of another version is a blue/green rollout (smoke test first).
 `--engine onnx` serves the version's ONNX edge bundle (the run's `edge` artifact) with onnxruntime.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,8 +25,11 @@ from llmops.errors import LLMOpsError
 def _settings(args):
     from llmops.serving.settings import ServeSettings
 
-    over = {k: v for k, v in {"replicas": args.replicas, "http_port": args.port,
-                              "engine": args.engine}.items() if v is not None}
+    over = {
+        k: v
+        for k, v in {"replicas": args.replicas, "http_port": args.port, "engine": args.engine}.items()
+        if v is not None
+    }
     return ServeSettings(**over)
 
 
@@ -65,23 +69,31 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
 
     m = re.fullmatch(r"([^@/]+)(?:@([\w-]+)|/(\d+))", spec)
     if not m:
-        raise LLMOpsError(f"--model {spec!r} is not NAME@ALIAS or NAME/VERSION", "--model",
-                          "e.g. --model m@production")
+        raise LLMOpsError(f"--model {spec!r} is not NAME@ALIAS or NAME/VERSION", "--model", "e.g. --model m@production")
     name, alias, number = m.groups()
     client = mlflow.MlflowClient(uri)
     try:
-        mv = retry(lambda: client.get_model_version_by_alias(name, alias)) if alias else \
-            retry(lambda: client.get_model_version(name, number))
+        mv = (
+            retry(lambda: client.get_model_version_by_alias(name, alias))
+            if alias
+            else retry(lambda: client.get_model_version(name, number))
+        )
     except Exception as e:  # noqa: BLE001 - MlflowException for unknown names/aliases
-        raise LLMOpsError(f"no registered version {spec} ({type(e).__name__})", uri,
-                          "check the name and alias (`@production` exists after a promotion)") from None
+        raise LLMOpsError(
+            f"no registered version {spec} ({type(e).__name__})",
+            uri,
+            "check the name and alias (`@production` exists after a promotion)",
+        ) from None
     version = str(mv.version)
     if alias in ("production", "previous"):
         logged = _released(name, alias)
         if logged != version:
-            raise LLMOpsError(f"MLflow {name}@{alias} is v{version} but the signed audit log says "
-                              f"{'v' + logged if logged else 'nothing'}", spec,
-                              "serve what the log says (an admin runs `llmops audit verify` / `audit reconcile`)")
+            raise LLMOpsError(
+                f"MLflow {name}@{alias} is v{version} but the signed audit log says "
+                f"{'v' + logged if logged else 'nothing'}",
+                spec,
+                "serve what the log says (an admin runs `llmops audit verify` / `audit reconcile`)",
+            )
     metrics = client.get_run(mv.run_id).data.metrics
     out = home / "models" / name / version / engine
     files = out / "files"
@@ -92,8 +104,11 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
             try:
                 client.download_artifacts(mv.run_id, "edge", str(out))
             except Exception:  # noqa: BLE001
-                raise LLMOpsError(f"{name} v{version} has no ONNX edge bundle", f"run {mv.run_id}",
-                                  "train with compression.export_onnx, or serve with the default engine") from None
+                raise LLMOpsError(
+                    f"{name} v{version} has no ONNX edge bundle",
+                    f"run {mv.run_id}",
+                    "train with compression.export_onnx, or serve with the default engine",
+                ) from None
             (out / "edge").rename(files)
         else:
             download_hf_model(uri, name, version, out / "dl").rename(files)
@@ -103,35 +118,43 @@ def fetch_model(uri: str, spec: str, engine: str, home: Path) -> tuple[str, str,
 
 
 def _released(name: str, alias: str) -> str | None:
-    from llmops.governance.policy import load_governance
     from llmops.governance.audit import AuditLog, release_state
+    from llmops.governance.policy import load_governance
 
     g = load_governance()
     if not os.access(g.audit_log, os.R_OK):
-        raise LLMOpsError(f"cannot check {name}@{alias} against the signed audit log: not readable here",
-                          str(g.audit_log), "serve from the promotion worker's host (LLMOPS_GOVERNANCE), or serve "
-                          "a version number")
+        raise LLMOpsError(
+            f"cannot check {name}@{alias} against the signed audit log: not readable here",
+            str(g.audit_log),
+            "serve from the promotion worker's host (LLMOPS_GOVERNANCE), or serve a version number",
+        )
     st = release_state(AuditLog.for_governance(g).entries(), name)
     return st.production if alias == "production" else st.previous
 
 
 def _verify_served(tags: dict, kind: str, path: Path, what: str) -> None:
-    from llmops.governance.policy import load_governance
     from llmops.files import dir_digest
     from llmops.governance.ledger import open_ledger
+    from llmops.governance.policy import load_governance
 
     aid = tags.get("llmops.dp.attempt_id", "")
     ledger = open_ledger(load_governance().ledger)
     entry = ledger.entry(aid) if aid else None
     want = (entry.model_digest if entry else None) if kind == "model" else ledger.artifact_digest(aid, kind)
     if not want:
-        raise LLMOpsError(f"{what}: the privacy ledger records no {kind} digest for its training attempt "
-                          f"{aid or '(none)'}", "llmops serve", "serve a version trained by llmops train (retrain)")
+        raise LLMOpsError(
+            f"{what}: the privacy ledger records no {kind} digest for its training attempt {aid or '(none)'}",
+            "llmops serve",
+            "serve a version trained by llmops train (retrain)",
+        )
     got = dir_digest(path)
     if got != want:
-        raise LLMOpsError(f"{what}: the {kind} files (digest {got[:12]}) are not the ones its training attempt "
-                          f"produced ({want[:12]}); registry artifacts or the local cache were changed", str(path),
-                          "nothing was served; investigate, then delete the cache dir and serve again")
+        raise LLMOpsError(
+            f"{what}: the {kind} files (digest {got[:12]}) are not the ones its training attempt "
+            f"produced ({want[:12]}); registry artifacts or the local cache were changed",
+            str(path),
+            "nothing was served; investigate, then delete the cache dir and serve again",
+        )
 
 
 def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) -> None:
@@ -139,9 +162,9 @@ def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) ->
     run any ledger-verified version for testing, but not onto the gateway release managers approve for."""
     from urllib.parse import urlparse
 
-    from llmops.governance.policy import load_governance
-    from llmops.governance.audit import release_state
     from llmops.governance.access import verified_entries
+    from llmops.governance.audit import release_state
+    from llmops.governance.policy import load_governance
 
     g = load_governance()
     for tname, t in g.targets.items():
@@ -149,16 +172,19 @@ def _refuse_unreleased_on_a_release_target(name: str, version: str, settings) ->
             continue
         released = release_state(verified_entries(g), name).targets.get(tname)
         if str(version) != str(released or ""):
-            raise LLMOpsError(f"port {settings.http_port} is governance serve target '{tname}', which the signed "
-                              f"audit log has serving {name} {f'v{released}' if released else 'nothing'}, not "
-                              f"v{version}", "llmops serve --port", "serve test versions on another port "
-                              "(--port), or promote the version (release managers approve it)")
+            raise LLMOpsError(
+                f"port {settings.http_port} is governance serve target '{tname}', which the signed "
+                f"audit log has serving {name} {f'v{released}' if released else 'nothing'}, not "
+                f"v{version}",
+                "llmops serve --port",
+                "serve test versions on another port (--port), or promote the version (release managers approve it)",
+            )
 
 
 def cmd_serve(args) -> int:
-    from llmops.serving import control
-
     import os
+
+    from llmops.serving import control
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the console is for people
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -177,8 +203,8 @@ def cmd_serve(args) -> int:
         return 0
     if not args.model:
         raise LLMOpsError("no --model given", "llmops serve", "e.g. llmops serve --model m@production")
-    from llmops.serving.settings import resolve_cache
     from llmops.files import dir_digest
+    from llmops.serving.settings import resolve_cache
 
     settings = resolve_cache(settings, _state_dir().resolve())  # team mode's Redis unless a cache backend is named
     engine = "onnx" if settings.engine == "onnx" else "hf"
@@ -193,14 +219,19 @@ def cmd_serve(args) -> int:
     control.wait_http(f"{url}/healthz")
     what = "already serving" if report.get("unchanged") else f"serving (rollout {report['seconds']['total']}s)"
     cache = " ".join(str(x) for x in _cache_of(_gateway_cache()) if x)
-    print(f"{name} v{version} {what} at {url}/v1 (OpenAI API; model id '{name}'; response cache: {cache}); "
-          f"`llmops serve status`, `llmops serve stop`")
+    print(
+        f"{name} v{version} {what} at {url}/v1 (OpenAI API; model id '{name}'; response cache: {cache}); "
+        f"`llmops serve status`, `llmops serve stop`"
+    )
     return 0
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("serve", help="serve a registered version with Ray Serve (OpenAI API on 127.0.0.1)",
-                        epilog="example: llmops serve --model m@production --replicas 2")
+    sp = sub.add_parser(
+        "serve",
+        help="serve a registered version with Ray Serve (OpenAI API on 127.0.0.1)",
+        epilog="example: llmops serve --model m@production --replicas 2",
+    )
     sp.add_argument("op", nargs="?", choices=["start", "status", "stop"], default="start")
     sp.add_argument("--model", help="NAME@ALIAS or NAME/VERSION")
     sp.add_argument("--config", "-c", help="PipelineConfig YAML (for its registry); governance's pin wins")

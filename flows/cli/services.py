@@ -1,4 +1,5 @@
 """`llmops services`, `status`: the local Prefect + MLflow servers (or team mode) and what they hold."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from llmops.errors import LLMOpsError
 def _team_governance(info: dict):
     """Point the admin's governance at team mode (ledger on Postgres, registry = the MLflow server, an `s3` target
     in SeaweedFS), each change audited like `llmops governance`; the old SQLite ledger's charges move along."""
-    from llmops.governance.policy import TargetSpec, load_governance
     from llmops.governance.access import commit_governance, init_governance, verified_governance
+    from llmops.governance.policy import TargetSpec, load_governance
 
     g = load_governance()
     g = init_governance() if not g.path.is_file() else verified_governance()
@@ -36,14 +37,20 @@ def cmd_services(args) -> int:
     state = _state_dir()
     t0 = time.time()
     if args.action == "env":
-        env = services.team_env(state, cache=True) if services.read_record(state).get("mode") == "team" else {
-            "PREFECT_API_URL": services.read_record(state).get("prefect", {}).get("url", services.api_url())}
+        env = (
+            services.team_env(state, cache=True)
+            if services.read_record(state).get("mode") == "team"
+            else {"PREFECT_API_URL": services.read_record(state).get("prefect", {}).get("url", services.api_url())}
+        )
         print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
         return 0
     if args.action == "stop":
         if not args.team and services.read_record(state).get("mode") == "team":
-            raise LLMOpsError("team mode runs for this state dir", str(state / services.RECORD),
-                              "stop it with `llmops services stop --team`")
+            raise LLMOpsError(
+                "team mode runs for this state dir",
+                str(state / services.RECORD),
+                "stop it with `llmops services stop --team`",
+            )
         url = services.read_record(state).get("prefect", {}).get("url") or os.environ.get("PREFECT_API_URL")
         if ended := end_background_runs(state, url):  # their flows audit 'interrupted' while the server is up
             print(f"ended background run(s): {', '.join(ended)} (audited as interrupted)")
@@ -61,8 +68,10 @@ def cmd_services(args) -> int:
         if isinstance(e, dict):
             print(f"  {name:<17} {e.get('ui', e['url']):<32} pid {e.get('pid') or '-':<8} log {e.get('log', '')}")
     if args.team:
-        print(f"Clients: eval \"$(llmops services env)\"  (Prefect API URL + auth string from "
-              f"{services.team_dir(state) / 'secrets.json'}, mode 600)")
+        print(
+            f'Clients: eval "$(llmops services env)"  (Prefect API URL + auth string from '
+            f"{services.team_dir(state) / 'secrets.json'}, mode 600)"
+        )
     else:
         print(f"export PREFECT_API_URL={rec['prefect']['url']}")
     return 0
@@ -77,14 +86,24 @@ def cmd_status(args) -> int:
 
 
 def add_parser(sub) -> None:
-    sv = sub.add_parser("services", help="start/stop the local Prefect + MLflow servers (--team: on Postgres + S3)",
-                        epilog="example: llmops services start --team && eval \"$(llmops services env)\"")
+    sv = sub.add_parser(
+        "services",
+        help="start/stop the local Prefect + MLflow servers (--team: on Postgres + S3)",
+        epilog='example: llmops services start --team && eval "$(llmops services env)"',
+    )
     sv.add_argument("action", choices=["start", "stop", "env"], help="env prints the client settings to export")
-    sv.add_argument("--team", action="store_true", help="PostgreSQL, SeaweedFS, Prefect with API auth, MLflow on "
-                                                        "Postgres + S3, Redis (serving cache), training and "
-                                                        "promotion workers")
+    sv.add_argument(
+        "--team",
+        action="store_true",
+        help="PostgreSQL, SeaweedFS, Prefect with API auth, MLflow on "
+        "Postgres + S3, Redis (serving cache), training and "
+        "promotion workers",
+    )
     sv.set_defaults(func=cmd_services)
-    st = sub.add_parser("status", help="services, pending approvals, production version per model",
-                        epilog="example: llmops status --json")
+    st = sub.add_parser(
+        "status",
+        help="services, pending approvals, production version per model",
+        epilog="example: llmops status --json",
+    )
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)

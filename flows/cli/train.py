@@ -1,4 +1,5 @@
 """`llmops train`, `check-config`, `validate`, `prepare-model`: the training flow and the checks before it."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ def preflight(cfg) -> None:
     """Cheap checks before a flow starts, so common mistakes fail in one line without touching state."""
     preflight_data(cfg)
     if not Path(cfg.training.deepspeed_config).is_file():
-        raise LLMOpsError("DeepSpeed config not found", f"training.deepspeed_config={cfg.training.deepspeed_config}",
-                          "use one of infra/deepspeed/*.json")
+        raise LLMOpsError(
+            "DeepSpeed config not found",
+            f"training.deepspeed_config={cfg.training.deepspeed_config}",
+            "use one of infra/deepspeed/*.json",
+        )
 
 
 def validate(cfg, reuse: bool = True):
@@ -37,8 +41,15 @@ def validate(cfg, reuse: bool = True):
 
     m = cfg.model
     tok = validation_tokenizer(m.source, cfg.state_dir, m.path, m.tokenizer_path)
-    rep = validate_data(cfg.data, cfg.validation, Path(cfg.state_dir) / "validation", tok,
-                        workers=cfg.validation.workers, progress=sys.stderr.isatty(), reuse=reuse)
+    rep = validate_data(
+        cfg.data,
+        cfg.validation,
+        Path(cfg.state_dir) / "validation",
+        tok,
+        workers=cfg.validation.workers,
+        progress=sys.stderr.isatty(),
+        reuse=reuse,
+    )
     return rep, (failed_error(rep, cfg.data.path) if not rep.passed else None)
 
 
@@ -57,8 +68,9 @@ def cmd_train(args) -> int:
     import secrets
 
     # unique per run: two runs started in the same second (a schedule and a person) must not share a log
-    log = console.start(Path(cfg.state_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                                        f"{secrets.token_hex(3)}.log")
+    log = console.start(
+        Path(cfg.state_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.log"
+    )
     print(f"log: {log} (third-party warnings and tracebacks go there)", file=console.terminal())
     from flows.training import training_flow
 
@@ -68,17 +80,20 @@ def cmd_train(args) -> int:
         console.log_exception("training run failed")  # the traceback, in the log file only
         if isinstance(e, LLMOpsError):
             raise
-        raise LLMOpsError(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", str(log),
-                          "the traceback is in that log file; re-running resumes from cached steps") from None
+        raise LLMOpsError(
+            f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+            str(log),
+            "the traceback is in that log file; re-running resumes from cached steps",
+        ) from None
     if args.json:
         print(json.dumps(result, indent=2, default=str), file=console.stdout())
         return 0
-    from llmops.services import model_version_url
-    from llmops.services import connect_registry
+    from llmops.services import connect_registry, model_version_url
 
     reg = result["registered"]
-    mlflow_url = model_version_url(connect_registry(cfg.registry.tracking_uri, cfg.state_dir), reg["model_name"],
-                             reg["version"])
+    mlflow_url = model_version_url(
+        connect_registry(cfg.registry.tracking_uri, cfg.state_dir), reg["model_name"], reg["version"]
+    )
     prefect_url = result.get("prefect_run_url") if os.environ.get("PREFECT_API_URL") else None
     print(console.train_summary(result, time.time() - started, mlflow_url, prefect_url, log), file=console.stdout())
     return 0
@@ -132,6 +147,8 @@ def add_parser(sub) -> None:
     c.add_argument("--show", action="store_true", help="print the config with all defaults filled in")
     c.set_defaults(func=cmd_check_config)
     with_config(sub.add_parser("validate", help="validate the data (GX + PII/PHI) without training")).set_defaults(
-        func=cmd_validate)
+        func=cmd_validate
+    )
     with_config(sub.add_parser("prepare-model", help="convert/cache the base model")).set_defaults(
-        func=cmd_prepare_model)
+        func=cmd_prepare_model
+    )

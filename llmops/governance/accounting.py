@@ -4,9 +4,10 @@ when an (epsilon, delta) is a guarantee at all (`guarantee_problems`).
 Opacus' accountants (PRV by default, RDP as its fallback and upper bound) do the math; they are imported only when an
 epsilon is computed, so reading the ledger or checking evidence never loads torch.
 """
-from __future__ import annotations
-import math
 
+from __future__ import annotations
+
+import math
 
 # ----------------------------------------------------------------------------------------------- accounting
 
@@ -41,8 +42,16 @@ def _prv_epsilon(acc, delta: float) -> float:
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "prv") -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=kind, epsilon_tolerance=0.01))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=kind,
+            epsilon_tolerance=0.01,
+        )
+    )
 
 
 def guarantee_problems(privacy: dict) -> list[str]:

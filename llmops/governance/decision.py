@@ -4,12 +4,15 @@ governance pins, and one release decision per model at a time.
 The promotion and rollback flows (flows/promotion.py) run the decision; these are the rules they obey. None of them
 reads a value a requester can set except to make it stricter.
 """
+
 from __future__ import annotations
+
 from contextlib import contextmanager
 from dataclasses import dataclass
+
 from llmops.config import PipelineConfig
-from llmops.governance.policy import Governance, TargetSpec
 from llmops.errors import PromotionError
+from llmops.governance.policy import Governance, TargetSpec
 
 
 @dataclass
@@ -28,17 +31,26 @@ def policy_in_force(g: Governance, cfg: PipelineConfig, model: str, action: str)
     allowed = {n: t for n, t in g.targets.items() if t.allows(model)}
     if pc.targets is not None:
         if bad := [n for n in pc.targets if n not in allowed]:
-            raise PromotionError(f"target(s) {bad} are not allowed for model '{model}' by governance",
-                                 "promotion.targets",
-                                 f"choose among {sorted(allowed)} (an admin manages targets in {g.path})")
+            raise PromotionError(
+                f"target(s) {bad} are not allowed for model '{model}' by governance",
+                "promotion.targets",
+                f"choose among {sorted(allowed)} (an admin manages targets in {g.path})",
+            )
         allowed = {n: allowed[n] for n in pc.targets}
     if not allowed:
-        raise PromotionError(f"governance allows no target for model '{model}'", str(g.path),
-                             "an admin adds one: `llmops governance target NAME --kind onprem --uri DIR`")
+        raise PromotionError(
+            f"governance allows no target for model '{model}'",
+            str(g.path),
+            "an admin adds one: `llmops governance target NAME --kind onprem --uri DIR`",
+        )
     perm = "approve-promotion" if action == "promote" else "approve-rollback"
-    return PolicyInForce(required=max(g.approvals.required_for(model), pc.required_approvals or 0),
-                         timeout_s=min(g.approvals.timeout_s, pc.approval_timeout_s or g.approvals.timeout_s),
-                         targets=allowed, digest=g.digest(), approvers=g.holders(perm))
+    return PolicyInForce(
+        required=max(g.approvals.required_for(model), pc.required_approvals or 0),
+        timeout_s=min(g.approvals.timeout_s, pc.approval_timeout_s or g.approvals.timeout_s),
+        targets=allowed,
+        digest=g.digest(),
+        approvers=g.holders(perm),
+    )
 
 
 def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:
@@ -48,8 +60,11 @@ def pinned_config(cfg: PipelineConfig, g: Governance) -> PipelineConfig:
         return cfg
     mine = cfg.registry.tracking_uri
     if mine and mine != g.registry_uri:
-        raise PromotionError(f"registry.tracking_uri {mine!r} is not the registry governance pins for promotions",
-                             "registry.tracking_uri", f"leave it unset (governance uses {g.registry_uri!r})")
+        raise PromotionError(
+            f"registry.tracking_uri {mine!r} is not the registry governance pins for promotions",
+            "registry.tracking_uri",
+            f"leave it unset (governance uses {g.registry_uri!r})",
+        )
     return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": g.registry_uri})})
 
 

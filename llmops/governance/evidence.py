@@ -6,6 +6,7 @@ ledger (governance-side), never only against registry tags (anyone with MLflow E
 `artifact_digest_problem` hold the files about to be published to the digests that attempt bound; and
 `inside_privacy_problem` re-reads the privacy.json inside those verified files.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def check_ledger(version_tags: dict, entry, spent: float | None, budget: float) 
     if not aid:
         return ["no llmops.dp.attempt_id tag: the version cannot be matched to a charged training attempt"]
     if entry is None:
-        return [f"training attempt {aid} is not in the deployment's privacy ledger (evidence tags not backed by a "
-                "charged private run)"]
+        return [
+            f"training attempt {aid} is not in the deployment's privacy ledger (evidence tags not backed by a "
+            "charged private run)"
+        ]
     problems = [f"ledger: training attempt {aid} was planned as not private: {why}" for why in entry.problems]
     if entry.status != "completed":
         problems.append(f"ledger: training attempt {aid} is '{entry.status}', not completed")
@@ -65,28 +68,44 @@ def check_ledger(version_tags: dict, entry, spent: float | None, budget: float) 
     try:
         claimed = float(version_tags.get("llmops.dp.epsilon", "nan"))
         if not abs(claimed - entry.epsilon) <= 1e-3 * max(1.0, entry.epsilon):
-            problems.append(f"epsilon tag {claimed:.6g} disagrees with the ledger's {entry.epsilon:.6g} for attempt {aid}")
+            problems.append(
+                f"epsilon tag {claimed:.6g} disagrees with the ledger's {entry.epsilon:.6g} for attempt {aid}"
+            )
     except ValueError:
         problems.append("epsilon tag is not a number")
     if spent is not None and spent > budget + 1e-9:
-        problems.append(f"ledger: the dataset's worst-record epsilon {spent:.3f} exceeds the governance budget "
-                        f"{budget:.3f}")
+        problems.append(
+            f"ledger: the dataset's worst-record epsilon {spent:.3f} exceeds the governance budget {budget:.3f}"
+        )
     return problems
 
 
-PLAN_OUTPUT_FIELDS = {"noise_multiplier": "noise_multiplier", "sample_rate": "sample_rate", "steps": "steps",
-                      "delta": "delta", "max_grad_norm": "max_grad_norm", "sampling": "sampling",
-                      "secure_mode": "secure_mode", "reproducible_insecure": "reproducible_insecure",
-                      "noise_seed": "noise_seed", "dataset_fingerprint": "fingerprint", "n_train": "n_train",
-                      "world_size": "world_size", "accountant": "accountant"}
+PLAN_OUTPUT_FIELDS = {
+    "noise_multiplier": "noise_multiplier",
+    "sample_rate": "sample_rate",
+    "steps": "steps",
+    "delta": "delta",
+    "max_grad_norm": "max_grad_norm",
+    "sampling": "sampling",
+    "secure_mode": "secure_mode",
+    "reproducible_insecure": "reproducible_insecure",
+    "noise_seed": "noise_seed",
+    "dataset_fingerprint": "fingerprint",
+    "n_train": "n_train",
+    "world_size": "world_size",
+    "accountant": "accountant",
+}
 
 
 def output_mismatch(entry, privacy: dict) -> list[str]:
     """How a model's privacy.json disagrees with the ledger row it claims (empty = it is that attempt's output)."""
     if entry is None:
         return [f"attempt {privacy.get('attempt_id')!r} is not in the ledger"]
-    problems = [] if privacy.get("attempt_id") == entry.run_id else [
-        f"attempt_id {privacy.get('attempt_id')!r} is not {entry.run_id}"]
+    problems = (
+        []
+        if privacy.get("attempt_id") == entry.run_id
+        else [f"attempt_id {privacy.get('attempt_id')!r} is not {entry.run_id}"]
+    )
     if not privacy.get("dp_sgd"):
         problems.append("dp_sgd is false")
     for out_key, plan_key in PLAN_OUTPUT_FIELDS.items():
@@ -96,7 +115,7 @@ def output_mismatch(entry, privacy: dict) -> list[str]:
 
 
 def ledger_problems(g: Governance, tags: dict) -> list[str]:
-    """Cross-check the version's privacy tags against the deployment's ledger (see tasks.promotion.check_ledger)."""
+    """Cross-check the version's privacy tags against the deployment's ledger (see llmops.governance.evidence.check_ledger)."""
 
     ledger = open_ledger(g.ledger)
     entry = ledger.entry(tags.get("llmops.dp.attempt_id", "")) if tags.get("llmops.dp.attempt_id") else None
@@ -113,12 +132,16 @@ def model_digest_problem(g: Governance, tags: dict, model_dir: Path) -> str | No
     if entry is None:
         return f"training attempt {aid or '(none)'} is not in the deployment's privacy ledger"
     if not entry.model_digest:
-        return (f"the ledger records no model for training attempt {aid} (trained before model digests were "
-                "recorded, or the attempt did not complete): retrain to promote")
+        return (
+            f"the ledger records no model for training attempt {aid} (trained before model digests were "
+            "recorded, or the attempt did not complete): retrain to promote"
+        )
     got = dir_digest(model_dir)
     if got != entry.model_digest:
-        return (f"the registered model files (digest {got[:12]}) are not the model training attempt {aid} produced "
-                f"({entry.model_digest[:12]})")
+        return (
+            f"the registered model files (digest {got[:12]}) are not the model training attempt {aid} produced "
+            f"({entry.model_digest[:12]})"
+        )
     return inside_privacy_problem(entry, model_dir)
 
 
@@ -140,8 +163,10 @@ def artifact_digest_problem(g: Governance, tags: dict, name: str, path: Path) ->
     aid = tags.get("llmops.dp.attempt_id", "")
     want = open_ledger(g.ledger).artifact_digest(aid, name) if aid else None
     if not want:
-        return (f"the ledger binds no {name} bundle to training attempt {aid or '(none)'}: it was never evaluated "
-                "as this model's (retrain with compression.export_onnx)")
+        return (
+            f"the ledger binds no {name} bundle to training attempt {aid or '(none)'}: it was never evaluated "
+            "as this model's (retrain with compression.export_onnx)"
+        )
     got = dir_digest(path)
     if got != want:
         return f"the registered {name} bundle (digest {got[:12]}) is not the one attempt {aid} produced ({want[:12]})"

@@ -5,12 +5,14 @@ key. Signatures and public keys are accepted only in their canonical base64url f
 and compared), so one signature has exactly one spelling: a re-encoded copy (`=` padding, `+/` for `-_`) is not
 "new" to a consumed-once table.
 """
+
 from __future__ import annotations
+
 import base64
 import re
 from pathlib import Path
-from llmops.errors import AccessDenied
 
+from llmops.errors import AccessDenied
 
 # ---------------------------------------------------------------------------------------------------- keys
 
@@ -21,8 +23,9 @@ def generate_keypair() -> tuple[str, str]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return pem, base64.b64encode(pub).decode()
 
@@ -36,8 +39,9 @@ def load_private_key(path: str | Path):
     except FileNotFoundError:
         raise AccessDenied("key file not found", str(p), "pass the key file `llmops users add` gave you") from None
     except (ValueError, TypeError):
-        raise AccessDenied("not an llmops private key (ed25519 PEM)", str(p),
-                           "pass the key file `llmops users add` gave you") from None
+        raise AccessDenied(
+            "not an llmops private key (ed25519 PEM)", str(p), "pass the key file `llmops users add` gave you"
+        ) from None
     if p.stat().st_mode & 0o077:
         raise AccessDenied("private key file is readable by others", str(p), f"chmod 600 {p}")
     return key

@@ -14,6 +14,7 @@ A run config can only *tighten* what the file says (more approvals, fewer target
 Relative paths in the file resolve against the file's directory; everything governance keeps (ledger, audit log,
 used codes) lives there by default, so it belongs to the deployment, not to a run's state dir.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,12 @@ class ApprovalPolicy(_Strict):
     required: int = Field(1, ge=1, description="Distinct approvals needed, for models not listed below")
     models: dict[str, int] = Field(default_factory=dict, description="Per registered model name: approvals needed")
     timeout_s: int = Field(86_400, ge=10, description="Longest a promotion may wait for approval")
-    max_failures_per_approver: int = Field(5, ge=1, description="Invalid submissions one run takes without delay; "
-                                           "after that each waits twice as long (per run: no approver is ever locked out)")
+    max_failures_per_approver: int = Field(
+        5,
+        ge=1,
+        description="Invalid submissions one run takes without delay; "
+        "after that each waits twice as long (per run: no approver is ever locked out)",
+    )
     lockout_s: int = Field(900, ge=1, description="The longest wait between two submissions to one run")
     request_max_age_s: int = Field(900, ge=10, description="A signed promotion request older than this is refused")
 
@@ -65,8 +70,10 @@ class TargetSpec(_Strict):
     sse: str | None = Field(None, pattern="^(AES256|aws:kms)$")
     credentials_file: Path | None = Field(None, description="AWS shared-credentials INI read by the worker only")
     models: list[str] = Field(default_factory=lambda: ["*"], description="Registered models allowed here (* = all)")
-    serve: ServeSettings | None = Field(None, description="kind serve: replicas, limits, cache, smoke test "
-                                                         "(llmops/serving/settings.py); None = defaults")
+    serve: ServeSettings | None = Field(
+        None,
+        description="kind serve: replicas, limits, cache, smoke test (llmops/serving/settings.py); None = defaults",
+    )
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -75,9 +82,15 @@ class TargetSpec(_Strict):
 class PrivacyGovernance(_Strict):
     ledger: str = Field("privacy_ledger.sqlite", description="SQLite path (one machine) or postgresql:// URL (team)")
     dataset_budget_epsilon: float = Field(10.0, gt=0.0, description="Per-record epsilon cap across all runs")
-    budget_delta: float = Field(1e-5, gt=0.0, lt=0.01, description=(
-        "The delta of the budget: every charge on a record is converted at this delta, whatever delta a run "
-        "reports its own epsilon at (the budget is one (epsilon, delta) pair per record); the default delta of a run"))
+    budget_delta: float = Field(
+        1e-5,
+        gt=0.0,
+        lt=0.01,
+        description=(
+            "The delta of the budget: every charge on a record is converted at this delta, whatever delta a run "
+            "reports its own epsilon at (the budget is one (epsilon, delta) pair per record); the default delta of a run"
+        ),
+    )
 
 
 class AuditGovernance(_Strict):
@@ -96,11 +109,15 @@ class Governance(_Strict):
     audit: AuditGovernance = Field(default_factory=AuditGovernance)
     state: Path = Field(Path("state"), description="Used codes, lockouts, promotion intents (SQLite)")
     registry_uri: str | None = Field(
-        None, description="MLflow tracking URI that promotions read evidence from and move aliases in; a run config "
-                          "naming another one is refused. None = the run config's (single-user setups only)")
+        None,
+        description="MLflow tracking URI that promotions read evidence from and move aliases in; a run config "
+        "naming another one is refused. None = the run config's (single-user setups only)",
+    )
     service_keys: dict[str, Path] = Field(
-        default_factory=dict, description="Enrolled identities whose private key this worker holds, e.g. the nightly "
-                                          "retraining's `scheduler` (it may request, never approve)")
+        default_factory=dict,
+        description="Enrolled identities whose private key this worker holds, e.g. the nightly "
+        "retraining's `scheduler` (it may request, never approve)",
+    )
 
     # where it was loaded from (not part of the digest)
     _path: Path | None = None
@@ -178,14 +195,20 @@ def load_governance(path: str | Path | None = None, required: bool = False) -> G
     p = Path(path).expanduser().resolve() if path else governance_path()
     if not p.is_file():
         if required:
-            raise ConfigError("no governance file", str(p),
-                              f"an admin runs `llmops governance init` (or sets {GOVERNANCE_ENV} to the file)")
+            raise ConfigError(
+                "no governance file",
+                str(p),
+                f"an admin runs `llmops governance init` (or sets {GOVERNANCE_ENV} to the file)",
+            )
         g = Governance()
         g._path = p
         return g
     if p.stat().st_mode & 0o022:
-        raise ConfigError("governance file is writable by others: anyone could change who approves", str(p),
-                          f"chmod 600 {p} (owned by the admin / promotion worker user)")
+        raise ConfigError(
+            "governance file is writable by others: anyone could change who approves",
+            str(p),
+            f"chmod 600 {p} (owned by the admin / promotion worker user)",
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         g = Governance.model_validate(data)
@@ -204,8 +227,9 @@ def require_user(g: Governance, user: str, action: str) -> None:
     if user not in g.users:
         raise LLMOpsError(f"unknown user '{user}'", str(g.path), "an admin enrols users with `llmops users add`")
     if not g.can(user, action):
-        raise LLMOpsError(f"user '{user}' lacks permission '{action}'", str(g.path),
-                          "ask an admin to grant a role with that action")
+        raise LLMOpsError(
+            f"user '{user}' lacks permission '{action}'", str(g.path), "ask an admin to grant a role with that action"
+        )
 
 
 FROZEN_FIELDS = ("audit", "version")  # the audit key/log cannot be swapped by `set`: the log would not verify
@@ -216,9 +240,12 @@ def set_field(g: Governance, dotted: str, raw: str | None) -> tuple[object, obje
     key of a mapping such as `approvals.models.m`). Validated as a whole; `g` itself is not changed."""
     parts = [x for x in dotted.split(".") if x]
     if not parts or parts[0] in FROZEN_FIELDS or parts[0] not in Governance.model_fields:
-        raise ConfigError(f"'{dotted}' is not a governance field that can be set", "llmops governance set",
-                          f"one of {sorted(set(Governance.model_fields) - set(FROZEN_FIELDS))} (dotted, e.g. "
-                          "approvals.required, approvals.models.m, privacy.dataset_budget_epsilon)")
+        raise ConfigError(
+            f"'{dotted}' is not a governance field that can be set",
+            "llmops governance set",
+            f"one of {sorted(set(Governance.model_fields) - set(FROZEN_FIELDS))} (dotted, e.g. "
+            "approvals.required, approvals.models.m, privacy.dataset_budget_epsilon)",
+        )
     data = g.model_dump(mode="json")
     node = data
     for part in parts[:-1]:

@@ -1,6 +1,7 @@
-"""Governance-side state (SQLite beside the governance file, worker only): what was consumed, anchored, snapshotted.
-"""
+"""Governance-side state (SQLite beside the governance file, worker only): what was consumed, anchored, snapshotted."""
+
 from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -9,9 +10,9 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
 from llmops.files import pid_alive
 from llmops.governance.policy import Governance
-
 
 # ------------------------------------------------------------------------------ governance-side state
 
@@ -25,15 +26,21 @@ class GovernanceStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS used (digest TEXT PRIMARY KEY, kind TEXT, user TEXT, scope TEXT, "
-                       "ts REAL)")
-            db.execute("CREATE TABLE IF NOT EXISTS intents (run_id TEXT PRIMARY KEY, pid INTEGER, host TEXT, "
-                       "body TEXT, ts REAL)")
-            db.execute("CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER, "
-                       "hash TEXT)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS used (digest TEXT PRIMARY KEY, kind TEXT, user TEXT, scope TEXT, ts REAL)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS intents (run_id TEXT PRIMARY KEY, pid INTEGER, host TEXT, "
+                "body TEXT, ts REAL)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER, hash TEXT)"
+            )
             db.execute("CREATE TABLE IF NOT EXISTS snapshots (digest TEXT PRIMARY KEY, body TEXT, ts REAL)")
-            db.execute("CREATE TABLE IF NOT EXISTS debris (path TEXT PRIMARY KEY, kind TEXT, final TEXT, pid INTEGER, "
-                       "host TEXT, ts REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS debris (path TEXT PRIMARY KEY, kind TEXT, final TEXT, pid INTEGER, "
+                "host TEXT, ts REAL)"
+            )
         os.chmod(self.path, 0o600)
 
     @contextmanager
@@ -62,8 +69,10 @@ class GovernanceStore:
 
     def begin_intent(self, run_id: str, body: dict) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO intents VALUES (?,?,?,?,?)",
-                       (run_id, os.getpid(), socket.gethostname(), json.dumps(body), time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO intents VALUES (?,?,?,?,?)",
+                (run_id, os.getpid(), socket.gethostname(), json.dumps(body), time.time()),
+            )
 
     def end_intent(self, run_id: str) -> None:
         with self._tx() as db:
@@ -73,8 +82,11 @@ class GovernanceStore:
         """Intents of promotions whose process died (SIGKILL, OOM, reboot) on this host."""
         with self._tx() as db:
             rows = db.execute("SELECT run_id, pid, host, body FROM intents").fetchall()
-        return [{"run_id": r, "pid": p, **json.loads(b)} for r, p, h, b in rows
-                if h == socket.gethostname() and not pid_alive(p)]
+        return [
+            {"run_id": r, "pid": p, **json.loads(b)}
+            for r, p, h, b in rows
+            if h == socket.gethostname() and not pid_alive(p)
+        ]
 
     # the audit chain's head: written inside the audit log's lock after every append
     def set_audit_head(self, seq: int, h: str) -> None:
@@ -93,8 +105,9 @@ class GovernanceStore:
 
     def snapshot_body(self, digest_prefix: str) -> dict | None:
         with self._tx() as db:
-            row = db.execute("SELECT body FROM snapshots WHERE digest LIKE ? ORDER BY ts DESC",
-                             (digest_prefix + "%",)).fetchone()
+            row = db.execute(
+                "SELECT body FROM snapshots WHERE digest LIKE ? ORDER BY ts DESC", (digest_prefix + "%",)
+            ).fetchone()
         return json.loads(row[0]) if row else None
 
     def diff(self, digest_prefix: str, g: Governance) -> list[str]:
@@ -106,8 +119,10 @@ class GovernanceStore:
     # the debris journal: the only names a target publisher ever renames or removes are the ones it recorded here
     def record_debris(self, path: Path, kind: str, final: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO debris VALUES (?,?,?,?,?,?)",
-                       (str(path), kind, final, os.getpid(), socket.gethostname(), time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO debris VALUES (?,?,?,?,?,?)",
+                (str(path), kind, final, os.getpid(), socket.gethostname(), time.time()),
+            )
 
     def forget_debris(self, path: Path) -> None:
         with self._tx() as db:
@@ -117,8 +132,11 @@ class GovernanceStore:
         """Recorded debris directly under `root` whose publishing process is gone (on this host)."""
         with self._tx() as db:
             rows = db.execute("SELECT path, kind, final, pid, host FROM debris").fetchall()
-        return [{"path": Path(p), "kind": k, "final": f} for p, k, f, pid, h in rows
-                if Path(p).parent == Path(root) and not (h == socket.gethostname() and pid_alive(pid))]
+        return [
+            {"path": Path(p), "kind": k, "final": f}
+            for p, k, f, pid, h in rows
+            if Path(p).parent == Path(root) and not (h == socket.gethostname() and pid_alive(pid))
+        ]
 
 
 def _diff_paths(a, b, prefix: str = "") -> list[str]:

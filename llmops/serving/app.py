@@ -19,7 +19,7 @@ import uuid
 from fastapi import FastAPI, Request
 from ray import serve
 
-from llmops.serving.cache import (cache_key, deterministic, make_cache, params_of, request_text, SemanticIndex)
+from llmops.serving.cache import SemanticIndex, cache_key, deterministic, make_cache, params_of, request_text
 from llmops.serving.settings import ServeSettings
 
 RETRIES = 3  # attempts on another replica when one dies under a request (nothing was sent to the client yet)
@@ -32,8 +32,14 @@ SMOKE_TEXTS = [  # public text for the smoke test's loss check (never the traini
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
 
@@ -50,7 +56,7 @@ def replica_grpc_on_node_ip() -> None:
     right after the replica's constructor, where this is called). On a loopback node (llmops's local Ray, see
     control.local_ray) it binds that server to the node IP like every other Ray listener; on a cluster node (routable
     IP) nothing changes. Should Ray rename the helper, this does nothing and test_every_ray_listener_is_on_loopback
-    (tests/unit/test_serving.py) fails."""
+    (tests/integration/test_serving.py) fails."""
     import ray
     from ray._common.network_utils import build_address, is_localhost
     from ray.serve._private import replica
@@ -91,14 +97,21 @@ class ModelServer:
         text = chat_prompt(self.engine.tokenizer, req["messages"]) if req["kind"] == "chat" else req["prompt"]
         ids = self.engine.encode(text)
         if len(ids) > self.limits["max_prompt_tokens"]:
-            raise RequestError(400, f"prompt is {len(ids)} tokens; this server accepts at most "
-                                    f"{self.limits['max_prompt_tokens']}", "prompt" if req["kind"] != "chat"
-                               else "messages", code="context_length_exceeded")
+            raise RequestError(
+                400,
+                f"prompt is {len(ids)} tokens; this server accepts at most {self.limits['max_prompt_tokens']}",
+                "prompt" if req["kind"] != "chat" else "messages",
+                code="context_length_exceeded",
+            )
         room = self.engine.max_positions
         if room and len(ids) + req["max_tokens"] > room:
-            raise RequestError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
-                                    f"model's context of {room} tokens; shorten the prompt or lower max_tokens",
-                               "max_tokens", code="context_length_exceeded")
+            raise RequestError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
+                f"model's context of {room} tokens; shorten the prompt or lower max_tokens",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         return ids
 
     async def stream(self, req: dict):
@@ -112,8 +125,15 @@ class ModelServer:
             if time.time() > req["deadline"]:
                 yield {"finish_reason": "timeout", "prompt_tokens": len(ids), "completion_tokens": 0}
                 return
-            it = self.engine.stream(ids, req["max_tokens"], req["temperature"], req["top_p"], req["seed"],
-                                    req["stop"], deadline=time.monotonic() + (req["deadline"] - time.time()))
+            it = self.engine.stream(
+                ids,
+                req["max_tokens"],
+                req["temperature"],
+                req["top_p"],
+                req["seed"],
+                req["stop"],
+                deadline=time.monotonic() + (req["deadline"] - time.time()),
+            )
             n = 0
             while True:
                 piece, finish = await asyncio.to_thread(next, it)
@@ -153,10 +173,14 @@ def validate(kind: str, body, limits: dict) -> dict:
         if not isinstance(msgs, list) or not msgs:
             raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(
-                    m.get("content"), str):
-                raise RequestError(400, f"messages[{i}] needs role system|user|assistant and string content",
-                                   f"messages[{i}]")
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+            ):
+                raise RequestError(
+                    400, f"messages[{i}] needs role system|user|assistant and string content", f"messages[{i}]"
+                )
         req["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
         size = sum(len(m["content"]) for m in msgs)
     else:
@@ -167,14 +191,18 @@ def validate(kind: str, body, limits: dict) -> dict:
             raise RequestError(400, "'prompt' must be a string (one prompt per request)", "prompt")
         req["prompt"], size = prompt, len(prompt)
     if size > limits["max_prompt_chars"]:
-        raise RequestError(400, f"prompt is {size} characters; this server accepts at most "
-                                f"{limits['max_prompt_chars']}", "prompt" if kind != "chat" else "messages",
-                           code="context_length_exceeded")
+        raise RequestError(
+            400,
+            f"prompt is {size} characters; this server accepts at most {limits['max_prompt_chars']}",
+            "prompt" if kind != "chat" else "messages",
+            code="context_length_exceeded",
+        )
     mt = body.get("max_tokens", body.get("max_completion_tokens"))
     mt = limits["default_max_tokens"] if mt is None else mt
     if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= limits["max_tokens"]:
-        raise RequestError(400, f"max_tokens must be an integer from 1 to {limits['max_tokens']} (got {mt!r})",
-                           "max_tokens")
+        raise RequestError(
+            400, f"max_tokens must be an integer from 1 to {limits['max_tokens']} (got {mt!r})", "max_tokens"
+        )
     temp = body.get("temperature", 1.0)
     if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0.0 <= temp <= 2.0:
         raise RequestError(400, f"temperature must be a number from 0 to 2 (got {temp!r})", "temperature")
@@ -182,7 +210,7 @@ def validate(kind: str, body, limits: dict) -> dict:
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise RequestError(400, f"top_p must be in (0, 1] (got {top_p!r})", "top_p")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise RequestError(400, f"seed must be a non-negative integer (got {seed!r})", "seed")
     if body.get("n", 1) != 1:
         raise RequestError(400, "n must be 1 (send one request per completion)", "n")
@@ -212,17 +240,20 @@ class Gateway:
         self.registry = CollectorRegistry()
         self.c_cache = Counter("llmops_cache", "Response cache lookups", ["model", "result"], registry=self.registry)
         self.c_req = Counter("llmops_requests", "Requests by status", ["model", "status"], registry=self.registry)
-        self.c_retry = Counter("llmops_replica_retries", "Requests retried after a replica died", ["model"],
-                               registry=self.registry)
+        self.c_retry = Counter(
+            "llmops_replica_retries", "Requests retried after a replica died", ["model"], registry=self.registry
+        )
         from ray.serve.metrics import Counter as RayCounter  # also into Ray's Prometheus export
 
-        self.r_cache = RayCounter("llmops_cache_lookups", description="Response cache lookups",
-                                  tag_keys=("model", "result"))
+        self.r_cache = RayCounter(
+            "llmops_cache_lookups", description="Response cache lookups", tag_keys=("model", "result")
+        )
 
     def reconfigure(self, config: dict) -> None:
         self.models = dict(config.get("models", {}))
-        self.handles = {name: serve.get_deployment_handle("ModelServer", app_name=m["app"])
-                        for name, m in self.models.items()}
+        self.handles = {
+            name: serve.get_deployment_handle("ModelServer", app_name=m["app"]) for name, m in self.models.items()
+        }
 
     def config(self) -> dict:
         return {"models": self.models}
@@ -234,8 +265,13 @@ class Gateway:
             return {"backend": "off"}
         if not hasattr(self.cache, "reachable"):
             return {"backend": "memory", "entries": len(self.cache), "max_entries": c.max_entries}
-        return {"backend": "redis", "url": c.redis_url, "auth": "password file" if c.redis_password_file else "none",
-                "reachable": await self.cache.reachable(), "errors": self.cache.errors}
+        return {
+            "backend": "redis",
+            "url": c.redis_url,
+            "auth": "password file" if c.redis_password_file else "none",
+            "reachable": await self.cache.reachable(),
+            "errors": self.cache.errors,
+        }
 
     # ------------------------------------------------------------------------------------ helpers
     def _count_cache(self, model: str, result: str) -> None:
@@ -247,8 +283,9 @@ class Gateway:
         if name in (None, "") and len(self.models) == 1:
             return next(iter(self.models))
         if name not in self.models:
-            raise RequestError(404, f"model {name!r} is not served here; GET /v1/models lists them", "model",
-                               code="model_not_found")
+            raise RequestError(
+                404, f"model {name!r} is not served here; GET /v1/models lists them", "model", code="model_not_found"
+            )
         return name
 
     async def _call(self, name: str, req: dict) -> dict:
@@ -259,13 +296,23 @@ class Gateway:
             try:
                 return await self.handles[name].generate.remote(req)
             except BackPressureError:
-                raise RequestError(429, "all replicas are busy and the queue is full; retry shortly", None,
-                                   "rate_limit_error", "queue_full") from None
+                raise RequestError(
+                    429,
+                    "all replicas are busy and the queue is full; retry shortly",
+                    None,
+                    "rate_limit_error",
+                    "queue_full",
+                ) from None
             except RayActorError:
                 self.c_retry.labels(name).inc()
                 await asyncio.sleep(0.2 * (attempt + 1))
-        raise RequestError(503, "no live model replica answered; retry (replicas are being replaced)", None,
-                           "service_unavailable", "replica_unavailable")
+        raise RequestError(
+            503,
+            "no live model replica answered; retry (replicas are being replaced)",
+            None,
+            "service_unavailable",
+            "replica_unavailable",
+        )
 
     async def _cached(self, name: str, kind: str, body: dict, req: dict) -> tuple[str | None, dict | None, str]:
         """(key, cached answer, 'hit'|'semantic-hit'|'miss'|'bypass')."""
@@ -285,11 +332,11 @@ class Gateway:
     async def _remember(self, name: str, kind: str, req: dict, key: str | None, out: dict) -> None:
         if key is None or out.get("finish_reason") not in ("stop", "length"):
             return
-        await self.cache.put(key, {k: out[k] for k in ("text", "finish_reason", "prompt_tokens",
-                                                        "completion_tokens")})
+        await self.cache.put(key, {k: out[k] for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")})
         if self.semantic is not None:
-            self.semantic.add(cache_key(self.models[name]["digest"], kind, "", params_of(req)),
-                              request_text(kind, req), key)
+            self.semantic.add(
+                cache_key(self.models[name]["digest"], kind, "", params_of(req)), request_text(kind, req), key
+            )
 
     # ------------------------------------------------------------------------------------ routes
     @api.get("/healthz")
@@ -298,9 +345,20 @@ class Gateway:
 
     @api.get("/v1/models")
     def list_models(self):
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": m.get("created", 0),
-                                            "owned_by": "llmops", "version": m["version"], "digest": m["digest"]}
-                                           for n, m in self.models.items()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": m.get("created", 0),
+                    "owned_by": "llmops",
+                    "version": m["version"],
+                    "digest": m["digest"],
+                }
+                for n, m in self.models.items()
+            ],
+        }
 
     @api.get("/metrics")
     def metrics(self):
@@ -339,14 +397,21 @@ class Gateway:
                 err = out["error"]["error"]
                 raise RequestError(out["status"], err["message"], err["param"], err["type"], err["code"])
             if out["finish_reason"] == "timeout":
-                raise RequestError(408, f"generation took longer than {self.limits['timeout_s']}s; lower max_tokens "
-                                        "or retry", None, "timeout", "request_timeout")
+                raise RequestError(
+                    408,
+                    f"generation took longer than {self.limits['timeout_s']}s; lower max_tokens or retry",
+                    None,
+                    "timeout",
+                    "request_timeout",
+                )
             if hit is None:
                 await self._remember(name, kind, req, key, out)
             self.c_req.labels(name, "200").inc()
-            return JSONResponse(self._body(name, kind, out), headers={"x-llmops-cache": result,
-                                                                      "x-llmops-version": self.models[name]["version"]})
-        except asyncio.TimeoutError:
+            return JSONResponse(
+                self._body(name, kind, out),
+                headers={"x-llmops-cache": result, "x-llmops-version": self.models[name]["version"]},
+            )
+        except TimeoutError:
             e = RequestError(408, f"no answer within {self.limits['timeout_s']}s", None, "timeout", "request_timeout")
         except RequestError as err:
             e = err
@@ -355,16 +420,34 @@ class Gateway:
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     def _body(self, name: str, kind: str, out: dict) -> dict:
-        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
-        head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": name, "usage": usage}
+        usage = {
+            "prompt_tokens": out["prompt_tokens"],
+            "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
+        }
+        head = {
+            "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": name,
+            "usage": usage,
+        }
         if kind == "chat":
-            return {**head, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": out["text"]},
-                "finish_reason": out["finish_reason"]}]}
-        return {**head, "object": "text_completion", "choices": [{
-            "index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}]}
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": out["text"]},
+                        "finish_reason": out["finish_reason"],
+                    }
+                ],
+            }
+        return {
+            **head,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
+        }
 
     def _stream(self, name: str, kind: str, req: dict, key, hit, result: str):
         from fastapi.responses import StreamingResponse
@@ -378,7 +461,9 @@ class Gateway:
                 obj = "chat.completion.chunk"
             else:
                 c, obj = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}, "text_completion"
-            return f"data: {json.dumps({'id': cid, 'object': obj, 'created': created, 'model': name, 'choices': [c]})}\n\n"
+            return (
+                f"data: {json.dumps({'id': cid, 'object': obj, 'created': created, 'model': name, 'choices': [c]})}\n\n"
+            )
 
         async def events():
             if hit is not None:
@@ -405,8 +490,11 @@ class Gateway:
             self.c_req.labels(name, "200").inc()
             yield chunk(None, final["finish_reason"]) + "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"x-llmops-cache": result, "x-llmops-version": self.models[name]["version"]})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"x-llmops-cache": result, "x-llmops-version": self.models[name]["version"]},
+        )
 
     async def _stream_from_replica(self, name: str, req: dict):
         from ray.exceptions import RayActorError
@@ -420,14 +508,24 @@ class Gateway:
                     yield item
                 return
             except BackPressureError:
-                raise RequestError(429, "all replicas are busy and the queue is full; retry shortly", None,
-                                   "rate_limit_error", "queue_full") from None
+                raise RequestError(
+                    429,
+                    "all replicas are busy and the queue is full; retry shortly",
+                    None,
+                    "rate_limit_error",
+                    "queue_full",
+                ) from None
             except RayActorError:
                 if sent:  # part of the answer is out: the client must retry the whole request
-                    raise RequestError(503, "the replica died mid-stream; retry the request", None,
-                                       "service_unavailable", "replica_died") from None
+                    raise RequestError(
+                        503,
+                        "the replica died mid-stream; retry the request",
+                        None,
+                        "service_unavailable",
+                        "replica_died",
+                    ) from None
                 self.c_retry.labels(name).inc()
                 await asyncio.sleep(0.2 * (attempt + 1))
-        raise RequestError(503, "no live model replica answered; retry", None, "service_unavailable",
-                           "replica_unavailable")
-
+        raise RequestError(
+            503, "no live model replica answered; retry", None, "service_unavailable", "replica_unavailable"
+        )

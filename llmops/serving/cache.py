@@ -12,6 +12,7 @@ gateway replicas; TTL per key, size bounded by the server's maxmemory + allkeys-
 Near-duplicate ("semantic") reuse is opt-in (`cache.semantic`): a hit needs the same model and params and a prompt
 whose character-trigram cosine similarity is >= the threshold; bench/bench_serving.py measures its false-hit rate.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,9 @@ def params_of(body: dict) -> dict:
 
 
 def cache_key(model_digest: str, kind: str, text: str, params: dict) -> str:
-    canon = json.dumps({"model": model_digest, "kind": kind, "text": text, "params": params}, sort_keys=True,
-                       ensure_ascii=False)
+    canon = json.dumps(
+        {"model": model_digest, "kind": kind, "text": text, "params": params}, sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -128,7 +130,7 @@ class RedisCache:
 
 def trigrams(text: str) -> Counter:
     t = f"  {text.lower()}  "
-    return Counter(t[i:i + 3] for i in range(len(t) - 2))
+    return Counter(t[i : i + 3] for i in range(len(t) - 2))
 
 
 def cosine(a: Counter, b: Counter) -> float:

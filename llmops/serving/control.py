@@ -12,6 +12,7 @@ The local Ray head (when no `ray_address` is given) runs as `ray start --head --
 every listener bound to 127.0.0.1 (`local_ray()` says how), logs under `<home>/serving/ray/`; `stop_local()` ends that
 process group only.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,13 +73,29 @@ def local_ray(temp_dir: str | Path, num_cpus: int | None = None, gcs_port: int =
     and `client_port`) and `init_kwargs` (`ray.init` starting the node in-process: tests, bench).
     `temp_dir` must be short (unix socket paths live under it)."""
     num_cpus = num_cpus or os.cpu_count()
-    start = [_ray_bin(), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
-             "--include-dashboard=false", f"--dashboard-host={LOOPBACK}",  # the dashboard process starts anyway
-             f"--ray-client-server-port={client_port}",  # always started by `ray start` (port 0 is refused)
-             "--dashboard-agent-listen-port=0",  # not the fixed 52365 another Ray on this host may hold
-             "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}"]
-    init = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "dashboard_host": LOOPBACK,
-            "_node_ip_address": LOOPBACK, "_temp_dir": str(temp_dir)}
+    start = [
+        _ray_bin(),
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={LOOPBACK}",
+        f"--port={gcs_port}",
+        "--include-dashboard=false",
+        f"--dashboard-host={LOOPBACK}",  # the dashboard process starts anyway
+        f"--ray-client-server-port={client_port}",  # always started by `ray start` (port 0 is refused)
+        "--dashboard-agent-listen-port=0",  # not the fixed 52365 another Ray on this host may hold
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+    ]
+    init = {
+        "address": "local",
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "dashboard_host": LOOPBACK,
+        "_node_ip_address": LOOPBACK,
+        "_temp_dir": str(temp_dir),
+    }
     return {"env": dict(LOOPBACK_ENV), "start_argv": start, "init_kwargs": init}
 
 
@@ -88,10 +105,12 @@ def use_loopback_ray() -> None:
     os.environ.update(LOOPBACK_ENV)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None and constants.ENABLE_RAY_CLUSTER:
-        raise ServingError("Ray was imported before llmops could keep its listeners on 127.0.0.1",
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                           "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment of this process, or call "
-                           "llmops.serving.control.use_loopback_ray() before importing ray")
+        raise ServingError(
+            "Ray was imported before llmops could keep its listeners on 127.0.0.1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+            "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment of this process, or call "
+            "llmops.serving.control.use_loopback_ray() before importing ray",
+        )
 
 
 def quiet_serve_logs(home: Path | None = None) -> None:
@@ -113,8 +132,7 @@ def quiet_serve_logs(home: Path | None = None) -> None:
 def _quiet_ray_init(**kw) -> None:
     import ray
 
-    ray.init(**kw, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
-             namespace="llmops")
+    ray.init(**kw, logging_level=logging.WARNING, log_to_driver=False, configure_logging=True, namespace="llmops")
 
 
 def _auth_env(home: Path) -> dict:
@@ -149,14 +167,18 @@ def start_local_head(home: Path, num_cpus: int | None = None, gcs_port: int = 0)
     ray_cfg = local_ray(temp, num_cpus, gcs_port=gcs_port, client_port=free_port())
     log = open(home / "ray-head.log", "ab")
     env = {**os.environ, **ray_cfg["env"], **_auth_env(home)}
-    proc = subprocess.Popen(ray_cfg["start_argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=env)
+    proc = subprocess.Popen(
+        ray_cfg["start_argv"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     info = {"pid": proc.pid, "address": f"{LOOPBACK}:{gcs_port}", "temp_dir": str(temp)}
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise ServingError(f"ray head exited with {proc.returncode}", str(home / "ray-head.log"),
-                               "read the log; is the port taken?")
+            raise ServingError(
+                f"ray head exited with {proc.returncode}",
+                str(home / "ray-head.log"),
+                "read the log; is the port taken?",
+            )
         if (temp / "session_latest").exists():
             (home / "head.json").write_text(json.dumps(info))
             return info
@@ -213,8 +235,10 @@ def start_serve(settings: ServeSettings) -> None:
     from ray import serve
 
     quiet_serve_logs()
-    serve.start(http_options={"host": LOOPBACK, "port": settings.http_port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.start(
+        http_options={"host": LOOPBACK, "port": settings.http_port},
+        logging_config={"log_level": "WARNING", "enable_access_log": False},
+    )
 
 
 # -------------------------------------------------------------------------------------------------- deploy
@@ -229,7 +253,8 @@ def deploy_version(model: str, version: str, model_dir: str | Path, digest: str,
     app = app_name(model, version)
     info = {"model": model, "version": str(version), "digest": digest}
     bound = ModelServer.options(**settings.deployment_options()).bind(
-        str(model_dir), settings.engine, max(1, int(settings.num_cpus)), info, settings.limits.model_dump())
+        str(model_dir), settings.engine, max(1, int(settings.num_cpus)), info, settings.limits.model_dump()
+    )
     from ray.serve.api import _run
 
     _run(bound, name=app, route_prefix=None, _blocking=False)  # serve.run would wait forever for unplaceable replicas
@@ -245,10 +270,13 @@ def deploy_version(model: str, version: str, model_dir: str | Path, digest: str,
             serve.delete(app)
             why = (st.message or "").strip().splitlines()[-1][:300] if st and st.message else state
             free = ray.available_resources().get("CPU", 0.0)
-            raise ServingError(f"{model} v{version} did not start within {settings.deploy_timeout_s:.0f}s: {why}",
-                               str(model_dir), f"check the model files and the Ray logs; blue/green needs room for "
-                                               f"both versions at once ({free:g} CPUs free now; lower num_cpus or "
-                                               f"replicas)")
+            raise ServingError(
+                f"{model} v{version} did not start within {settings.deploy_timeout_s:.0f}s: {why}",
+                str(model_dir),
+                f"check the model files and the Ray logs; blue/green needs room for "
+                f"both versions at once ({free:g} CPUs free now; lower num_cpus or "
+                f"replicas)",
+            )
         time.sleep(0.5)
 
 
@@ -275,8 +303,7 @@ def switch(model: str, version: str, app: str, digest: str, settings: ServeSetti
     cfg = gateway_config()
     previous = cfg["models"].get(model)
     cfg["models"][model] = {"app": app, "version": str(version), "digest": digest, "created": int(time.time())}
-    serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP,
-              route_prefix="/")
+    serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP, route_prefix="/")
     return previous or {}
 
 
@@ -290,40 +317,66 @@ def smoke_test(app: str, settings: ServeSettings, evaluated: dict) -> dict:
     handle = serve.get_deployment_handle("ModelServer", app_name=app)
     status = serve.status().applications.get(app)
     if status is None or str(status.status).split(".")[-1] != "RUNNING":
-        raise SmokeTestFailed(f"application {app} is not healthy ({status.status if status else 'missing'})", app,
-                              "the old version keeps serving; read the replica logs")
+        raise SmokeTestFailed(
+            f"application {app} is not healthy ({status.status if status else 'missing'})",
+            app,
+            "the old version keeps serving; read the replica logs",
+        )
     lat, report = [], {}
     for i in range(s.prompts):
-        req = {"kind": "completion", "prompt": SMOKE_TEXTS[i % len(SMOKE_TEXTS)], "max_tokens": 8,
-               "temperature": 0.0, "top_p": None, "seed": None, "stop": None,
-               "deadline": time.time() + settings.limits.timeout_s}
+        req = {
+            "kind": "completion",
+            "prompt": SMOKE_TEXTS[i % len(SMOKE_TEXTS)],
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "top_p": None,
+            "seed": None,
+            "stop": None,
+            "deadline": time.time() + settings.limits.timeout_s,
+        }
         t0 = time.perf_counter()
         out = handle.generate.remote(req).result(timeout_s=settings.limits.timeout_s + 10)
         dt = time.perf_counter() - t0
         if "error" in out or out.get("finish_reason") not in ("stop", "length"):
-            raise SmokeTestFailed(f"smoke prompt {i} failed: {out.get('error') or out.get('finish_reason')}", app,
-                                  "the old version keeps serving")
+            raise SmokeTestFailed(
+                f"smoke prompt {i} failed: {out.get('error') or out.get('finish_reason')}",
+                app,
+                "the old version keeps serving",
+            )
         lat.append(1000 * dt / max(1, out["completion_tokens"]))
     report["latency_ms_per_token_p50"] = sorted(lat)[len(lat) // 2]
     bound = s.max_latency_ms_per_token
     if bound is None and evaluated.get("eval.latency_ms_per_token_p50"):
         bound = s.latency_factor * float(evaluated["eval.latency_ms_per_token_p50"])
     if bound is not None and report["latency_ms_per_token_p50"] > bound:
-        raise SmokeTestFailed(f"latency {report['latency_ms_per_token_p50']:.1f} ms/token exceeds {bound:.1f}", app,
-                              "the old version keeps serving; add replicas/CPUs or raise smoke.latency_factor")
+        raise SmokeTestFailed(
+            f"latency {report['latency_ms_per_token_p50']:.1f} ms/token exceeds {bound:.1f}",
+            app,
+            "the old version keeps serving; add replicas/CPUs or raise smoke.latency_factor",
+        )
     report["loss"] = float(handle.score.remote(SMOKE_TEXTS).result(timeout_s=120))
     if "eval.eval_loss" in evaluated:
         limit = float(evaluated["eval.eval_loss"]) * (1 + s.loss_tolerance)
         report["loss_limit"] = limit
         if not report["loss"] <= limit:
-            raise SmokeTestFailed(f"loss on the smoke texts {report['loss']:.3f} exceeds the evaluated "
-                                  f"{float(evaluated['eval.eval_loss']):.3f} x (1 + {s.loss_tolerance})", app,
-                                  "the old version keeps serving; the served model is not the one that was evaluated")
+            raise SmokeTestFailed(
+                f"loss on the smoke texts {report['loss']:.3f} exceeds the evaluated "
+                f"{float(evaluated['eval.eval_loss']):.3f} x (1 + {s.loss_tolerance})",
+                app,
+                "the old version keeps serving; the served model is not the one that was evaluated",
+            )
     return report
 
 
-def rollout(model: str, version: str, model_dir: str | Path, digest: str, settings: ServeSettings,
-            evaluated: dict | None = None, switch_traffic: bool = True) -> dict:
+def rollout(
+    model: str,
+    version: str,
+    model_dir: str | Path,
+    digest: str,
+    settings: ServeSettings,
+    evaluated: dict | None = None,
+    switch_traffic: bool = True,
+) -> dict:
     """Blue/green (module docstring). Returns timings, the smoke report and the version it replaced.
     `switch_traffic=False` stops after the smoke test (a promotion switches once every target holds the model)."""
     from ray import serve
@@ -342,8 +395,14 @@ def rollout(model: str, version: str, model_dir: str | Path, digest: str, settin
         serve.delete(app)
         raise
     t_smoke = time.perf_counter()
-    out = {"model": model, "version": str(version), "app": app, "smoke": smoke, "previous": current,
-           "seconds": {"deploy": round(t_up - t0, 2), "smoke": round(t_smoke - t_up, 2)}}
+    out = {
+        "model": model,
+        "version": str(version),
+        "app": app,
+        "smoke": smoke,
+        "previous": current,
+        "seconds": {"deploy": round(t_up - t0, 2), "smoke": round(t_smoke - t_up, 2)},
+    }
     if switch_traffic:
         finish_rollout(model, version, digest, settings)
         out["seconds"]["switch"] = round(time.perf_counter() - t_smoke, 2)
@@ -358,8 +417,11 @@ def finish_rollout(model: str, version: str, digest: str, settings: ServeSetting
     app = app_name(model, version)
     status = serve.status().applications.get(app)
     if status is None or str(status.status).split(".")[-1] != "RUNNING":
-        raise ServingError(f"{app} is not deployed and healthy; nothing was switched", app,
-                           "run the rollout again (deploy + smoke test first)")
+        raise ServingError(
+            f"{app} is not deployed and healthy; nothing was switched",
+            app,
+            "run the rollout again (deploy + smoke test first)",
+        )
     previous = switch(model, version, app, digest, settings)
     if previous.get("app") and previous["app"] != app:
         serve.delete(previous["app"], _blocking=False)
@@ -384,8 +446,10 @@ def status() -> dict:
     from ray import serve
 
     apps = serve.status().applications
-    return {"gateway": gateway_config(),
-            "applications": {n: str(a.status).split(".")[-1] for n, a in apps.items() if n.startswith("llmops-")}}
+    return {
+        "gateway": gateway_config(),
+        "applications": {n: str(a.status).split(".")[-1] for n, a in apps.items() if n.startswith("llmops-")},
+    }
 
 
 def undeploy(model: str, settings: ServeSettings) -> None:
@@ -397,6 +461,5 @@ def undeploy(model: str, settings: ServeSettings) -> None:
     cfg = gateway_config()
     entry = cfg["models"].pop(model, None)
     if entry:
-        serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP,
-                  route_prefix="/")
+        serve.run(Gateway.options(user_config=cfg).bind(gateway_args(settings)), name=GATEWAY_APP, route_prefix="/")
         serve.delete(entry["app"])

@@ -8,11 +8,12 @@
 Sampling is per request: greedy at temperature 0, else temperature + top-p from a `torch.Generator` seeded with the
 request's seed (so a fixed seed is deterministic, which is what lets the cache keep such answers).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ONNX_FILE = "model.onnx"
 
@@ -48,14 +49,22 @@ class _TokenLoop:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
 
-    def stream(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float | None = None,
-               seed: int | None = None, stop: list[str] | None = None,
-               deadline: float | None = None) -> Iterator[tuple[str, str | None]]:
+    def stream(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        deadline: float | None = None,
+    ) -> Iterator[tuple[str, str | None]]:
         """Yield (new text, None) per token, then ("", finish_reason): stop | length | timeout."""
         import torch
 
-        gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(__import__("os").urandom(7),
-                                                                                          "big"))
+        gen = torch.Generator().manual_seed(
+            seed if seed is not None else int.from_bytes(__import__("os").urandom(7), "big")
+        )
         out, emitted, stop = [], "", [s for s in (stop or []) if s]
         logits, state = self._start(ids)
         for _ in range(max_tokens):
@@ -68,11 +77,11 @@ class _TokenLoop:
             hit = min((text.find(s) for s in stop if s in text), default=-1)
             if hit >= 0:
                 if text[:hit] != emitted:
-                    yield text[len(emitted):hit], None
+                    yield text[len(emitted) : hit], None
                 yield "", "stop"
                 return
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(emitted):], None
+                yield text[len(emitted) :], None
                 emitted = text
             if deadline is not None and time.monotonic() > deadline:
                 yield "", "timeout"
@@ -108,7 +117,8 @@ class TorchEngine(_TokenLoop):
         except Exception as e:  # noqa: BLE001 - many loader exception types, one meaning
             raise EngineError(f"cannot load {path} with transformers: {str(e).splitlines()[0][:200]}") from None
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None)
+            self.model.config, "n_positions", None
+        )
 
     def _forward(self, ids, past=None):
         import torch
@@ -181,8 +191,9 @@ class VllmEngine:
     def stream(self, ids, max_tokens, temperature=0.0, top_p=None, seed=None, stop=None, deadline=None):
         from vllm import SamplingParams
 
-        sp = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed,
-                            stop=stop or None)
+        sp = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed, stop=stop or None
+        )
         out = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0].outputs[0]
         yield out.text, None
         yield "", out.finish_reason or "stop"
@@ -193,8 +204,9 @@ class VllmEngine:
         total, n = 0.0, 0
         for t in texts:
             ids = self.encode(t)
-            res = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                    use_tqdm=False)[0]
+            res = self.llm.generate(
+                [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+            )[0]
             lps = [lp[tok].logprob for lp, tok in zip(res.prompt_logprobs[1:], ids[1:]) if lp and tok in lp]
             total, n = total - sum(lps), n + len(lps)
         return total / max(n, 1)

@@ -1,6 +1,6 @@
 """Near-duplicate-aware record identity: variants of one training text count as ONE record for DP accounting.
 
-`tasks.data.text_hash` identifies a record by its exact `identity` text (NFKC, invisible characters dropped, whitespace
+`llmops.text.identity.text_hash` identifies a record by its exact `identity` text (NFKC, invisible characters dropped, whitespace
 collapsed). A requester who wants a text seen more often than its privacy budget allows only has to make each copy
 differ by one character. This module gives each record a set of *keys* (winnowed word w-gram fingerprints, Schleimer,
 Wilkerson & Aiken 2003, the MOSS algorithm) and relates two records when they share enough keys; `clusters` turns the
@@ -11,7 +11,7 @@ Threat model. Caught (measured on real text by bench/bench_neardup.py, 3 seeds: 
 4083 variants each of the 1361 records of data/sample/shakespeare.jsonl with >= 8 folded words, and 0 of 1479 on the
 held-out data/public/macbeth.txt paragraphs):
   * invisible characters, whitespace, Unicode compatibility forms (fullwidth, mathematical alphanumerics, ligatures):
-    `tasks.data.identity` (NFKC);
+    `llmops.text.identity.identity` (NFKC);
   * homoglyphs: the Cyrillic / Greek / Armenian / IPA lookalikes of Latin letters in `CONFUSABLES` (mapped before
     NFKC and again before casefold, so Greek capital eta -> H but small eta -> n, lunate sigma -> c), accents and
     other combining marks (stripped after NFD);
@@ -65,13 +65,14 @@ through an inverted index key -> records, i.e. the sum of posting lengths, not n
 Keys are stable across processes and machines: 63-bit ints from blake2b (not Python's salted `hash()`), over the
 folded tokens joined by U+001F.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
 import unicodedata
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from llmops.text.identity import identity
 
@@ -88,26 +89,140 @@ MAX_POSTINGS = 2000  # a key held by more records is not used to *find* candidat
 # Cyrillic, Greek, Armenian and a few Latin/IPA letters), restricted to the visually unambiguous ones.
 _CONFUSABLE_PAIRS = {
     # Cyrillic capitals
-    "А": "A", "В": "B", "С": "C", "Е": "E", "Ѕ": "S", "І": "I", "Ї": "I", "Ј": "J", "К": "K", "М": "M", "Н": "H",
-    "О": "O", "Р": "P", "Т": "T", "Х": "X", "У": "Y", "Ү": "Y", "Ԁ": "D", "Ԛ": "Q", "Ԝ": "W", "Ӏ": "I",
-    "Ь": "b", "Ꙅ": "S",
+    "А": "A",
+    "В": "B",
+    "С": "C",
+    "Е": "E",
+    "Ѕ": "S",
+    "І": "I",
+    "Ї": "I",
+    "Ј": "J",
+    "К": "K",
+    "М": "M",
+    "Н": "H",
+    "О": "O",
+    "Р": "P",
+    "Т": "T",
+    "Х": "X",
+    "У": "Y",
+    "Ү": "Y",
+    "Ԁ": "D",
+    "Ԛ": "Q",
+    "Ԝ": "W",
+    "Ӏ": "I",
+    "Ь": "b",
+    "Ꙅ": "S",
     # Cyrillic small
-    "а": "a", "в": "b", "с": "c", "ԁ": "d", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k",
-    "ӏ": "l", "м": "m", "п": "n", "о": "o", "р": "p", "ԛ": "q", "ѕ": "s", "т": "t", "у": "y", "ү": "y", "х": "x",
-    "ԝ": "w", "ь": "b", "ѡ": "w",
+    "а": "a",
+    "в": "b",
+    "с": "c",
+    "ԁ": "d",
+    "е": "e",
+    "ё": "e",
+    "һ": "h",
+    "і": "i",
+    "ї": "i",
+    "ј": "j",
+    "к": "k",
+    "ӏ": "l",
+    "м": "m",
+    "п": "n",
+    "о": "o",
+    "р": "p",
+    "ԛ": "q",
+    "ѕ": "s",
+    "т": "t",
+    "у": "y",
+    "ү": "y",
+    "х": "x",
+    "ԝ": "w",
+    "ь": "b",
+    "ѡ": "w",
     # Greek capitals
-    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
-    "Τ": "T", "Υ": "Y", "Χ": "X", "Ϲ": "C", "Ϳ": "J", "Ϝ": "F",
+    "Α": "A",
+    "Β": "B",
+    "Ε": "E",
+    "Ζ": "Z",
+    "Η": "H",
+    "Ι": "I",
+    "Κ": "K",
+    "Μ": "M",
+    "Ν": "N",
+    "Ο": "O",
+    "Ρ": "P",
+    "Τ": "T",
+    "Υ": "Y",
+    "Χ": "X",
+    "Ϲ": "C",
+    "Ϳ": "J",
+    "Ϝ": "F",
     # Greek small
-    "α": "a", "β": "b", "γ": "y", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
-    "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j", "ς": "s", "μ": "u",
+    "α": "a",
+    "β": "b",
+    "γ": "y",
+    "ε": "e",
+    "η": "n",
+    "ι": "i",
+    "κ": "k",
+    "ν": "v",
+    "ο": "o",
+    "ρ": "p",
+    "σ": "o",
+    "τ": "t",
+    "υ": "u",
+    "χ": "x",
+    "ω": "w",
+    "ϲ": "c",
+    "ϳ": "j",
+    "ς": "s",
+    "μ": "u",
     # Armenian
-    "Ս": "U", "Օ": "O", "Լ": "L", "Տ": "S", "Ց": "G", "օ": "o", "ս": "u", "ո": "n", "հ": "h", "ց": "g", "զ": "q",
-    "ռ": "n", "ա": "w", "գ": "q", "ք": "p",
+    "Ս": "U",
+    "Օ": "O",
+    "Լ": "L",
+    "Տ": "S",
+    "Ց": "G",
+    "օ": "o",
+    "ս": "u",
+    "ո": "n",
+    "հ": "h",
+    "ց": "g",
+    "զ": "q",
+    "ռ": "n",
+    "ա": "w",
+    "գ": "q",
+    "ք": "p",
     # Latin / IPA lookalikes
-    "ı": "i", "ȷ": "j", "ɡ": "g", "ɑ": "a", "ɩ": "i", "ʏ": "y", "ɴ": "n", "ʀ": "r", "ɪ": "i", "ᴀ": "a", "ᴄ": "c",
-    "ᴅ": "d", "ᴇ": "e", "ᴋ": "k", "ᴍ": "m", "ᴏ": "o", "ᴘ": "p", "ᴛ": "t", "ᴜ": "u", "ᴠ": "v", "ᴡ": "w", "ᴢ": "z",
-    "ø": "o", "Ø": "O", "đ": "d", "Đ": "D", "ħ": "h", "ł": "l", "Ł": "L", "ƅ": "b",
+    "ı": "i",
+    "ȷ": "j",
+    "ɡ": "g",
+    "ɑ": "a",
+    "ɩ": "i",
+    "ʏ": "y",
+    "ɴ": "n",
+    "ʀ": "r",
+    "ɪ": "i",
+    "ᴀ": "a",
+    "ᴄ": "c",
+    "ᴅ": "d",
+    "ᴇ": "e",
+    "ᴋ": "k",
+    "ᴍ": "m",
+    "ᴏ": "o",
+    "ᴘ": "p",
+    "ᴛ": "t",
+    "ᴜ": "u",
+    "ᴠ": "v",
+    "ᴡ": "w",
+    "ᴢ": "z",
+    "ø": "o",
+    "Ø": "O",
+    "đ": "d",
+    "Đ": "D",
+    "ħ": "h",
+    "ł": "l",
+    "Ł": "L",
+    "ƅ": "b",
 }
 CONFUSABLES = str.maketrans(_CONFUSABLE_PAIRS)
 
@@ -169,12 +284,12 @@ def record_keys(text: str, w: int = W, window: int = WINDOW) -> list[int]:
         return []
     if len(toks) < w:
         return [_h63(toks)]
-    grams = [_h63(toks[i:i + w]) for i in range(len(toks) - w + 1)]
+    grams = [_h63(toks[i : i + w]) for i in range(len(toks) - w + 1)]
     if window <= 1:
         return sorted(set(grams))
     if len(grams) < window:
         return [min(grams)]
-    return sorted({min(grams[i:i + window]) for i in range(len(grams) - window + 1)})
+    return sorted({min(grams[i : i + window]) for i in range(len(grams) - window + 1)})
 
 
 def containment(keys_a: Sequence[int], keys_b: Sequence[int]) -> float:
@@ -185,19 +300,31 @@ def containment(keys_a: Sequence[int], keys_b: Sequence[int]) -> float:
     return len(a & b) / min(len(a), len(b))
 
 
-def related(keys_a: Sequence[int], keys_b: Sequence[int], *, min_shared: int = MIN_SHARED,
-            threshold: float = THRESHOLD, abs_shared: int | None = None) -> bool:
+def related(
+    keys_a: Sequence[int],
+    keys_b: Sequence[int],
+    *,
+    min_shared: int = MIN_SHARED,
+    threshold: float = THRESHOLD,
+    abs_shared: int | None = None,
+) -> bool:
     """Whether two records are variants of one text: they share >= min_shared keys (or all the keys of the smaller
     one, when it has fewer) and containment >= threshold, or they share >= ABS_SHARED keys at all."""
     if not keys_a or not keys_b:
         return False
     a, b = set(keys_a), set(keys_b)
-    return related_counts(len(a & b), len(a), len(b), min_shared=min_shared, threshold=threshold,
-                          abs_shared=abs_shared)
+    return related_counts(len(a & b), len(a), len(b), min_shared=min_shared, threshold=threshold, abs_shared=abs_shared)
 
 
-def related_counts(shared: int, n_a: int, n_b: int, *, min_shared: int = MIN_SHARED, threshold: float = THRESHOLD,
-                   abs_shared: int | None = None) -> bool:
+def related_counts(
+    shared: int,
+    n_a: int,
+    n_b: int,
+    *,
+    min_shared: int = MIN_SHARED,
+    threshold: float = THRESHOLD,
+    abs_shared: int | None = None,
+) -> bool:
     """`related` from counts (the ledger counts shared keys in SQL)."""
     small = min(n_a, n_b)
     if not small:
@@ -224,8 +351,13 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def related_pairs(key_lists: Sequence[Sequence[int]], *, min_shared: int = MIN_SHARED, threshold: float = THRESHOLD,
-                  max_postings: int = MAX_POSTINGS) -> list[tuple[int, int]]:
+def related_pairs(
+    key_lists: Sequence[Sequence[int]],
+    *,
+    min_shared: int = MIN_SHARED,
+    threshold: float = THRESHOLD,
+    max_postings: int = MAX_POSTINGS,
+) -> list[tuple[int, int]]:
     """Every pair (i, j), i < j, of records that are `related`, found through an inverted index key -> records (the
     cost is the sum over keys of their posting lengths, not n^2). Records with identical key sets are paired with
     their first copy only (and so only that copy is compared with the rest); keys held by more than `max_postings`

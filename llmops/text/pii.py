@@ -18,6 +18,7 @@ How a record is scanned (each step is cheap; the expensive library call only run
    national number of a few other regions (VALID only); toll-free vanity numbers (`1-800-DOT-6000`) are spelled
    to digits and kept when they have 7 after the toll-free prefix. A phone overlapping another category is dropped.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,21 +29,33 @@ CATEGORIES = ("email", "phone", "ssn", "credit_card", "ip_address", "iban", "mrn
 PLACEHOLDER = {c: f"[{c.upper()}]" for c in CATEGORIES}
 # block fails the run, redact writes a redacted copy, allow only reports. A Message-ID names a message, not a
 # person, but it carries the poster's host and a timestamp: redact by default.
-DEFAULT_POLICY = {"email": "redact", "phone": "redact", "ssn": "block", "credit_card": "block",
-                  "ip_address": "redact", "iban": "block", "mrn": "block", "message_id": "redact"}
+DEFAULT_POLICY = {
+    "email": "redact",
+    "phone": "redact",
+    "ssn": "block",
+    "credit_card": "block",
+    "ip_address": "redact",
+    "iban": "block",
+    "mrn": "block",
+    "message_id": "redact",
+}
 
 # ------------------------------------------------------------------------------------------ Message-IDs
 MSGID = re.compile(r"<([^<>@\s]{1,250})@([^<>\s]{1,250})(?:>|$)")  # $: a record cut inside the id
-MSGID_HEADER = re.compile(r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id|\bid"
-                          r"|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$")
+MSGID_HEADER = re.compile(
+    r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id|\bid"
+    r"|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$"
+)
 ID_SHAPED = re.compile(r"\d{5,}|\$|\.fsf$|^\d+$|^\d{4}[A-Z][a-z]{2}\d")
 ENVELOPE_ID = re.compile(r"(?im)^original-envelope-id:\s*(\S+@\S+)")
 
 # ------------------------------------------------------------------------------------------ addresses
 EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+=-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
 NO_TLD = re.compile(r"(?<![\w.%+'/·-])([A-Za-z][\w.+-]*)@([A-Za-z][\w-]*[A-Za-z0-9])(?![\w@:-]|\.\w)")
-MAIL_LINE = re.compile(r"(?i)(?:from|to|cc|bcc|reply-to|sender|path|received|return-path|delivered-to|"
-                       r"x-original-to|resent-from|resent-to)\b")
+MAIL_LINE = re.compile(
+    r"(?i)(?:from|to|cc|bcc|reply-to|sender|path|received|return-path|delivered-to|"
+    r"x-original-to|resent-from|resent-to)\b"
+)
 MAIL_WORD = re.compile(r"(?i)(?:\bby|\bof|\bfor|\bto|\bfrom|\bmail|\(|<)\s*$")
 NOT_HOSTS = {"base", "localhost", "plt", "got", "home"}
 BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(])")  # "(": C's return!puts(
@@ -51,33 +64,104 @@ BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(
 SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 CARD = re.compile(r"(?<![\w.-])[2-6]\d{3}(?:[ -]?\d){9,15}(?![\w-])")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-IBAN_LENGTH = {"AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
-               "BR": 29, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20,
-               "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18,
-               "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IS": 26, "IT": 27, "JO": 30,
-               "KW": 30, "KZ": 20, "LB": 28, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MD": 24,
-               "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18, "NO": 15, "PK": 24, "PL": 28,
-               "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SE": 24, "SI": 19, "SK": 24,
-               "SM": 27, "TN": 24, "TR": 26, "UA": 29, "VG": 24, "XK": 20}
+IBAN_LENGTH = {
+    "AD": 24,
+    "AE": 23,
+    "AL": 28,
+    "AT": 20,
+    "AZ": 28,
+    "BA": 20,
+    "BE": 16,
+    "BG": 22,
+    "BH": 22,
+    "BR": 29,
+    "CH": 21,
+    "CR": 22,
+    "CY": 28,
+    "CZ": 24,
+    "DE": 22,
+    "DK": 18,
+    "DO": 28,
+    "EE": 20,
+    "EG": 29,
+    "ES": 24,
+    "FI": 18,
+    "FO": 18,
+    "FR": 27,
+    "GB": 22,
+    "GE": 22,
+    "GI": 23,
+    "GL": 18,
+    "GR": 27,
+    "GT": 28,
+    "HR": 21,
+    "HU": 28,
+    "IE": 22,
+    "IL": 23,
+    "IS": 26,
+    "IT": 27,
+    "JO": 30,
+    "KW": 30,
+    "KZ": 20,
+    "LB": 28,
+    "LI": 21,
+    "LT": 20,
+    "LU": 20,
+    "LV": 21,
+    "MC": 27,
+    "MD": 24,
+    "ME": 22,
+    "MK": 19,
+    "MR": 27,
+    "MT": 31,
+    "MU": 30,
+    "NL": 18,
+    "NO": 15,
+    "PK": 24,
+    "PL": 28,
+    "PS": 29,
+    "PT": 25,
+    "QA": 29,
+    "RO": 24,
+    "RS": 22,
+    "SA": 24,
+    "SE": 24,
+    "SI": 19,
+    "SK": 24,
+    "SM": 27,
+    "TN": 24,
+    "TR": 26,
+    "UA": 29,
+    "VG": 24,
+    "XK": 20,
+}
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d|-\d)")
-NOT_IP_BEFORE = re.compile(r"(?i)(?:version|ver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?"
-                           r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$")
+NOT_IP_BEFORE = re.compile(
+    r"(?i)(?:version|ver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?"
+    r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$"
+)
 VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
 NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|inet|server|dns|gateway|route|nameserver)\b|\[")
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
-IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
-                  r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?![\w:])")
+IPV6 = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
+    r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?![\w:])"
+)
 
 # ------------------------------------------------------------------------------------------ phones
 # A cheap gate before libphonenumber: a digit group pattern a phone number could start with.
-PHONE_HINT = re.compile(r"(?<![\w.])(?:\+ ?\d[\d ().-]{5,}\d|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"
-                        r"|\d{1,5}[ -]\d{2,4}[ -]\d{2,4}(?:[ -]\d{2,4})?)(?![\w.]\d)")
+PHONE_HINT = re.compile(
+    r"(?<![\w.])(?:\+ ?\d[\d ().-]{5,}\d|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"
+    r"|\d{1,5}[ -]\d{2,4}[ -]\d{2,4}(?:[ -]\d{2,4})?)(?![\w.]\d)"
+)
 PHONE_WORD = re.compile(r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|toll|hot ?line|ring|mobile|cell)\b")
 # Next to a phone word only, a number the default region rejects may be a national number of one of these (VALID).
 FALLBACK_REGIONS = ("GB", "DE", "FR", "IT", "ES", "NL", "IN", "AU", "JP", "BR")
 LOCAL7 = re.compile(r"(?<![\w.#/+-])[2-9]\d{2}-\d{4}(?![\w-])")
-VANITY = re.compile(r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
-                    r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])")
+VANITY = re.compile(
+    r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
+    r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])"
+)
 NOT_PHONE_BEFORE = re.compile(r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf)\s*$")
 NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d")  # one leading \d: 2x faster than 4 branches
 LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
@@ -113,7 +197,7 @@ def _message_ids(text: str) -> list[tuple[int, int]]:
     out = []
     for m in MSGID.finditer(text):
         local = m.group(1)
-        if ID_SHAPED.search(local) or MSGID_HEADER.search(text[max(0, m.start() - 60):m.start()]):
+        if ID_SHAPED.search(local) or MSGID_HEADER.search(text[max(0, m.start() - 60) : m.start()]):
             out.append(m.span())
     out += [m.span(1) for m in ENVELOPE_ID.finditer(text)]
     return out
@@ -135,9 +219,9 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
         if m.group(2).lower() in NOT_HOSTS or _overlaps(*m.span(), ids) or _overlaps(*m.span(), out):
             continue
         line_start = text.rfind("\n", 0, m.start()) + 1
-        if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20):m.start()]):
+        if MAIL_LINE.match(text, line_start) or MAIL_WORD.search(text[max(0, m.start() - 20) : m.start()]):
             out.append(m.span())
-    for m in (BANG.finditer(text) if _has_bang_path(text) else ()):
+    for m in BANG.finditer(text) if _has_bang_path(text) else ():
         parts = m.group().split("!")
         if len(parts) == 2 and not parts[1][0].islower():
             continue  # "fun, fun, fun!Well": one bang before a capital is prose
@@ -148,13 +232,13 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
 
 def _ips(text: str, ids) -> list[tuple[int, int]]:
     out = []
-    for m in (IPV4.finditer(text) if IPV4_GATE.search(text) else ()):
+    for m in IPV4.finditer(text) if IPV4_GATE.search(text) else ():
         s = m.group()
-        before = text[max(0, m.start() - 30):m.start()]
+        before = text[max(0, m.start() - 30) : m.start()]
         if NETMASK.match(s) or NOT_IP_BEFORE.search(before[-20:]) or VERSION_ON_LINE.search(before):
             continue
         octets = s.split(".")
-        if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30):m.start()]):
+        if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30) : m.start()]):
             continue  # "GCC 2.7.2.3": one-digit quads are versions unless the text talks about hosts
         if all(int(o) <= 255 for o in octets) and not _overlaps(*m.span(), ids):
             out.append(m.span())
@@ -183,11 +267,16 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
 
     def keep(a: int, b: int) -> None:
         digits = set(text[a:b]) & DIGITS  # "888888888" in ASCII art is not a number anyone dials
-        if len(digits) > 2 and not _overlaps(a, b, taken) and not _overlaps(a, b, out) and \
-                not NOT_PHONE_BEFORE.search(text[max(0, a - 20):a]) and not text[b:b + 1].isalnum():
+        if (
+            len(digits) > 2
+            and not _overlaps(a, b, taken)
+            and not _overlaps(a, b, out)
+            and not NOT_PHONE_BEFORE.search(text[max(0, a - 20) : a])
+            and not text[b : b + 1].isalnum()
+        ):
             out.append((a, b))
 
-    for m in (VANITY.finditer(text) if VANITY_GATE.search(text) else ()):
+    for m in VANITY.finditer(text) if VANITY_GATE.search(text) else ():
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
         if len(digits.removeprefix("1")) >= 10:
             keep(*m.span())
@@ -199,10 +288,10 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
                 continue
             lo, hi = max(0, h.start() - 8), min(len(text), h.end() + 24)
             # a phone word nearby, or a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK")
-            near_word = PHONE_WORD.search(text[max(0, lo - 40):hi]) is not None or (out and lo - out[-1][1] < 40)
+            near_word = PHONE_WORD.search(text[max(0, lo - 40) : hi]) is not None or (out and lo - out[-1][1] < 40)
             leniency = pn.Leniency.POSSIBLE if near_word else pn.Leniency.VALID
             found = list(pn.PhoneNumberMatcher(text[lo:hi], region, leniency=leniency))
-            for other in (FALLBACK_REGIONS if near_word and not found else ()):
+            for other in FALLBACK_REGIONS if near_word and not found else ():
                 if found := list(pn.PhoneNumberMatcher(text[lo:hi], other, leniency=pn.Leniency.VALID)):
                     break  # "call 020 7946 0958" with region US: a national number of another region
             for pm in found:
@@ -211,7 +300,7 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
                     a += 1
                 keep(a, b)
     for m in LOCAL7.finditer(text):
-        if PHONE_WORD.search(text[max(0, m.start() - 40):m.start()]):
+        if PHONE_WORD.search(text[max(0, m.start() - 40) : m.start()]):
             keep(*m.span())
     return out
 
@@ -231,14 +320,21 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US"
         if LONG_DIGITS.search(text):  # IBANs first: the digits of an IBAN can pass Luhn (held-out split, id 1250)
             if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group()) and not _overlaps(*m.span(), ids)]:
                 spans["iban"] = iban
-            cards = [m.span() for m in CARD.finditer(text) if not _overlaps(*m.span(), iban + ids)
-                     and 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19 and luhn_ok(d) and len(set(d)) > 1]
+            cards = [
+                m.span()
+                for m in CARD.finditer(text)
+                if not _overlaps(*m.span(), iban + ids)
+                and 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19
+                and luhn_ok(d)
+                and len(set(d)) > 1
+            ]
             if cards:
                 spans["credit_card"] = cards
         if ips := _ips(text, ids):
             spans["ip_address"] = ips
-        taken = [s for cat in ("ssn", "credit_card", "iban", "ip_address", "message_id", "email")
-                 for s in spans.get(cat, [])]
+        taken = [
+            s for cat in ("ssn", "credit_card", "iban", "ip_address", "message_id", "email") for s in spans.get(cat, [])
+        ]
         if phones := _phones(text, phone_region, taken):
             spans["phone"] = phones
     for pat in mrn_patterns:

@@ -41,6 +41,7 @@ Modules (this package re-exports their public names, so `from tasks.compression 
   measure.py       reload, perplexity, timing, the table
   __init__.py      the pipeline: plan, build, measure, gate, pick (`compress`, `compress_task`)
 """
+
 from __future__ import annotations
 
 import json
@@ -51,33 +52,116 @@ from typing import Any
 
 from llmops.errors import LLMOpsError
 from llmops.files import write_text_atomic
-from tasks.compression.common import (META, CompressionError, atomic_dir, compressible_linears, count_params,
-                                      decoder_layers, linear_sparsity, linear_weight_bytes, log, read_meta, rebuild,
-                                      save_hf, tensor_bytes, write_meta)
-from tasks.compression.distillation import (build_distilled, check_public, distill_loss, make_student,
-                                            student_layer_ids)
-from tasks.compression.measure import (COLUMNS, Loaded, load_variant, measure, perplexity, table_markdown,
-                                       table_rows, time_variants, timing_input, torch_threads)
-from tasks.compression.onnx import (ONNX_ATOL, ONNX_FILE, ONNX_INT8_MAX_REL_ERR, ONNX_RTOL, compare_logits,
-                                    encode_for_check, export_onnx, logits_module, onnx_matmul_weight_bytes,
-                                    ort_logits, ort_session, quantize_onnx, verify_onnx)
+from tasks.compression.common import (
+    META,
+    CompressionError,
+    atomic_dir,
+    compressible_linears,
+    count_params,
+    decoder_layers,
+    linear_sparsity,
+    linear_weight_bytes,
+    log,
+    read_meta,
+    rebuild,
+    save_hf,
+    tensor_bytes,
+    write_meta,
+)
+from tasks.compression.distillation import build_distilled, check_public, distill_loss, make_student, student_layer_ids
+from tasks.compression.measure import (
+    COLUMNS,
+    Loaded,
+    load_variant,
+    measure,
+    perplexity,
+    table_markdown,
+    table_rows,
+    time_variants,
+    timing_input,
+    torch_threads,
+)
+from tasks.compression.onnx import (
+    ONNX_ATOL,
+    ONNX_FILE,
+    ONNX_INT8_MAX_REL_ERR,
+    ONNX_RTOL,
+    compare_logits,
+    encode_for_check,
+    export_onnx,
+    logits_module,
+    onnx_matmul_weight_bytes,
+    ort_logits,
+    ort_session,
+    quantize_onnx,
+    verify_onnx,
+)
 from tasks.compression.pruning import build_pruned, prune_magnitude, prune_mlp_channels
-from tasks.compression.quantization import (QUANT_FILE, QUANT_MODES, build_quantized, load_quantized,
-                                            quantize_int8)
+from tasks.compression.quantization import QUANT_FILE, QUANT_MODES, build_quantized, load_quantized, quantize_int8
 from tasks.model import WEIGHT_SUFFIXES, disk_bytes
 
 ONNX_SOURCE_KIND = {"pruned": "prune", "distilled": "distill"}  # compression.onnx_source -> the variant it exports
 
 __all__ = [
-    "COLUMNS", "META", "ONNX_ATOL", "ONNX_FILE", "ONNX_INT8_MAX_REL_ERR", "ONNX_RTOL", "ONNX_SOURCE_KIND",
-    "QUANT_FILE", "QUANT_MODES", "WEIGHT_SUFFIXES", "CompressionError", "Loaded", "atomic_dir", "build_distilled",
-    "build_pruned", "build_quantized", "check_public", "compare_logits", "compress", "compress_task",
-    "choose", "compressible_linears", "count_params", "decide", "decoder_layers", "disk_bytes", "distill_loss",
-    "encode_for_check", "export_onnx", "gate", "linear_sparsity", "linear_weight_bytes", "load_quantized",
-    "load_variant", "logits_module", "make_student", "measure", "onnx_matmul_weight_bytes", "ort_logits",
-    "ort_session", "perplexity", "Pick", "plan", "prune_magnitude", "prune_mlp_channels", "quantize_int8",
-    "quantize_onnx", "read_meta", "rebuild", "save_hf", "student_layer_ids", "table_markdown", "table_rows",
-    "tensor_bytes", "time_variants", "timing_input", "torch_threads", "verify_onnx", "write_meta",
+    "COLUMNS",
+    "META",
+    "ONNX_ATOL",
+    "ONNX_FILE",
+    "ONNX_INT8_MAX_REL_ERR",
+    "ONNX_RTOL",
+    "ONNX_SOURCE_KIND",
+    "QUANT_FILE",
+    "QUANT_MODES",
+    "WEIGHT_SUFFIXES",
+    "CompressionError",
+    "Loaded",
+    "atomic_dir",
+    "build_distilled",
+    "build_pruned",
+    "build_quantized",
+    "check_public",
+    "compare_logits",
+    "compress",
+    "compress_task",
+    "choose",
+    "compressible_linears",
+    "count_params",
+    "decide",
+    "decoder_layers",
+    "disk_bytes",
+    "distill_loss",
+    "encode_for_check",
+    "export_onnx",
+    "gate",
+    "linear_sparsity",
+    "linear_weight_bytes",
+    "load_quantized",
+    "load_variant",
+    "logits_module",
+    "make_student",
+    "measure",
+    "onnx_matmul_weight_bytes",
+    "ort_logits",
+    "ort_session",
+    "perplexity",
+    "Pick",
+    "plan",
+    "prune_magnitude",
+    "prune_mlp_channels",
+    "quantize_int8",
+    "quantize_onnx",
+    "read_meta",
+    "rebuild",
+    "save_hf",
+    "student_layer_ids",
+    "table_markdown",
+    "table_rows",
+    "tensor_bytes",
+    "time_variants",
+    "timing_input",
+    "torch_threads",
+    "verify_onnx",
+    "write_meta",
 ]
 
 
@@ -91,8 +175,9 @@ def gate(metrics: dict, baseline: dict, max_perplexity_increase: float, min_spee
     rel = ppl / base - 1
     if not math.isfinite(ppl) or rel > max_perplexity_increase:
         ok = False
-        reasons.append(f"perplexity {ppl:.3f} is {rel:+.1%} vs original {base:.3f} "
-                       f"(allowed +{max_perplexity_increase:.1%})")
+        reasons.append(
+            f"perplexity {ppl:.3f} is {rel:+.1%} vs original {base:.3f} (allowed +{max_perplexity_increase:.1%})"
+        )
     else:
         reasons.append(f"perplexity {rel:+.1%} (allowed +{max_perplexity_increase:.1%})")
     speedup = metrics["speedup"]
@@ -127,11 +212,18 @@ def choose_edge(variants: list[dict]) -> Pick:
     ok = [v for v in variants if v.get("format") == "onnx" and v.get("passed")]
     if not ok:
         built = [v for v in variants if v.get("format") == "onnx"]
-        return Pick(None, f"none: no onnx variant passed the gates ({len(built)} tried)" if built else
-                    "none: no onnx variant was built")
+        return Pick(
+            None,
+            f"none: no onnx variant passed the gates ({len(built)} tried)"
+            if built
+            else "none: no onnx variant was built",
+        )
     win = min(ok, key=lambda v: (v["size_bytes"], -v["speedup"]))
-    why = "the only passing onnx variant" if len(ok) == 1 else \
-        f"size first: smallest of {len(ok)} passing onnx variants; speed only has to pass the gate"
+    why = (
+        "the only passing onnx variant"
+        if len(ok) == 1
+        else f"size first: smallest of {len(ok)} passing onnx variants; speed only has to pass the gate"
+    )
     return Pick(win, f"{win['name']}: {_mb(win['size_bytes'])}, {win['speedup']:.3f}× ({why})")
 
 
@@ -146,8 +238,9 @@ def choose(variants: list[dict], speed_tolerance: float, formats: tuple[str, ...
     pool = [v for v in variants if formats is None or v.get("format") in formats]
     ok = [v for v in pool if v.get("passed")]
     if not ok:
-        return Pick(None, f"none: no {kind} passed the gates ({len(pool)} tried)" if pool else
-                    f"none: no {kind} was built")
+        return Pick(
+            None, f"none: no {kind} passed the gates ({len(pool)} tried)" if pool else f"none: no {kind} was built"
+        )
     best = max(ok, key=lambda v: v["speedup"])
     tol = f"{speed_tolerance * 100:g}%"
     near = [v for v in ok if v["speedup"] >= best["speedup"] * (1 - speed_tolerance) - 1e-9]
@@ -159,8 +252,10 @@ def choose(variants: list[dict], speed_tolerance: float, formats: tuple[str, ...
     elif win["speedup"] >= best["speedup"]:
         why = f"fastest, and smallest of the {len(near)} within {tol} of it"
     else:
-        why = (f"within {tol} of the best {best['speedup']:.3f}×, {best['name']} at {_mb(best['size_bytes'])}; "
-               f"smallest of {len(near)}")
+        why = (
+            f"within {tol} of the best {best['speedup']:.3f}×, {best['name']} at {_mb(best['size_bytes'])}; "
+            f"smallest of {len(near)}"
+        )
     return Pick(win, f"{win['name']}: {_mb(win['size_bytes'])}, {win['speedup']:.3f}× ({why})")
 
 
@@ -193,23 +288,24 @@ def _check_config(cfg, steps: list[tuple[str, dict]]) -> None:
     kinds = {spec["kind"] for _, spec in steps}
     need = ONNX_SOURCE_KIND.get(src)
     if cfg.export_onnx and src != "original" and need not in kinds:
-        raise CompressionError(f"onnx_source is '{src}' but that variant is not built", "compression.onnx_source",
-                               f"enable {need} or export the original")
+        raise CompressionError(
+            f"onnx_source is '{src}' but that variant is not built",
+            "compression.onnx_source",
+            f"enable {need} or export the original",
+        )
 
 
-def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
-             private_paths: list[str] | None) -> dict:
+def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int, private_paths: list[str] | None) -> dict:
     """Build, reload, measure and gate every configured variant of `model_path`; see the module docstring."""
-    from tasks.data import read_texts
     from llmops.files import dir_digest
+    from tasks.data import read_texts
     from tasks.model import load_model
 
     steps = plan(cfg)
     out = Path(out_dir)
     if not cfg.enabled or not steps:
         why = "compression is disabled" if not cfg.enabled else "no technique is enabled"
-        return {"variants": [], "baseline": None, "table_md": f"{why}\n", "selected": None, "edge": None,
-                "note": why}
+        return {"variants": [], "baseline": None, "table_md": f"{why}\n", "selected": None, "edge": None, "note": why}
     _check_config(cfg, steps)
     distill_fp = None
     if cfg.distill:  # refuse before any work: the privacy rule is not a late surprise
@@ -234,8 +330,9 @@ def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int,
             entry.update(passed=False, reason=f"not built: {e}", built=False)
         except Exception as e:  # noqa: BLE001 - a broken technique must not hide the others; the reason is kept
             log.exception("building %s failed", name)
-            entry.update(passed=False, reason=f"not built: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                         built=False)
+            entry.update(
+                passed=False, reason=f"not built: {type(e).__name__}: {str(e).splitlines()[0][:300]}", built=False
+            )
         variants.append(entry)
     del model
     result = decide(measure(model_path, variants, texts, max_len, cfg), cfg)
@@ -252,8 +349,9 @@ def _privacy_error():
     return PrivacyError
 
 
-def _build(spec: dict, model, tok, tmp: Path, cfg, built: dict, texts: list[str], max_len: int,
-           distill_fp: str | None) -> dict:
+def _build(
+    spec: dict, model, tok, tmp: Path, cfg, built: dict, texts: list[str], max_len: int, distill_fp: str | None
+) -> dict:
     kind = spec["kind"]
     if kind == "prune":
         return build_pruned(model, tok, tmp, cfg.prune_sparsity, cfg.prune_method)
@@ -268,11 +366,23 @@ def _build(spec: dict, model, tok, tmp: Path, cfg, built: dict, texts: list[str]
         return {"onnx_check": export_onnx(src, tok, tmp, texts, max_len, src_name), "onnx_source": src_name}
     if kind == "onnx_int8":
         if "onnx" not in built:
-            raise CompressionError("the fp32 ONNX export failed, so there is nothing to quantize", str(tmp),
-                                   "see the onnx variant's reason")
+            raise CompressionError(
+                "the fp32 ONNX export failed, so there is nothing to quantize",
+                str(tmp),
+                "see the onnx variant's reason",
+            )
         src = _onnx_source_model(src_name, model, built)
-        check = quantize_onnx(built["onnx"], tmp, logits_module(src), tok, texts, max_len, src_name,
-                              cfg.onnx_int8_method, cfg.onnx_int8_block_size)
+        check = quantize_onnx(
+            built["onnx"],
+            tmp,
+            logits_module(src),
+            tok,
+            texts,
+            max_len,
+            src_name,
+            cfg.onnx_int8_method,
+            cfg.onnx_int8_block_size,
+        )
         return {"onnx_check": check, "onnx_source": src_name}
     raise CompressionError(f"unknown variant kind '{kind}'", "compression", "this is a bug")
 
@@ -297,17 +407,26 @@ def decide(measured: dict, cfg) -> dict:
     band = noise_band(variants, cfg.pick_speed_tolerance)
     selected = choose(variants, band)
     edge = choose_edge(variants)
-    rule = (f"- **Rule**: selected = the smallest passing variant within {band * 100:.3g}% of the fastest "
-            f"(pick_speed_tolerance {cfg.pick_speed_tolerance * 100:g}%, widened to the measured noise: the largest "
-            "relative IQR of paired per-round speed-ups); edge bundle = the smallest passing ONNX variant (size "
-            "first). Speed-ups are medians of per-round ratios to the original, rounds interleaved.")
+    rule = (
+        f"- **Rule**: selected = the smallest passing variant within {band * 100:.3g}% of the fastest "
+        f"(pick_speed_tolerance {cfg.pick_speed_tolerance * 100:g}%, widened to the measured noise: the largest "
+        "relative IQR of paired per-round speed-ups); edge bundle = the smallest passing ONNX variant (size "
+        "first). Speed-ups are medians of per-round ratios to the original, rounds interleaved."
+    )
     picks = [f"- **Selected**: {selected.reason}", f"- **Edge bundle**: {edge.reason}", rule]
     sel, e = selected.variant, edge.variant
-    return {"baseline": base, "variants": variants, "rows": rows,
-            "table_md": table_markdown(rows, variants, measured["note"], picks),
-            "selected": sel["name"] if sel else None, "selected_path": sel["path"] if sel else None,
-            "selected_reason": selected.reason,
-            "edge": e["path"] if e else None, "edge_name": e["name"] if e else None, "edge_reason": edge.reason}
+    return {
+        "baseline": base,
+        "variants": variants,
+        "rows": rows,
+        "table_md": table_markdown(rows, variants, measured["note"], picks),
+        "selected": sel["name"] if sel else None,
+        "selected_path": sel["path"] if sel else None,
+        "selected_reason": selected.reason,
+        "edge": e["path"] if e else None,
+        "edge_name": e["name"] if e else None,
+        "edge_reason": edge.reason,
+    }
 
 
 def _write_report(out: Path, result: dict) -> None:

@@ -1,5 +1,6 @@
 """What every compression technique shares: the variant directory (atomic build, `compression.json`), the model
 anatomy (which Linears are compressible, decoder layers, rebuild from a state dict) and size/sparsity counts."""
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,7 @@ def compressible_linears(model, conv1d: bool = True) -> dict[str, Any]:
     kinds = (torch.nn.Linear, Conv1D) if conv1d else (torch.nn.Linear,)
     tied = _output_head_is_tied(model)
     head = model.get_output_embeddings()
-    return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, kinds) and not (tied and mod is head)}
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, kinds) and not (tied and mod is head)}
 
 
 def linear_weight_bytes(model) -> int:
@@ -109,8 +109,11 @@ def decoder_layers(model) -> tuple[str, Any]:
         except AttributeError:
             continue
         return prefix, obj
-    raise CompressionError(f"unsupported architecture {type(model).__name__}: no decoder layer list found",
-                           "compression", "use a Llama- or GPT-2-style causal LM, or disable this technique")
+    raise CompressionError(
+        f"unsupported architecture {type(model).__name__}: no decoder layer list found",
+        "compression",
+        "use a Llama- or GPT-2-style causal LM, or disable this technique",
+    )
 
 
 def rebuild(config, state_dict: dict):

@@ -1,6 +1,7 @@
 """Distillation into a shallower student initialised from evenly spaced teacher layers, trained on the teacher's
 logits (temperature-scaled KL + CE). It reads text, so that text must be public: `check_public` refuses any record
 that is private (this run's splits or the privacy ledger) before any work."""
+
 from __future__ import annotations
 
 import re
@@ -16,20 +17,24 @@ def check_public(data_path: str | Path | None, private_paths: list[str] | None) 
     record the deployment's privacy ledger has charged. Whole-dataset fingerprints would accept the private set
     plus one extra line, or a re-ordered, re-spaced copy of it.
     """
-    from tasks.data import load_dataset
     from llmops.errors import PrivacyError
+    from tasks.data import load_dataset
     from tasks.privacy import count_private
 
     if data_path is None:
-        raise PrivacyError("distillation needs text and none was declared public", "compression.distill_data",
-                           "set compression.distill_data to public text (e.g. data/public/macbeth.txt)")
+        raise PrivacyError(
+            "distillation needs text and none was declared public",
+            "compression.distill_data",
+            "set compression.distill_data to public text (e.g. data/public/macbeth.txt)",
+        )
     ds = load_dataset(Path(data_path))
     if overlap := count_private([r.text for r in ds.records], private_paths or []):
         raise PrivacyError(
             f"{overlap} of {len(ds.records)} distillation record(s) are in the private training set or the privacy "
             "ledger; reading them again would spend privacy budget the ledger has not granted",
             "compression.distill_data",
-            "point compression.distill_data at public text (e.g. data/public/macbeth.txt), or disable distillation")
+            "point compression.distill_data at public text (e.g. data/public/macbeth.txt), or disable distillation",
+        )
     if not private_paths:
         log.warning("no private splits given: %s checked against the privacy ledger only", data_path)
     return ds.fingerprint
@@ -38,8 +43,11 @@ def check_public(data_path: str | Path | None, private_paths: list[str] | None) 
 def student_layer_ids(n_teacher: int, n_student: int) -> list[int]:
     """Evenly spaced teacher blocks, always keeping the first and the last."""
     if not 1 <= n_student <= n_teacher:
-        raise CompressionError(f"student_layers={n_student} must be between 1 and the teacher's {n_teacher}",
-                               "compression.student_layers", "pick a smaller student depth")
+        raise CompressionError(
+            f"student_layers={n_student} must be between 1 and the teacher's {n_teacher}",
+            "compression.student_layers",
+            "pick a smaller student depth",
+        )
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
@@ -71,8 +79,15 @@ def distill_loss(s_logits, t_logits, input_ids, attention_mask, temperature: flo
 
     mask = attention_mask[:, 1:].bool()
     s, t = s_logits[:, :-1][mask].float(), t_logits[:, :-1][mask].float()
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                  reduction="batchmean") * temperature**2
+    kl = (
+        F.kl_div(
+            F.log_softmax(s / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     ce = F.cross_entropy(s, input_ids[:, 1:][mask])
     return alpha * kl + (1 - alpha) * ce, kl.item(), ce.item()
 
@@ -105,14 +120,25 @@ def build_distilled(teacher, tok, out: Path, data_path: Path, max_len: int, cfg)
         batch, order = encode(tok, order[:bs], max_len), order[bs:]
         with torch.no_grad():
             t_logits = teacher(**batch).logits
-        loss, kl, ce = distill_loss(student(**batch).logits, t_logits, batch["input_ids"], batch["attention_mask"],
-                                    temp, alpha)
+        loss, kl, ce = distill_loss(
+            student(**batch).logits, t_logits, batch["input_ids"], batch["attention_mask"], temp, alpha
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         last = {"step": step + 1, "loss": round(loss.item(), 4), "kl": round(kl, 4), "ce": round(ce, 4)}
     student.eval()
-    save_hf(student, tok, out, technique="distill", teacher_layers=n_teacher, student_layers=n_student,
-            layer_ids=ids, distill_data=str(data_path), steps=steps, final=last)
+    save_hf(
+        student,
+        tok,
+        out,
+        technique="distill",
+        teacher_layers=n_teacher,
+        student_layers=n_student,
+        layer_ids=ids,
+        distill_data=str(data_path),
+        steps=steps,
+        final=last,
+    )
     return {"student_layers": n_student, "teacher_layers": n_teacher, "distill_final": last}

@@ -1,13 +1,15 @@
 """Measurement: every variant reloaded from disk (hf / torchao / onnx) and run next to the original on the same
 inputs: size on disk, parameters, held-out perplexity, CPU tokens/s and latency p50/p95, and the comparison table."""
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tasks.compression.common import count_params, linear_sparsity, linear_weight_bytes, read_meta
 from tasks.compression.onnx import ONNX_FILE, onnx_matmul_weight_bytes, ort_logits, ort_session
@@ -36,8 +38,12 @@ def load_variant(path: str | Path) -> Loaded:
     meta = read_meta(path)
     if meta["format"] == "onnx":
         session = ort_session(path / ONNX_FILE)
-        return Loaded(lambda ids, am: ort_logits(session, ids, am), load_tokenizer(path), meta.get("params"),
-                      onnx_matmul_weight_bytes(path / ONNX_FILE))
+        return Loaded(
+            lambda ids, am: ort_logits(session, ids, am),
+            load_tokenizer(path),
+            meta.get("params"),
+            onnx_matmul_weight_bytes(path / ONNX_FILE),
+        )
     if meta["format"] == "torchao":
         model, tok = load_quantized(path, meta["quantize"])
     else:
@@ -50,8 +56,9 @@ def load_variant(path: str | Path) -> Loaded:
 
     run.model = model  # for callers that want the module (tests)
     sparsity = linear_sparsity(model)
-    return Loaded(run, tok, count_params(model), linear_weight_bytes(model),
-                  None if sparsity is None else round(sparsity, 4))
+    return Loaded(
+        run, tok, count_params(model), linear_weight_bytes(model), None if sparsity is None else round(sparsity, 4)
+    )
 
 
 def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
@@ -59,7 +66,7 @@ def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int =
 
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        b = encode(runner.tok, texts[i:i + batch_size], max_len)
+        b = encode(runner.tok, texts[i : i + batch_size], max_len)
         nll, n = logits_nll(runner.logits(b["input_ids"], b["attention_mask"]), b["input_ids"], b["attention_mask"])
         total, count = total + nll, count + n
     loss = total / max(count, 1)
@@ -103,8 +110,12 @@ def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int) -> dict[
         s = sorted(s)
         p50 = statistics.median(s)
         p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
-        out[name] = {"latency_ms_p50": round(1000 * p50, 2), "latency_ms_p95": round(1000 * p95, 2),
-                     "tokens_per_s": round(n_tok / p50, 1), **paired}
+        out[name] = {
+            "latency_ms_p50": round(1000 * p50, 2),
+            "latency_ms_p95": round(1000 * p95, 2),
+            "tokens_per_s": round(n_tok / p50, 1),
+            **paired,
+        }
     return out
 
 
@@ -134,15 +145,20 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
     for v in tqdm(todo, desc="reload + perplexity", unit="variant", dynamic_ncols=True):
         runners[v["name"]] = r = load_variant(v["path"])
         v.setdefault("format", read_meta(v["path"])["format"])
-        v.update(perplexity(r, texts, max_len), params=r.params, size_bytes=disk_bytes(v["path"]),
-                 sparsity=r.sparsity)
+        v.update(perplexity(r, texts, max_len), params=r.params, size_bytes=disk_bytes(v["path"]), sparsity=r.sparsity)
         if r.linear_bytes is not None:
             v["linear_bytes"] = r.linear_bytes
     batch = timing_input(runners["original"].tok, texts, max_len)
     timing = time_variants(runners, batch, cfg.bench_rounds)
     base = base_entry
-    base.update(timing["original"], speedup=1.0, size_ratio=1.0, ppl_delta=0.0, linear_bytes_ratio=1.0,
-                size_mb=round(base["size_bytes"] / 1e6, 1))
+    base.update(
+        timing["original"],
+        speedup=1.0,
+        size_ratio=1.0,
+        ppl_delta=0.0,
+        linear_bytes_ratio=1.0,
+        size_mb=round(base["size_bytes"] / 1e6, 1),
+    )
     for v in variants:
         if not v.get("built", True):
             continue
@@ -154,10 +170,12 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
         v["ppl_delta"] = v["perplexity"] / base["perplexity"] - 1
         if "linear_bytes" in v:
             v["linear_bytes_ratio"] = round(v["linear_bytes"] / base["linear_bytes"], 4)
-    note = (f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
-            f"(max_len {max_len}); latency = one forward of a batch-1, {max_len}-token sequence, "
-            f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
-            f"tokens/s = {max_len} / p50.")
+    note = (
+        f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
+        f"(max_len {max_len}); latency = one forward of a batch-1, {max_len}-token sequence, "
+        f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
+        f"tokens/s = {max_len} / p50."
+    )
     return {"baseline": base, "variants": variants, "note": note}
 
 
@@ -167,10 +185,22 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-COLUMNS = [("variant", "name"), ("format", "format"), ("size MB", "size_mb"), ("size x", "size_ratio"),
-           ("params", "params"), ("sparsity", "sparsity"), ("Linear bytes x", "linear_bytes_ratio"),
-           ("perplexity", "perplexity"), ("ppl delta", "ppl_delta"), ("tokens/s", "tokens_per_s"),
-           ("speed-up", "speedup"), ("p50 ms", "latency_ms_p50"), ("p95 ms", "latency_ms_p95"), ("gate", "gate")]
+COLUMNS = [
+    ("variant", "name"),
+    ("format", "format"),
+    ("size MB", "size_mb"),
+    ("size x", "size_ratio"),
+    ("params", "params"),
+    ("sparsity", "sparsity"),
+    ("Linear bytes x", "linear_bytes_ratio"),
+    ("perplexity", "perplexity"),
+    ("ppl delta", "ppl_delta"),
+    ("tokens/s", "tokens_per_s"),
+    ("speed-up", "speedup"),
+    ("p50 ms", "latency_ms_p50"),
+    ("p95 ms", "latency_ms_p95"),
+    ("gate", "gate"),
+]
 
 
 def table_rows(baseline: dict, variants: list[dict]) -> list[dict]:

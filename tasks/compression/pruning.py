@@ -3,12 +3,19 @@
 magnitude_global / magnitude_layer: unstructured L1, made permanent (zeros stay dense, so no speed-up without a
 sparse kernel). mlp_channels: structured, drops whole MLP channels so the matmuls shrink.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.compression.common import (CompressionError, compressible_linears, decoder_layers, linear_sparsity,
-                                      rebuild, save_hf)
+from tasks.compression.common import (
+    CompressionError,
+    compressible_linears,
+    decoder_layers,
+    linear_sparsity,
+    rebuild,
+    save_hf,
+)
 
 
 def prune_magnitude(model, sparsity: float, scope: str = "global") -> float:
@@ -18,8 +25,7 @@ def prune_magnitude(model, sparsity: float, scope: str = "global") -> float:
 
     mods = list(compressible_linears(model).values())
     if scope == "global":
-        prune.global_unstructured([(m, "weight") for m in mods], pruning_method=prune.L1Unstructured,
-                                  amount=sparsity)
+        prune.global_unstructured([(m, "weight") for m in mods], pruning_method=prune.L1Unstructured, amount=sparsity)
     else:
         for m in mods:
             prune.l1_unstructured(m, "weight", amount=sparsity)
@@ -35,8 +41,11 @@ def _mlp_kind(layer) -> str:
         return "gated"
     if mlp is not None and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
         return "gpt2"
-    raise CompressionError(f"MLP of {type(layer).__name__} is neither Llama-style nor GPT-2-style",
-                           "compression.prune_method", "use magnitude_global or magnitude_layer for this model")
+    raise CompressionError(
+        f"MLP of {type(layer).__name__} is neither Llama-style nor GPT-2-style",
+        "compression.prune_method",
+        "use magnitude_global or magnitude_layer for this model",
+    )
 
 
 def prune_mlp_channels(model, sparsity: float):
@@ -61,7 +70,9 @@ def prune_mlp_channels(model, sparsity: float):
             p = f"{prefix}.{i}.mlp."
             mlp = layer.mlp
             if kind == "gated":
-                score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+                score = (
+                    mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+                )
                 idx = score.topk(keep).indices.sort().values
                 for n in ("gate_proj", "up_proj"):
                     sd[p + n + ".weight"] = sd[p + n + ".weight"][idx].clone()
@@ -92,5 +103,7 @@ def build_pruned(model, tok, out: Path, sparsity: float, method: str) -> dict:
         achieved = prune_magnitude(pruned, sparsity, "global" if method == "magnitude_global" else "layer")
         note = f"{achieved:.1%} of block Linear weights are zero (dense storage)"
     key = "mlp_channels_removed" if method == "mlp_channels" else "weight_sparsity"
-    save_hf(pruned, tok, out, technique="prune", method=method, requested_sparsity=sparsity, **{key: round(achieved, 4)})
+    save_hf(
+        pruned, tok, out, technique="prune", method=method, requested_sparsity=sparsity, **{key: round(achieved, 4)}
+    )
     return {key: round(achieved, 4), "note": note}

@@ -1,5 +1,6 @@
 """torchao int8 of the block Linears: weight-only, or dynamic (activations quantized per token at run time, no
 calibration data). Saved as a state dict of torchao tensors (+ config), reloaded by re-applying the same config."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,11 @@ def quantize_int8(model, mode: str) -> list[str]:
 
     names = set(compressible_linears(model, conv1d=False))
     if not names:
-        raise CompressionError(f"{type(model).__name__} has no nn.Linear layers for torchao to quantize (GPT-2 uses "
-                               "Conv1D)", "compression.quantize", "use export_onnx with onnx_int8 for this model")
+        raise CompressionError(
+            f"{type(model).__name__} has no nn.Linear layers for torchao to quantize (GPT-2 uses Conv1D)",
+            "compression.quantize",
+            "use export_onnx with onnx_int8 for this model",
+        )
     quantize_(model, _torchao_config(mode), filter_fn=lambda mod, fqn: fqn in names)
     return sorted(names)
 
@@ -52,8 +56,14 @@ def build_quantized(model, tok, out: Path, mode: str) -> dict:
     torch.save(q.state_dict(), out / QUANT_FILE)
     q.config.save_pretrained(out)
     tok.save_pretrained(out)
-    write_meta(out, format="torchao", technique="quantize", quantize=mode, linear_bytes_fp32=fp32_bytes,
-               linear_bytes_int8=int8_bytes)
+    write_meta(
+        out,
+        format="torchao",
+        technique="quantize",
+        quantize=mode,
+        linear_bytes_fp32=fp32_bytes,
+        linear_bytes_int8=int8_bytes,
+    )
     return {"linear_bytes_ratio": round(int8_bytes / fp32_bytes, 4)}
 
 
@@ -70,8 +80,11 @@ def load_quantized(path: Path, mode: str):
     try:
         state = torch.load(path / QUANT_FILE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CompressionError(f"cannot load {QUANT_FILE} ({str(e).splitlines()[0]})", str(path),
-                               "rebuild the variant (delete the directory and rerun compression)") from None
+        raise CompressionError(
+            f"cannot load {QUANT_FILE} ({str(e).splitlines()[0]})",
+            str(path),
+            "rebuild the variant (delete the directory and rerun compression)",
+        ) from None
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     return model.eval(), load_tokenizer(path)

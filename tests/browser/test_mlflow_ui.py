@@ -4,6 +4,7 @@ Playwright): the model card is the version's description and the training plot i
 Screenshots are kept as test artifacts: test-artifacts/mlflow-model-card.png (top of the version page) and
 test-artifacts/mlflow-model-version.png (scrolled to the plot), both gitignored.
 """
+
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,20 @@ import pytest
 from tests.conftest import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                                      reason="needs Debian's chromium (apt-get install chromium)")]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = ROOT / "test-artifacts" / "mlflow-model-version.png"
 
 
@@ -51,13 +62,17 @@ def test_mlflow_ui_shows_the_model_card_and_plots(mlflow_server, prefect_harness
         page.get_by_text(f"Model card: {reg['model_name']}").first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOT.with_name("mlflow-model-card.png")))
         body = page.inner_text("body")
-        for needle in ("Privacy guarantee", f"(ε, δ) = ({out['finetune']['privacy']['epsilon']:.3f}",
-                       "Limits of the guarantee", "plots/training.png", "candidate"):
+        for needle in (
+            "Privacy guarantee",
+            f"(ε, δ) = ({out['finetune']['privacy']['epsilon']:.3f}",
+            "Limits of the guarantee",
+            "plots/training.png",
+            "candidate",
+        ):
             assert needle in body, needle
         plot = page.locator(f"img[src*='path=plots/training.png'][src*='run_uuid={reg['run_id']}']").first
         plot.scroll_into_view_if_needed()
-        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=plot.element_handle(),
-                               timeout=15_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=plot.element_handle(), timeout=15_000)
         assert plot.evaluate("img => img.naturalWidth") >= 800  # the 1000 px wide PNG, not a broken-image icon
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()

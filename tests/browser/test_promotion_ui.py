@@ -1,4 +1,5 @@
 """A release manager approves a paused promotion in the real Prefect UI (headless Chromium via Playwright)."""
+
 import json
 import os
 import subprocess
@@ -12,13 +13,30 @@ import yaml
 from tests.conftest import ROOT, _free_port, ledger_backed_tags
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                                      reason="needs Debian's chromium (apt-get install chromium)")]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
-             "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
-             "llmops.dp.budget": "10.0", "llmops.data_fingerprint": "ab" * 32, "llmops.dp.delta": "1e-05"}
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GOOD_TAGS = {
+    "llmops.validation": "passed",
+    "llmops.gate": "passed: no production model yet",
+    "llmops.dp.private": "True",
+    "llmops.dp.epsilon": "2.5",
+    "llmops.dp.epsilon_cumulative": "2.5",
+    "llmops.dp.budget": "10.0",
+    "llmops.data_fingerprint": "ab" * 32,
+    "llmops.dp.delta": "1e-05",
+}
 
 
 @pytest.fixture
@@ -35,40 +53,91 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     from playwright.sync_api import sync_playwright
 
     from llmops.files import write_text_atomic
-    from llmops.governance.policy import TargetSpec, load_governance
     from llmops.governance.access import commit_governance, enrol_user, init_governance
+    from llmops.governance.policy import TargetSpec, load_governance
+    from llmops.services import connect_registry
     from tasks.model import resolve_model
     from tasks.registry import register_candidate
-    from llmops.services import connect_registry
 
     api, port = prefect_server
     state = tmp_path / "state"
     g = init_governance()  # in this test's own LLMOPS_GOVERNANCE (conftest), inherited by the CLI subprocess
-    keys = {n: write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600)
-            for n, r in (("rm-bob", "release-manager"), ("ml-alice", "ml-engineer"))}
+    keys = {
+        n: write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600)
+        for n, r in (("rm-bob", "release-manager"), ("ml-alice", "ml-engineer"))
+    }
     g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem"))}
     commit_governance(g, "test-setup")
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
-    register_candidate(uri=connect_registry(None, state), state_dir=str(state), experiment="e", model_name="m",
-                       model_dir=model.path, params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[],
-                       artifacts={}, texts={}, tags={},
-                       version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"], model_dir=model.path)),
-                       set_alias=True)
+    register_candidate(
+        uri=connect_registry(None, state),
+        state_dir=str(state),
+        experiment="e",
+        model_name="m",
+        model_dir=model.path,
+        params={},
+        metrics={"eval.eval_loss": 3.0},
+        step_metrics=[],
+        artifacts={},
+        texts={},
+        tags={},
+        version_tags=(tags := ledger_backed_tags(GOOD_TAGS, ["r"], model_dir=model.path)),
+        set_alias=True,
+    )
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"state_dir": str(state), "registry": {"model_name": "m"},
-                                   "promotion": {"approval_timeout_s": 300}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"state_dir": str(state), "registry": {"model_name": "m"}, "promotion": {"approval_timeout_s": 300}}
+        )
+    )
     env = dict(os.environ, PREFECT_API_URL=api, LLMOPS_HOME=str(state), LLMOPS_PREFECT_PORT=str(port))
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "promote", "--config", str(cfg), "--version", "1",
-                        "--requested-by", "ml-alice", "--key-file", str(keys["ml-alice"]), "--background"], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "promote",
+            "--config",
+            str(cfg),
+            "--version",
+            "1",
+            "--requested-by",
+            "ml-alice",
+            "--key-file",
+            str(keys["ml-alice"]),
+            "--background",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ui_url = next(line.split(": ", 1)[1].strip() for line in r.stdout.splitlines() if "Prefect UI" in line)
     assert ui_url.startswith(f"http://127.0.0.1:{port}/runs/flow-run/")
     assert not (tmp_path / "onprem").exists()
     run_id = ui_url.rstrip("/").rsplit("/", 1)[1]
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "approval-code", run_id, "--approver", "rm-bob",
-                        "--key-file", str(keys["rm-bob"]), "--expect", "1"], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "approval-code",
+            run_id,
+            "--approver",
+            "rm-bob",
+            "--key-file",
+            str(keys["rm-bob"]),
+            "--expect",
+            "1",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     code = r.stdout.splitlines()[0].strip()  # what the release manager pastes
 
@@ -107,7 +176,10 @@ def test_release_manager_approves_in_prefect_ui(tmp_path, prefect_server):
     assert manifest.exists(), "model did not land in the on-prem target"
     print(f"submit -> model in on-prem target: {manifest.stat().st_mtime - submitted:.1f} s")
     assert json.loads((tmp_path / "onprem" / "m" / "current.json").read_text())["version"] == "1"
-    audit = [a for x in load_governance().audit_log.read_text().splitlines()
-             if (a := json.loads(x)).get("action") != "governance"]  # decisions, not the admin entries
+    audit = [
+        a
+        for x in load_governance().audit_log.read_text().splitlines()
+        if (a := json.loads(x)).get("action") != "governance"
+    ]  # decisions, not the admin entries
     assert [a["decision"] for a in audit] == ["requested", "approved", "promoted"] and audit[1]["approver"] == "rm-bob"
     assert audit[0]["requested_by"] == "ml-alice"

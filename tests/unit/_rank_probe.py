@@ -1,7 +1,8 @@
 """Run by test_privacy_attacks under torchrun: train a spec and write, per step, the token rows this rank trained on.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/unit/_rank_probe.py SPEC.json OUT_DIR
+python -m torch.distributed.run --nproc_per_node 2 tests/unit/_rank_probe.py SPEC.json OUT_DIR
 """
+
 import json
 import os
 import sys

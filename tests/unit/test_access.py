@@ -3,6 +3,7 @@
 One test per attack an insider (requester with the CLI and `--set`, anyone reading Prefect's stores or the state
 dir) would try; each failed on the code before the governance change.
 """
+
 import json
 import multiprocessing
 import os
@@ -10,13 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from llmops.errors import ConfigError, LLMOpsError
-from llmops.governance.policy import load_governance
-from llmops.errors import AccessDenied, AuditTampered
+from llmops.errors import AccessDenied, AuditTampered, ConfigError, LLMOpsError
+from llmops.governance.access import (
+    approval_code,
+    enrol_user,
+    init_governance,
+    make_request,
+    verify_approval,
+    verify_request,
+)
 from llmops.governance.audit import AuditLog, verify_audit_log
-from llmops.governance.store import GovernanceStore
-from llmops.governance.access import (approval_code, enrol_user, init_governance, make_request, verify_approval, verify_request)
 from llmops.governance.keys import load_private_key
+from llmops.governance.policy import load_governance
+from llmops.governance.store import GovernanceStore
 
 
 def _write_key(path: Path, pem: str) -> Path:
@@ -30,8 +37,12 @@ def gov(tmp_path, isolated_governance):
     """Governance with alice (ml-engineer + release-manager), bob, carol (release-managers), eve (ml-engineer)."""
     g = init_governance()
     keys = {}
-    for name, roles in {"alice": ["ml-engineer", "release-manager"], "bob": ["release-manager"],
-                        "carol": ["release-manager"], "eve": ["ml-engineer"]}.items():
+    for name, roles in {
+        "alice": ["ml-engineer", "release-manager"],
+        "bob": ["release-manager"],
+        "carol": ["release-manager"],
+        "eve": ["ml-engineer"],
+    }.items():
         keys[name] = _write_key(tmp_path / "keys" / f"{name}.key", enrol_user(g, name, roles))
     g = load_governance(required=True)
     return g, GovernanceStore(g.state_db), {n: load_private_key(p) for n, p in keys.items()}, keys
@@ -48,28 +59,34 @@ def test_governance_file_holds_no_private_key_and_is_private(gov):
     assert len(g.digest()) == 64
 
 
-@pytest.mark.parametrize("override", [
-    {"promotion.roles_file": "/tmp/my-roles.yaml"},
-    {"promotion.targets": [{"kind": "onprem", "uri": "/tmp/mine"}]},
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"promotion.roles_file": "/tmp/my-roles.yaml"},
+        {"promotion.targets": [{"kind": "onprem", "uri": "/tmp/mine"}]},
+    ],
+)
 def test_requester_cannot_set_governance_from_the_run_config(override):
     from llmops.config import PipelineConfig, load_config
 
     with pytest.raises((ConfigError, ValueError), match="governance"):
-        PipelineConfig.model_validate({"promotion": {override and list(override)[0].split(".")[1]:
-                                                     list(override.values())[0]}})
+        PipelineConfig.model_validate(
+            {"promotion": {override and list(override)[0].split(".")[1]: list(override.values())[0]}}
+        )
     assert load_config  # the CLI path is covered in test_promotion
 
 
 def test_run_config_only_tightens(gov):
-    from llmops.governance.decision import policy_in_force
     from llmops.config import PipelineConfig
+    from llmops.governance.decision import policy_in_force
     from llmops.governance.policy import TargetSpec
 
     g = gov[0]
     g.approvals.required = 2
-    g.targets = {"onprem": TargetSpec(kind="onprem", uri="/a"), "edge": TargetSpec(kind="edge", uri="/b",
-                                                                                  models=["other"])}
+    g.targets = {
+        "onprem": TargetSpec(kind="onprem", uri="/a"),
+        "edge": TargetSpec(kind="edge", uri="/b", models=["other"]),
+    }
     loose = PipelineConfig.model_validate({"promotion": {"required_approvals": 1}})
     assert policy_in_force(g, loose, "m", "promote").required == 2  # 1 < governance's 2: ignored
     tight = PipelineConfig.model_validate({"promotion": {"required_approvals": 3, "targets": ["onprem"]}})
@@ -118,11 +135,32 @@ def _code(key, run_id, subject=SUBJ, approve=True, challenge=CH, expires=EXP):
     return approval_code(key, run_id, subject, approve=approve, challenge=challenge, expires=expires)
 
 
-def _approve(gov, run_id, approver, code, approve=True, requested_by="eve", action="promote", subject=SUBJ,
-             challenge=CH, expires=EXP):
+def _approve(
+    gov,
+    run_id,
+    approver,
+    code,
+    approve=True,
+    requested_by="eve",
+    action="promote",
+    subject=SUBJ,
+    challenge=CH,
+    expires=EXP,
+):
     g, store, _, _ = gov
-    verify_approval(g, store, run_id=run_id, approver=approver, code=code, approve=approve, action=action,
-                    requested_by=requested_by, subject=subject, challenge=challenge, expires=expires)
+    verify_approval(
+        g,
+        store,
+        run_id=run_id,
+        approver=approver,
+        code=code,
+        approve=approve,
+        action=action,
+        requested_by=requested_by,
+        subject=subject,
+        challenge=challenge,
+        expires=expires,
+    )
 
 
 def test_code_is_bound_to_run_and_decision_and_single_use(gov):
@@ -333,8 +371,8 @@ def test_hand_edited_governance_is_refused_until_audited(gov, capsys):
 
     from flows.cli import main
     from llmops.errors import GovernanceTampered
-    from llmops.governance.keys import generate_keypair
     from llmops.governance.access import verified_governance
+    from llmops.governance.keys import generate_keypair
 
     g = gov[0]
     verified_governance()
@@ -414,7 +452,9 @@ def test_cli_users_add_prints_key_once_and_stores_public_key(tmp_path, capsys, m
     assert "unknown roles ['wizard']" in capsys.readouterr().err
     # admin changes are audited (signed) like every other decision
     assert [(e["decision"], e.get("user")) for e in AuditLog.for_governance(g).entries()] == [
-        ("governance-created", None), ("user-enrolled", "rm-dan")]
+        ("governance-created", None),
+        ("user-enrolled", "rm-dan"),
+    ]
     assert verify_audit_log(g.audit_log, g.audit.public_key) == 2
 
 
@@ -444,11 +484,23 @@ def test_background_keeps_every_cli_option(gov, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"state_dir: {tmp_path}/state\n")
-    argv = ["rollback", "--config", str(cfg), "--set", "promotion.required_approvals=3", "--set",
-            "registry.model_name=other", "--requested-by", "bob", "--key-file", str(gov[3]["bob"]), "--background"]
+    argv = [
+        "rollback",
+        "--config",
+        str(cfg),
+        "--set",
+        "promotion.required_approvals=3",
+        "--set",
+        "registry.model_name=other",
+        "--requested-by",
+        "bob",
+        "--key-file",
+        str(gov[3]["bob"]),
+        "--background",
+    ]
     with pytest.raises(Stop):
         main(argv)
-    assert seen["argv"][-len(argv) + 1:] == [a for a in argv if a != "--background"]
+    assert seen["argv"][-len(argv) + 1 :] == [a for a in argv if a != "--background"]
 
 
 def test_llmops_serve_cannot_put_an_unreleased_version_on_a_release_targets_port(gov):
@@ -457,8 +509,8 @@ def test_llmops_serve_cannot_put_an_unreleased_version_on_a_release_targets_port
     from types import SimpleNamespace
 
     from flows.cli.serve import _refuse_unreleased_on_a_release_target
-    from llmops.governance.policy import TargetSpec
     from llmops.governance.access import commit_governance
+    from llmops.governance.policy import TargetSpec
 
     g = load_governance()
     g.targets["live"] = TargetSpec(kind="serve", uri="http://127.0.0.1:8123")

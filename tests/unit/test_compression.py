@@ -1,7 +1,8 @@
 """Compression on tiny random models: each technique's shapes, reload and logits; the gates and the privacy rule.
 
-    .venv/bin/pytest tests/unit/test_compression.py        # ~40 s on 2 cores
+.venv/bin/pytest tests/unit/test_compression.py        # ~40 s on 2 cores
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ import torch
 from pydantic import ConfigDict
 
 from llmops.config import CompressionConfig
+from llmops.errors import PrivacyError
 from tasks import compression as c
 from tasks.model import load_model, resolve_model
-from llmops.errors import PrivacyError
 from tests.conftest import ROOT
 
 MAX_LEN = 32
@@ -266,12 +267,16 @@ def test_edge_pick_takes_the_smaller_int8_within_5_percent_of_the_fastest():
 def test_pick_rules_at_the_edges():
     fast_big, slow_small = _v("big", 2.0, 500), _v("small", 1.89, 100)  # 5.5% slower: outside 5%
     pick = c.choose([fast_big, slow_small], 0.05)
-    assert pick.variant is fast_big and pick.reason == "big: 500 MB, 2.000× (fastest; every other passing variant " \
-                                                         "is more than 5% slower)"
+    assert (
+        pick.variant is fast_big
+        and pick.reason == "big: 500 MB, 2.000× (fastest; every other passing variant is more than 5% slower)"
+    )
     assert c.choose([fast_big, _v("small", 1.9, 100)], 0.05).variant["name"] == "small"  # exactly 5%: within
     # a failing variant never wins, however small and fast
-    assert c.choose([_v("bad", 9.0, 1, passed=False), slow_small], 0.05).reason == \
-        "small: 100 MB, 1.890× (the only passing variant)"
+    assert (
+        c.choose([_v("bad", 9.0, 1, passed=False), slow_small], 0.05).reason
+        == "small: 100 MB, 1.890× (the only passing variant)"
+    )
     # ties: same size -> the faster; same size and speed -> the earlier in build order
     assert c.choose([_v("a", 1.50, 10), _v("b", 1.52, 10)], 0.05).variant["name"] == "b"
     pick = c.choose([_v("a", 1.5, 10), _v("b", 1.5, 10)], 0.05)
@@ -300,10 +305,22 @@ def test_atomic_dir_never_leaves_a_half_variant(tmp_path):
 
 def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
     ref, data = tiny
-    cfg = Cfg(enabled=True, prune_sparsity=0.5, prune_method="mlp_channels", quantize="int8_weight_only",
-              distill=True, distill_data=PUBLIC, export_onnx=True, max_perplexity_increase=0.05,
-              min_speedup=1000.0,  # unreachable: every variant must be rejected, and say why
-              distill_steps=2, distill_batch_size=2, bench_rounds=3, max_eval_records=8, bench_threads=1)
+    cfg = Cfg(
+        enabled=True,
+        prune_sparsity=0.5,
+        prune_method="mlp_channels",
+        quantize="int8_weight_only",
+        distill=True,
+        distill_data=PUBLIC,
+        export_onnx=True,
+        max_perplexity_increase=0.05,
+        min_speedup=1000.0,  # unreachable: every variant must be rejected, and say why
+        distill_steps=2,
+        distill_batch_size=2,
+        bench_rounds=3,
+        max_eval_records=8,
+        bench_threads=1,
+    )
     out = tmp_path / "compressed"
     res = c.compress(ref.path, str(out), cfg, data.eval_path, MAX_LEN, [data.train_path, data.eval_path])
     names = [v["name"] for v in res["variants"]]
@@ -325,8 +342,10 @@ def test_compress_measures_every_variant_and_gates_them(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["report.json", "table.md"])  # no tmp left
     assert json.loads((out / "report.json").read_text())["selected"] is None
     # the same measurements under achievable gates: something passes, is picked, and the pick says why
-    again = c.decide({"baseline": res["baseline"], "variants": res["variants"], "note": ""},
-                     cfg.model_copy(update={"min_speedup": 0.01, "max_perplexity_increase": 10.0}))
+    again = c.decide(
+        {"baseline": res["baseline"], "variants": res["variants"], "note": ""},
+        cfg.model_copy(update={"min_speedup": 0.01, "max_perplexity_increase": 10.0}),
+    )
     assert again["selected"] in names and again["selected_reason"].startswith(again["selected"] + ": ")
     assert again["edge_name"] in ("onnx", "onnx-int8") and again["edge"] == by[again["edge_name"]]["path"]
     assert f"\n- **Selected**: {again['selected_reason']}\n" in again["table_md"]
@@ -344,34 +363,11 @@ def test_onnx_source_must_be_built(tiny, tmp_path):
 
     with pytest.raises(ValidationError, match="onnx_source 'distilled' needs compression.distill"):
         Cfg(enabled=True, export_onnx=True, onnx_source="distilled")  # refused where the config is built
-    cfg = Cfg.model_construct(**(Cfg().model_dump() | {"enabled": True, "export_onnx": True,
-                                                      "onnx_source": "distilled"}))
+    cfg = Cfg.model_construct(
+        **(Cfg().model_dump() | {"enabled": True, "export_onnx": True, "onnx_source": "distilled"})
+    )
     with pytest.raises(c.CompressionError, match="onnx_source"):  # and again at run time if bypassed
         c.compress(ref.path, str(tmp_path / "o"), cfg, data.eval_path, MAX_LEN, None)
-
-
-def test_compress_task_publishes_a_table_artifact(prefect_harness, monkeypatch, tmp_path):
-    from prefect import flow
-    from prefect.client.orchestration import get_client
-
-    fake = {"variants": [{"name": "x"}], "rows": [{"variant": "x", "gate": "PASS"}], "table_md": "|x|",
-            "selected": "x", "baseline": {}, "edge": None}
-    monkeypatch.setattr(c, "compress", lambda *a, **k: fake)
-
-    @flow
-    def f():
-        return c.compress_task.with_options(cache_policy=None)("m", str(tmp_path), Cfg(), "e", 32, None)
-
-    assert f()["selected"] == "x"
-
-    async def latest():
-        async with get_client() as client:
-            return await client.read_latest_artifacts()
-
-    import asyncio
-
-    arts = [a for a in asyncio.run(latest()) if a.key == "compression"]
-    assert arts and "gate" in json.dumps(arts[0].data)
 
 
 @pytest.mark.slow
@@ -382,8 +378,15 @@ def test_real_smollm2_blockwise_int8_onnx_keeps_quality(tmp_path):
 
     model = resolve_model("smollm2", tmp_path / "state")
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", tmp_path / "state", 0.1)
-    cfg = Cfg(enabled=True, export_onnx=True, onnx_int8=True, max_perplexity_increase=0.02, min_speedup=0.1,
-              bench_rounds=3, max_eval_records=16)
+    cfg = Cfg(
+        enabled=True,
+        export_onnx=True,
+        onnx_int8=True,
+        max_perplexity_increase=0.02,
+        min_speedup=0.1,
+        bench_rounds=3,
+        max_eval_records=16,
+    )
     res = c.compress(model.path, str(tmp_path / "out"), cfg, data.eval_path, 64, [data.train_path, data.eval_path])
     by = {v["name"]: v for v in res["variants"]}
     q = by["onnx-int8"]

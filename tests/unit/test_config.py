@@ -61,17 +61,20 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(_write(tmp_path, "- a\n- b\n"))
 
 
-@pytest.mark.parametrize("text,match", [
-    ("model:\n  source: local\n", "source 'local' needs model.path"),
-    ("model:\n  path: /x\n", "only used with source 'local'"),
-    ("training:\n  batch_size: 4\n  micro_batch_size: 8\n", r"micro_batch_size \(8\) > batch_size \(4\)"),
-    ("privacy:\n  target_epsilon: 20\n  dataset_budget_epsilon: 5\n", "exceeds dataset_budget_epsilon"),
-    ("privacy:\n  noise_seed: 3\n", "needs privacy.reproducible_insecure"),
-    ("validation:\n  pii: {passport: block}\n", "unknown PII category .passport."),
-    ("validation:\n  pii: {emial: block}\n", "did you mean .email."),
-    ("compression:\n  enabled: true\n  distill: true\n", "distill_data"),
-    ("model:\n  source: tiny\n  tiny: {hidden: 30, heads: 4}\n", "divisible"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("model:\n  source: local\n", "source 'local' needs model.path"),
+        ("model:\n  path: /x\n", "only used with source 'local'"),
+        ("training:\n  batch_size: 4\n  micro_batch_size: 8\n", r"micro_batch_size \(8\) > batch_size \(4\)"),
+        ("privacy:\n  target_epsilon: 20\n  dataset_budget_epsilon: 5\n", "exceeds dataset_budget_epsilon"),
+        ("privacy:\n  noise_seed: 3\n", "needs privacy.reproducible_insecure"),
+        ("validation:\n  pii: {passport: block}\n", "unknown PII category .passport."),
+        ("validation:\n  pii: {emial: block}\n", "did you mean .email."),
+        ("compression:\n  enabled: true\n  distill: true\n", "distill_data"),
+        ("model:\n  source: tiny\n  tiny: {hidden: 30, heads: 4}\n", "divisible"),
+    ],
+)
 def test_cross_field_rules(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(_write(tmp_path, text))

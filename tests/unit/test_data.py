@@ -11,7 +11,7 @@ ROWS = [{"id": f"r{i}", "text": f"Record number {i} says something."} for i in r
 
 def test_jsonl_csv_text_and_directory(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ROWS[:10])
-    (tmp_path / "b.csv").write_text("id,text\nc1,\"Hello, world\"\nc2,Second row\n", encoding="utf-8")
+    (tmp_path / "b.csv").write_text('id,text\nc1,"Hello, world"\nc2,Second row\n', encoding="utf-8")
     (tmp_path / "c.txt").write_text("First para\nline two\n\n\nSecond para\n", encoding="utf-8")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     ds = load_dataset(tmp_path)
@@ -32,13 +32,15 @@ def test_fingerprint_is_content_identity(tmp_path):
     assert load_dataset(f1).fingerprint == load_dataset(f2).fingerprint
 
 
-@pytest.mark.parametrize("content,match,line", [
-    (b'{"text": "ok"}\n{"text": oops}\n', "malformed JSON", 2),
-    (b'{"text": "ok"}\n["a"]\n', "must be an object", 2),
-    (b'{"text": "ok"}\n{"body": "x"}\n', "missing field 'text'", 2),
-    (b'{"text": "ok"}\n{"text": 5}\n', "is int, not text", 2),
-
-])
+@pytest.mark.parametrize(
+    "content,match,line",
+    [
+        (b'{"text": "ok"}\n{"text": oops}\n', "malformed JSON", 2),
+        (b'{"text": "ok"}\n["a"]\n', "must be an object", 2),
+        (b'{"text": "ok"}\n{"body": "x"}\n', "missing field 'text'", 2),
+        (b'{"text": "ok"}\n{"text": 5}\n', "is int, not text", 2),
+    ],
+)
 def test_bad_jsonl_names_file_and_line(tmp_path, content, match, line):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(content)

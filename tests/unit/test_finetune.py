@@ -1,4 +1,5 @@
 """DP fine-tuning through a real DeepSpeed engine (CPU, gloo), tiny model. See tasks/privacy.py for the design."""
+
 import json
 import math
 import shutil
@@ -25,13 +26,30 @@ DS = ROOT / "infra" / "deepspeed"
 @pytest.fixture
 def base(tmp_path, tiny_jsonl):
     data = prepare_data(tiny_jsonl, tmp_path / "state", 0.1)
-    model = resolve_model("tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
-                          max_len=32)
-    spec = FinetuneSpec(run_id="r", model_path=model.path, train_path=data.train_path, output_dir="",
-                        fingerprint=data.fingerprint, n_train=data.n_train, max_len=32, batch_size=8,
-                        micro_batch_size=4, learning_rate=1e-2, steps=3, seed=7, deepspeed_config=str(DS / "zero0.json"),
-                        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / data.n_train, noise_seed=11,
-                        delta=1e-4, reproducible_insecure=True)  # the invariants compare runs on the same batches
+    model = resolve_model(
+        "tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=32
+    )
+    spec = FinetuneSpec(
+        run_id="r",
+        model_path=model.path,
+        train_path=data.train_path,
+        output_dir="",
+        fingerprint=data.fingerprint,
+        n_train=data.n_train,
+        max_len=32,
+        batch_size=8,
+        micro_batch_size=4,
+        learning_rate=1e-2,
+        steps=3,
+        seed=7,
+        deepspeed_config=str(DS / "zero0.json"),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=8 / data.n_train,
+        noise_seed=11,
+        delta=1e-4,
+        reproducible_insecure=True,
+    )  # the invariants compare runs on the same batches
     return spec, tmp_path
 
 
@@ -42,8 +60,11 @@ def run(spec, tmp_path, name, **kw):
 
 
 def weights(result, adapter=False):
-    path = Path(result["model_path"]).parent / "adapter" / "adapter_model.safetensors" if adapter else \
-        Path(result["model_path"]) / "model.safetensors"
+    path = (
+        Path(result["model_path"]).parent / "adapter" / "adapter_model.safetensors"
+        if adapter
+        else Path(result["model_path"]) / "model.safetensors"
+    )
     return load_file(path)
 
 
@@ -141,8 +162,9 @@ def test_two_ranks_equal_one_rank(base):
 @pytest.mark.parametrize("path", sorted(DS.glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_deepspeed_config_loads(path):
     raw = json.loads(path.read_text())
-    assert raw.get("gradient_clipping", 0) == 0 and all(raw[k] == "auto" for k in
-                                                         ("train_batch_size", "train_micro_batch_size_per_gpu"))
+    assert raw.get("gradient_clipping", 0) == 0 and all(
+        raw[k] == "auto" for k in ("train_batch_size", "train_micro_batch_size_per_gpu")
+    )
     if raw["zero_optimization"]["stage"] > 2:
         with pytest.raises(LLMOpsError, match="not supported with DP"):
             deepspeed_config(path, 4, 2, 1, "float32", private=True)
@@ -183,11 +205,12 @@ def test_poisson_sampling_is_global_and_seeded(base):
 def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     """SIGKILL the training process after a checkpoint; the re-run resumes and ends exactly where an
     uninterrupted run ends, and the ledger holds one entry charged once."""
-    from tasks.finetune import finish_ledger
     from llmops.governance.ledger import open_ledger
+    from tasks.finetune import finish_ledger
 
-    cfg = tiny_config.model_copy(update={"training": tiny_config.training.model_copy(
-        update={"max_steps": 40, "checkpoint_every": 2})})
+    cfg = tiny_config.model_copy(
+        update={"training": tiny_config.training.model_copy(update={"max_steps": 40, "checkpoint_every": 2})}
+    )
     cfg.privacy.reproducible_insecure = True  # seeded, so the resumed run can be compared with a straight one
     cfg.privacy.noise_seed = 3
     data = asdict(prepare_data(cfg.data.path, cfg.state_dir, cfg.data.eval_fraction))
@@ -196,8 +219,12 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     from tasks.finetune import rank_env
 
     env = rank_env()
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.finetune", str(Path(spec.output_dir) / "spec.json")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.finetune", str(Path(spec.output_dir) / "spec.json")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "killed.log", "w"),
+    )
     ledger = open_ledger()
     deadline = time.time() + 120  # the checkpoint that counts is the one the ledger recorded (digest and step)
     while ledger.last_checkpoint(spec.attempt_id) is None and time.time() < deadline and proc.poll() is None:
@@ -225,8 +252,9 @@ def test_killed_run_resumes_without_double_charging(tiny_config, tmp_path):
     from tasks.finetune import curve_steps
 
     assert [p["step"] for p in resumed["curve"]] == sorted(curve_steps(40, cfg.evaluation.curve_points))
-    assert [p["eval_loss"] for p in resumed["curve"]] == pytest.approx([p["eval_loss"] for p in straight["curve"]],
-                                                                        rel=1e-4)
+    assert [p["eval_loss"] for p in resumed["curve"]] == pytest.approx(
+        [p["eval_loss"] for p in straight["curve"]], rel=1e-4
+    )
 
 
 def test_plan_refuses_over_budget_before_training(tiny_config):
@@ -248,23 +276,36 @@ def test_retraining_on_grown_data_is_charged_for_the_shared_records(tiny_config,
     from llmops.errors import PrivacyError
     from llmops.governance.ledger import open_ledger
 
-    cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
-        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5})})  # two runs: 6.84 at delta 1e-5
+    cfg = tiny_config.model_copy(
+        update={
+            "privacy": tiny_config.privacy.model_copy(
+                update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5}
+            )
+        }
+    )  # two runs: 6.84 at delta 1e-5
     model = asdict(resolve_model("tiny", cfg.state_dir, tiny=cfg.model.tiny.model_dump(), max_len=64))
     day1 = asdict(prepare_data(tiny_jsonl, cfg.state_dir, cfg.data.eval_fraction))
     spec1, eps1 = plan_finetune(cfg, day1, model)
     assert 5.5 < eps1 <= 6.0
     lines = tiny_jsonl.read_text().splitlines()
     grown = tmp_path / "day2.jsonl"
-    grown.write_text("\n".join(lines + [json.dumps({"id": f"new{i}", "text": f"A new line of verse, number {i}."})
-                                        for i in range(20)]) + "\n")
+    grown.write_text(
+        "\n".join(
+            lines + [json.dumps({"id": f"new{i}", "text": f"A new line of verse, number {i}."}) for i in range(20)]
+        )
+        + "\n"
+    )
     day2 = asdict(prepare_data(grown, cfg.state_dir, cfg.data.eval_fraction))
     assert day2["fingerprint"] != day1["fingerprint"]
     with pytest.raises(PrivacyError, match="records shared with earlier runs"):
         plan_finetune(cfg, day2, model)
     fresh = tmp_path / "other.jsonl"  # data with no record in common: its own budget
-    fresh.write_text("".join(json.dumps({"id": f"o{i}", "text": f"Unrelated record {i} about the weather."}) + "\n"
-                             for i in range(len(lines))))
+    fresh.write_text(
+        "".join(
+            json.dumps({"id": f"o{i}", "text": f"Unrelated record {i} about the weather."}) + "\n"
+            for i in range(len(lines))
+        )
+    )
     other = asdict(prepare_data(fresh, cfg.state_dir, cfg.data.eval_fraction))
     spec3, eps3 = plan_finetune(cfg, other, model)
     assert eps3 == pytest.approx(eps1, rel=0.05)
@@ -277,17 +318,29 @@ def test_redacted_records_are_charged_to_their_source_records(tmp_path):
     from tasks.finetune import training_record_hashes
 
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                             for i, t in enumerate(["Call me at [PHONE]", "plain line"])))
-    src = {text_hash("Call me at [PHONE]"): [text_hash("Call me at 555 123 4567"), text_hash("Call me at 555 765 4321")]}
+    train.write_text(
+        "".join(
+            json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(["Call me at [PHONE]", "plain line"])
+        )
+    )
+    src = {
+        text_hash("Call me at [PHONE]"): [text_hash("Call me at 555 123 4567"), text_hash("Call me at 555 765 4321")]
+    }
     (tmp_path / "map.json").write_text(json.dumps(src))
     got = training_record_hashes({"train_path": str(train), "source_map": str(tmp_path / "map.json")})
     # the sources, and the trained (redacted) text itself: the map is a cache in the state dir, so it may add
     # identities but never hide the text that was trained
-    assert got == sorted([text_hash("Call me at 555 123 4567"), text_hash("Call me at 555 765 4321"),
-                          text_hash("Call me at [PHONE]"), text_hash("plain line")])
-    assert training_record_hashes({"train_path": str(train)}) == sorted([text_hash("Call me at [PHONE]"),
-                                                                         text_hash("plain line")])
+    assert got == sorted(
+        [
+            text_hash("Call me at 555 123 4567"),
+            text_hash("Call me at 555 765 4321"),
+            text_hash("Call me at [PHONE]"),
+            text_hash("plain line"),
+        ]
+    )
+    assert training_record_hashes({"train_path": str(train)}) == sorted(
+        [text_hash("Call me at [PHONE]"), text_hash("plain line")]
+    )
 
 
 def test_only_an_intact_checkpoint_of_a_reserved_attempt_is_continued(tiny_config):

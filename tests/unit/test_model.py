@@ -18,8 +18,9 @@ def tiny(state_dir, **kw):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tiny_model_builds_loads_and_is_deterministic(state_dir, tmp_path, arch):
     ref = tiny(state_dir, arch=arch)
-    again = m.resolve_model("tiny", tmp_path / "other", tiny=dict(arch=arch, layers=2, hidden=64, heads=4, seed=0),
-                            max_len=64)
+    again = m.resolve_model(
+        "tiny", tmp_path / "other", tiny=dict(arch=arch, layers=2, hidden=64, heads=4, seed=0), max_len=64
+    )
     assert ref.digest == again.digest  # same seed + shape -> same weights, wherever it is built
     assert ref.digest != tiny(state_dir, arch=arch, seed=1).digest
     model, tok = m.load_model(ref.path)
@@ -122,8 +123,9 @@ def test_real_smollm2_converts_once_and_scores_shakespeare(tmp_path):
     cfg = json.loads((m.Path(ref.path) / "config.json").read_text())
     assert cfg["vocab_size"] == 49152 and "quantization_config" not in cfg
     # the tokenizer validation extracts alone is byte-identical: the validation cache key survives the conversion
-    assert (m.Path(ref.path) / "tokenizer.json").read_bytes() == \
-        (m.smollm2_tokenizer(tmp_path / "tok-only") / "tokenizer.json").read_bytes()
+    assert (m.Path(ref.path) / "tokenizer.json").read_bytes() == (
+        m.smollm2_tokenizer(tmp_path / "tok-only") / "tokenizer.json"
+    ).read_bytes()
     data = prepare_data(ROOT / "data/sample/shakespeare.jsonl", tmp_path, 0.1)
     out = heldout_loss(ref.path, data.eval_path, max_records=16, max_len=64)
     assert 2.0 < out["eval_loss"] < 6.0  # a real LM: far below uniform ln(49152) = 10.8

@@ -1,4 +1,5 @@
-"""tasks/neardup.py: variants of a real record are related to it, unrelated records are not, keys are stable."""
+"""llmops/text/neardup.py: variants of a real record are related to it, unrelated records are not, keys are stable."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import neardup
+from llmops.text import neardup
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = [json.loads(x)["text"] for x in (ROOT / "data/sample/shakespeare.jsonl").read_text("utf-8").splitlines()]
@@ -32,12 +33,12 @@ def _variants(t: str) -> dict[str, list[str]]:
         "homoglyph": [homo, fancy, t.replace("e", "ｅ")],
         "case": [t.upper(), t.lower(), t.swapcase()],
         "punctuation": ["".join(c for c in t if c.isalnum() or c.isspace()), t.replace(",", ";").replace(".", "!")],
-        "substitution": [" ".join([*w[:mid], "zebra", *w[mid + 1:]])],
+        "substitution": [" ".join([*w[:mid], "zebra", *w[mid + 1 :]])],
         "insertion": [" ".join([*w[:mid], "zebra", *w[mid:]])],
-        "deletion": [" ".join([*w[:mid], *w[mid + 1:]])],
+        "deletion": [" ".join([*w[:mid], *w[mid + 1 :]])],
         "split": [" ".join(w[:mid]), " ".join(w[mid:])],
         "concatenation": [t + "\n" + other, other + " " + t],
-        "truncation": [" ".join(w[:n70]), " ".join(w[len(w) - n70:])],
+        "truncation": [" ".join(w[:n70]), " ".join(w[len(w) - n70 :])],
         "invisible": [t.replace(" ", "\u200b \u00a0")],
     }
 
@@ -84,15 +85,29 @@ def test_keys_are_sorted_unique_63_bit_ints():
 
 
 STABLE_TEXT = "To be, or not to be: that is the question."
-STABLE_KEYS = [72447644336172149, 2853265099222325878, 4546750278370221622, 6319167665762893921, 6638876727655590847,
-               8033145169987839941, 8327319263965162690, 9081153435375197446]
+STABLE_KEYS = [
+    72447644336172149,
+    2853265099222325878,
+    4546750278370221622,
+    6319167665762893921,
+    6638876727655590847,
+    8033145169987839941,
+    8327319263965162690,
+    9081153435375197446,
+]
 
 
 def test_keys_are_stable_across_processes():
     assert K(STABLE_TEXT) == STABLE_KEYS
     code = f"from llmops.text.neardup import record_keys; print(record_keys({STABLE_TEXT!r}))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "12345", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+    )
     assert json.loads(out.stdout) == STABLE_KEYS
 
 

@@ -1,20 +1,26 @@
 """Proof obligations for DP-SGD inside DeepSpeed (see tasks/privacy.py). Tiny models, CPU, fixed seeds."""
+
 import math
 
 import pytest
 import torch
 
-from tasks.finetune import prepare_trainable, FinetuneSpec
+from llmops.errors import PrivacyError
+from llmops.governance.accounting import epsilon_of, noise_for_target
+from llmops.governance.ledger import PrivacyLedger
+from tasks.finetune import FinetuneSpec, prepare_trainable
 from tasks.lm import encode, per_sample_loss
 from tasks.model import load_model, resolve_model
 from tasks.privacy import PerSampleClipper, dp_linear_modules, make_noise_generator
-from llmops.errors import PrivacyError
-from llmops.governance.ledger import PrivacyLedger
-from llmops.governance.accounting import epsilon_of, noise_for_target
 
-TEXTS = ["To be, or not to be, that is the question", "Shall I compare thee to a summer's day?",
-         "O Romeo, Romeo, wherefore art thou Romeo?", "Now is the winter of our discontent",
-         "All the world's a stage", "Friends, Romans, countrymen, lend me your ears"]
+TEXTS = [
+    "To be, or not to be, that is the question",
+    "Shall I compare thee to a summer's day?",
+    "O Romeo, Romeo, wherefore art thou Romeo?",
+    "Now is the winter of our discontent",
+    "All the world's a stage",
+    "Friends, Romans, countrymen, lend me your ears",
+]
 
 
 @pytest.fixture
@@ -22,8 +28,16 @@ def lora_model(state_dir):
     ref = resolve_model("tiny", state_dir, tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=32)
     torch.manual_seed(0)
     model, tok = load_model(ref.path)
-    spec = FinetuneSpec(run_id="t", model_path=ref.path, train_path="", output_dir="", fingerprint="", n_train=1,
-                        lora_r=4, lora_target_modules=["q_proj", "v_proj", "up_proj"])
+    spec = FinetuneSpec(
+        run_id="t",
+        model_path=ref.path,
+        train_path="",
+        output_dir="",
+        fingerprint="",
+        n_train=1,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj", "up_proj"],
+    )
     model = prepare_trainable(model, spec)
     for p in model.parameters():  # LoRA B starts at zero; make every adapter weight matter for the test
         if p.requires_grad:
@@ -75,7 +89,7 @@ def test_clipped_backward_equals_sum_of_clipped_per_sample_grads(lora_model):
     expected = [torch.zeros_like(p) for p in params]
     for i in [0, 1, 3, 4, 5]:  # brute force: one sample at a time
         model.zero_grad(set_to_none=True)
-        per_sample_loss(model, batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1]).sum().backward()
+        per_sample_loss(model, batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1]).sum().backward()
         norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
         assert float(norm) * min(1.0, C / float(norm)) <= C * (1 + 1e-5)
         for e, p in zip(expected, params):
@@ -115,7 +129,9 @@ def test_ledger_composes_refuses_and_never_double_charges(tmp_path):
     after1 = ledger.reserve("run1", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0)
     assert 4.8 < after1 <= 5.0
     assert ledger.reserve("run1", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0) == pytest.approx(after1)
-    with pytest.raises(PrivacyError, match=r"would bring records of dataset fp to epsilon=.*already spent (4\.9\d|5\.00) over 1 run"):
+    with pytest.raises(
+        PrivacyError, match=r"would bring records of dataset fp to epsilon=.*already spent (4\.9\d|5\.00) over 1 run"
+    ):
         ledger.reserve("run2", "fp", [[sigma, q, steps]], delta, "prv", budget=6.0)
     assert [e.run_id for e in ledger.entries("fp")] == ["run1"]  # the refused run left nothing behind
     ledger.reserve("other-data", "fp2", [[sigma, q, steps]], delta, "prv", budget=6.0)  # budgets are per dataset
@@ -171,13 +187,14 @@ def test_ledger_location_and_budget_come_from_governance(isolated_governance, ti
 
     import yaml
 
+    from llmops.governance.ledger import open_ledger
     from tasks.data import prepare_data
     from tasks.finetune import plan_finetune, privacy_budget
-    from llmops.governance.ledger import open_ledger
 
     isolated_governance.parent.mkdir(parents=True, exist_ok=True)
-    isolated_governance.write_text(yaml.safe_dump({"privacy": {"ledger": "team/ledger.sqlite",
-                                                               "dataset_budget_epsilon": 4.0}}))
+    isolated_governance.write_text(
+        yaml.safe_dump({"privacy": {"ledger": "team/ledger.sqlite", "dataset_budget_epsilon": 4.0}})
+    )
     isolated_governance.chmod(0o600)
     cfg = tiny_config
     assert privacy_budget(cfg) == 4.0

@@ -4,6 +4,7 @@ The adversary reads the model card, MLflow params and the Prefect API (so knows 
 config (`--set`, the UI form), can re-run, delete run directories, point LLMOPS_HOME elsewhere, edit records, start
 runs concurrently, and names the "public" data used after training. Each test below failed on 9b982bf.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.data import prepare_data
+from llmops.errors import PrivacyError
+from llmops.governance.accounting import epsilon_of, noise_for_target
+from llmops.governance.ledger import PrivacyLedger
 from llmops.text.identity import text_hash
+from tasks.data import prepare_data
 from tasks.finetune import FinetuneSpec, plan_finetune, rank_env, train
 from tasks.model import resolve_model
-from llmops.errors import PrivacyError
-from llmops.governance.ledger import PrivacyLedger
-from llmops.governance.accounting import epsilon_of, noise_for_target
 from tests.conftest import ROOT
 
 HELPER = Path(__file__).with_name("_rank_probe.py")
@@ -33,13 +34,28 @@ HELPER = Path(__file__).with_name("_rank_probe.py")
 @pytest.fixture
 def tiny_spec(tmp_path, tiny_jsonl):
     data = prepare_data(tiny_jsonl, tmp_path / "state", 0.1)
-    model = resolve_model("tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
-                          max_len=32)
-    return FinetuneSpec(run_id="r", model_path=model.path, train_path=data.train_path, output_dir="",
-                        fingerprint=data.fingerprint, n_train=data.n_train, max_len=32, batch_size=16,
-                        micro_batch_size=8, learning_rate=1e-2, steps=3, seed=7,
-                        deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"), noise_multiplier=0.0,
-                        max_grad_norm=math.inf, sample_rate=16 / data.n_train, delta=1e-4), tmp_path
+    model = resolve_model(
+        "tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=32
+    )
+    return FinetuneSpec(
+        run_id="r",
+        model_path=model.path,
+        train_path=data.train_path,
+        output_dir="",
+        fingerprint=data.fingerprint,
+        n_train=data.n_train,
+        max_len=32,
+        batch_size=16,
+        micro_batch_size=8,
+        learning_rate=1e-2,
+        steps=3,
+        seed=7,
+        deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"),
+        noise_multiplier=0.0,
+        max_grad_norm=math.inf,
+        sample_rate=16 / data.n_train,
+        delta=1e-4,
+    ), tmp_path
 
 
 def _plan_inputs(cfg):
@@ -67,14 +83,35 @@ def test_a_two_rank_step_never_trains_a_record_twice(tiny_spec):
     """Each rank records the token rows it trains on; within a step no record may appear on both ranks (which
     happens when every rank draws its own sample and takes idx[rank::world])."""
     spec, tmp = tiny_spec
-    spec = replace(spec, output_dir=str(tmp / "two"), world_size=2, batch_size=96, micro_batch_size=24,
-                   sample_rate=96 / spec.n_train, steps=3, secure_mode=True)  # secure: the mode that drew per rank
+    spec = replace(
+        spec,
+        output_dir=str(tmp / "two"),
+        world_size=2,
+        batch_size=96,
+        micro_batch_size=24,
+        sample_rate=96 / spec.n_train,
+        steps=3,
+        secure_mode=True,
+    )  # secure: the mode that drew per rank
     Path(spec.output_dir).mkdir()
     spec.save(Path(spec.output_dir) / "spec.json")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_addr=127.0.0.1", f"--master_port={_port()}", str(HELPER),
-                        str(Path(spec.output_dir) / "spec.json"), str(tmp / "probe")],
-                       env=rank_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_port()}",
+            str(HELPER),
+            str(Path(spec.output_dir) / "spec.json"),
+            str(tmp / "probe"),
+        ],
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     per_rank = [json.loads((tmp / "probe" / f"rank{k}.json").read_text()) for k in range(2)]
     for step in range(spec.steps):
@@ -129,8 +166,9 @@ def test_deleted_run_dir_and_rerun_is_charged_again(tiny_config):
     shutil.rmtree(spec1.output_dir)  # the attacker deletes the run and trains the same config again
     spec2, eps2 = plan_finetune(cfg, data, model)
     assert spec2.run_id == spec1.run_id
-    assert eps2 == pytest.approx(epsilon_of([[spec1.noise_multiplier, spec1.sample_rate, spec1.steps]] * 2,
-                                            spec1.delta, "prv"), rel=1e-6)
+    assert eps2 == pytest.approx(
+        epsilon_of([[spec1.noise_multiplier, spec1.sample_rate, spec1.steps]] * 2, spec1.delta, "prv"), rel=1e-6
+    )
     assert eps2 > eps1 + 0.1
 
 
@@ -167,8 +205,13 @@ def test_invisible_edits_do_not_make_a_new_record(edit):
 
 
 def test_zero_width_edit_of_every_record_is_still_charged(tiny_config, tiny_jsonl, tmp_path):
-    cfg = tiny_config.model_copy(update={"privacy": tiny_config.privacy.model_copy(
-        update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5})})  # two runs: 6.84 at delta 1e-5
+    cfg = tiny_config.model_copy(
+        update={
+            "privacy": tiny_config.privacy.model_copy(
+                update={"noise_multiplier": None, "target_epsilon": 6.0, "dataset_budget_epsilon": 6.5}
+            )
+        }
+    )  # two runs: 6.84 at delta 1e-5
     data, model = _plan_inputs(cfg)
     plan_finetune(cfg, data, model)
     rows = [json.loads(x) for x in tiny_jsonl.read_text().splitlines()]
@@ -201,23 +244,50 @@ def _registration(cfg, privacy: dict):
     evaluation = {"eval_loss": 2.0, "perplexity": 7.4}
     decision = decision_dict(should_promote(evaluation, None, GatePolicy(require_private=True), privacy))
     data = {"fingerprint": "f" * 64, "n_records": 10, "n_train": 9, "n_eval": 1, "source": "x"}
-    tuned = {"privacy": privacy, "cumulative_epsilon": privacy["epsilon"], "model_path": "/nonexistent",
-             "run_id": "r", "metrics": [{"step": 1, "epsilon": 1.0}]}
-    out = registration_inputs(cfg, data=data, base_model={"digest": "d" * 64}, tuned=tuned, evaluation=evaluation,
-                              decision=decision, validation=None, flow_run_id=None, flow_run_url=None)
+    tuned = {
+        "privacy": privacy,
+        "cumulative_epsilon": privacy["epsilon"],
+        "model_path": "/nonexistent",
+        "run_id": "r",
+        "metrics": [{"step": 1, "epsilon": 1.0}],
+    }
+    out = registration_inputs(
+        cfg,
+        data=data,
+        base_model={"digest": "d" * 64},
+        tuned=tuned,
+        evaluation=evaluation,
+        decision=decision,
+        validation=None,
+        flow_run_id=None,
+        flow_run_url=None,
+    )
     return decision, out
 
 
-OLD_STYLE = {"private": True, "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
-             "sample_rate": 0.01, "steps": 10, "accountant": "prv", "sampling": "poisson", "history": []}
+OLD_STYLE = {
+    "private": True,
+    "epsilon": 3.0,
+    "delta": 1e-5,
+    "noise_multiplier": 1.0,
+    "max_grad_norm": 1.0,
+    "sample_rate": 0.01,
+    "steps": 10,
+    "accountant": "prv",
+    "sampling": "poisson",
+    "history": [],
+}
 
 
-@pytest.mark.parametrize("change,why", [
-    ({"noise_multiplier": 0.0, "epsilon": math.inf}, "noise_multiplier is 0"),
-    ({"epsilon": math.inf}, "epsilon is infinite"),
-    ({"sampling": "shuffle"}, "not the Poisson sampling"),
-    ({"reproducible_insecure": True}, "reproducible_insecure"),
-])
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"noise_multiplier": 0.0, "epsilon": math.inf}, "noise_multiplier is 0"),
+        ({"epsilon": math.inf}, "epsilon is infinite"),
+        ({"sampling": "shuffle"}, "not the Poisson sampling"),
+        ({"reproducible_insecure": True}, "reproducible_insecure"),
+    ],
+)
 def test_no_guarantee_is_never_tagged_private_gated_or_promotable(tiny_config, change, why):
     from llmops.governance.evidence import check_evidence
 
@@ -230,16 +300,20 @@ def test_no_guarantee_is_never_tagged_private_gated_or_promotable(tiny_config, c
 
 
 def test_reproducible_insecure_is_refused_even_when_non_private_models_are_allowed(tiny_config):
-    from tasks.evaluation import GatePolicy, should_promote
     from llmops.governance.evidence import check_evidence
+    from tasks.evaluation import GatePolicy, should_promote
 
     priv = OLD_STYLE | {"reproducible_insecure": True}
     assert not should_promote({"eval_loss": 1.0}, None, GatePolicy(require_private=False), priv).passed
     _, reg = _registration(tiny_config, priv)
     assert reg["version_tags"]["llmops.dp.reproducible_insecure"] == "True"
     assert reg["params"]["dp.reproducible_insecure"] == "True"
-    forged = reg["version_tags"] | {"llmops.dp.private": "True", "llmops.dp.epsilon": "3",
-                                    "llmops.gate": "passed", "llmops.dp.epsilon_cumulative": "3"}
+    forged = reg["version_tags"] | {
+        "llmops.dp.private": "True",
+        "llmops.dp.epsilon": "3",
+        "llmops.gate": "passed",
+        "llmops.dp.epsilon_cumulative": "3",
+    }
     assert any("reproducible_insecure" in p for p in check_evidence(forged))
 
 
@@ -253,14 +327,20 @@ def test_zero_noise_under_an_infinite_budget_is_refused_before_training(tiny_con
 
 
 def test_noise_seed_needs_reproducible_insecure_and_is_recorded(tiny_spec):
-    from llmops.errors import ConfigError
     from llmops.config import load_config
+    from llmops.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reproducible_insecure"):
         load_config(ROOT / "configs/tiny.yaml", {"privacy.noise_seed": 3})
     spec, tmp = tiny_spec
-    s = replace(spec, output_dir=str(tmp / "rep"), noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=5,
-                reproducible_insecure=True)
+    s = replace(
+        spec,
+        output_dir=str(tmp / "rep"),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_seed=5,
+        reproducible_insecure=True,
+    )
     Path(s.output_dir).mkdir()
     priv = json.loads((Path(train(s)["model_path"]) / "privacy.json").read_text())
     assert priv["reproducible_insecure"] and priv["noise_seed"] == 5 and priv["sampling_rng"] == "seeded"
@@ -314,8 +394,12 @@ def test_public_eval_data_with_a_private_record_is_refused(tiny_config, tmp_path
     public = ROOT / "data" / "public" / "macbeth.txt"
     assert Path(public_eval_split(public, tmp_path, [data["train_path"], data["eval_path"]])).is_file()
     mixed = tmp_path / "mixed.txt"
-    mixed.write_text(public.read_text(encoding="utf-8") + "\n\n" +
-                     json.loads(Path(data["eval_path"]).read_text().splitlines()[0])["text"] + "\n")
+    mixed.write_text(
+        public.read_text(encoding="utf-8")
+        + "\n\n"
+        + json.loads(Path(data["eval_path"]).read_text().splitlines()[0])["text"]
+        + "\n"
+    )
     with pytest.raises(PrivacyError, match="public evaluation data"):
         public_eval_split(mixed, tmp_path, [data["train_path"], data["eval_path"]])
 
@@ -339,34 +423,6 @@ def test_trainable_weight_shared_between_two_linears_is_refused():
         dp_linear_modules(Tied())
     with pytest.raises(PrivacyError, match="shared"):
         PerSampleClipper(Tied(), 1.0)
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("n,fit", [(5, 2)])
-def test_concurrent_reserves_on_the_team_postgres_ledger(postgres_url, n, fit):
-    """The same race against the team ledger (governance `privacy.ledger: postgresql://...`), from separate
-    processes as separate training workers would: exactly the reservations that fit pass."""
-    import multiprocessing
-    import uuid
-
-    from llmops.governance.ledger import PostgresLedger, open_ledger
-
-    delta, q, steps = 1e-5, 0.02, 200
-    run = [[noise_for_target(3.0, delta, q, steps), q, steps]]
-    budget = (epsilon_of(run * fit, delta, "prv") + epsilon_of(run * (fit + 1), delta, "prv")) / 2
-    fp = f"fp-{uuid.uuid4().hex[:8]}"
-    assert isinstance(open_ledger(postgres_url), PostgresLedger)
-    with multiprocessing.get_context("spawn").Pool(n) as pool:
-        results = pool.map(_pg_reserve, [(postgres_url, f"{fp}-a{i}", fp, run, delta, budget) for i in range(n)])
-    recs = sorted(f"{fp}-{r}" for r in "abc")  # records are global: fresh ones per test (the server is shared)
-    assert sorted(results).count(True) == fit and results.count(False) == n - fit
-    ledger = open_ledger(postgres_url)
-    assert ledger.spent(fp, delta) <= budget and len(ledger.entries(fp)) == fit
-    assert sorted(ledger.records(fp)) == recs
-    assert ledger.known([recs[0], "never-trained-on"]) == 1
-    # a second dataset sharing one record is charged for what that record already spent (record-level)
-    with pytest.raises(PrivacyError, match="already spent"):
-        ledger.reserve(f"{fp}-other", f"{fp}-other", run, delta, "prv", budget, records=[recs[0], "new"])
 
 
 def _pg_reserve(args):

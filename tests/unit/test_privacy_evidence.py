@@ -2,6 +2,7 @@
 
 Each test is an attack by someone who can edit a run's config, write its state dir and MLflow tags, and read the
 published seed; the ledger (governance-side) is the evidence, the run dir a cache checked against it."""
+
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -11,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmops.errors import LLMOpsError
+from llmops.errors import LLMOpsError, PrivacyError
+from llmops.files import dir_digest
+from llmops.governance.accounting import epsilon_of
+from llmops.governance.ledger import PrivacyLedger, open_ledger
 from tasks.data import prepare_data
 from tasks.finetune import FinetuneSpec, finish_ledger, launch, plan_finetune, train
-from llmops.files import dir_digest
 from tasks.model import resolve_model
-from llmops.errors import PrivacyError
-from llmops.governance.ledger import PrivacyLedger, open_ledger
-from llmops.governance.accounting import epsilon_of
 from tasks.privacy import gaussian_noise, make_noise_generator
 from tests.conftest import ROOT
 
@@ -60,13 +60,29 @@ def test_secure_noise_refuses_any_generator():
 def full_batch_spec(tmp_path, tiny_jsonl):
     """q = 1: every record in every step, so the batches are identical and the noise is the only randomness."""
     data = prepare_data(tiny_jsonl, tmp_path / "state", 0.1)
-    model = resolve_model("tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0),
-                          max_len=32)
+    model = resolve_model(
+        "tiny", tmp_path / "state", tiny=dict(arch="llama", layers=2, hidden=64, heads=4, seed=0), max_len=32
+    )
     n = data.n_train
-    return FinetuneSpec(run_id="r", model_path=model.path, train_path=data.train_path, output_dir="",
-                        fingerprint=data.fingerprint, n_train=n, max_len=32, batch_size=n, micro_batch_size=n,
-                        learning_rate=1e-2, steps=2, seed=7, deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"),
-                        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, delta=1e-4), tmp_path
+    return FinetuneSpec(
+        run_id="r",
+        model_path=model.path,
+        train_path=data.train_path,
+        output_dir="",
+        fingerprint=data.fingerprint,
+        n_train=n,
+        max_len=32,
+        batch_size=n,
+        micro_batch_size=n,
+        learning_rate=1e-2,
+        steps=2,
+        seed=7,
+        deepspeed_config=str(ROOT / "infra/deepspeed/zero0.json"),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=1.0,
+        delta=1e-4,
+    ), tmp_path
 
 
 def _weights(spec, tmp, name, **kw):
@@ -133,8 +149,12 @@ def test_a_lowered_sigma_in_spec_json_is_refused_by_the_rank(tiny_config):
     cfg = tiny_config
     data, model = _inputs(cfg)
     spec, _ = plan_finetune(cfg, data, model)
-    for forged in (replace(spec, noise_multiplier=spec.noise_multiplier / 10), replace(spec, private=False),
-                   replace(spec, steps=spec.steps * 10), replace(spec, secure_mode=not spec.secure_mode)):
+    for forged in (
+        replace(spec, noise_multiplier=spec.noise_multiplier / 10),
+        replace(spec, private=False),
+        replace(spec, steps=spec.steps * 10),
+        replace(spec, secure_mode=not spec.secure_mode),
+    ):
         forged.save(Path(spec.output_dir) / "spec.json")
         with pytest.raises(PrivacyError, match="differs from the plan"):
             train(FinetuneSpec.load(Path(spec.output_dir) / "spec.json"))
@@ -151,8 +171,16 @@ def test_a_planted_model_dir_is_trained_over_not_reused(tiny_config):
     spec, _ = plan_finetune(cfg, data, model)
     planted = Path(spec.output_dir) / "model"
     shutil.copytree(model["path"], planted)  # any weights
-    (planted / "privacy.json").write_text(json.dumps({"dp_sgd": True, "epsilon": 0.01, "attempt_id": spec.attempt_id,
-                                                      "history": [[spec.noise_multiplier, spec.sample_rate, 1]]}))
+    (planted / "privacy.json").write_text(
+        json.dumps(
+            {
+                "dp_sgd": True,
+                "epsilon": 0.01,
+                "attempt_id": spec.attempt_id,
+                "history": [[spec.noise_multiplier, spec.sample_rate, 1]],
+            }
+        )
+    )
     (Path(spec.output_dir) / "metrics.json").write_text("[]")
     planted_digest = dir_digest(planted)
     result = launch(spec, timeout_s=300)
@@ -172,13 +200,19 @@ def test_finish_refuses_a_model_whose_privacy_json_is_not_the_plans(tiny_config)
     spec, _ = plan_finetune(cfg, data, model)
     out = Path(spec.output_dir) / "model"
     shutil.copytree(model["path"], out)
-    claim = {"dp_sgd": True, "attempt_id": spec.attempt_id, "noise_multiplier": spec.noise_multiplier / 4,
-             "history": [[spec.noise_multiplier, spec.sample_rate, spec.steps]]}
+    claim = {
+        "dp_sgd": True,
+        "attempt_id": spec.attempt_id,
+        "noise_multiplier": spec.noise_multiplier / 4,
+        "history": [[spec.noise_multiplier, spec.sample_rate, spec.steps]],
+    }
     (out / "privacy.json").write_text(json.dumps(claim))
     with pytest.raises(PrivacyError, match="does not match the reserved attempt"):
         finish_ledger(cfg, spec, claim, str(out))
-    assert open_ledger().entry(spec.attempt_id).status == "reserved" and not open_ledger().entry(
-        spec.attempt_id).model_digest
+    assert (
+        open_ledger().entry(spec.attempt_id).status == "reserved"
+        and not open_ledger().entry(spec.attempt_id).model_digest
+    )
 
 
 def test_another_datasets_spec_and_checkpoint_copied_in_is_a_new_attempt(tiny_config, tiny_jsonl, tmp_path):
@@ -192,8 +226,11 @@ def test_another_datasets_spec_and_checkpoint_copied_in_is_a_new_attempt(tiny_co
     (ck / "state.pt").write_bytes(b"A's state")
     open_ledger().checkpoint(spec_a.attempt_id, 2, dir_digest(ck))
     other = tmp_path / "b.jsonl"
-    other.write_text("".join(json.dumps({"id": f"b{i}", "text": f"Completely different record {i} on tides."}) + "\n"
-                             for i in range(200)))
+    other.write_text(
+        "".join(
+            json.dumps({"id": f"b{i}", "text": f"Completely different record {i} on tides."}) + "\n" for i in range(200)
+        )
+    )
     data_b, _ = _inputs(cfg, other)
     probe, _ = plan_finetune(cfg, data_b, model)  # where B's run dir is
     out_b = Path(probe.output_dir)
@@ -219,8 +256,12 @@ def test_not_private_is_a_ledger_fact_that_edited_tags_cannot_undo(tiny_config):
     entry = ledger.entry(spec.attempt_id)
     assert any("reproducible_insecure" in p for p in entry.problems)
     ledger.finish(spec.attempt_id, [[spec.noise_multiplier, spec.sample_rate, spec.steps]], model_digest="d" * 64)
-    forged = {"llmops.dp.attempt_id": spec.attempt_id, "llmops.dp.private": "True",
-              "llmops.dp.reproducible_insecure": "False", "llmops.dp.epsilon": f"{ledger.entry(spec.attempt_id).epsilon:.6g}"}
+    forged = {
+        "llmops.dp.attempt_id": spec.attempt_id,
+        "llmops.dp.private": "True",
+        "llmops.dp.reproducible_insecure": "False",
+        "llmops.dp.epsilon": f"{ledger.entry(spec.attempt_id).epsilon:.6g}",
+    }
     problems = check_ledger(forged, ledger.entry(spec.attempt_id), eps, 10.0)
     assert any("planned as not private" in p for p in problems)
 
@@ -234,8 +275,17 @@ def test_inside_privacy_json_is_rechecked_after_the_digest(tiny_config, tmp_path
     entry = open_ledger().entry(spec.attempt_id)
     d = tmp_path / "m"
     d.mkdir()
-    (d / "privacy.json").write_text(json.dumps({"dp_sgd": True, "attempt_id": "someone-else", "epsilon": 1.0,
-                                                "noise_multiplier": 1.0, "reproducible_insecure": True}))
+    (d / "privacy.json").write_text(
+        json.dumps(
+            {
+                "dp_sgd": True,
+                "attempt_id": "someone-else",
+                "epsilon": 1.0,
+                "noise_multiplier": 1.0,
+                "reproducible_insecure": True,
+            }
+        )
+    )
     problem = inside_privacy_problem(entry, d)
     assert problem and "someone-else" in problem and "reproducible_insecure" in problem
 
@@ -303,8 +353,16 @@ def _real_records(k=40, min_words=20):
 def _variants(t):
     words = t.split()
     homo = t.replace("a", "\u0430").replace("o", "\u043e")  # Cyrillic a, o
-    return [homo, t.upper(), t.replace(",", "").replace(".", "!"), " ".join(words[:5] + ["indeed"] + words[6:]),
-            " ".join(words[:3] + ["pray"] + words[3:]), t.lower(), t + " Exeunt.", "\u200b".join(t.split(" ", 3))]
+    return [
+        homo,
+        t.upper(),
+        t.replace(",", "").replace(".", "!"),
+        " ".join(words[:5] + ["indeed"] + words[6:]),
+        " ".join(words[:3] + ["pray"] + words[3:]),
+        t.lower(),
+        t + " Exeunt.",
+        "\u200b".join(t.split(" ", 3)),
+    ]
 
 
 def test_variants_of_one_text_are_one_training_record(tmp_path):
@@ -325,8 +383,17 @@ def _reserve(ledger, aid, texts, budget, run=((1.0, 0.05, 200),)):
     from llmops.text.neardup import record_keys
 
     keys = {text_hash(t): record_keys(t) for t in texts}
-    return ledger.reserve(aid, f"fp-{aid}", [list(h) for h in run], 1e-5, "prv", budget=budget, records=sorted(keys),
-                          keys=keys, budget_delta=1e-5)
+    return ledger.reserve(
+        aid,
+        f"fp-{aid}",
+        [list(h) for h in run],
+        1e-5,
+        "prv",
+        budget=budget,
+        records=sorted(keys),
+        keys=keys,
+        budget_delta=1e-5,
+    )
 
 
 def test_a_variant_part_or_concatenation_of_a_spent_record_pays_its_history(tmp_path):
@@ -338,8 +405,15 @@ def test_a_variant_part_or_concatenation_of_a_spent_record_pays_its_history(tmp_
     t, u = texts[3], texts[4]
     words = t.split()
     fresh = [f"An unrelated line number {i} about rivers, bread and the price of {i} candles." for i in range(30)]
-    for n, attack in enumerate([t.lower(), " ".join(words[: len(words) // 2]), t + " " + u, _variants(t)[0],
-                                " ".join(words[: int(len(words) * 0.7)])]):
+    for n, attack in enumerate(
+        [
+            t.lower(),
+            " ".join(words[: len(words) // 2]),
+            t + " " + u,
+            _variants(t)[0],
+            " ".join(words[: int(len(words) * 0.7)]),
+        ]
+    ):
         with pytest.raises(PrivacyError, match="records shared with earlier runs"):
             _reserve(ledger, f"attack{n}", fresh + [attack], budget)
     assert _reserve(ledger, "fresh", fresh, budget) == pytest.approx(one)  # unrelated text: its own budget
@@ -350,7 +424,7 @@ def test_two_halves_of_a_trained_record_in_one_dataset_are_refused(tmp_path):
     texts = _real_records()
     _reserve(ledger, "first", texts, 100.0)
     words = texts[5].split()
-    halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
+    halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
     with pytest.raises(PrivacyError, match="near-copies"):
         _reserve(ledger, "split", halves + ["Something else entirely, said twice over by nobody at all."], 100.0)
 
@@ -363,8 +437,10 @@ def test_distillation_and_public_eval_checks_see_lowercased_and_truncated_privat
     train_texts = [json.loads(x)["text"] for x in Path(data["train_path"]).read_text().splitlines()]
     long = [t for t in train_texts if len(t.split()) >= 12][:2]
     disguised = [long[0].lower(), " ".join(long[1].split()[: int(len(long[1].split()) * 0.7)])]
-    public = ["Fair is foul, and foul is fair: hover through the fog and filthy air, said the witches at dusk.",
-              "Completely new prose about trains and timetables that no play of Shakespeare ever contained."]
+    public = [
+        "Fair is foul, and foul is fair: hover through the fog and filthy air, said the witches at dusk.",
+        "Completely new prose about trains and timetables that no play of Shakespeare ever contained.",
+    ]
     assert count_private(disguised + public, [data["train_path"]]) == 2  # the run's own splits
     assert count_private(disguised + public) == 2  # the ledger alone (another run's records)
 
@@ -433,15 +509,19 @@ def test_a_padded_part_of_a_spent_record_pays_its_history(tmp_path):
     """Split-and-pad: ~42% of a record followed by unrelated text is a small share of both; a shared verbatim run of
     >= 10 words relates them whatever the ratio."""
     ledger = PrivacyLedger(tmp_path / "l.sqlite")
-    a = ("Patient Jane Roe, born 1961-04-02, was admitted on 3 March with chest pain radiating to the left arm; "
-         "troponin was elevated, an ECG showed ST elevation in the inferior leads, and she was taken for urgent "
-         "angiography where a right coronary occlusion was stented without complication before discharge home.")
+    a = (
+        "Patient Jane Roe, born 1961-04-02, was admitted on 3 March with chest pain radiating to the left arm; "
+        "troponin was elevated, an ECG showed ST elevation in the inferior leads, and she was taken for urgent "
+        "angiography where a right coronary occlusion was stented without complication before discharge home."
+    )
     one = epsilon_of([[1.0, 0.05, 200]], 1e-5, "prv")
     _reserve(ledger, "first", [a], one * 1.2)
     words = a.split()
-    filler = ("the harbour was quiet that morning and the gulls circled above the fishing boats while a cold wind "
-              "came down from the hills across the grey water toward the old stone pier where nobody waited").split()
-    parts = [" ".join(words[i:i + len(words) * 42 // 100] + filler[:40]) for i in (0, 12, 24)]
+    filler = (
+        "the harbour was quiet that morning and the gulls circled above the fishing boats while a cold wind "
+        "came down from the hills across the grey water toward the old stone pier where nobody waited"
+    ).split()
+    parts = [" ".join(words[i : i + len(words) * 42 // 100] + filler[:40]) for i in (0, 12, 24)]
     for n, part in enumerate(parts):
         with pytest.raises(PrivacyError, match="records shared with earlier runs"):
             _reserve(ledger, f"pad{n}", [part], one * 1.2)

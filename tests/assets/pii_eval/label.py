@@ -6,7 +6,7 @@ How the labels were made: liberal *candidate* patterns (every '@', every bang pa
 run libphonenumber's most lenient matcher or a 7-digit/vanity pattern accepts) were listed with their context and
 each one was read by the labeller. The decisions are written down here as rules plus explicit exception lists, so
 that a reader can audit them; this file is NOT a detector (it uses lists of reviewed strings) and the detectors in
-tasks/pii.py do not import it. Synthetic insertions (valid-checksum cards/IBANs/SSNs and phone formats that are
+llmops/text/pii.py do not import it. Synthetic insertions (valid-checksum cards/IBANs/SSNs and phone formats that are
 rare in this corpus) are added at the end and marked `"synthetic": true`.
 """
 from __future__ import annotations

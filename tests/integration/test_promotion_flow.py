@@ -4,6 +4,7 @@ Requester `alice` (ml-engineer), release managers `bob`, `carol`; `eve` (ml-engi
 are attackers. Governance requires 2 approvals for model `m` and allows targets `onprem` and `s3` (credentials from a
 file only the worker reads). Each test is one attack (or one property) from the approvals issue.
 """
+
 import json
 import os
 import signal
@@ -15,15 +16,22 @@ import time
 import boto3
 import pytest
 
-from llmops.governance.policy import TargetSpec, load_governance
-from llmops.governance.audit import AuditLog, verify_audit_log
 from llmops.governance.access import approval_code, commit_governance, enrol_user, init_governance, make_request
+from llmops.governance.audit import AuditLog, verify_audit_log
 from llmops.governance.keys import load_private_key
+from llmops.governance.policy import TargetSpec, load_governance
 from tests.conftest import ROOT, S3_KEY, S3_SECRET, _free_port, ledger_backed_tags
 
-GOOD_TAGS = {"llmops.validation": "passed", "llmops.gate": "passed: no production model yet",
-             "llmops.dp.private": "True", "llmops.dp.epsilon": "2.5", "llmops.dp.epsilon_cumulative": "2.5",
-             "llmops.dp.budget": "10.0", "llmops.data_fingerprint": "ab" * 32, "llmops.dp.delta": "1e-05"}
+GOOD_TAGS = {
+    "llmops.validation": "passed",
+    "llmops.gate": "passed: no production model yet",
+    "llmops.dp.private": "True",
+    "llmops.dp.epsilon": "2.5",
+    "llmops.dp.epsilon_cumulative": "2.5",
+    "llmops.dp.budget": "10.0",
+    "llmops.data_fingerprint": "ab" * 32,
+    "llmops.dp.delta": "1e-05",
+}
 USERS = {"alice": ["ml-engineer"], "bob": ["release-manager"], "carol": ["release-manager"], "eve": ["ml-engineer"]}
 
 
@@ -34,9 +42,9 @@ def world(tmp_path, s3_server, monkeypatch):
 
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
+    from llmops.services import connect_registry
     from tasks.model import resolve_model
     from tasks.registry import register_candidate
-    from llmops.services import connect_registry
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the worker's credentials file is the only source
         monkeypatch.delenv(var, raising=False)
@@ -45,31 +53,54 @@ def world(tmp_path, s3_server, monkeypatch):
     keys = {}
     for name, roles in USERS.items():
         keys[name] = write_text_atomic(tmp_path / "keys" / f"{name}.key", enrol_user(g, name, roles), mode=0o600)
-    creds = write_text_atomic(g.home / "s3-credentials", f"[default]\naws_access_key_id = {S3_KEY}\n"
-                                                         f"aws_secret_access_key = {S3_SECRET}\n", mode=0o600)
+    creds = write_text_atomic(
+        g.home / "s3-credentials",
+        f"[default]\naws_access_key_id = {S3_KEY}\naws_secret_access_key = {S3_SECRET}\n",
+        mode=0o600,
+    )
     bucket = f"llmops-flow-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY,
-                 aws_secret_access_key=S3_SECRET).create_bucket(Bucket=bucket)
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET).create_bucket(
+        Bucket=bucket
+    )
     g.approvals.models = {"m": 2}
     g.approvals.timeout_s = 120
-    g.targets = {"onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem")),
-                 "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server,
-                                  credentials_file=creds)}
+    g.targets = {
+        "onprem": TargetSpec(kind="onprem", uri=str(tmp_path / "onprem")),
+        "s3": TargetSpec(kind="s3", uri=f"s3://{bucket}/models", endpoint_url=s3_server, credentials_file=creds),
+    }
     g.registry_uri = connect_registry(None, tmp_path / "state")  # promotions read evidence here only
     commit_governance(g, "test-setup")  # the worker refuses governance the audit log did not record
     state = tmp_path / "state"
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     uri = connect_registry(None, state)
     for i in range(3):  # each backed by a charged, completed attempt in the governance ledger
-        register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="m", model_dir=model.path,
-                           params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
-                           tags={}, set_alias=True,
-                           version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path))
+        register_candidate(
+            uri=uri,
+            state_dir=str(state),
+            experiment="e",
+            model_name="m",
+            model_dir=model.path,
+            params={},
+            metrics={"eval.eval_loss": 3.0},
+            step_metrics=[],
+            artifacts={},
+            texts={},
+            tags={},
+            set_alias=True,
+            version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path),
+        )
     cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "m"}})
     import mlflow
 
-    return {"cfg": cfg, "g": load_governance(required=True), "keys": {n: load_private_key(p) for n, p in keys.items()},
-            "key_files": keys, "tmp": tmp_path, "bucket": bucket, "mlflow": mlflow.MlflowClient(uri)}
+    return {
+        "cfg": cfg,
+        "g": load_governance(required=True),
+        "keys": {n: load_private_key(p) for n, p in keys.items()},
+        "key_files": keys,
+        "tmp": tmp_path,
+        "bucket": bucket,
+        "mlflow": mlflow.MlflowClient(uri),
+    }
 
 
 def _request(w, user="alice", version="1", action="promote"):
@@ -109,7 +140,7 @@ def _subj(run_id):
     the Prefect API (the request parameter and this execution's challenge artifact)."""
     from prefect.client.orchestration import get_client
 
-    from flows.cli import read_challenge
+    from flows.cli.release import read_challenge
     from llmops.governance.access import approval_subject
 
     with get_client(sync_client=True) as client:
@@ -159,7 +190,7 @@ def _released(w, *versions):
 
 
 def _anchors(w):
-    from flows.cli import audit_anchors
+    from flows.cli.admin import audit_anchors
 
     return audit_anchors(w["cfg"])
 
@@ -182,12 +213,14 @@ def test_two_distinct_verified_approvals_then_publish(prefect_harness, world, mo
     run = _paused("llmops-promotion")
     assert not (w["tmp"] / "onprem" / "m").exists()  # nothing published while waiting
     bob = _code(keys["bob"], run)
-    attempts = [("bob", "x" * 86),                               # junk code
-                ("mallory", _code(keys["eve"], run)),    # not enrolled
-                ("eve", _code(keys["eve"], run)),        # enrolled, no approve permission
-                ("alice", _code(keys["alice"], run)),    # the requester (may not approve)
-                ("bob", bob),                                    # 1st valid approval
-                ("bob", bob)]                                    # the same code again
+    attempts = [
+        ("bob", "x" * 86),  # junk code
+        ("mallory", _code(keys["eve"], run)),  # not enrolled
+        ("eve", _code(keys["eve"], run)),  # enrolled, no approve permission
+        ("alice", _code(keys["alice"], run)),  # the requester (may not approve)
+        ("bob", bob),  # 1st valid approval
+        ("bob", bob),
+    ]  # the same code again
     for i, (who, code) in enumerate(attempts):
         _submit(run, who, code)
         _wait_paused_again(run, i + 1)
@@ -202,8 +235,17 @@ def test_two_distinct_verified_approvals_then_publish(prefect_harness, world, mo
     assert out["result"]["approved_by"] == ["bob", "carol"] and out["result"]["requested_by"] == "alice"
 
     audit = _audit(w)
-    assert [a["decision"] for a in audit] == ["requested", "denied", "denied", "denied", "denied", "approved",
-                                              "denied", "approved", "promoted"]
+    assert [a["decision"] for a in audit] == [
+        "requested",
+        "denied",
+        "denied",
+        "denied",
+        "denied",
+        "approved",
+        "denied",
+        "approved",
+        "promoted",
+    ]
     assert "already decided" in audit[6]["reason"] and audit[-1]["policy"] == w["g"].digest()[:16]
     anchors = _anchors(w)
     assert len(anchors) == 9 and verify_audit_log(w["g"].audit_log, w["g"].audit.public_key, anchors) == _all(w)
@@ -233,12 +275,12 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
     t_b, out_b = _start(promotion_flow, version="2", request=_request(w, version="2"), config=w["cfg"])
     run_b = _paused("llmops-promotion", exclude={run_a})
     api, captured = PREFECT_API_URL.value(), None
-    _submit(run_a, "bob", _code(keys["bob"], run_a, approve=False), approve=False,
-            comment="not yet")
+    _submit(run_a, "bob", _code(keys["bob"], run_a, approve=False), approve=False, comment="not yet")
     deadline = time.time() + 10
     while time.time() < deadline and captured is None:  # what an attacker sees before the flow deletes it
-        for item in httpx.post(f"{api}/flow_runs/{run_a}/input/filter", json={"prefix": "paused-", "limit": 50},
-                               timeout=5).json():
+        for item in httpx.post(
+            f"{api}/flow_runs/{run_a}/input/filter", json={"prefix": "paused-", "limit": 50}, timeout=5
+        ).json():
             if item["key"].endswith("-response"):
                 captured = json.loads(item["value"])
         time.sleep(0.05)
@@ -252,7 +294,11 @@ def test_code_read_from_run_input_store_cannot_approve_another_run(prefect_harne
     assert out_b.get("result", {}).get("status") == "promoted", out_b
     b_entries = [a for a in _audit(w) if a.get("flow_run_id") == run_b]
     assert [(a["decision"], a.get("approver")) for a in b_entries] == [
-        ("requested", None), ("denied", "bob"), ("approved", "carol"), ("promoted", None)]
+        ("requested", None),
+        ("denied", "bob"),
+        ("approved", "carol"),
+        ("promoted", None),
+    ]
 
 
 def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, tmp_path, capsys):
@@ -267,8 +313,9 @@ def test_requester_cannot_loosen_policy_or_pick_targets(prefect_harness, world, 
     assert main(["check-config", str(cfg_file), "--set", f"promotion.roles_file={tmp_path}/roles.yaml"]) == 2
     assert "governance, not a run setting" in capsys.readouterr().err
     # the requester's own MLflow, where they can write any evidence tag: refused
-    own = PipelineConfig.model_validate({**w["cfg"].model_dump(), "registry": {
-        "model_name": "m", "tracking_uri": f"sqlite:///{tmp_path}/mine.db"}})
+    own = PipelineConfig.model_validate(
+        {**w["cfg"].model_dump(), "registry": {"model_name": "m", "tracking_uri": f"sqlite:///{tmp_path}/mine.db"}}
+    )
     with pytest.raises(Exception, match="not the registry governance pins"):
         promotion_flow(version="1", request=_request(w), config=own)
     # a target the governance does not list: refused, audited, nothing published
@@ -313,25 +360,42 @@ def test_forged_requester_is_refused_and_audited(prefect_harness, world):
 def test_evidence_tags_not_backed_by_the_ledger_are_refused(prefect_harness, world):
     """An ML engineer with EDIT on the registered model writes passing privacy tags on a version by hand."""
     from flows.promotion import promotion_flow
-    from tasks.registry import register_candidate
     from llmops.services import connect_registry
+    from tasks.registry import register_candidate
 
     w = world
     uri, state = connect_registry(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
     real = ledger_backed_tags(GOOD_TAGS, ["rec-x"])
-    cases = {"4": GOOD_TAGS,  # no attempt behind it (e.g. a non-private model re-tagged)
-             "5": {**real, "llmops.dp.epsilon": "0.5"},  # a smaller epsilon than was charged
-             "6": {**GOOD_TAGS, "llmops.dp.attempt_id": "f" * 24}}  # an attempt id the ledger never saw
+    cases = {
+        "4": GOOD_TAGS,  # no attempt behind it (e.g. a non-private model re-tagged)
+        "5": {**real, "llmops.dp.epsilon": "0.5"},  # a smaller epsilon than was charged
+        "6": {**GOOD_TAGS, "llmops.dp.attempt_id": "f" * 24},
+    }  # an attempt id the ledger never saw
     from tasks.model import resolve_model
 
     model = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=0), max_len=32)
     for version, tags in cases.items():
-        out = register_candidate(uri=uri, state_dir=state, experiment="e", model_name="m", model_dir=model.path,
-                                 params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
-                                 tags={}, version_tags=tags, set_alias=False)
+        out = register_candidate(
+            uri=uri,
+            state_dir=state,
+            experiment="e",
+            model_name="m",
+            model_dir=model.path,
+            params={},
+            metrics={"eval.eval_loss": 3.0},
+            step_metrics=[],
+            artifacts={},
+            texts={},
+            tags={},
+            version_tags=tags,
+            set_alias=False,
+        )
         assert str(out["version"]) == version
-    for version, why in (("4", "no llmops.dp.attempt_id tag"), ("5", "disagrees with the ledger"),
-                         ("6", "is not in the deployment's privacy ledger")):
+    for version, why in (
+        ("4", "no llmops.dp.attempt_id tag"),
+        ("5", "disagrees with the ledger"),
+        ("6", "is not in the deployment's privacy ledger"),
+    ):
         with pytest.raises(Exception, match=why):
             promotion_flow(version=version, request=_request(w, version=version), config=w["cfg"])
     assert [a["decision"] for a in _audit(w)] == ["refused"] * 3 and _alias(w, "production") is None
@@ -342,17 +406,29 @@ def test_a_swapped_model_under_copied_evidence_is_never_published(prefect_harnes
     its artifacts): every tag checks out, two release managers approve, and still nothing is published, because the
     files are not the model the ledger's training attempt recorded."""
     from flows.promotion import promotion_flow
+    from llmops.services import connect_registry
     from tasks.model import resolve_model
     from tasks.registry import register_candidate
-    from llmops.services import connect_registry
 
     w, keys = world, world["keys"]
     uri, state = connect_registry(None, w["cfg"].state_dir), str(w["cfg"].state_dir)
     real = w["mlflow"].get_model_version("m", "1").tags  # backed by the ledger, with model A's digest
     other = resolve_model("tiny", state, tiny=dict(arch="llama", layers=1, hidden=32, heads=2, seed=7), max_len=32)
-    out = register_candidate(uri=uri, state_dir=state, experiment="e", model_name="m", model_dir=other.path,
-                             params={}, metrics={"eval.eval_loss": 3.0}, step_metrics=[], artifacts={}, texts={},
-                             tags={}, version_tags=dict(real), set_alias=False)
+    out = register_candidate(
+        uri=uri,
+        state_dir=state,
+        experiment="e",
+        model_name="m",
+        model_dir=other.path,
+        params={},
+        metrics={"eval.eval_loss": 3.0},
+        step_metrics=[],
+        artifacts={},
+        texts={},
+        tags={},
+        version_tags=dict(real),
+        set_alias=False,
+    )
     assert str(out["version"]) == "4"
     t, res = _start(promotion_flow, version="4", request=_request(w, version="4"), config=w["cfg"])
     run = _paused("llmops-promotion")
@@ -414,14 +490,20 @@ def test_sigkill_mid_publish_is_aborted_cleaned_and_failed_on_next_run(prefect_h
     w["g"].targets.pop("s3")
     commit_governance(w["g"], "test-setup")
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)], env=env,
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, w["cfg"].model_dump_json(), _request(w)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run = _paused("llmops-promotion", timeout=180)
     _submit(run, "bob", _code(keys["bob"], run))
     model_root = w["tmp"] / "onprem" / "m"
     deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in
-                                             (model_root.iterdir() if model_root.exists() else [])):
+    while time.time() < deadline and not any(
+        p.name.startswith(".tmp-") for p in (model_root.iterdir() if model_root.exists() else [])
+    ):
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(timeout=30)
@@ -552,8 +634,14 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
     api = services.start_prefect(tmp_path / "server", port)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMOPS_GOVERNANCE", "AWS_", "PREFECT_API"))}
     requester_env = dict(base, PREFECT_API_URL=api, HOME=str(tmp_path / "requester-home"))
-    worker_env = dict(base, PREFECT_API_URL=api, LLMOPS_REPO=str(ROOT), LLMOPS_GOVERNANCE=str(w["g"].path),
-                      AWS_DEFAULT_REGION="us-east-1", PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    worker_env = dict(
+        base,
+        PREFECT_API_URL=api,
+        LLMOPS_REPO=str(ROOT),
+        LLMOPS_GOVERNANCE=str(w["g"].path),
+        AWS_DEFAULT_REGION="us-east-1",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+    )
     prefect = [sys.executable, "-m", "prefect"]
 
     def run(*args, env=requester_env, timeout=300):
@@ -568,8 +656,13 @@ def test_team_mode_promotion_runs_on_the_worker_that_alone_holds_governance(worl
         params = {"version": "1", "request": _request(w), "config": json.loads(w["cfg"].model_dump_json())}
         out = run("deployment", "run", "llmops-promotion/promote", "--params", json.dumps(params))
         run_id = next(tok for line in out.splitlines() if "UUID" in line for tok in line.split() if len(tok) == 36)
-        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "llmops-promotion"], env=worker_env,
-                                  cwd=ROOT, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [*prefect, "worker", "start", "--pool", "llmops-promotion"],
+            env=worker_env,
+            cwd=ROOT,
+            stdout=open(tmp_path / "worker.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         import prefect.settings as ps
 
         with ps.temporary_settings({ps.PREFECT_API_URL: api}):
@@ -607,14 +700,21 @@ def test_a_response_planted_in_the_run_input_store_does_not_lock_approvers_out(p
     run = _paused("llmops-promotion")
     with get_client(sync_client=True) as pc:
         key = pc.read_flow_run(run).state.state_details.run_input_keyset["response"]
-        pc.create_flow_run_input(flow_run_id=run, key=key, value=json.dumps({"approve": True, "approver": "rm-x",
-                                                                              "code": "x", "comment": ""}))
+        pc.create_flow_run_input(
+            flow_run_id=run,
+            key=key,
+            value=json.dumps({"approve": True, "approver": "rm-x", "code": "x", "comment": ""}),
+        )
         deadline = time.time() + 30
-        while time.time() < deadline and any(i.key == key for i in pc.filter_flow_run_input(
-                flow_run_id=run, key_prefix="paused-", limit=50, exclude_keys=set())):
+        while time.time() < deadline and any(
+            i.key == key
+            for i in pc.filter_flow_run_input(flow_run_id=run, key_prefix="paused-", limit=50, exclude_keys=set())
+        ):
             time.sleep(0.5)
-        assert not any(i.key == key for i in pc.filter_flow_run_input(flow_run_id=run, key_prefix="paused-",
-                                                                       limit=50, exclude_keys=set()))
+        assert not any(
+            i.key == key
+            for i in pc.filter_flow_run_input(flow_run_id=run, key_prefix="paused-", limit=50, exclude_keys=set())
+        )
     planted = [e for e in _audit(w) if e.get("decision") == "denied" and "planted" in e.get("reason", "")]
     assert planted and planted[-1]["flow_run_id"] == run
     assert _paused("llmops-promotion") == run  # still waiting for a real approval

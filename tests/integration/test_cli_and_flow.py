@@ -1,15 +1,16 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from tests.conftest import ROOT
 
 
 def llmops(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
@@ -26,8 +27,14 @@ def test_cli_missing_paths(tmp_path):
     assert r.returncode == 2 and "config file not found" in r.stderr
     r = llmops("check-config", str(ROOT / "configs/tiny.yaml"), "--set", "data.path=/no/such/data")
     assert r.returncode == 2 and "data.path=/no/such/data: data path does not exist" in r.stderr
-    r = llmops("check-config", str(ROOT / "configs/tiny.yaml"), "--set", "model.source=local",
-               "--set", f"model.path={tmp_path}")
+    r = llmops(
+        "check-config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--set",
+        "model.source=local",
+        "--set",
+        f"model.path={tmp_path}",
+    )
     assert r.returncode == 2 and f"{tmp_path}: no config.json" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -72,8 +79,8 @@ def test_training_flow_trains_evaluates_and_registers(prefect_harness, tiny_conf
 
     import mlflow
 
-    from tasks.finetune import curve_steps
     from llmops.services import connect_registry
+    from tasks.finetune import curve_steps
 
     client = mlflow.MlflowClient(connect_registry(None, cfg.state_dir))
     run_id, steps = out["registered"]["run_id"], out["finetune"]["privacy"]["steps"]
@@ -112,8 +119,8 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     # with a production model, its evaluation on this split is computed once, then cached on (version, split bytes)
     import mlflow
 
-    from tasks import evaluation
     from llmops.services import connect_registry
+    from tasks import evaluation
 
     client = mlflow.MlflowClient(connect_registry(None, tiny_config.state_dir))
     client.set_registered_model_alias(tiny_config.registry.model_name, "production", "1")
@@ -135,8 +142,9 @@ def test_unchanged_rerun_reuses_cached_steps(prefect_harness, tiny_config):
     lines = path.read_text().splitlines()
     lines[0] = lines[0].replace('"text": "', '"text": "EDITED ')
     path.write_text("\n".join(lines) + "\n")
-    from flows.steps import prepare_data_task
     from prefect import flow
+
+    from flows.steps import prepare_data_task
 
     @flow
     def only_data(cfg):
@@ -166,9 +174,18 @@ def test_flow_with_compression_logs_table_and_edge_bundle(prefect_harness, tiny_
     from llmops.services import connect_registry
 
     cfg = tiny_config
-    cfg.compression = cfg.compression.model_validate({
-        "enabled": True, "quantize": "int8_weight_only", "export_onnx": True, "onnx_int8": False,
-        "max_perplexity_increase": 0.5, "min_speedup": 0.01, "bench_rounds": 3, "max_eval_records": 8})
+    cfg.compression = cfg.compression.model_validate(
+        {
+            "enabled": True,
+            "quantize": "int8_weight_only",
+            "export_onnx": True,
+            "onnx_int8": False,
+            "max_perplexity_increase": 0.5,
+            "min_speedup": 0.01,
+            "bench_rounds": 3,
+            "max_eval_records": 8,
+        }
+    )
     out = training_flow(config=cfg)
     names = {v["name"] for v in out["compression"]["variants"]}
     assert {"int8-weight-only", "onnx"} <= names and out["compression"]["edge"]
@@ -183,8 +200,8 @@ def test_cli_ledger_shows_worst_record_epsilon(tmp_path):
     import json
     import os
 
-    from llmops.governance.ledger import PrivacyLedger
     from llmops.governance.accounting import epsilon_of, noise_for_target
+    from llmops.governance.ledger import PrivacyLedger
 
     env = dict(os.environ, LLMOPS_HOME=str(tmp_path))
     r = llmops("ledger", env=env)

@@ -1,5 +1,6 @@
 """Which MLflow a client uses, what `llmops status` shows, moving the ledger to Postgres (lean: no server started
 here beyond the session's shared fixtures), and the embedded services end to end (integration)."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ def _record_mlflow(state, url):
     (state / services.RECORD).write_text(json.dumps({"mode": "embedded", "mlflow": {"url": url, "ui": url}}))
 
 
-def test_clients_use_the_recorded_mlflow_server_and_a_dead_one_is_an_error_not_a_silent_switch(tmp_path,
-                                                                                              mlflow_server):
+def test_clients_use_the_recorded_mlflow_server_and_a_dead_one_is_an_error_not_a_silent_switch(tmp_path, mlflow_server):
     state = tmp_path / "state"
     assert connect_registry(None, state) == f"sqlite:///{state.resolve()}/mlflow.db"  # nothing recorded: the file
     _record_mlflow(state, mlflow_server)
@@ -61,9 +61,9 @@ def test_status_lists_production_per_model_with_its_mlflow_link(tmp_path, mlflow
 def test_moving_the_ledger_to_postgres_carries_every_charge_and_is_audited(tmp_path, postgres_url, capsys):
     import psycopg
 
-    from llmops.governance.policy import load_governance
     from llmops.governance.audit import verify_audit_log
     from llmops.governance.ledger import open_ledger
+    from llmops.governance.policy import load_governance
 
     assert main(["governance", "init"]) == 0
     sqlite = open_ledger()
@@ -91,12 +91,17 @@ def test_embedded_services_start_once_reuse_and_stop(tmp_path):
     the summary), a second start reuses them, status sees both healthy, stop ends both. Budget: ~30 s."""
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLMOPS_"))}
-    env |= {"LLMOPS_HOME": str(state), "LLMOPS_PREFECT_PORT": str(_free_port()),
-            "LLMOPS_MLFLOW_PORT": str(_free_port()), "LLMOPS_GOVERNANCE": str(tmp_path / "gov" / "governance.yaml")}
+    env |= {
+        "LLMOPS_HOME": str(state),
+        "LLMOPS_PREFECT_PORT": str(_free_port()),
+        "LLMOPS_MLFLOW_PORT": str(_free_port()),
+        "LLMOPS_GOVERNANCE": str(tmp_path / "gov" / "governance.yaml"),
+    }
 
     def llmops(*args):
-        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=180)
+        r = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
+        )
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
         return r.stdout
 

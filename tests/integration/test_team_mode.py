@@ -9,6 +9,7 @@ mode caches in the team Redis, which refuses clients without the password. MLflo
 without a user get 401, each worker has its own identity, the promotion identity moves aliases but cannot delete
 versions. A full restart loses nothing (but the cache, which is not persisted on purpose).
 """
+
 import base64
 import json
 import os
@@ -22,10 +23,14 @@ import yaml
 
 from tests.conftest import ROOT, _free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(
-    not (Path("/usr/lib/postgresql/15/bin/initdb").exists() and Path("/usr/bin/redis-server").exists()),
-    reason="team mode needs Debian's postgresql 15 and redis-server (make test installs them as root: "
-           "infra/system-deps.sh)")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (Path("/usr/lib/postgresql/15/bin/initdb").exists() and Path("/usr/bin/redis-server").exists()),
+        reason="team mode needs Debian's postgresql 15 and redis-server (make test installs them as root: "
+        "infra/system-deps.sh)",
+    ),
+]
 
 
 def _ports() -> dict:
@@ -45,8 +50,9 @@ def _api(method: str, url: str, auth: str | None, body: dict | None = None) -> t
     headers = {"Content-Type": "application/json"}
     if auth:
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    req = urllib.request.Request(url, method=method, headers=headers,
-                                 data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        url, method=method, headers=headers, data=json.dumps(body).encode() if body is not None else None
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"null")
@@ -88,8 +94,12 @@ def _mlflow_auth_checks(url: str, sec: dict, rec: dict, mv) -> None:
     assert _api("GET", search, f"{services.MLFLOW_ADMIN}:{users[services.MLFLOW_ADMIN]}")[0] == 200
     promotion = f"llmops-promotion:{users['llmops-promotion']}"
     assert _api("POST", alias, promotion, dict(move, alias="auth-check"))[0] == 200  # its grant: aliases of any model
-    assert _api("DELETE", f"{url}/api/2.0/mlflow/model-versions/delete", promotion,
-                {"name": mv.name, "version": mv.version})[0] == 403
+    assert (
+        _api(
+            "DELETE", f"{url}/api/2.0/mlflow/model-versions/delete", promotion, {"name": mv.name, "version": mv.version}
+        )[0]
+        == 403
+    )
     server = open(f"/proc/{rec['mlflow']['pid']}/cmdline").read()
     assert "--app-name\0basic-auth" in server and not any(pw in server for pw in users.values())  # not in `ps`
     for worker in ("worker-training", "worker-promotion"):
@@ -97,8 +107,9 @@ def _mlflow_auth_checks(url: str, sec: dict, rec: dict, mv) -> None:
         assert f"MLFLOW_TRACKING_USERNAME={services.TEAM_SERVICES[worker]['mlflow_user']}" in environ
 
 
-def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tmp_path, isolated_governance,
-                                                                              monkeypatch):
+def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(
+    tmp_path, isolated_governance, monkeypatch
+):
     import mlflow
     import psycopg
 
@@ -107,14 +118,21 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
 
     state = tmp_path / "state"
     write_text_atomic(state / "team" / "ports.json", json.dumps(_ports()))  # free ports, kept across the restart
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_API", "LLMOPS_", "AWS_", "MLFLOW_TRACKING_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "LLMOPS_", "AWS_", "MLFLOW_TRACKING_"))
+    }
     env |= {"LLMOPS_HOME": str(state), "LLMOPS_GOVERNANCE": str(isolated_governance)}
 
     def llmops(*args, timeout=240):
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
         return r.stdout, time.time() - t0
 
@@ -123,8 +141,14 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         _, warm = llmops("services", "start", "--team")
         print(f"team start: cold {cold:.1f}s, warm {warm:.1f}s")
         sec, ports = services.team_secrets(state), services.team_ports(state)
-        for value in (sec["postgres"], sec["s3_secret_key"], sec["prefect_auth"], sec["redis"], *sec["db"].values(),
-                      *sec["mlflow_users"].values()):
+        for value in (
+            sec["postgres"],
+            sec["s3_secret_key"],
+            sec["prefect_auth"],
+            sec["redis"],
+            *sec["db"].values(),
+            *sec["mlflow_users"].values(),
+        ):
             assert value not in out  # secrets are never printed
         printed = llmops("services", "env")[0]
         exported = dict(line.removeprefix("export ").split("=", 1) for line in printed.splitlines())
@@ -151,10 +175,21 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         assert _api("POST", f"{api}/flows/", None, {"name": "llmops-training"})[0] == 401
         status, flow = _api("POST", f"{api}/flows/", auth, {"name": "llmops-training"})
         assert status in (200, 201), status
-        status, dep = _api("POST", f"{api}/deployments/", auth, {
-            "name": dep["name"], "flow_id": flow["id"], "entrypoint": dep["entrypoint"], "tags": dep["tags"],
-            "work_pool_name": dep["work_pool"]["name"], "parameters": dep["parameters"], "pull_steps": spec["pull"],
-            "description": dep["description"]})
+        status, dep = _api(
+            "POST",
+            f"{api}/deployments/",
+            auth,
+            {
+                "name": dep["name"],
+                "flow_id": flow["id"],
+                "entrypoint": dep["entrypoint"],
+                "tags": dep["tags"],
+                "work_pool_name": dep["work_pool"]["name"],
+                "parameters": dep["parameters"],
+                "pull_steps": spec["pull"],
+                "description": dep["description"],
+            },
+        )
         assert status in (200, 201), (status, dep)
         assert dep["work_pool_name"] == services.TEAM_SERVICES["worker-training"]["pool"]
         status, run = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", auth, {})
@@ -172,29 +207,52 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         def check_everything(cli: bool):
             pg = dict(host="127.0.0.1", port=ports["postgres"], connect_timeout=10)
             with psycopg.connect(**pg, user="prefect", password=sec["db"]["prefect"], dbname="prefect") as c:
-                assert c.execute("SELECT state_type FROM flow_run WHERE id=%s", (run["id"],)).fetchone()[0] \
-                    == "COMPLETED"
+                assert (
+                    c.execute("SELECT state_type FROM flow_run WHERE id=%s", (run["id"],)).fetchone()[0] == "COMPLETED"
+                )
             client = mlflow.MlflowClient(client_env["LLMOPS_TRACKING_URI"])
             mv = client.get_model_version_by_alias("llmops-demo", "candidate")
             assert mv.tags["prefect.flow_run_id"] == run["id"] and mv.tags["llmops.dp.private"] == "True"
             if cli:  # the `mlflow` command, as someone on the team would look
-                listed = subprocess.run([sys.executable, "-m", "mlflow", "artifacts", "list", "--run-id", mv.run_id,
-                                         "--artifact-path", "plots"], capture_output=True, text=True, timeout=60,
-                                        env=dict(client_env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]))
+                listed = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "mlflow",
+                        "artifacts",
+                        "list",
+                        "--run-id",
+                        mv.run_id,
+                        "--artifact-path",
+                        "plots",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env=dict(client_env, MLFLOW_TRACKING_URI=client_env["LLMOPS_TRACKING_URI"]),
+                )
                 assert listed.returncode == 0 and ".png" in listed.stdout, (listed.stdout, listed.stderr[-2000:])
-            keys = [o["Key"] for o in services.s3_client(state).list_objects_v2(
-                Bucket="mlflow-artifacts").get("Contents", [])]
+            keys = [
+                o["Key"]
+                for o in services.s3_client(state).list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])
+            ]
             assert any(mv.run_id in k for k in keys), keys[:20]
             with psycopg.connect(**pg, user="ledger", password=sec["db"]["ledger"], dbname="ledger") as c:
-                row = c.execute("SELECT status FROM runs WHERE run_id=%s",
-                                (mv.tags["llmops.dp.attempt_id"],)).fetchone()
+                row = c.execute(
+                    "SELECT status FROM runs WHERE run_id=%s", (mv.tags["llmops.dp.attempt_id"],)
+                ).fetchone()
             assert row is not None, "the training charge is not in the Postgres ledger"
             return mv.version, len(keys)
 
         before = check_everything(cli=True)
-        _mlflow_auth_checks(client_env["LLMOPS_TRACKING_URI"], sec, services.read_record(state),
-                            mlflow.MlflowClient(client_env["LLMOPS_TRACKING_URI"]).get_model_version_by_alias(
-                                "llmops-demo", "candidate"))
+        _mlflow_auth_checks(
+            client_env["LLMOPS_TRACKING_URI"],
+            sec,
+            services.read_record(state),
+            mlflow.MlflowClient(client_env["LLMOPS_TRACKING_URI"]).get_model_version_by_alias(
+                "llmops-demo", "candidate"
+            ),
+        )
         llmops("services", "stop", "--team")
         assert not services.healthy(api)
         llmops("services", "start", "--team")
@@ -207,6 +265,11 @@ def test_team_mode_worker_run_lands_in_postgres_and_s3_and_survives_a_restart(tm
         assert all(s["healthy"] for s in report["services"]) and len(report["services"]) == 7, report["services"]
         assert {m["model"]: m["candidate"] for m in report["models"]} == {"llmops-demo": before[0]}, report
     finally:
-        subprocess.run([sys.executable, "-m", "flows.cli", "services", "stop", "--team"], env=env, cwd=ROOT,
-                       capture_output=True, timeout=180)
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "services", "stop", "--team"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=180,
+        )
         services.remove_postgres_cluster(state)

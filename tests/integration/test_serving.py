@@ -1,8 +1,9 @@
 """Serving with real Ray Serve on 127.0.0.1 and the tiny model: the official `openai` client as a foreign client,
 the response cache, blue/green (a failed smoke test keeps the old version), a replica killed under load, limits.
 
-    .venv/bin/python -m pytest tests/unit/test_serving.py -q       # one Ray instance for the module (~60-90 s)
+    .venv/bin/python -m pytest tests/integration/test_serving.py -q       # one Ray instance for the module (~60-90 s)
 """
+
 import asyncio
 import concurrent.futures as cf
 import ipaddress
@@ -52,19 +53,38 @@ def served(tmp_path_factory):
     import psutil
 
     # this process's listeners from before Ray (e.g. another test's server): not Ray's, not judged below
-    before = {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp")
-              if c.status == psutil.CONN_LISTEN}
+    before = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
     ray.init(**control.local_ray(temp, num_cpus=2)["init_kwargs"], logging_level=logging.WARNING, log_to_driver=False)
-    settings = ServeSettings(http_port=_free_port(), replicas=2, num_cpus=0.5,
-                             limits={"max_tokens": 32, "default_max_tokens": 8, "max_prompt_tokens": 48,
-                                     "max_prompt_chars": 2000, "timeout_s": 20})
+    settings = ServeSettings(
+        http_port=_free_port(),
+        replicas=2,
+        num_cpus=0.5,
+        limits={
+            "max_tokens": 32,
+            "default_max_tokens": 8,
+            "max_prompt_tokens": 48,
+            "max_prompt_chars": 2000,
+            "timeout_s": 20,
+        },
+    )
     v1, v2 = _tiny(root, 0), _tiny(root, 1)
     try:
         report = control.rollout("m", "1", v1.path, v1.digest, settings, {"eval.eval_loss": 20.0})
         url = f"http://127.0.0.1:{settings.http_port}"
         control.wait_http(f"{url}/healthz")
-        yield {"url": url, "settings": settings, "v1": v1, "v2": v2, "report": report, "root": root,
-               "listeners_before_ray": before}
+        yield {
+            "url": url,
+            "settings": settings,
+            "v1": v1,
+            "v2": v2,
+            "report": report,
+            "root": root,
+            "listeners_before_ray": before,
+        }
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -102,8 +122,16 @@ def test_every_ray_listener_is_on_loopback(served):
 
     listeners = [x for x in _ray_listeners(psutil.Process()) if x[:2] not in served["listeners_before_ray"]]
     names = " | ".join(sorted({n.split(" ", 1)[1] for _, _, n in listeners}))
-    for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ServeController",
-                 "ray::ProxyActor", "ray::ServeReplica:llmops-m-v1:ModelServer", "ray::ServeReplica:llmops-gateway"):
+    for part in (
+        "gcs_server",
+        "raylet",
+        "ray::DashboardAgent",
+        "ray::RuntimeEnvAgent",
+        "ray::ServeController",
+        "ray::ProxyActor",
+        "ray::ServeReplica:llmops-m-v1:ModelServer",
+        "ray::ServeReplica:llmops-gateway",
+    ):
         assert part in names, f"no listener of {part} found (the check would prove nothing): {names}"
     assert any(port == served["settings"].http_port for _, port, _ in listeners)
     exposed = [x for x in listeners if not _is_loopback(x[0])]
@@ -118,13 +146,21 @@ def test_llmops_serve_ray_head_and_driver_listen_on_loopback_only(tmp_path):
     import psutil
 
     home = tmp_path / "serving"
-    code = ("import json, sys\nfrom pathlib import Path\nimport psutil\nfrom llmops.serving import control\n"
-            "from llmops.serving.settings import ServeSettings\ncontrol.connect(ServeSettings(), Path(sys.argv[1]))\n"
-            "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('tcp') if c.status == 'LISTEN']))")
+    code = (
+        "import json, sys\nfrom pathlib import Path\nimport psutil\nfrom llmops.serving import control\n"
+        "from llmops.serving.settings import ServeSettings\ncontrol.connect(ServeSettings(), Path(sys.argv[1]))\n"
+        "print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections('tcp') if c.status == 'LISTEN']))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     try:
-        r = subprocess.run([sys.executable, "-c", code, str(home)], env=env, capture_output=True, text=True,
-                           timeout=180, cwd=Path(__file__).resolve().parents[2])
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(home)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         driver_ips = json.loads(r.stdout.strip().splitlines()[-1])
         assert driver_ips and all(_is_loopback(ip) for ip in driver_ips), driver_ips
@@ -146,13 +182,20 @@ def test_llmops_serve_ray_head_and_driver_listen_on_loopback_only(tmp_path):
         if info:
             shutil.rmtree(info["temp_dir"], ignore_errors=True)
 
+
 def test_ray_imported_without_the_loopback_setting_is_refused():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; a process that imported Ray without it would
     bind to the host's address, so llmops refuses to start or join a local Ray there and says what to do."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     code = "import ray\nfrom llmops.serving import control\ncontrol.use_loopback_ray()"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 1 and "Ray was imported before llmops could keep its listeners on 127.0.0.1" in r.stderr
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in r.stderr
 
@@ -162,8 +205,9 @@ def _client(served):
 
 
 def _post(url, body, raw: bytes | None = None):
-    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=raw if raw is not None else json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, dict(r.headers), json.loads(r.read())
@@ -186,16 +230,21 @@ def test_openai_client_completion_chat_and_streaming(served):
     comp = c.completions.create(model="m", prompt="Hello there", max_tokens=6, temperature=0)
     assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens <= 6
     assert comp.usage.prompt_tokens > 0 and comp.object == "text_completion"
-    chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                     temperature=0)
+    chat = c.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
     pieces, finishes = [], []
     for chunk in c.completions.create(model="m", prompt="Hello there", max_tokens=6, temperature=0, stream=True):
         pieces.append(chunk.choices[0].text)
         finishes.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == comp.choices[0].text and finishes[-1] == comp.choices[0].finish_reason
-    deltas = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True)]
+    deltas = [
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True
+        )
+    ]
     assert "".join(deltas) == chat.choices[0].message.content
     assert served["report"]["smoke"]["loss"] < 20.0  # the smoke test ran against the evaluated figure
 
@@ -213,24 +262,29 @@ def test_cache_hit_returns_the_same_text_and_is_counted(served):
     assert other.headers["x-llmops-cache"] == "miss"  # other params, other key
     sampled = c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0.9)
     assert sampled.headers["x-llmops-cache"] == "bypass"  # not deterministic: never cached
-    seeded = [c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0.9,
-                                                     seed=7) for _ in range(2)]
+    seeded = [
+        c.completions.with_raw_response.create(model="m", prompt=prompt, max_tokens=8, temperature=0.9, seed=7)
+        for _ in range(2)
+    ]
     assert [s.headers["x-llmops-cache"] for s in seeded] == ["miss", "hit"]
     assert seeded[0].parse().choices[0].text == seeded[1].parse().choices[0].text
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"prompt": "x", "max_tokens": 33}, 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "word " * 60, "max_tokens": 4}, 400, "prompt"),      # > max_prompt_tokens (48)
-    ({"prompt": "y" * 2001}, 400, "prompt"),                         # > max_prompt_chars
-    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
-    ({"prompt": "x", "model": "nope"}, 404, "model"),
-    ({"prompt": "x", "stop": [1]}, 400, "stop"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]"),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"prompt": "x", "max_tokens": 33}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "word " * 60, "max_tokens": 4}, 400, "prompt"),  # > max_prompt_tokens (48)
+        ({"prompt": "y" * 2001}, 400, "prompt"),  # > max_prompt_chars
+        ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": ["a", "b"]}, 400, "prompt"),
+        ({"prompt": "x", "model": "nope"}, 404, "model"),
+        ({"prompt": "x", "stop": [1]}, 400, "stop"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0]"),
+    ],
+)
 def test_bad_requests_get_4xx_in_openai_error_format(served, body, status, param):
     kind = "chat/completions" if "messages" in body else "completions"
     code, _, out = _post(f"{served['url']}/v1/{kind}", {"model": "m", **body})
@@ -249,8 +303,11 @@ def test_replica_killed_under_bounded_load_loses_no_accepted_request(served):
     import ray
 
     url, n = served["url"] + "/v1/completions", 40
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")
+    ]
     assert len(replicas) == 2
     started = []
 
@@ -277,8 +334,11 @@ def test_replica_killed_under_bounded_load_loses_no_accepted_request(served):
 
     t0 = time.time()  # Serve replaces the dead replica
     while time.time() - t0 < 60:
-        live = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")]
+        live = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::llmops-m-v1#ModelServer")
+        ]
         healthy = str(serve.status().applications["llmops-m-v1"].status).endswith("RUNNING")
         if len(live) == 2 and replicas[0]["name"] not in [a["name"] for a in live] and healthy:
             break
@@ -318,8 +378,12 @@ def test_cache_keys_are_hashes_of_version_text_and_params():
     body = {"prompt": "Hi\r\n", "max_tokens": 8, "temperature": 0, "seed": 3}
     k1 = cache_key("digest-1", "completion", request_text("completion", body), params_of(body))
     assert len(k1) == 64 and int(k1, 16) >= 0 and "Hi" not in k1
-    assert k1 == cache_key("digest-1", "completion", request_text("completion", {"prompt": " Hi"}),
-                           params_of({"max_tokens": 8, "temperature": 0.0}))  # greedy: the seed is irrelevant
+    assert k1 == cache_key(
+        "digest-1",
+        "completion",
+        request_text("completion", {"prompt": " Hi"}),
+        params_of({"max_tokens": 8, "temperature": 0.0}),
+    )  # greedy: the seed is irrelevant
     assert k1 != cache_key("digest-2", "completion", "Hi", params_of(body))
 
 
@@ -347,9 +411,27 @@ def redis_url(tmp_path):
     if not exe:
         pytest.skip("needs Debian's redis-server (apt-get install redis-server; .ci/run does)")
     port = _free_port()
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path), "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import redis
 
     r = redis.Redis(host="127.0.0.1", port=port)
@@ -427,22 +509,23 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     """Governance target `live` (kind serve): an approved promotion deploys blue/green; a version whose evaluated
     loss the served model cannot match fails its smoke test: promotion failed, audited, v1 keeps serving; the
     rollback flow switches serving back."""
+    from flows.promotion import promotion_flow, rollback_flow
     from llmops.config import PipelineConfig
     from llmops.files import write_text_atomic
-    from llmops.governance.policy import TargetSpec, load_governance
-    from llmops.governance.audit import AuditLog
     from llmops.governance.access import commit_governance, enrol_user, init_governance, make_request
+    from llmops.governance.audit import AuditLog
     from llmops.governance.keys import load_private_key
-    from tasks.registry import register_candidate
+    from llmops.governance.policy import TargetSpec, load_governance
     from llmops.services import connect_registry
+    from tasks.registry import register_candidate
     from tests.conftest import ledger_backed_tags
     from tests.unit.test_promotion_flow import GOOD_TAGS, _code, _paused, _start, _submit
 
-    from flows.promotion import promotion_flow, rollback_flow
-
     g = init_governance()
-    keys = {n: load_private_key(write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600))
-            for n, r in (("alice", "ml-engineer"), ("bob", "release-manager"), ("carol", "release-manager"))}
+    keys = {
+        n: load_private_key(write_text_atomic(tmp_path / f"{n}.key", enrol_user(g, n, [r]), mode=0o600))
+        for n, r in (("alice", "ml-engineer"), ("bob", "release-manager"), ("carol", "release-manager"))
+    }
     live = served["settings"].model_copy(update={"replicas": 1, "num_cpus": 0.25})  # room beside m's replicas
     g.targets = {"live": TargetSpec(kind="serve", uri=served["url"], serve=live)}
     state = tmp_path / "state"
@@ -450,17 +533,37 @@ def test_promotion_to_a_serve_target_blue_green_smoke_failure_and_rollback(serve
     commit_governance(g, "test-setup")
     g = load_governance(required=True)
     for i, (model, loss) in enumerate(((served["v1"], 20.0), (served["v2"], 0.5), (served["v2"], 20.0))):
-        register_candidate(uri=uri, state_dir=str(state), experiment="e", model_name="pm", model_dir=model.path,
-                           params={}, metrics={"eval.eval_loss": loss}, step_metrics=[], artifacts={}, texts={},
-                           tags={}, set_alias=False,
-                           version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path))
+        register_candidate(
+            uri=uri,
+            state_dir=str(state),
+            experiment="e",
+            model_name="pm",
+            model_dir=model.path,
+            params={},
+            metrics={"eval.eval_loss": loss},
+            step_metrics=[],
+            artifacts={},
+            texts={},
+            tags={},
+            set_alias=False,
+            version_tags=ledger_backed_tags(GOOD_TAGS, [f"rec-{i}"], model_dir=model.path),
+        )
     cfg = PipelineConfig.model_validate({"state_dir": str(state), "registry": {"model_name": "pm"}})
     c = _client(served)
 
     def run(fn, action, signed_version, **kw):
-        t, out = _start(fn, config=cfg, request=make_request(keys["alice" if action == "promote" else "bob"],
-                                                             "alice" if action == "promote" else "bob", action,
-                                                             "pm", signed_version), **kw)
+        t, out = _start(
+            fn,
+            config=cfg,
+            request=make_request(
+                keys["alice" if action == "promote" else "bob"],
+                "alice" if action == "promote" else "bob",
+                action,
+                "pm",
+                signed_version,
+            ),
+            **kw,
+        )
         rid = _paused(f"llmops-{'promotion' if action == 'promote' else 'rollback'}", exclude=seen)
         seen.add(rid)
         approver = "carol" if action == "rollback" else "bob"  # bob requests rollbacks: carol approves them
@@ -488,14 +591,22 @@ def test_concurrency_limit_gives_429_with_retry_after_and_the_replica_keeps_serv
     """Model `q`: 1 replica, 1 request at a time, 1 queued; 8 concurrent requests: the excess get 429 at once."""
     from llmops.serving import control
 
-    s = served["settings"].model_copy(update={"replicas": 1, "limits": served["settings"].limits.model_copy(
-        update={"max_ongoing_per_replica": 1, "max_queued": 1})})
+    s = served["settings"].model_copy(
+        update={
+            "replicas": 1,
+            "limits": served["settings"].limits.model_copy(update={"max_ongoing_per_replica": 1, "max_queued": 1}),
+        }
+    )
     v1 = served["v1"]
     control.rollout("q", "1", v1.path, v1.digest + "-q", s, {})
     url = served["url"] + "/v1/completions"
     with cf.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: _post(url, {"model": "q", "prompt": f"busy {i}", "max_tokens": 32,
-                                                      "temperature": 0.5}), range(8)))
+        results = list(
+            pool.map(
+                lambda i: _post(url, {"model": "q", "prompt": f"busy {i}", "max_tokens": 32, "temperature": 0.5}),
+                range(8),
+            )
+        )
     codes = sorted(code for code, _, _ in results)
     assert codes.count(200) >= 1 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     refused = next(r for r in results if r[0] == 429)
@@ -507,12 +618,14 @@ def test_request_timeout_gives_408_and_the_replica_keeps_serving(served):
     """The gateway's timeout (here 1 ms, a gateway-only change: model replicas are not restarted) -> 408."""
     from llmops.serving import control
 
-    s = served["settings"].model_copy(update={"limits": served["settings"].limits.model_copy(
-        update={"timeout_s": 0.001})})
+    s = served["settings"].model_copy(
+        update={"limits": served["settings"].limits.model_copy(update={"timeout_s": 0.001})}
+    )
     entry = control.gateway_config()["models"]["q"]
     control.switch("q", entry["version"], entry["app"], entry["digest"], s)
-    code, _, out = _post(served["url"] + "/v1/completions", {"model": "q", "prompt": "slow", "max_tokens": 32,
-                                                            "temperature": 0.5})
+    code, _, out = _post(
+        served["url"] + "/v1/completions", {"model": "q", "prompt": "slow", "max_tokens": 32, "temperature": 0.5}
+    )
     assert code == 408 and out["error"]["code"] == "request_timeout", out
     control.switch("q", entry["version"], entry["app"], entry["digest"], served["settings"])
     assert _post(served["url"] + "/v1/completions", {"model": "q", "prompt": "fast", "max_tokens": 2})[0] == 200

@@ -1,12 +1,13 @@
 """Team mode's Redis (the serving response cache) and how a gateway finds it (budget: <= 5 s here).
 
 Against a real Debian redis-server started by `llmops.services.start_redis` on a free 127.0.0.1 port, as
-`llmops services start --team` starts it (the whole team, end to end, is tests/unit/test_team_mode.py).
+`llmops services start --team` starts it (the whole team, end to end, is tests/integration/test_team_mode.py).
 The property: the password comes from the CSPRNG into the secrets file, reaches redis-server through a mode-600
 config file (never its command line, which any local user sees in `ps`) and a gateway through a password file
 (never the serve settings, which Ray stores and Prefect may log); the cache is bounded (maxmemory + allkeys-lru)
 and not persisted.
 """
+
 import asyncio
 import json
 import os
@@ -18,8 +19,10 @@ from llmops import services
 from llmops.errors import LLMOpsError
 from tests.conftest import _free_port
 
-pytestmark = pytest.mark.skipif(not services.REDIS_SERVER.exists(),
-                                reason="needs Debian's redis-server (apt-get install redis-server; .ci/run does)")
+pytestmark = pytest.mark.skipif(
+    not services.REDIS_SERVER.exists(),
+    reason="needs Debian's redis-server (apt-get install redis-server; .ci/run does)",
+)
 
 
 @pytest.fixture
@@ -46,8 +49,9 @@ def test_team_redis_settings_port_auth_bound_and_no_password_in_argv(team_redis)
     state, port, password, url = team_redis
     home = services.team_dir(state) / "redis"
     assert url == f"redis://127.0.0.1:{port}/0" and password not in url
-    assert len(password) >= 40 and json.loads((services.team_dir(state) / "secrets.json").read_text())["redis"] \
-        == password
+    assert (
+        len(password) >= 40 and json.loads((services.team_dir(state) / "secrets.json").read_text())["redis"] == password
+    )
     for f in (home / "redis.conf", services.redis_password_file(state)):
         assert f.stat().st_mode & 0o777 == 0o600, f
     assert f"requirepass {password}" in (home / "redis.conf").read_text()
@@ -60,10 +64,20 @@ def test_team_redis_settings_port_auth_bound_and_no_password_in_argv(team_redis)
     with pytest.raises(redis.AuthenticationError):
         _client(port, None).get("k")
     r = _client(port, password)
-    cfg = {k: v for k, v in r.config_get("*").items() if k in ("port", "bind", "maxmemory", "maxmemory-policy",
-                                                                 "save", "appendonly", "dir")}
-    assert cfg == {"port": str(port), "bind": "127.0.0.1", "maxmemory": str(256 * 2**20),
-                   "maxmemory-policy": "allkeys-lru", "save": "", "appendonly": "no", "dir": str(home)}
+    cfg = {
+        k: v
+        for k, v in r.config_get("*").items()
+        if k in ("port", "bind", "maxmemory", "maxmemory-policy", "save", "appendonly", "dir")
+    }
+    assert cfg == {
+        "port": str(port),
+        "bind": "127.0.0.1",
+        "maxmemory": str(256 * 2**20),
+        "maxmemory-policy": "allkeys-lru",
+        "save": "",
+        "appendonly": "no",
+        "dir": str(home),
+    }
     assert services.TEAM_SERVICES["redis"]["maxmemory"] == "256mb"
     assert services.start_redis(state, port, services.team_secrets(state)) == url  # reused, not restarted
     assert services._pid(home / "redis.pid") == pid
@@ -122,8 +136,13 @@ def test_client_env_exports_the_cache_only_on_request(team_redis):
     if shutil.which("redis-cli"):  # what `eval "$(llmops services env)"` gives a shell
         import subprocess
 
-        out = subprocess.run(["redis-cli", "-u", url, "ping"], capture_output=True, text=True, timeout=10,
-                             env=dict(os.environ, REDISCLI_AUTH=client["REDISCLI_AUTH"]))
+        out = subprocess.run(
+            ["redis-cli", "-u", url, "ping"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=dict(os.environ, REDISCLI_AUTH=client["REDISCLI_AUTH"]),
+        )
         assert out.stdout.strip() == "PONG", out
 
 

@@ -1,0 +1,44 @@
+"""The compress step as a Prefect task publishes its table artifact (the techniques themselves: tests/unit/test_compression.py)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import ROOT
+from tests.unit.test_compression import Cfg  # noqa: F401
+
+MAX_LEN = 32
+INT8_ATOL = 0.05  # int8 vs fp32 logits of the tiny model (observed max |diff| ~0.006)
+PUBLIC = ROOT / "data" / "public" / "macbeth.txt"
+
+
+def test_compress_task_publishes_a_table_artifact(prefect_harness, monkeypatch, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows import steps
+
+    fake = {
+        "variants": [{"name": "x"}],
+        "rows": [{"variant": "x", "gate": "PASS"}],
+        "table_md": "|x|",
+        "selected": "x",
+        "baseline": {},
+        "edge": None,
+    }
+    monkeypatch.setattr(steps, "compress", lambda *a, **k: fake)
+
+    @flow
+    def f():
+        return steps.compress_task.with_options(cache_policy=None)("m", str(tmp_path), Cfg(), "e", 32, None)
+
+    assert f()["selected"] == "x"
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    arts = [a for a in asyncio.run(latest()) if a.key == "compression"]
+    assert arts and "gate" in json.dumps(arts[0].data)
