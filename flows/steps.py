@@ -18,13 +18,13 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from llmops.caching import CONTENT, files_key
 from llmops.config import PipelineConfig
 from llmops.services import model_version_url
-from tasks.compression import _compress_files, compress
+from tasks.compression import CompressionResult, _compress_files, compress
 from tasks.data import prepare_data
-from tasks.evaluation import evaluate_model, public_eval_split
-from tasks.finetune import bind_artifact, finetune
+from tasks.evaluation import EvalResult, evaluate_model, public_eval_split
+from tasks.finetune import FinetuneResult, bind_artifact, finetune
 from tasks.model import _model_files, resolve_model
 from tasks.plots import artifact_url, figures_markdown, render
-from tasks.registry import download_hf_model, register_candidate
+from tasks.registry import RegisteredVersion, download_hf_model, register_candidate
 from tasks.validation import failed_error, validate_data
 
 
@@ -66,7 +66,7 @@ def prepare_data_task(cfg, path: str | None = None) -> dict:
 
 # Inputs are the config and the data/model dicts (content hashes), so an unchanged re-run reuses the result.
 @task(name="dp-finetune", cache_policy=CONTENT, persist_result=True)
-def dp_finetune_task(cfg, data: dict, model: dict) -> dict:
+def dp_finetune_task(cfg, data: dict, model: dict) -> FinetuneResult:
     return finetune(cfg, data, model)
 
 
@@ -84,7 +84,7 @@ def public_eval_task(path: str, out_dir: str, private_paths: list[str]) -> str:
 @task(name="compress", cache_policy=files_key(_compress_files), persist_result=True)
 def compress_task(
     model_path: str, out_dir: str, cfg, eval_path: str, max_len: int, private_paths: list[str] | None
-) -> dict:
+) -> CompressionResult:
     result = compress(model_path, out_dir, cfg, eval_path, max_len, private_paths)
     if result["variants"]:
         create_table_artifact(
@@ -100,7 +100,7 @@ def compress_task(
 @task(name="evaluate-candidate", cache_policy=CONTENT, persist_result=True)
 def evaluate_candidate_task(
     model_path: str, eval_path: str, prompts: list[str], max_records: int, max_len: int, max_new_tokens: int, dtype: str
-) -> dict:
+) -> EvalResult:
     return evaluate_model(model_path, eval_path, prompts, max_records, max_len, max_new_tokens, dtype)
 
 
@@ -111,7 +111,7 @@ def evaluate_candidate_task(
     persist_result=True,
     cache_policy=files_key(lambda i: [i["eval_path"]]),
 )
-def evaluate_production_task(cfg: PipelineConfig, eval_path: str, production: dict) -> dict:
+def evaluate_production_task(cfg: PipelineConfig, eval_path: str, production: dict) -> EvalResult:
     """The model under alias `production`, scored on *this* run's held-out split (a fair comparison). Cached on the
     version's identity, the split's bytes and the settings: a re-run does not download and score it again."""
     prod = production
@@ -131,7 +131,7 @@ def evaluate_production_task(cfg: PipelineConfig, eval_path: str, production: di
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=5, persist_result=False)
-def register_task(**kwargs) -> dict:
+def register_task(**kwargs) -> RegisteredVersion:
     return register_candidate(**kwargs)
 
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmops.errors import ConfigError
+from llmops.files import default_state_dir
 
 
 class Section(BaseModel):
@@ -355,7 +356,7 @@ class PromotionConfig(Section):
 class PipelineConfig(Section):
     name: str = Field("llmops", pattern=r"^[A-Za-z0-9_.-]+$")
     state_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("LLMOPS_HOME", ".llmops")),
+        default_factory=default_state_dir,
         description="Caches and outputs (env LLMOPS_HOME); the privacy ledger is governance's",
     )
     use_cache: bool = Field(True, description="Reuse step results whose input content is unchanged")

@@ -70,3 +70,9 @@ def dir_digest(path: Path) -> str:
                 fh.update(chunk)
         h.update(f"{f.relative_to(path).as_posix()}\0{fh.hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+def default_state_dir() -> Path:
+    """The state dir when no run config names one: $LLMOPS_HOME, else `.llmops` (relative to the working directory).
+    The one definition: PipelineConfig's default, the CLI and the serving home all ask here."""
+    return Path(os.environ.get("LLMOPS_HOME", ".llmops"))

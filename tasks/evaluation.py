@@ -12,6 +12,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from tasks.data import read_texts
 
@@ -92,6 +93,21 @@ def public_eval_split(path: str | Path, out_dir: str | Path, private_paths: list
     return str(write_jsonl(ds.records, Path(out_dir) / f"public-eval-{ds.fingerprint[:16]}.jsonl"))
 
 
+class EvalResult(TypedDict, total=False):
+    """What `evaluate_model` measures of one model on one held-out split (`evaluate-production` adds `version`)."""
+
+    eval_loss: float  # mean token cross-entropy
+    perplexity: float
+    eval_tokens: int
+    eval_records: int
+    eval_seconds: float
+    size_bytes: int  # on disk
+    params: int
+    latency_ms_per_token_p50: float | None
+    generations: list  # greedy continuations of the configured prompts
+    version: str  # the registered version, for the production model only
+
+
 def evaluate_model(
     model_path: str,
     eval_path: str,
@@ -100,7 +116,7 @@ def evaluate_model(
     max_len: int = 128,
     max_new_tokens: int = 32,
     dtype: str = "float32",
-) -> dict:
+) -> EvalResult:
     from tasks.model import disk_bytes, load_model
 
     model, tok = load_model(model_path, dtype)

@@ -25,11 +25,53 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from llmops.errors import LLMOpsError
 from llmops.governance.evidence import output_mismatch
 
 DS_AUTO = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+class PrivacyReport(TypedDict, total=False):
+    """`privacy.json` of a trained model: what the guarantee rests on (the ledger entry is the truth; this is its copy)."""
+
+    dp_sgd: bool  # DP-SGD ran
+    private: bool  # and a guarantee holds (`not_private_because` is empty)
+    not_private_because: list[str]
+    epsilon: float | None
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    expected_batch_size: int
+    n_train: int
+    accountant: str
+    sampling: str
+    sampling_rng: str
+    secure_mode: bool
+    reproducible_insecure: bool
+    noise_seed: int | None
+    history: list  # [sigma, q, steps] per composed segment
+    dataset_fingerprint: str
+    world_size: int
+    method: str
+    attempt_id: str
+
+
+class FinetuneResult(TypedDict, total=False):
+    """What `finetune` returns: the model directory, its privacy report and the ledger's view of the dataset."""
+
+    model_path: str
+    privacy: PrivacyReport
+    metrics: list[dict]  # per-step metrics (local only: never logged to MLflow except epsilon)
+    curve: list[dict]  # held-out loss at a few steps
+    reused: bool  # the completed attempt's model was reused: nothing charged
+    cumulative_epsilon: float  # the dataset's worst-record epsilon after this attempt
+    budget: float | None
+    run_id: str
+    attempt_id: str
 
 
 @dataclass
@@ -955,7 +997,7 @@ def training_record_keys(data: dict) -> dict[str, list[int]]:
     return out
 
 
-def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> dict:
+def launch(spec: FinetuneSpec, timeout_s: float | None = None) -> FinetuneResult:
     """Run the ranks: in a subprocess (1 rank) or via torchrun (N local ranks); read rank 0's outputs."""
     out = Path(spec.output_dir)
     done = out / "model" / "privacy.json"
@@ -1093,7 +1135,7 @@ def bind_artifact(attempt_id: str, name: str, path: str) -> str:
     return digest
 
 
-def finetune(cfg, data: dict, model: dict) -> dict:
+def finetune(cfg, data: dict, model: dict) -> FinetuneResult:
     """Plan (ledger reservation) → launch ranks → settle the ledger. Returns paths, privacy and metrics."""
     from llmops import console
 

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from llmops.errors import LLMOpsError, RegistryError
 from llmops.services import connect_registry
@@ -136,6 +137,18 @@ def download_hf_model(uri: str, name: str, alias_or_version: str, dest: str | Pa
     return found[0]
 
 
+class RegisteredVersion(TypedDict, total=False):
+    """What `register_candidate` returns: the MLflow version a training run registered (or found registered)."""
+
+    model_name: str
+    version: str
+    run_id: str
+    experiment_id: str
+    model_uri: str  # models:/NAME/VERSION
+    alias: str | None  # "candidate" when the gate passed, else None
+    reused: bool  # present and True when an identical registration existed: nothing was uploaded
+
+
 def register_candidate(
     *,
     uri: str,
@@ -151,7 +164,7 @@ def register_candidate(
     tags: dict[str, str],
     version_tags: dict[str, str],
     set_alias: bool,
-) -> dict:
+) -> RegisteredVersion:
     """Log a run + model, register a version with lineage tags; set `candidate` last (if `set_alias`).
 
     Idempotent: a re-run whose registration would be identical (same fine-tuned model, evaluation, gate, reports,

@@ -74,7 +74,9 @@ def _state_dir(args=None) -> Path:
     the services' home. Every command asks here; none derives it itself."""
     if args is not None and getattr(args, "config", None):
         return Path(_config(args).state_dir)
-    return Path(os.environ.get("LLMOPS_HOME", ".llmops"))
+    from llmops.files import default_state_dir
+
+    return default_state_dir()
 
 
 def _key_file(args) -> Path:

@@ -46,7 +46,9 @@ def app_name(model: str, version: str) -> str:
 
 
 def serving_home() -> Path:
-    return Path(os.environ.get("LLMOPS_HOME", ".llmops")).resolve() / "serving"
+    from llmops.files import default_state_dir
+
+    return default_state_dir().resolve() / "serving"
 
 
 # -------------------------------------------------------------------------------------------------- cluster

@@ -48,7 +48,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from llmops.errors import LLMOpsError
 from llmops.files import write_text_atomic
@@ -295,7 +295,25 @@ def _check_config(cfg, steps: list[tuple[str, dict]]) -> None:
         )
 
 
-def compress(model_path: str, out_dir: str, cfg, eval_path: str, max_len: int, private_paths: list[str] | None) -> dict:
+class CompressionResult(TypedDict, total=False):
+    """What `compress` returns (also written as report.json beside the variants)."""
+
+    baseline: dict | None  # the original model's measurements
+    variants: list[dict]  # each built variant: name, path, technique, measurements, passed, reason
+    rows: list[dict]  # the table, one row per variant (the Prefect table artifact)
+    table_md: str
+    selected: str | None  # the variant picked for release (any format), with its reason
+    selected_path: str | None
+    selected_reason: str
+    edge: str | None  # the ONNX edge bundle's directory, with its variant name and reason
+    edge_name: str | None
+    edge_reason: str
+    note: str  # why nothing was built (compression off, or no eligible technique)
+
+
+def compress(
+    model_path: str, out_dir: str, cfg, eval_path: str, max_len: int, private_paths: list[str] | None
+) -> CompressionResult:
     """Build, reload, measure and gate every configured variant of `model_path`; see the module docstring."""
     from llmops.files import dir_digest
     from tasks.data import read_texts
@@ -396,7 +414,7 @@ def _onnx_source_model(src_name: str, model, built: dict[str, Path]):
     return load_model(built[ONNX_SOURCE_KIND[src_name]])[0].eval()
 
 
-def decide(measured: dict, cfg) -> dict:
+def decide(measured: dict, cfg) -> CompressionResult:
     """No I/O: gate every measured variant (in place), tabulate, pick `selected` (any format) and `edge` (ONNX)
     by the same rule (`choose`), each with its reason."""
     base, variants = measured["baseline"], measured["variants"]
