@@ -1,6 +1,6 @@
 #!/bin/sh
 # One role and one database per service, each with its own password (the compose file's .env); the same layout
-# `llmops services start --team` creates on this machine (llmops/services.py: TEAM_SERVICES["postgres"]).
+# `llmops services start --team` creates on this machine (llmops/services/team.py: TEAM_SERVICES["postgres"]).
 set -eu
 for db in prefect mlflow mlflow_auth ledger; do
   pw=$(eval echo "\${$(echo "$db" | tr a-z A-Z)_DB_PASSWORD}")

@@ -1,50 +1,37 @@
-"""Local services, started and stopped by the project, listening on 127.0.0.1 only.
-
-Embedded (the demo, one person; sqlite + files in the state dir):
-    llmops services start          # Prefect server (UI :4200) + MLflow tracking server (UI :5000)
-    llmops services stop
-Team mode on one machine (the step before a cluster: infra/docker-compose.yml describes the same topology):
-    llmops services start --team   # PostgreSQL, SeaweedFS (S3), Prefect on Postgres with API auth, MLflow on
-                                   # Postgres + S3 artifacts, Redis (the serving cache), a training worker,
-                                   # a promotion worker
-    llmops services stop --team    # data stays in the state dir; `start --team` again picks it up
-    llmops status                  # what runs, pending approvals, production versions
-
-Everything runs in the background (own session, pid file, log in the state dir, never the terminal), so a paused
-promotion stays approvable after the command that started it returns. `<state>/services.json` records what runs for
-this state dir; clients on the same state dir (train, promote, status) use its MLflow server through
-`llmops.services.connect_registry`. A configured or governance-pinned tracking URI always wins over the record.
-
-Team-mode secrets (database roles, S3 keys, the Prefect API auth string, the Redis password, the MLflow users'
-passwords) come from the OS CSPRNG at the first start and live in `<state>/team/secrets.json` (mode 600; the Redis
-password also in the mode-600 redis.conf and password file beside Redis, the MLflow admin's in the mode-600 ini of
-MLflow's basic-auth app): never printed, never a flow parameter. Each worker has its own MLflow identity
-(MLFLOW_GRANTS says what it may do). Print the client settings on
-purpose with `eval "$(llmops services env)"`.
+"""Team mode on one machine: PostgreSQL, SeaweedFS (S3), Prefect with API auth, MLflow on Postgres + S3 with
+basic auth, Redis, and the training and promotion workers; their CSPRNG secrets (`<state>/team/secrets.json`,
+mode 600) and ports.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmops.errors import LLMOpsError, RegistryError
-from llmops.files import pid_alive, write_text_atomic
+from llmops.errors import LLMOpsError
+from llmops.files import write_text_atomic
+from llmops.services.local import (
+    DEFAULT_PORT,
+    MLFLOW_PORT,
+    RECORD,
+    _base_env,
+    _pid,
+    _spawn,
+    _stop_pid,
+    api_url,
+    read_record,
+    start_mlflow,
+    start_prefect,
+)
 
-DEFAULT_PORT = 4200
-MLFLOW_PORT = 5000
-RECORD = "services.json"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
@@ -90,323 +77,6 @@ MLFLOW_GRANTS: dict[str, list[tuple[str, str]]] = {
 }
 # SeaweedFS's internal ports (its gRPC ports are these + 10000); the test passes free ones
 SEAWEED_PORTS = {"master": 9333, "volume": 8081, "filer": 8888, "admin": 23646}
-
-
-def prefect_port() -> int:
-    return int(os.environ.get("LLMOPS_PREFECT_PORT", DEFAULT_PORT))
-
-
-def mlflow_port() -> int:
-    return int(os.environ.get("LLMOPS_MLFLOW_PORT", MLFLOW_PORT))
-
-
-def api_url(port: int | None = None) -> str:
-    return f"http://127.0.0.1:{port or prefect_port()}/api"
-
-
-def _get(url: str, timeout: float = 2) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, urllib.error.HTTPError):
-        return False
-
-
-def healthy(url: str) -> bool:
-    """A Prefect API URL (…/api) answers its health check (unauthenticated even with API auth on)."""
-    return _get(f"{url}/health")
-
-
-def mlflow_healthy(url: str) -> bool:
-    return _get(f"{url}/health")
-
-
-# ------------------------------------------------------------------------------------------------ the record
-def read_record(state_dir: str | Path) -> dict:
-    p = Path(state_dir).resolve() / RECORD
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _record(state_dir: str | Path, name: str, entry: dict | None) -> None:
-    rec = read_record(state_dir)
-    if entry is None:
-        rec.pop(name, None)
-    else:
-        rec[name] = entry
-    write_text_atomic(Path(state_dir).resolve() / RECORD, json.dumps(rec, indent=2) + "\n")
-
-
-def recorded_mlflow(state_dir: str | Path) -> str | None:
-    """The MLflow server URL `services start` recorded for this state dir, or None."""
-    return (read_record(state_dir).get("mlflow") or {}).get("url")
-
-
-def _pid(pid_file: Path) -> int | None:
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
-
-
-def _spawn(
-    what: str,
-    argv: list[str],
-    env: dict,
-    log: Path,
-    pid_file: Path,
-    ready,
-    timeout: float,
-    hint: str,
-    cwd: Path | None = None,
-) -> int:
-    """Start `argv` in its own session (so stop kills its children too), output to `log`; wait until `ready()`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=cwd,
-        )
-    pid_file.write_text(str(proc.pid))
-    deadline = time.time() + timeout
-    while not ready():
-        if proc.poll() is not None or time.time() > deadline:
-            _stop_pid(pid_file)
-            raise LLMOpsError(f"{what} did not start within {timeout:.0f}s", str(log), hint)
-        time.sleep(0.3)
-    return proc.pid
-
-
-def _stop_pid(pid_file: Path, timeout: float = 30) -> bool:
-    pid = _pid(pid_file)
-    pid_file.unlink(missing_ok=True)
-    if pid is None:
-        return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.time() + (timeout if sig == signal.SIGTERM else 5)
-        while time.time() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:  # our own child (a test started it): reap it
-                    return True
-            except ChildProcessError:
-                pass
-            if not pid_alive(pid):
-                return True
-            time.sleep(0.2)
-    return True
-
-
-def _base_env(**extra) -> dict:
-    """This process's environment minus the client settings of whatever server the caller talks to."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_"))}
-    return dict(env, PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", **extra)
-
-
-def _port_taken(url: str, pid_file: Path, health, name: str, env_var: str) -> None:
-    if health() and _pid(pid_file) is None:
-        raise LLMOpsError(
-            f"{url} already answers, but not as this state dir's {name}",
-            str(pid_file.parent),
-            f"stop that server, or pick another port: export {env_var}=<port>",
-        )
-
-
-# ------------------------------------------------------------------------------------------------ embedded
-def start_prefect(
-    state_dir: str | Path,
-    port: int | None = None,
-    timeout: float = 120,
-    env: dict | None = None,
-    home: Path | None = None,
-) -> str:
-    """Prefect server on 127.0.0.1 (SQLite in `home`, or whatever database `env` names); returns its API URL."""
-    port = port or prefect_port()
-    url = api_url(port)
-    home = home or Path(state_dir).resolve() / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
-    pid_file = home / "server.pid"
-    if healthy(url) and _pid(pid_file):
-        return url
-    _port_taken(url, pid_file, lambda: healthy(url), "Prefect server", "LLMOPS_PREFECT_PORT")
-    env = _base_env(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_API_HOST="127.0.0.1",
-        PREFECT_SERVER_API_PORT=str(port),
-        PREFECT_UI_API_URL=url,
-        PREFECT_API_URL=url,
-        **(env or {}),
-    )
-    _spawn(
-        "Prefect server",
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        home / "server.log",
-        pid_file,
-        lambda: healthy(url),
-        timeout,
-        f"read the log; is port {port} taken? set LLMOPS_PREFECT_PORT",
-    )
-    return url
-
-
-def stop_prefect(state_dir: str | Path) -> bool:
-    return _stop_pid(Path(state_dir).resolve() / "prefect" / "server.pid")
-
-
-def mlflow_argv(port: int, artifacts: str, app: str | None = None) -> list[str]:
-    """The MLflow server's command line: no store URI, no password (those go by environment / the auth ini)."""
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--serve-artifacts",
-        "--artifacts-destination",
-        artifacts,
-    ] + (["--app-name", app] if app else [])
-
-
-_SCHEMA_READY: set[Path] = set()
-
-
-def create_sqlite_schema_once(db: Path) -> None:
-    """Create (or migrate) MLflow's tables in the state dir's sqlite file under an exclusive lock, once per process.
-
-    MLflow's own stores check "are all tables there?" and then create them, unlocked: two runs that touch a fresh
-    state dir at the same time (a schedule and a person; the busy-machine test) both create them and one fails with
-    "table ... already exists" / "duplicate column name". Under the lock the second finds them complete."""
-    if db in _SCHEMA_READY:
-        return
-    from llmops.files import exclusive_lock
-
-    with exclusive_lock(db.with_name(".mlflow.db.lock")):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
-
-        uri = f"sqlite:///{db}"
-        quiet = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]  # "Creating initial tables"
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.WARNING)
-        try:
-            TrackingStore(uri, (db.parent / "mlartifacts").as_uri()).engine.dispose()  # creates + migrates
-            RegistryStore(uri).engine.dispose()
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
-    _SCHEMA_READY.add(db)
-
-
-def start_mlflow(
-    state_dir: str | Path,
-    port: int | None = None,
-    timeout: float = 120,
-    backend: str | None = None,
-    artifacts: str | None = None,
-    env: dict | None = None,
-    home: Path | None = None,
-    app: str | None = None,
-) -> str:
-    """MLflow tracking server + UI on 127.0.0.1 (default: the state dir's sqlite and artifact dir, the same store
-    that runs without a server use, so nothing moves); returns its URL. `app`: e.g. "basic-auth" (team mode)."""
-    state = Path(state_dir).resolve()
-    port = port or mlflow_port()
-    url = f"http://127.0.0.1:{port}"
-    home = home or state / "mlflow-server"
-    home.mkdir(parents=True, exist_ok=True)
-    pid_file = home / "server.pid"
-    if mlflow_healthy(url) and _pid(pid_file):
-        return url
-    _port_taken(url, pid_file, lambda: mlflow_healthy(url), "MLflow server", "LLMOPS_MLFLOW_PORT")
-    if backend is None:  # the state dir's file: its tables exist before the server and a run both open it
-        create_sqlite_schema_once(state / "mlflow.db")
-    # the backend URI goes by environment: a password in argv would show in `ps` for every user
-    env = _base_env(
-        MLFLOW_BACKEND_STORE_URI=backend or f"sqlite:///{state}/mlflow.db",
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        **(env or {}),
-    )
-    argv = mlflow_argv(port, artifacts or str(state / "mlartifacts"), app)
-    _spawn(
-        "MLflow server",
-        argv,
-        env,
-        home / "server.log",
-        pid_file,
-        lambda: mlflow_healthy(url),
-        timeout,
-        f"read the log; is port {port} taken? set LLMOPS_MLFLOW_PORT",
-        cwd=home,
-    )
-    return url
-
-
-def stop_mlflow(state_dir: str | Path) -> bool:
-    return _stop_pid(Path(state_dir).resolve() / "mlflow-server" / "server.pid")
-
-
-def start_embedded(state_dir: str | Path) -> dict:
-    state = Path(state_dir).resolve()
-    if read_record(state).get("mode") == "team":
-        raise LLMOpsError(
-            "team mode runs for this state dir",
-            str(state / RECORD),
-            "use it (llmops status), or `llmops services stop --team` first",
-        )
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:  # both wait on their own startup; together, not one after the other
-        prefect_f, mlflow_f = pool.submit(start_prefect, state), pool.submit(start_mlflow, state)
-        try:
-            prefect, mlflow = prefect_f.result(), mlflow_f.result()
-        except BaseException:
-            mlflow_f.exception(), prefect_f.exception()  # both done before stopping what did start
-            stop_embedded(state)
-            raise
-    rec = {
-        "mode": "embedded",
-        "prefect": {
-            "url": prefect,
-            "ui": prefect.removesuffix("/api"),
-            "pid": _pid(state / "prefect/server.pid"),
-            "log": str(state / "prefect/server.log"),
-        },
-        "mlflow": {
-            "url": mlflow,
-            "ui": mlflow,
-            "pid": _pid(state / "mlflow-server/server.pid"),
-            "log": str(state / "mlflow-server/server.log"),
-        },
-    }
-    write_text_atomic(state / RECORD, json.dumps(rec, indent=2) + "\n")
-    return rec
-
-
-def stop_embedded(state_dir: str | Path) -> list[str]:
-    state = Path(state_dir).resolve()
-    stopped = [n for n, stop in (("mlflow", stop_mlflow), ("prefect", stop_prefect)) if stop(state)]
-    if read_record(state).get("mode") != "team":
-        (state / RECORD).unlink(missing_ok=True)
-    return stopped
 
 
 # ------------------------------------------------------------------------------------------------ team mode
@@ -1156,78 +826,3 @@ def stop_team(state_dir: str | Path) -> list[str]:
     if read_record(state).get("mode") == "team":
         (state / RECORD).unlink(missing_ok=True)
     return stopped
-
-
-# ------------------------------------------------------------------------------------------------ status
-def service_rows(state_dir: str | Path) -> list[dict]:
-    """name, url, pid, healthy for each recorded service."""
-    rows = []
-    for name, e in read_record(state_dir).items():
-        if not isinstance(e, dict):
-            continue
-        url, pid = e.get("url", ""), e.get("pid")
-        if name == "prefect":
-            ok = healthy(url)
-        elif name == "mlflow":
-            ok = mlflow_healthy(url)
-        elif name == "postgres":
-            import socket
-
-            try:
-                socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2).close()
-                ok = True
-            except OSError:
-                ok = False
-        elif name == "redis":  # answers, and only with the password
-            ok = redis_ping(int(url.rsplit(":", 1)[1].split("/")[0])).startswith("NOAUTH")
-        else:
-            ok = bool(pid and pid_alive(pid))
-        rows.append({"name": name, "url": e.get("ui", url), "pid": pid, "healthy": ok, "log": e.get("log")})
-    return rows
-
-
-def ui_run_url(run_id: str, port: int | None = None, ui: str | None = None) -> str:
-    return f"{ui or f'http://127.0.0.1:{port or prefect_port()}'}/runs/flow-run/{run_id}"
-
-
-# ------------------------------------------------------------------------------------------- the registry
-
-
-def connect_registry(configured: str | None, state_dir: str | Path) -> str:
-    """Connect to the registry runs of this state dir use, and return its tracking URI: registry.tracking_uri, else
-    $LLMOPS_TRACKING_URI (workers in infra/), else the MLflow server that `llmops services start` recorded for this
-    state dir, else sqlite in the state dir.
-
-    Not a getter: it checks that a recorded server answers, creates the state dir and the sqlite schema (under a
-    lock), and puts team mode's MLflow credentials into this process's environment (where MLflow's client reads them).
-
-    Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so it would leak between runs.
-    A recorded server that does not answer is an error, not a silent switch to the file: runs it created keep their
-    artifacts behind the server (mlflow-artifacts:/), so the file alone would show them half.
-
-    Team mode's server (basic auth): MLFLOW_TRACKING_USERNAME/PASSWORD as set, else the operator's from the secrets
-    file when this user can read it (use_team_mlflow_credentials).
-    """
-    if configured or os.environ.get("LLMOPS_TRACKING_URI"):
-        uri = configured or os.environ["LLMOPS_TRACKING_URI"]
-        use_team_mlflow_credentials(uri, state_dir)  # team mode's server wants a user (basic auth)
-        return uri
-    if server := recorded_mlflow(state_dir):
-        if not mlflow_healthy(server):
-            raise RegistryError(
-                f"the MLflow server recorded for this state dir ({server}) does not answer",
-                str(Path(state_dir).resolve() / RECORD),
-                "`llmops services start` (or `llmops services stop` to use the sqlite file directly)",
-            )
-        use_team_mlflow_credentials(server, state_dir)
-        return server
-    db = Path(state_dir).resolve() / "mlflow.db"
-    create_sqlite_schema_once(db)
-    return f"sqlite:///{db}"
-
-
-def model_version_url(uri: str, name: str, version: str | int) -> str | None:
-    """The MLflow UI page of a registered version (model card, plots, lineage), when the registry is a server."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/models/{name}/versions/{version}"
