@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import ROOT
 from tests.unit.test_compression import Cfg  # noqa: F401
-
-MAX_LEN = 32
-INT8_ATOL = 0.05  # int8 vs fp32 logits of the tiny model (observed max |diff| ~0.006)
-PUBLIC = ROOT / "data" / "public" / "macbeth.txt"
 
 
 def test_compress_task_publishes_a_table_artifact(prefect_harness, monkeypatch, tmp_path):

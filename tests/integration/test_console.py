@@ -10,24 +10,6 @@ import pytest
 
 from tests.conftest import ROOT
 
-NOISY = r"""
-import logging, os, sys, warnings
-from llmops import console
-log = console.start(sys.argv[1])
-print("the log is", log, file=console.terminal())
-warnings.warn("a third-party FutureWarning", FutureWarning)
-logging.getLogger("torchao").warning("Failed to load libfoo.so")
-os.write(2, b"native library noise on fd 2\n")
-print("a library print on stdout")
-logging.getLogger("prefect.flow_runs").info("data 300 records")
-logging.getLogger("prefect.task_runs").info("Finished in state Completed()")
-try:
-    raise RuntimeError("boom")
-except RuntimeError:
-    console.log_exception("run failed")
-print('{"result": 1}', file=console.stdout())
-"""
-
 
 def test_an_error_inside_the_flow_prints_once_with_the_traceback_in_the_log(tmp_path, prefect_harness):
     """A task raising inside the flow: Prefect logs it four times and the CLI used to print it again."""

@@ -8,19 +8,6 @@ from llmops.errors import PrivacyError
 from llmops.governance.accounting import epsilon_of, noise_for_target
 from tests.unit.test_privacy_attacks import _pg_reserve  # noqa: F401
 
-OLD_STYLE = {
-    "private": True,
-    "epsilon": 3.0,
-    "delta": 1e-5,
-    "noise_multiplier": 1.0,
-    "max_grad_norm": 1.0,
-    "sample_rate": 0.01,
-    "steps": 10,
-    "accountant": "prv",
-    "sampling": "poisson",
-    "history": [],
-}
-
 
 @pytest.mark.integration
 @pytest.mark.parametrize("n,fit", [(5, 2)])

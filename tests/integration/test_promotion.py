@@ -10,17 +10,6 @@ from llmops.errors import PromotionError
 from tasks.promotion import S3Target, file_manifest, make_target
 from tests.unit.test_promotion import _s3, model_dir  # noqa: F401
 
-GOOD_TAGS = {
-    "llmops.validation": "passed",
-    "llmops.gate": "passed: no production model yet",
-    "llmops.dp.private": "True",
-    "llmops.dp.epsilon": "2.5",
-    "llmops.dp.epsilon_cumulative": "2.5",
-    "llmops.dp.budget": "10.0",
-    "llmops.data_fingerprint": "ab" * 32,
-    "llmops.dp.delta": "1e-05",
-}
-
 
 def test_s3_target_round_trip_with_independent_reader(s3_env, model_dir, monkeypatch):
     import tasks.promotion as promo

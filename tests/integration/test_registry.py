@@ -4,15 +4,6 @@ import pytest
 
 from tests.unit.test_registry import _register, check_registered, load_by_alias_in_fresh_process, tiny_model_dir  # noqa: F401
 
-PRIVATE = {
-    "private": True,
-    "dp_sgd": True,
-    "epsilon": 3.0,
-    "noise_multiplier": 1.0,
-    "sampling": "poisson",
-    "reproducible_insecure": False,
-}
-
 
 @pytest.mark.integration
 def test_register_round_trip_real_mlflow_server(tmp_path, tiny_model_dir, mlflow_server):

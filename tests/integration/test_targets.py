@@ -7,38 +7,6 @@ from tasks.promotion import S3Target, file_manifest, make_target
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.unit.test_targets import _creds_file, _model, _no_aws_env  # noqa: F401
 
-CHILD = """
-import os, shutil, signal, sys, time
-from pathlib import Path
-sys.path.insert(0, {root!r})
-import tasks.promotion as promo
-from tasks.promotion import DirTarget, file_manifest
-
-src, target_dir, marker, stage = sys.argv[1:5]
-real_copy, copied = promo._copy_file, []
-
-def slow_copy(s, fout):  # slow enough that the parent kills us mid-copy
-    copied.append(s)
-    if len(copied) == 5:
-        Path(marker).write_text("copying")
-    time.sleep(0.05)
-    return real_copy(s, fout)
-
-if stage == "mid-copy":
-    promo._copy_file = slow_copy
-if stage == "between-renames":  # no RENAME_EXCHANGE (NFS) and killed after moving the old copy aside
-    promo._exchange = lambda a, b: False
-    real_rename = promo._rename_at
-    def rename(dfd, a, b):
-        if a.startswith(".tmp-"):
-            Path(marker).write_text("between")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_rename(dfd, a, b)
-    promo._rename_at = rename
-man = file_manifest(Path(src), "m", "1", {{"approved_by": ["bob"]}})
-DirTarget(target_dir).publish(Path(src), man)
-"""
-
 
 def test_s3_credentials_come_from_the_target_spec(s3_server, tmp_path, monkeypatch):
     from botocore.exceptions import NoCredentialsError

@@ -8,12 +8,6 @@ import pytest
 from tasks.validation import DataValidationError
 from tests.conftest import write_jsonl
 
-MRN = [__import__("re").compile(r"\bMRN[:#\s]*\d{6,10}\b")]
-CLEAN = [
-    {"id": f"r{i}", "text": f"Speech number {i}: the quality of mercy is not strained, it droppeth {i}."}
-    for i in range(60)
-]
-
 
 def test_flow_stops_before_training_on_bad_data(prefect_harness, tiny_config, tmp_path):
     from flows.training import training_flow
