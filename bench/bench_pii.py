@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 EVAL = ROOT / "tests/assets/pii_eval/records.jsonl"
+HELDOUT = ROOT / "tests/assets/pii_heldout/records.jsonl"
+REGION = {"en_US": "US", "en_GB": "GB", "de_DE": "DE", "fr_FR": "FR", "meta": "US"}
 MRN = [re.compile(r"\bMRN[:#\s]*\d{6,10}\b")]
 SCORED = ("email", "message_id", "phone", "ssn", "credit_card", "ip_address", "iban")
 
@@ -41,10 +43,10 @@ def load(split: str = "all") -> list[dict]:
     return [r for r in recs if keep(r)]
 
 
-def score(records: list[dict], preds: list[dict]) -> dict[str, dict[str, float]]:
+def score(records: list[dict], preds: list[dict], cats=SCORED) -> dict[str, dict[str, float]]:
     """Per category: n (labelled), precision, recall, f1 with overlap matching (see the module docstring)."""
     out = {}
-    for cat in SCORED:
+    for cat in cats:
         n_pred = tp_pred = n_gold = tp_gold = 0
         for r, p in zip(records, preds):
             gold, pred = r["labels"].get(cat, []), p.get(cat, [])
@@ -62,6 +64,27 @@ def ours(text: str) -> dict:
     from llmops.text.pii import find_pii
 
     return find_pii(text, MRN)
+
+
+def valid_phone_recall(records: list[dict], preds: list[dict]) -> tuple[int, int]:
+    """(found, n) over the labelled phones libphonenumber itself calls valid in the record's region."""
+    found = n = 0
+    for r, p in zip(records, preds):
+        for span, meta in zip(r["labels"].get("phone", []), r.get("meta", {}).get("phone", [])):
+            if meta.get("valid"):
+                n += 1
+                found += any(a < span[1] and span[0] < b for a, b in p.get("phone", []))
+    return found, n
+
+
+def matcher_detector():
+    """The phone anchor: plain phonenumbers.PhoneNumberMatcher with the record's own region (it is told the locale)."""
+    import phonenumbers
+
+    def detect(text: str, region: str = "US") -> dict:
+        return {"phone": [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, region)]}
+
+    return detect
 
 
 def old(text: str) -> dict:
@@ -121,8 +144,42 @@ def table(name: str, s: dict, rate: float) -> str:
     return "\n".join(rows)
 
 
+def heldout(detectors: dict) -> None:
+    """tests/assets/pii_heldout: P/R per category, then per locale, for every detector (plus the phone anchor)."""
+    records = [json.loads(x) for x in HELDOUT.read_text(encoding="utf-8").splitlines()]
+    detectors = detectors | {"phonenumbers.PhoneNumberMatcher (told the region)": matcher_detector()}
+    locales = sorted({r["locale"] for r in records})
+    print(f"\nheld-out set: {len(records)} records ({', '.join(locales)}); span-level, overlap matching")
+    rows = []
+    for name, det in detectors.items():
+        told = "told the region" in name
+        t0 = time.process_time()
+        preds = [det(r["text"], REGION[r["locale"]]) if told else det(r["text"]) for r in records]
+        us = (time.process_time() - t0) / len(records) * 1e6
+        cats = ("phone",) if told else SCORED
+        for loc in ["all", *locales]:
+            idx = [i for i, r in enumerate(records) if loc in ("all", r["locale"])]
+            sub, sp = [records[i] for i in idx], [preds[i] for i in idx]
+            for cat, v in score(sub, sp, cats).items():
+                if v["n"] or v["n_pred"]:
+                    extra = ""
+                    if cat == "phone":
+                        f, n = valid_phone_recall(sub, sp)
+                        extra = f"{f / n:.3f} ({f}/{n})" if n else ""
+                    rows.append((name, loc, cat, v, extra))
+        print(f"  {name}: {us:,.0f} µs/record")
+    print(
+        "\n| detector | locale | category | gold | pred | P | R | R on valid phones |\n|---|---|---|---:|---:|---:|---:|---:|"
+    )
+    for name, loc, cat, v, extra in rows:
+        print(
+            f"| {name} | {loc} | {cat} | {v['n']} | {v['n_pred']} | {v['precision']:.3f} | {v['recall']:.3f} | {extra} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--heldout", action="store_true", help="score tests/assets/pii_heldout by category and locale")
     ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real", "fresh"])
     ap.add_argument("--no-presidio", action="store_true")
     ap.add_argument(
@@ -136,6 +193,9 @@ def main() -> None:
     if not args.no_presidio:
         detectors["Presidio pattern recognizers"] = presidio_detector()
         detectors["Presidio, score >= 0.5"] = presidio_detector(0.5)
+    if args.heldout:
+        heldout(detectors)
+        return
     print(f"\nsplit={args.split}: {len(records)} records; span-level, overlap matching")
     print(f"  {'category':<12}{'gold':>6}{'pred':>7}{'P':>8}{'R':>8}{'F1':>8}")
     for name, det in detectors.items():

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmops.errors import ConfigError
 from llmops.files import default_state_dir
+from llmops.text.pii import DEFAULT_PHONE_REGIONS
 
 
 class Section(BaseModel):
@@ -101,10 +102,14 @@ class ValidationConfig(Section):
         default_factory=lambda: [r"\bMRN[:#\s]*\d{6,10}\b"],
         description="Regexes for medical record numbers (site-specific)",
     )
-    phone_region: str = Field(
-        "US",
-        pattern=r"^[A-Z]{2}$",
-        description="Default region for phone numbers without +country (libphonenumber), e.g. GB",
+    phone_regions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PHONE_REGIONS),
+        min_length=1,
+        description="Regions whose national numbers (no +country) are phones, tried in order by libphonenumber; "
+        "context words of their languages count. Numbers written +country are found whatever this says",
+    )
+    phone_region: str | None = Field(
+        None, pattern=r"^[A-Z]{2}$", description="Deprecated: one region; use phone_regions (it is put first there)"
     )
 
     @field_validator("pii", mode="before")
@@ -118,6 +123,28 @@ class ValidationConfig(Section):
                 f"unknown PII category '{unknown[0]}'{did_you_mean(unknown[0], defaults)}; known: {sorted(defaults)}"
             )
         return defaults | v
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, v: list[str]) -> list[str]:
+        import phonenumbers
+
+        known = phonenumbers.SUPPORTED_REGIONS
+        for r in v:
+            if r not in known:
+                raise ValueError(
+                    f"unknown phone region '{r}' in validation.phone_regions: use ISO 3166 alpha-2 codes "
+                    f"libphonenumber knows (e.g. US, GB, DE, FR){did_you_mean(r, sorted(known))}"
+                )
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_phone_region_goes_first(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("phone_region"), str):
+            regions = list(v.get("phone_regions") or DEFAULT_PHONE_REGIONS)
+            v = v | {"phone_regions": [v["phone_region"], *(r for r in regions if r != v["phone_region"])]}
+        return v
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidationConfig:

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import unicodedata
 from collections.abc import Iterator
@@ -79,11 +80,19 @@ def list_files(path: Path, fmt: Format) -> list[Path]:
         raise DataError("data path does not exist", str(path), "set data.path to a file or directory of records")
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and (fmt != "auto" or p.suffix.lower() in SUFFIX_FORMAT)
-    )
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [p for p in found if fmt != "auto" or p.suffix.lower() in SUFFIX_FORMAT]
+    if skipped := [p for p in found if p not in files]:  # said once, never silently
+        names = ", ".join(str(p.relative_to(path)) for p in skipped[:MAX_NAMED])
+        more = f" (+{len(skipped) - MAX_NAMED} more)" if len(skipped) > MAX_NAMED else ""
+        logging.getLogger("llmops").warning(
+            "data.path %s: skipped %d file(s) of unknown type: %s%s (read are %s; set data.format to read every file)",
+            path,
+            len(skipped),
+            names,
+            more,
+            ", ".join(sorted(SUFFIX_FORMAT)),
+        )
     if not files:
         raise DataError(
             "directory has no usable files",
@@ -114,15 +123,37 @@ def decode(raw: bytes, encoding: str = "utf-8", at_start: bool = True) -> str:
     return raw.decode(encoding)
 
 
+BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def bom_encoding(path) -> str | None:
+    """The encoding a file's byte-order mark names (UTF-16/32), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    return next((enc for bom, enc in BOMS if head.startswith(bom)), None)
+
+
 def encoding_error(bad: list[tuple[str, int, int]], encoding: str) -> DataError:
     """One error naming every undecodable file (up to MAX_NAMED) as file:line, and the setting to change."""
     named = ", ".join(f"{f}:{line} (byte {off})" for f, line, off in bad[:MAX_NAMED])
     more = f" (+{len(bad) - MAX_NAMED} more files)" if len(bad) > MAX_NAMED else ""
-    return DataError(
-        f"{len(bad)} file(s) are not valid {encoding}: {named}{more}",
-        f"data.encoding={encoding}",
-        "set data.encoding to the files' encoding (e.g. latin-1, cp1252) or re-encode them as UTF-8",
-    )
+    boms = {enc for f, _, _ in bad if (enc := bom_encoding(f))}
+    if len(boms) == 1:
+        (enc,) = boms
+        fix = (
+            f"the file(s) start with a {enc.upper()} byte-order mark: set data.encoding: {enc} (or re-encode as UTF-8)"
+        )
+    else:
+        fix = "set data.encoding to the files' encoding (e.g. latin-1, cp1252, utf-16) or re-encode them as UTF-8"
+    return DataError(f"{len(bad)} file(s) are not valid {encoding}: {named}{more}", f"data.encoding={encoding}", fix)
 
 
 def check_encoding(files: list[Path], encoding: str) -> None:
@@ -200,8 +231,9 @@ def _csv(text: str, name: str, text_field: str, id_field: str | None):
         raise RecordError(
             1, f"no column '{text_field}' (columns: {reader.fieldnames})", "set data.text_field to the text column"
         )
+    end = reader.line_num  # the header's last line
     for row in reader:
-        n = reader.line_num
+        n, end = end + 1, reader.line_num  # a quoted multi-line record is located at its first line, not its last
         if None in row:
             raise RecordError(n, "row has more cells than the header", "quote fields that contain commas")
         rid = row.get(id_field) if id_field else None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHUNK_BYTES = 8 << 20
+MAX_REDACTION_PASSES = 4
 # C0 and C1 control characters except tab, newline and carriage return (a line ending), plus U+FFFD (text that was
 # already decoded wrongly somewhere upstream). nroff bold/underline leaves backspaces and BELs in old mail archives.
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
@@ -50,7 +51,7 @@ class ScanSpec:
     redact: tuple[str, ...] = ()  # categories replaced by placeholders
     categories: tuple[str, ...] = ()  # every PII category the detectors report
     mrn_patterns: tuple[str, ...] = ()
-    phone_region: str = "US"  # libphonenumber's default region for numbers without +country
+    phone_regions: tuple[str, ...] = ("US",)  # libphonenumber regions tried for numbers without +country
     tokenizer: str | None = None
     max_tokens: int | None = None
     copy_dir: str | None = None  # write the cleaned copy's parts here (None: nothing can change the text)
@@ -204,7 +205,8 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
     strip = spec.control_chars == "strip"
     find_pii, redact, control = detectors.find_pii, detectors.redact, CONTROL.search
     lines, n_chars, blank, n_control, is_eval, ids, hashes, finals = [], [], [], [], [], [], [], []
-    hits: list[tuple[int, dict, dict]] = []  # (row, hits found, hits left after redaction): most rows have none
+    # (row, hits found, hits of non-redacted categories, hits redaction could not remove): most rows have none
+    hits: list[tuple[int, dict, dict, dict]] = []
     source_hashes, changed = {}, False
     try:
         check_line_lengths(text, spec.max_line_bytes, chunk.first_line)
@@ -213,13 +215,20 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
             n_ctrl = len(CONTROL.findall(body)) if control(body) else 0
             h = text_hash(body)
             final = strip_control(body) if strip and n_ctrl else body
-            spans = find_pii(final, mrn, spec.phone_region)
+            spans = find_pii(final, mrn, spec.phone_regions)
             if spans:
                 found = {c: len(v) for c, v in spans.items() if v}
-                if redact_cats.intersection(found):
+                # Redaction to a fixed point: re-check the redacted text (placeholders never count as context) and
+                # redact what a pass uncovers, until a pass finds nothing new to redact. What is still found after
+                # MAX_REDACTION_PASSES is reported as "left after redaction" (its own error, never policy advice).
+                for _ in range(MAX_REDACTION_PASSES):
+                    if not redact_cats.intersection(spans):
+                        break
                     final = redact(final, spans, redact_cats)
-                    spans = find_pii(final, mrn, spec.phone_region)  # re-validate the redacted text
-                hits.append((i, found, {c: len(v) for c, v in spans.items() if v}))
+                    spans = find_pii(final, mrn, spec.phone_regions)
+                left = {c: len(v) for c, v in spans.items() if v and c not in redact_cats}
+                stuck = {c: len(v) for c, v in spans.items() if v and c in redact_cats}
+                hits.append((i, found, left, stuck))
             if final is not body:
                 changed = True
                 h_final = text_hash(final)
@@ -247,7 +256,9 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
     cols = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
     for c in spec.categories:
         cols[f"pii_{c}"], cols[f"found_{c}"] = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for row, found, left in hits:
+    cols["redaction_left"] = np.zeros(n, dtype=np.int64)
+    for row, found, left, stuck in hits:
+        cols["redaction_left"][row] = sum(stuck.values())
         for c, k in found.items():
             if c in spec.categories:
                 cols[f"found_{c}"][row] = k
@@ -266,12 +277,36 @@ def scan_chunk(chunk: Chunk, spec: ScanSpec) -> dict:
 
 
 def _count_tokens(texts: list[str], spec: ScanSpec, into: list) -> int:
-    """Fill `into` with token counts (None where the record provably fits `max_tokens`); returns how many counted."""
+    """Fill `into` with token counts (None where the record provably fits `max_tokens`); returns how many counted.
+
+    Capped: the count only has to say whether a record exceeds `max_tokens`, so a long record is tokenized by
+    prefixes cut at whitespace (the pre-tokenizers split there, so a prefix never has more tokens than the whole),
+    doubling from 8 characters per allowed token until the prefix exceeds the limit or is the whole record. A 60 MB
+    record costs a few prefixes of ~max_tokens tokens, not 60 MB of encodings; its count is then a lower bound above
+    the limit (reported as over it)."""
     if not spec.tokenizer or not spec.max_tokens:
         into.extend([None] * len(texts))
         return 0
     count, bound = _token_counter(spec.tokenizer)
-    need = [i for i, t in enumerate(texts) if bound is None or bound(t) > spec.max_tokens]
-    counts = dict(zip(need, count([texts[i] for i in need]))) if need else {}
+    cap = spec.max_tokens
+    need = [i for i, t in enumerate(texts) if bound is None or bound(t) > cap]
+    short = [i for i in need if len(texts[i]) <= 8 * (cap + 1)]
+    counts = dict(zip(short, count([texts[i] for i in short]))) if short else {}
+    for i in need:
+        if i not in counts:
+            counts[i] = _capped_count(count, texts[i], cap)
     into.extend(counts.get(i) for i in range(len(texts)))
     return len(need)
+
+
+def _capped_count(count, text: str, cap: int) -> int:
+    size = 8 * (cap + 1)
+    while True:
+        if size >= len(text):
+            return count([text])[0]
+        cut = text.rfind(" ", size // 2, size)
+        prefix = text[: cut if cut > 0 else size]
+        n = count([prefix])[0]
+        if n > cap:
+            return n
+        size *= 2

@@ -46,7 +46,9 @@ MSGID_HEADER = re.compile(
     r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id|\bid"
     r"|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$"
 )
-ID_SHAPED = re.compile(r"\d{5,}|\$|\.fsf$|^\d+$|^\d{4}[A-Z][a-z]{2}\d")
+# A local part no person chooses: a timestamp or counter (8+ digits), only digits/dots, a hex blob, "$", ".fsf".
+# "name12345@host" is a person's address (typed email, so `email: block` catches it), not a Message-ID.
+ID_SHAPED = re.compile(r"\d{8,}|\$|\.fsf$|^[\d.-]+$|^\d{4}[A-Z][a-z]{2}\d|^[0-9A-Fa-f]{16,}$|\d{4,}\.\w|\.\w*\d{5,}")
 ENVELOPE_ID = re.compile(r"(?im)^original-envelope-id:\s*(\S+@\S+)")
 
 # ------------------------------------------------------------------------------------------ addresses
@@ -62,7 +64,7 @@ BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(
 
 # ------------------------------------------------------------------------------------------ checksummed numbers
 SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
-CARD = re.compile(r"(?<![\w.-])[2-6]\d{3}(?:[ -]?\d){9,15}(?![\w-])")
+CARD = re.compile(r"(?<![\w.-])(?:[2-6]\d{3}|1800|0604)(?:[ -]?\d){8,15}(?![\w-])")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 IBAN_LENGTH = {
     "AD": 24,
@@ -141,6 +143,10 @@ NOT_IP_BEFORE = re.compile(
     r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$"
 )
 VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
+# "libfoo==4.2.6.5", ">= 1.2.3.4", "libfoo-4.2.6.5", "upgraded foo to 4.2.6.5": a version, whatever its numbers
+VERSION_BEFORE = re.compile(
+    r"(?i)(?:(?:[=<>~!]=|[<>])\s*|[A-Za-z]\w*-|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{0,40}?\b(?:to|from)\s+)$"
+)
 NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|inet|server|dns|gateway|route|nameserver)\b|\[")
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
 IPV6 = re.compile(
@@ -149,25 +155,45 @@ IPV6 = re.compile(
 )
 
 # ------------------------------------------------------------------------------------------ phones
-# A cheap gate before libphonenumber: a digit group pattern a phone number could start with.
-PHONE_HINT = re.compile(
-    r"(?<![\w.])(?:\+ ?\d[\d ().-]{5,}\d|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"
-    r"|\d{1,5}[ -]\d{2,4}[ -]\d{2,4}(?:[ -]\d{2,4})?)(?![\w.]\d)"
+# Candidates: any digit run a number could be written as (brackets, dots, dashes, slashes, spaces; a "+", "00" or
+# "011" prefix; trunk zeros; an x/ext extension). libphonenumber's PhoneNumberMatcher decides, over every region
+# in `validation.phone_regions`; the candidate only says where to ask.
+PHONE_CAND = re.compile(
+    r"(?<![\w.,-])(?<!\d:)(?<!\w/)(?:\+\s?)?\(?\d[\d \t().\-/]{4,}\d(?:\s?(?:x|ext\.?|extn?\.?|#)\s?\d{1,6})?(?![\w])"
 )
-PHONE_WORD = re.compile(r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|toll|hot ?line|ring|mobile|cell)\b")
-# Next to a phone word only, a number the default region rejects may be a national number of one of these (VALID).
-FALLBACK_REGIONS = ("GB", "DE", "FR", "IT", "ES", "NL", "IN", "AU", "JP", "BR")
+PHONE_WORD = re.compile(
+    r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|reach|toll|hot ?line|ring|mobile|cell"
+    r"|telefon\w*|ruf|rufen|anruf\w*|handy|mobil\w*|erreichbar|rückruf|telefax"  # de
+    r"|t[ée]l[ée]phone|t[ée]l|appel\w*|portable|joignable|joindre|t[ée]l[ée]copie"  # fr
+    r"|tel[ée]fono|llam\w*|m[óo]vil|telefono|chiam\w*|cellulare|telefoon|bel|gsm)\b"  # es, it, nl
+)
+DATE_TIME = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b|\d{1,2}:\d{2}")
+# A one-digit dotted group is a version (13.9.5.17, 0.99.30-4), except a leading "1." trunk (1.800.555.1212).
+DOTTED_VERSION = re.compile(r"(?<!\d)(?!1\.\d{3}\.)\d\.\d|\d\.\d(?!\d)")
+# Not phones, whatever libphonenumber says: ZIP+4, year ranges "(1682-1759)", ISBN-10 "0-596-00027-8"
+NOT_PHONE_SHAPE = re.compile(
+    r"\(?\d{5}-\d{4}\)?|\(?(?:1[5-9]|20)\d\d\s?[-–]\s?(?:1[5-9]|20)\d\d\)?|\d{1,5}-\d{1,7}-\d{1,7}-[\dX]"
+)
+CARD_WORD = re.compile(r"(?i)(?:card|karte|carte|tarjeta|carta|kaart|visa|mastercard|amex|cc)\b[^\n\d]{0,25}$")
+DEFAULT_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IT", "ES", "NL", "CA", "AU", "IN")
+WIDE_GAP = re.compile(r"\s\s|[\n\t]")  # a table's columns ("74    424  171"), not one written number
 LOCAL7 = re.compile(r"(?<![\w.#/+-])[2-9]\d{2}-\d{4}(?![\w-])")
 VANITY = re.compile(
     r"(?<![\w-])(?:1[-. ]?)?\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?"
     r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])"
 )
-NOT_PHONE_BEFORE = re.compile(r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf)\s*$")
-NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d")  # one leading \d: 2x faster than 4 branches
+NOT_PHONE_BEFORE = re.compile(
+    r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|ean(?:[- ]?13)?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf|[=<>~!]=|"
+    r"\bv|\w=|(?:order|invoice|ticket|version|account|reference|ref|customer|serial|tracking|id)"
+    r"(?:\s*(?:number|no\.?|nr\.?|#))?(?:\s*is)?:?)\s*$"
+)
+NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d|\(\d")
 LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
 IPV4_GATE = re.compile(r"\d\.\d{1,3}\.\d")
 IPV6_GATE = re.compile(r"[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:")
 VANITY_GATE = re.compile(r"8(?:00|88|77|66|55|44|33)")
+# Placeholders of an earlier redaction pass are blanked (same length) before detection: they never count as context.
+PLACEHOLDER_RE = re.compile(r"\[(?:" + "|".join(c.upper() for c in CATEGORIES) + r")\]")
 DIGITS = set("0123456789")
 KEYPAD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "22233344455566677778889999")
 
@@ -232,10 +258,15 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
 
 def _ips(text: str, ids) -> list[tuple[int, int]]:
     out = []
-    for m in IPV4.finditer(text) if IPV4_GATE.search(text) else ():
+    for m in IPV4.finditer(text) if IPV4_GATE.search(text) and NUMBER_GATE.search(text) else ():
         s = m.group()
         before = text[max(0, m.start() - 30) : m.start()]
-        if NETMASK.match(s) or NOT_IP_BEFORE.search(before[-20:]) or VERSION_ON_LINE.search(before):
+        if (
+            NETMASK.match(s)
+            or NOT_IP_BEFORE.search(before[-20:])
+            or VERSION_ON_LINE.search(before)
+            or VERSION_BEFORE.search(text[max(0, m.start() - 60) : m.start()])
+        ):
             continue
         octets = s.split(".")
         if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30) : m.start()]):
@@ -262,42 +293,67 @@ def _phonenumbers():
     return phonenumbers
 
 
-def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
+def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]:
+    """Phone spans: a candidate digit run is a phone when PhoneNumberMatcher finds it VALID in one of `regions`,
+    or POSSIBLE when a phone word (in the regions' languages) is near or it is written internationally (+...)."""
     out: list[tuple[int, int]] = []
 
-    def keep(a: int, b: int) -> None:
+    def keep(a: int, b: int, vanity: bool = False) -> bool:
         digits = set(text[a:b]) & DIGITS  # "888888888" in ASCII art is not a number anyone dials
         if (
             len(digits) > 2
+            and (vanity or sum(ch in DIGITS for ch in text[a:b]) >= 7)
+            and not WIDE_GAP.search(text, a, b)
             and not _overlaps(a, b, taken)
             and not _overlaps(a, b, out)
             and not NOT_PHONE_BEFORE.search(text[max(0, a - 20) : a])
             and not text[b : b + 1].isalnum()
         ):
             out.append((a, b))
+            return True
+        return False
 
     for m in VANITY.finditer(text) if VANITY_GATE.search(text) else ():
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
         if len(digits.removeprefix("1")) >= 10:
-            keep(*m.span())
-    hints = list(PHONE_HINT.finditer(text))
-    if hints:
+            keep(*m.span(), vanity=True)
+    cands = [m for m in PHONE_CAND.finditer(text) if sum(ch in DIGITS for ch in m.group()) >= 6]
+    if cands:
         pn = _phonenumbers()
-        for h in hints:
-            if _overlaps(h.start(), h.end(), out):
+        for c in cands:
+            if _overlaps(c.start(), c.end(), out) or _overlaps(c.start(), c.end(), taken):
                 continue
-            lo, hi = max(0, h.start() - 8), min(len(text), h.end() + 24)
-            # a phone word nearby, or a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK")
-            near_word = PHONE_WORD.search(text[max(0, lo - 40) : hi]) is not None or (out and lo - out[-1][1] < 40)
-            leniency = pn.Leniency.POSSIBLE if near_word else pn.Leniency.VALID
-            found = list(pn.PhoneNumberMatcher(text[lo:hi], region, leniency=leniency))
-            for other in FALLBACK_REGIONS if near_word and not found else ():
-                if found := list(pn.PhoneNumberMatcher(text[lo:hi], other, leniency=pn.Leniency.VALID)):
-                    break  # "call 020 7946 0958" with region US: a national number of another region
-            for pm in found:
-                a, b = lo + pm.start, lo + pm.end
+            near_word = PHONE_WORD.search(text[max(0, c.start() - 40) : c.start()]) is not None or (
+                out and c.start() - out[-1][1] < 40  # a list of numbers ("800-292-9263 in the USA, or 0800-89-1131")
+            )
+            lo, hi = c.start(), c.end()
+            window = text[lo:hi]
+            if (
+                DATE_TIME.match(window)
+                or text[hi : hi + 1] == ":"
+                or ("." in window and DOTTED_VERSION.search(window))
+                or NOT_PHONE_SHAPE.fullmatch(window.strip())
+            ):
+                continue  # "2018-09-13 04:00:27", "13.9.5.17": a date/time or a version, not a number to dial
+            if VERSION_BEFORE.search(text[max(0, lo - 60) : lo]):
+                continue
+            whole = len(window.rstrip(" .-/")) - 1
+            found: list[tuple[int, int]] = []
+            for leniency in (pn.Leniency.VALID, pn.Leniency.POSSIBLE):
+                if leniency is pn.Leniency.POSSIBLE and not (near_word or window.startswith("+")):
+                    break
+                for region in regions:
+                    found += [(pm.start, pm.end) for pm in pn.PhoneNumberMatcher(window, region, leniency=leniency)]
+                    if any(b - a >= whole for a, b in found):
+                        break  # the whole candidate: no other region can do better
+                if found:
+                    break
+            for a, b in sorted(set(found), key=lambda ab: ab[0] - ab[1]):  # longest first, then non-overlapping
+                a, b = lo + a, lo + b
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
+                if a > lo and text[lo] in "+(" and text[lo + 1 : a].strip(" ()0") == "":
+                    a = lo  # "+44(0)..." or "(0)": the whole written number
                 keep(a, b)
     for m in LOCAL7.finditer(text):
         if PHONE_WORD.search(text[max(0, m.start() - 40) : m.start()]):
@@ -305,8 +361,53 @@ def _phones(text: str, region: str, taken) -> list[tuple[int, int]]:
     return out
 
 
-def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US") -> dict[str, list[tuple[int, int]]]:
-    """Spans of each category in `text` (checksums and context rules applied; see the module docstring)."""
+MAESTRO = {"0604", "5018", "5020", "5038", "5893", "6304", "6390", "6759", "6761", "6762", "6763"}
+
+
+def ean13_ok(d: str) -> bool:
+    return sum(int(c) * (3 if i % 2 else 1) for i, c in enumerate(d[:12])) * 9 % 10 == int(d[12])
+
+
+def card_issuer_ok(d: str) -> bool:
+    """The issuer's prefix and length (IIN ranges of the networks): a Luhn-valid EAN-13 or ISBN is no card."""
+    n, p2, p3, p4, p6 = len(d), int(d[:2]), int(d[:3]), int(d[:4]), int(d[:6])
+    if n == 13 and ean13_ok(d):
+        return False  # a barcode (1 in 10 Luhn-valid numbers also passes EAN-13; no network issues 13 digits now)
+    if d[0] == "4":
+        return n in (13, 16, 19)  # Visa
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return n == 16  # Mastercard
+    if p2 in (34, 37):
+        return n == 15  # American Express
+    if p4 == 6011 or p2 == 65 or 644 <= p3 <= 649 or 622126 <= p6 <= 622925:
+        return 16 <= n <= 19  # Discover
+    if p2 == 35:
+        return 16 <= n <= 19  # JCB (3528-3589 today)
+    if p4 in (2131, 1800):
+        return n == 15  # JCB (old 15-digit ranges)
+    if 300 <= p3 <= 305 or p4 == 3095 or p2 in (36, 38, 39):
+        return 14 <= n <= 19  # Diners Club
+    if 2200 <= p4 <= 2204:
+        return n == 16  # Mir
+    if p2 == 62 or p2 == 81:
+        return 16 <= n <= 19  # UnionPay
+    if d[:4] in MAESTRO or 56 <= p2 <= 58:
+        return 12 <= n <= 19  # Maestro
+    if p2 == 60 or p2 == 63 or p2 == 67:
+        return 16 <= n <= 19  # other debit ranges
+    return False
+
+
+def find_pii(
+    text: str, mrn_patterns: list[re.Pattern], phone_regions: str | tuple[str, ...] | list[str] = DEFAULT_PHONE_REGIONS
+) -> dict[str, list[tuple[int, int]]]:
+    """Spans of each category in `text` (checksums and context rules applied; see the module docstring).
+
+    Placeholders of an earlier redaction (`[EMAIL]`, ...) are blanked first, so they never count as context: a
+    redacted text is re-checked exactly like text that never held the value."""
+    regions = (phone_regions,) if isinstance(phone_regions, str) else tuple(phone_regions)
+    if "[" in text:
+        text = PLACEHOLDER_RE.sub(lambda m: " " * len(m.group()), text)
     spans: dict[str, list[tuple[int, int]]] = {}
     ids = _message_ids(text) if "@" in text else []
     if ids:
@@ -324,18 +425,20 @@ def find_pii(text: str, mrn_patterns: list[re.Pattern], phone_region: str = "US"
                 m.span()
                 for m in CARD.finditer(text)
                 if not _overlaps(*m.span(), iban + ids)
-                and 13 <= len(d := re.sub(r"\D", "", m.group())) <= 19
+                and 12 <= len(d := re.sub(r"\D", "", m.group())) <= 19
                 and luhn_ok(d)
                 and len(set(d)) > 1
+                and (card_issuer_ok(d) or (13 <= len(d) and CARD_WORD.search(text[max(0, m.start() - 40) : m.start()])))
             ]
             if cards:
                 spans["credit_card"] = cards
-        if ips := _ips(text, ids):
-            spans["ip_address"] = ips
+    if ips := _ips(text, ids):  # IPv6 has its own gate: "fe80::1" holds no run of three digits
+        spans["ip_address"] = ips
+    if NUMBER_GATE.search(text):
         taken = [
             s for cat in ("ssn", "credit_card", "iban", "ip_address", "message_id", "email") for s in spans.get(cat, [])
         ]
-        if phones := _phones(text, phone_region, taken):
+        if phones := _phones(text, regions, taken):
             spans["phone"] = phones
     for pat in mrn_patterns:
         if mrn := [m.span() for m in pat.finditer(text)]:

@@ -120,3 +120,29 @@ def test_identity_regex_drops_exactly_the_invisible_code_points():
         drop = not ch.isspace() and (unicodedata.category(ch) in _INVISIBLE or cp in _EXTRA_INVISIBLE)
         assert bool(_DROP.fullmatch(ch)) == drop, hex(cp)
     assert identity("a\u200bb\u00a0 c\x07\t\nd\ufeff") == "ab c d"
+
+
+def test_bad_input_is_named_with_the_fix(tmp_path, caplog):
+    """UTF-16 with a BOM suggests utf-16; a multi-line CSV record is located at its first line; skipped files are
+    said once (never silently)."""
+    from tasks.data import check_encoding, list_files
+
+    u16 = tmp_path / "u16" / "a.jsonl"
+    u16.parent.mkdir()
+    u16.write_bytes('{"text": "hello"}\n'.encode("utf-16"))
+    with pytest.raises(DataError) as e:
+        check_encoding([u16], "utf-8")
+    assert "UTF-16 byte-order mark: set data.encoding: utf-16" in str(e.value)
+    assert [r.text for r in load_dataset(u16, encoding="utf-16").records] == ["hello"]
+
+    (tmp_path / "m.csv").write_text('id,text\na,"one\ntwo\nthree"\nb,four\n', encoding="utf-8")
+    recs = load_dataset(tmp_path / "m.csv").records
+    assert [r.where.rsplit(":", 1)[1] for r in recs] == ["2", "5"]
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", ROWS[:3])
+    (d / "notes.pdf").write_bytes(b"%PDF")
+    with caplog.at_level("WARNING", logger="llmops"):
+        assert [p.name for p in list_files(d, "auto")] == ["a.jsonl"]
+    assert "skipped 1 file(s) of unknown type: notes.pdf" in caplog.text

@@ -119,13 +119,97 @@ def test_hard_negatives(text, cat):
         assert cat not in found, [text[a:b] for a, b in found.get(cat, [])]
 
 
-def test_phone_region_is_configurable():
-    text = "the London office, 020 7946 0958, opens at nine"  # no phone word: only the default region counts
-    assert "phone" not in find_pii(text, MRN)  # not a US number
-    assert "phone" in find_pii(text, MRN, phone_region="GB")
-    # next to a phone word, a national number of another common region is accepted (the old detectors did)
-    assert "phone" in find_pii("call 020 7946 0958 now", MRN)
+def test_phone_regions_are_a_list():
+    text = "the London office, 020 7946 0958, opens at nine"  # no phone word: a national number of a listed region
+    assert "phone" in find_pii(text, MRN)  # GB is in the default list
+    assert "phone" not in find_pii(text, MRN, phone_regions=("US",))
+    assert "phone" in find_pii(text, MRN, phone_regions=("US", "GB"))  # adding a region never loses US numbers
+    assert "phone" in find_pii("call (201) 802-0413", MRN, phone_regions=("GB", "DE", "US"))
+    assert "phone" in find_pii("call +1 617 621 7084", MRN, phone_regions=("FR",))  # +country: any list
     assert "phone" not in find_pii("The order number is 666-45-1234; quote it", MRN)
+
+
+def _only(text: str, cat: str, **kw) -> list[str]:
+    return [text[a:b] for a, b in find_pii(text, MRN, **kw).get(cat, [])]
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("Contact 9004035990 for the keys.", "9004035990"),  # no separators
+        ("reach the office on (854)519-9678x008 today", "(854)519-9678x008"),  # x extension, no space after ")"
+        ("fax 856.245.1507x341", "856.245.1507x341"),
+        ("Call me at (201)802-0413.", "(201)802-0413"),  # the whole number, area code included
+        ("Die Zentrale: (06201) 495608", "(06201) 495608"),  # German trunk zero in brackets
+        ("Le standard : 0144222433", "0144222433"),  # French national number, trunk zero, no separators
+        ("Ruf mich an: 030 12345678", "030 12345678"),
+        ("Appelle-moi au 06 12 34 56 78", "06 12 34 56 78"),
+        ("Tel: +44(0)20 7946 0958", "+44(0)20 7946 0958"),
+        ("dial 0044 20 7946 0958 from abroad", "0044 20 7946 0958"),
+        ("US office 001-617-621-7084", "001-617-621-7084"),
+    ],
+)
+def test_phones_in_every_format_and_locale_are_found_whole(text, number):
+    assert _only(text, "phone") == [number]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Date: 2018-09-13 04:00:27 -0400",
+        "We upgraded focus to 13.10.6.0 last week",
+        "Boston, MA 02110-1301 USA",
+        "John Warburton (1682-1759) who had",
+        "2000, 0-596-00027-8, adding a chapter",
+        "software-properties (0.99.30-4) unstable",
+        "140    447   74    408  165   1648  57",
+        "Order #11991409 shipped.",
+        "EAN 4006381333931 in stock.",
+    ],
+)
+def test_phone_hard_negatives(text):
+    assert "phone" not in find_pii(text, MRN), text
+
+
+def test_a_person_address_with_digits_is_email_not_message_id():
+    text = "Maintainer: Ann <ann12345@example.org>"
+    assert _only(text, "email") == ["ann12345@example.org"] and "message_id" not in find_pii(text, MRN)
+    header = "Message-ID: <ann12345@example.org>"  # header context still makes it a Message-ID
+    assert "message_id" in find_pii(header, MRN) and "email" not in find_pii(header, MRN)
+    assert "message_id" in find_pii("see <20240101123456.GA1234@mail.example.org>", MRN)  # machine-shaped
+
+
+@pytest.mark.parametrize(
+    "text", ["Requires libfoo==4.2.6.5", "pip install foo>=10.2.6.5", "libfoo-4.2.6.5", "we upgraded foo to 4.2.6.5"]
+)
+def test_version_context_beats_ip(text):
+    assert "ip_address" not in find_pii(text, MRN)
+    assert "ip_address" in find_pii("Login from 10.2.6.5 failed", MRN)
+    assert "ip_address" in find_pii("client=10.2.6.5", MRN)
+
+
+def test_ipv6_needs_no_digit_run_and_barcodes_are_not_cards():
+    assert _only("peer fe80::1ff:fe23:4567:890a connected", "ip_address") == ["fe80::1ff:fe23:4567:890a"]
+    assert _only("from [abcd:ef01:2345:6789:abcd:ef01:2345:6789]", "ip_address")
+    assert "credit_card" not in find_pii("EAN 4006381333931 in stock.", MRN)  # Luhn- and EAN-valid barcode
+    assert _only("card 4111 1111 1111 1111 charged", "credit_card") == ["4111 1111 1111 1111"]
+    assert _only("amex 378282246310005", "credit_card") == ["378282246310005"]
+    assert "credit_card" not in find_pii("ref 3782822463100051", MRN)  # 16 digits is no Amex (no card word)
+
+
+def test_redaction_is_a_fixed_point():
+    """Placeholders never count as context: a redacted text re-checks clean, whatever sits next to the placeholder."""
+    cases = [
+        "<20240101123456.GA1234@lists.example.org> Requires libfoo==4.2.6.5",
+        "Message-ID: <20240101123456.GA1234@host.example> [ libfoo 4.2.6.5 ]",
+        "call 020 7946 0958 or [130480] 555 0100",
+        "Write to ann@example.org, phone (201)802-0413x12, from 10.1.2.3 or fe80::1ff:fe23:4567:890a",
+    ]
+    for text in cases:
+        cats = set(CATEGORIES)
+        once = redact(text, find_pii(text, MRN), cats)
+        assert find_pii(once, MRN) == {}, (text, once, find_pii(once, MRN))
+        assert redact(once, find_pii(once, MRN), cats) == once
 
 
 def test_redaction_placeholders_and_policy():

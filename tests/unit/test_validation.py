@@ -294,18 +294,71 @@ def test_redaction_round_trip_and_no_raw_pii_anywhere(tmp_path, tokenizer_path):
     assert "jane.doe" not in json.dumps(rep.__dict__)
 
 
-def test_phone_region_setting_reaches_the_scan_workers(tmp_path, tokenizer_path):
-    """A national number without +country is a phone only in its region: `validation.phone_region`."""
+def test_phone_regions_setting_reaches_the_scan_workers(tmp_path, tokenizer_path):
+    """A national number without +country is a phone in the listed regions: `validation.phone_regions`."""
     rows = [dict(r) for r in CLEAN]
     rows[2]["text"] += " Office 0161 496 0000, Manchester."
     path = write_jsonl(tmp_path / "uk.jsonl", rows)
     counts = {}
-    for region in ("US", "GB"):
+    for regions in (["US"], ["US", "GB"]):
         data, val = _cfg(path)
-        val = val.model_copy(update={"phone_region": region})
-        rep = validate_data(data, val, tmp_path / f"out-{region}", tokenizer_path)
-        counts[region] = (rep.pii.get("phone") or {}).get("count", 0)
-    assert counts == {"US": 0, "GB": 1}
+        val = val.model_copy(update={"phone_regions": regions})
+        rep = validate_data(data, val, tmp_path / f"out-{len(regions)}", tokenizer_path)
+        counts[len(regions)] = (rep.pii.get("phone") or {}).get("count", 0)
+    assert counts == {1: 0, 2: 1}
+    data, val = _cfg(path)
+    assert val.phone_regions[:4] == ["US", "GB", "DE", "FR"]  # the default is international
+
+
+def test_what_redaction_leaves_is_its_own_error(tmp_path, tokenizer_path, monkeypatch):
+    """A redaction that leaves a hit (here: a broken redactor) fails with its own message, never policy advice."""
+    import llmops.text.pii as pii
+
+    rows = [dict(r) for r in CLEAN]
+    rows[3]["text"] += " Mail jane.doe@example.org today."
+    data, val = _cfg(write_jsonl(tmp_path / "left.jsonl", rows))
+    val = val.model_copy(update={"workers": 1})
+    monkeypatch.setattr(pii, "redact", lambda text, spans, cats: text)
+    rep = validate_data(data, val, tmp_path / "out", tokenizer_path)
+    assert not rep.passed
+    (line,) = [f for f in rep.failures if f.startswith("pii: redaction left")]
+    assert "redaction left 1 hit(s) in 1 record(s) at left.jsonl:4" in line, line
+    assert "set validation.pii" not in line and "jane.doe" not in line
+
+
+def test_a_huge_record_fails_fast_in_bounded_memory(tmp_path, tokenizer_path):
+    """Token counting is capped at what max_tokens needs: a 20 MB one-line record is decided from prefixes."""
+    import resource
+    import time
+
+    from tasks.scan import ScanSpec, _count_tokens
+
+    big = "lorem ipsum dolor sit amet " * 800_000  # 21.6 MB
+    spec = ScanSpec(tokenizer=tokenizer_path, max_tokens=4096)
+    t0, rss0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: list = []
+    assert _count_tokens([big, "short text"], spec, out) == 1
+    assert out[0] > 4096 and out[1] is None
+    assert time.process_time() - t0 < 2.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200_000  # KiB: no 20 MB-record encoding
+
+
+def test_capped_token_count_decides_like_the_exact_count(tokenizer_path):
+    from tokenizers import Tokenizer
+
+    from tasks.scan import _capped_count
+
+    tok = Tokenizer.from_file(f"{tokenizer_path}/tokenizer.json")
+
+    def count(texts):
+        return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    for text in ("lorem ipsum dolor " * 400, "x" * 5000, "a b " * 3000 + "zzzz" * 900):
+        exact = count([text])[0]
+        for cap in (1, exact // 9, exact // 2, exact - 1, exact, exact + 1, exact * 10):
+            got = _capped_count(count, text, cap)
+            assert (got > cap) == (exact > cap), (cap, exact, got)
+            assert got == exact or got > cap
 
 
 def test_blocked_pii_is_reported_without_values(tmp_path, tokenizer_path):
