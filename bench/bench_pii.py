@@ -144,9 +144,9 @@ def table(name: str, s: dict, rate: float) -> str:
     return "\n".join(rows)
 
 
-def heldout(detectors: dict) -> None:
+def heldout(detectors: dict, path: Path = HELDOUT) -> None:
     """tests/assets/pii_heldout: P/R per category, then per locale, for every detector (plus the phone anchor)."""
-    records = [json.loads(x) for x in HELDOUT.read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
     detectors = detectors | {"phonenumbers.PhoneNumberMatcher (told the region)": matcher_detector()}
     locales = sorted({r["locale"] for r in records})
     print(f"\nheld-out set: {len(records)} records ({', '.join(locales)}); span-level, overlap matching")
@@ -179,7 +179,12 @@ def heldout(detectors: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--heldout", action="store_true", help="score tests/assets/pii_heldout by category and locale")
+    ap.add_argument(
+        "--heldout",
+        nargs="?",
+        const=str(HELDOUT),
+        help="score a labelled JSONL with locales (default tests/assets/pii_heldout/records.jsonl) by category and locale",
+    )
     ap.add_argument("--split", default="all", choices=["all", "real", "dev", "test", "test-real", "fresh"])
     ap.add_argument("--no-presidio", action="store_true")
     ap.add_argument(
@@ -194,7 +199,7 @@ def main() -> None:
         detectors["Presidio pattern recognizers"] = presidio_detector()
         detectors["Presidio, score >= 0.5"] = presidio_detector(0.5)
     if args.heldout:
-        heldout(detectors)
+        heldout(detectors, Path(args.heldout))
         return
     print(f"\nsplit={args.split}: {len(records)} records; span-level, overlap matching")
     print(f"  {'category':<12}{'gold':>6}{'pred':>7}{'P':>8}{'R':>8}{'F1':>8}")

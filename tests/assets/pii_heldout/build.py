@@ -202,9 +202,16 @@ def metadata_records(limit: int) -> list[Rec]:
 
 
 def main() -> None:
-    rng = random.Random(20261203)
-    recs = faker_records(200, rng) + metadata_records(400)
-    path = HERE / "records.jsonl"
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=20261203)
+    ap.add_argument("--out", default=str(HERE / "records.jsonl"))
+    ap.add_argument("--no-metadata", action="store_true", help="Faker records only (a fresh split of new values)")
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    recs = faker_records(200, rng) + ([] if args.no_metadata else metadata_records(400))
+    path = Path(args.out)
     with open(path, "w", encoding="utf-8") as f:
         for i, r in enumerate(recs):
             f.write(json.dumps(r.dump(i), ensure_ascii=False) + "\n")
