@@ -55,7 +55,7 @@ MSGID_HEADER = re.compile(
 )
 # A local part no person chooses: a timestamp or counter (8+ digits), only digits/dots, a hex blob, "$", ".fsf".
 # "name12345@host" is a person's address (typed email, so `email: block` catches it), not a Message-ID.
-ID_SHAPED = re.compile(r"\d{8,}|\$|\.fsf$|^[\d.-]+$|^\d{4}[A-Z][a-z]{2}\d|^[0-9A-Fa-f]{16,}$|\d{4,}\.\w|\.\w*\d{5,}")
+ID_SHAPED = re.compile(r"^\d{8,}\.|\$|\.fsf$|^\d+\.[\d.]+$|^\d{4}[A-Z][a-z]{2}\d|^[0-9A-Fa-f]{16,}$|^\d{6,}[A-Z]")
 ENVELOPE_ID = re.compile(r"(?im)^original-envelope-id:\s*(\S+@\S+)")
 
 # ------------------------------------------------------------------------------------------ addresses
@@ -151,6 +151,8 @@ NOT_IP_BEFORE = re.compile(
 )
 VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
 # "libfoo==4.2.6.5", ">= 1.2.3.4", "libfoo-4.2.6.5", "upgraded foo to 4.2.6.5": a version, whatever its numbers
+LISTED_NUMBER = re.compile(r"(?:\+|0)\d+(?:-\d+){2,}")
+VERSION_OP = re.compile(r"(?:[=<>~!]=\s*|[A-Za-z]\w*-)$")  # for phones: "updated the hotline to 0800..." is one
 VERSION_BEFORE = re.compile(
     r"(?i)(?:[=<>~!]=\s*|[A-Za-z]\w*-|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{0,40}?\b(?:to|from)\s+)$"
 )
@@ -190,8 +192,8 @@ VANITY = re.compile(
     r"(?=[A-Z0-9-]*[A-Z])[A-Z0-9]{1,7}(?:-[A-Z0-9]{1,7}){0,3}(?![\w-])"
 )
 NOT_PHONE_BEFORE = re.compile(
-    r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|ean(?:[- ]?13)?:?|cve-|dfars|far|clause|patent numbers?|[\w.]@|sf|[=<>~!]=|"
-    r"\bv|\w=|(?:order|invoice|ticket|version|account|reference|ref|customer|serial|tracking|id)"
+    r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|ean(?:[- ]?13)?:?|cve-|\bdfars|\bfar|clause|patent numbers?|[\w.]@|\bsf|[=<>~!]=|"
+    r"\bv|\w=|(?:order|invoice|ticket|version|account|reference|ref|customer|serial|tracking|\bid)"
     r"(?:\s*(?:number|no\.?|nr\.?|#))?(?:\s*is)?:?)\s*$"
 )
 NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d|\(\d")
@@ -313,7 +315,9 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             and not WIDE_GAP.search(text, a, b)
             and not _overlaps(a, b, taken)
             and not _overlaps(a, b, out)
-            and not NOT_PHONE_BEFORE.search(text[max(0, a - 20) : a])
+            and not (
+                NOT_PHONE_BEFORE.search(text[max(0, a - 20) : a]) and not PHONE_WORD.search(text[max(0, a - 12) : a])
+            )
             and not text[b : b + 1].isalnum()
         ):
             out.append((a, b))
@@ -340,7 +344,9 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             if _overlaps(lo, hi, out):
                 continue
             near_word = PHONE_WORD.search(text[max(0, lo - 40) : lo]) is not None or (
-                out and lo - out[-1][1] < 40  # a list of numbers ("800-292-9263 in the USA, or 0800-89-1131")
+                # a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK"): only dashed numbers
+                # with a trunk zero or +country, never a figure, coordinate or price that follows a phone
+                bool(out) and lo - out[-1][1] < 40 and LISTED_NUMBER.fullmatch(text[lo:hi]) is not None
             )
             window = text[lo:hi]
             if (
@@ -350,7 +356,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                 or NOT_PHONE_SHAPE.fullmatch(window.strip())
             ):
                 continue  # "2018-09-13 04:00:27", "13.9.5.17": a date/time or a version, not a number to dial
-            if VERSION_BEFORE.search(text[max(0, lo - 60) : lo]):
+            if VERSION_OP.search(text[max(0, lo - 20) : lo]):
                 continue
             whole = len(window.rstrip(" .-/")) - 1
             found: list[tuple[int, int]] = []
@@ -436,15 +442,25 @@ def find_pii(
         if LONG_DIGITS.search(text):  # IBANs first: the digits of an IBAN can pass Luhn (held-out split, id 1250)
             if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group()) and not _overlaps(*m.span(), ids)]:
                 spans["iban"] = iban
-            cards = [
-                m.span()
-                for m in CARD.finditer(text)
-                if not _overlaps(*m.span(), iban + ids)
-                and 12 <= len(d := re.sub(r"\D", "", m.group())) <= 19
-                and luhn_ok(d)
-                and len(set(d)) > 1
-                and (card_issuer_ok(d) or (13 <= len(d) and CARD_WORD.search(text[max(0, m.start() - 40) : m.start()])))
-            ]
+            cards = []
+            for m in CARD.finditer(text):
+                if _overlaps(*m.span(), iban + ids):
+                    continue
+                near_word = CARD_WORD.search(text[max(0, m.start() - 40) : m.start()]) is not None
+                groups = re.split(r"(?<=\d)(?=[ -])", m.group())  # "4111 1111 1111 1111 123": try without the CVV
+                while groups:
+                    d = re.sub(r"\D", "", "".join(groups))
+                    if (
+                        12 <= len(d) <= 19
+                        and luhn_ok(d)
+                        and len(set(d)) > 1
+                        and (card_issuer_ok(d) or (13 <= len(d) and near_word))
+                    ):
+                        cards.append((m.start(), m.start() + len("".join(groups))))
+                        break
+                    if len(groups) == 1 or len(d) < 12:
+                        break
+                    groups.pop()
             if cards:
                 spans["credit_card"] = cards
     if ips := _ips(text, ids):  # IPv6 has its own gate: "fe80::1" holds no run of three digits
