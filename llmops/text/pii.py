@@ -150,11 +150,13 @@ NOT_IP_BEFORE = re.compile(
     r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$"
 )
 VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
-# "libfoo==4.2.6.5", ">= 1.2.3.4", "libfoo-4.2.6.5", "upgraded foo to 4.2.6.5": a version, whatever its numbers
 LISTED_NUMBER = re.compile(r"(?:\+|0)\d+(?:-\d+){2,}")
-VERSION_OP = re.compile(r"(?:[=<>~!]=\s*|[A-Za-z]\w*-)$")  # for phones: "updated the hotline to 0800..." is one
+# "libfoo==4.2.6.5", ">= 1.2.3.4", "libfoo-4.2.6.5": a version, whatever its numbers. Phones use only these operators
+# ("updated the hotline to 0800..." is a phone); IPs also take "upgraded foo to 4.2.6.5".
+_VERSION_OPERATOR = r"[=<>~!]=\s*|[A-Za-z]\w*-"
+VERSION_OP = re.compile(rf"(?:{_VERSION_OPERATOR})$")
 VERSION_BEFORE = re.compile(
-    r"(?i)(?:[=<>~!]=\s*|[A-Za-z]\w*-|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{0,40}?\b(?:to|from)\s+)$"
+    rf"(?i)(?:{_VERSION_OPERATOR}|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{{0,40}}?\b(?:to|from)\s+)$"
 )
 NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|inet|server|dns|gateway|route|nameserver)\b|\[")
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
@@ -265,9 +267,10 @@ def _emails(text: str, ids) -> list[tuple[int, int]]:
     return out
 
 
-def _ips(text: str, ids) -> list[tuple[int, int]]:
+def _ips(text: str, ids, numbers: bool) -> list[tuple[int, int]]:
+    """`numbers`: NUMBER_GATE matched (find_pii asks once); IPv4 needs it, IPv6 has its own gate."""
     out = []
-    for m in IPV4.finditer(text) if IPV4_GATE.search(text) and NUMBER_GATE.search(text) else ():
+    for m in IPV4.finditer(text) if numbers and IPV4_GATE.search(text) else ():
         s = m.group()
         before = text[max(0, m.start() - 30) : m.start()]
         if (
@@ -307,7 +310,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
     or POSSIBLE when a phone word (in the regions' languages) is near or it is written internationally (+...)."""
     out: list[tuple[int, int]] = []
 
-    def keep(a: int, b: int, vanity: bool = False) -> bool:
+    def keep(a: int, b: int, vanity: bool = False) -> None:
         digits = set(text[a:b]) & DIGITS  # "888888888" in ASCII art is not a number anyone dials
         if (
             len(digits) > 2
@@ -321,8 +324,6 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             and not text[b : b + 1].isalnum()
         ):
             out.append((a, b))
-            return True
-        return False
 
     for m in VANITY.finditer(text) if VANITY_GATE.search(text) else ():
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
@@ -436,7 +437,8 @@ def find_pii(
     if "@" in text or _has_bang_path(text):
         if found := _emails(text, ids):
             spans["email"] = found
-    if NUMBER_GATE.search(text):  # no number category can match without one of these
+    numbers = NUMBER_GATE.search(text) is not None  # no number category but IPv6 can match without one of these
+    if numbers:
         if "-" in text and (ssn := [m.span() for m in SSN.finditer(text) if not _overlaps(*m.span(), ids)]):
             spans["ssn"] = ssn
         if LONG_DIGITS.search(text):  # IBANs first: the digits of an IBAN can pass Luhn (held-out split, id 1250)
@@ -463,9 +465,9 @@ def find_pii(
                     groups.pop()
             if cards:
                 spans["credit_card"] = cards
-    if ips := _ips(text, ids):  # IPv6 has its own gate: "fe80::1" holds no run of three digits
+    if ips := _ips(text, ids, numbers):  # IPv6 has its own gate: "fe80::1" holds no run of three digits
         spans["ip_address"] = ips
-    if NUMBER_GATE.search(text):
+    if numbers:
         taken = [
             s for cat in ("ssn", "credit_card", "iban", "ip_address", "message_id", "email") for s in spans.get(cat, [])
         ]
