@@ -6,24 +6,29 @@
 How a record is scanned (each step is cheap; the expensive library call only runs where a cheap regex fired):
 1. Placeholders of an earlier redaction (`[EMAIL]`, ...) are blanked (same length): they never count as context, so
    re-checking a redacted text finds exactly what is still there (tasks/scan.py redacts to that fixed point).
-2. Message-IDs (`<...@host>` in Message-ID/References/Content-ID/`id` headers, an article citation
-   "Larry Wall in <...>", or a machine-shaped local part: 8+ digit runs, timestamps, hex blobs, `$`, `.fsf`): their
-   own category, and nothing inside one is reported as an email or IP. `Name <name12345@host>` is an email.
+2. Message-IDs (`<...@host>` in Message-ID/References/Content-ID headers, a machine-shaped local part: 8+ digit
+   runs, timestamps, hex blobs, `$`, `.fsf`; or an article citation "Larry Wall in <...>", "id <...>" unless the
+   local part is how people name a mailbox): their own category, and nothing inside one is reported as an email or
+   IP. `Name <name12345@host>` and "Details in <jane.doe@example.com>" are emails.
 3. Addresses: dotted-TLD emails anywhere; `user@host` without a dotted TLD only in mail context (a header line such
    as From:/To:/Cc:/Reply-To:/Sender:/Path:/Received:, or right after "by", "of", "for", "to", "from", "(" );
    UUCP bang paths (`host!host!user`, every part starting with a letter) are personal addresses too.
 4. Checksummed numbers: cards (Luhn, then the networks' prefix/length rules, or any length 13-19 right after a card
    word; a Luhn-valid EAN-13 is a barcode), SSN (area/group/serial rules), IBAN (country length + mod-97),
-   IPv4 (valid octets, not a version: after ==/>=/~=, `pkg-`, "upgraded ... to", "version", "section", "rev"...),
-   IPv6 on its own pattern (no digit run needed: `fe80::1`).
+   IPv4 (valid octets, not a version: after ==/>=/~=, `pkg-`, "version", "firmware", "section", "rev"...; weaker
+   hints, "upgraded ... to", "(...)", "no.", yield to a network word: "the gateway (192.168.1.1)"), IPv6 on its own
+   pattern (no digit run needed: `fe80::1`, `::1`).
 5. Phones with Google's libphonenumber (`phonenumbers`): a candidate is any run of 6+ digits written as a number
-   could be (brackets, dots, dashes, slashes, spaces, `x`/`ext` extensions, `+`/`00`/`001` prefixes, trunk zeros);
-   PhoneNumberMatcher decides over every region in `validation.phone_regions` (leniency VALID anywhere; POSSIBLE
-   next to a phone word of those regions' languages or when written +country). Dates, times, versions, ZIP+4, year
-   ranges, ISBN-10s, table columns and numbers after "order/invoice/ref/id" are not phones; the span is the whole
-   written number (`(201)802-0413`, `+44(0)20 ...`, `...x008`). 7-digit local numbers (`962-7873`) need a phone
-   word; toll-free vanity numbers (`1-800-DOT-6000`) are spelled to digits. A phone overlapping another category
-   is dropped (the parts of a candidate outside it are still tried).
+   could be (brackets, dots, dashes incl. en dashes, slashes, spaces incl. no-break and narrow no-break ones, `x`/
+   `ext`/`extension` extensions, `+`/`00`/`001` prefixes, trunk zeros); PhoneNumberMatcher decides over every region
+   in `validation.phone_regions` (leniency VALID anywhere; POSSIBLE next to a phone word of those regions' languages
+   or when written +country). Other categories' spans are blanked first, so a candidate never runs into an email,
+   card or IP and values that touch are all found in one pass. Not phones: dates, times, versions, ZIP+4, year
+   ranges, ISBN-10s, table columns, money ("612 345 678 €"), decimals ("51.507351"), and any number labelled as
+   another identifier in the regions' languages ("Kundennummer", "numéro de commande", "Partita IVA", "NHS number",
+   "UPC", "order no."; a phone word nearer the number wins: "Rufnummer"). The span is the whole written number
+   (`(201)802-0413`, `+44 (0) 7700 ...`, `..., ext. 45`); numbers written back to back are split and each found.
+   7-digit local numbers (`962-7873`) need a phone word; toll-free vanity numbers (`1-800-DOT-6000`) are spelled out.
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ DEFAULT_POLICY = {
 # ------------------------------------------------------------------------------------------ Message-IDs
 MSGID = re.compile(r"<([^<>@\s]{1,250})@([^<>\s]{1,250})(?:>|$)")  # $: a record cut inside the id
 MSGID_HEADER = re.compile(
-    r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id|\bid"
-    r"|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$"
+    r"(?i)(?:message-id|references|in-reply-to|content-id|resent-message-id)\s*:?\s*(?:<[^<>\n]*>\s*)*$"
 )
+# "Larry Wall in <199201.1234@jpl>", "id <...>": a citation, unless the local part is how people name their mailbox
+# ("Details in <jane.doe@example.com>" is an address to block, not a Message-ID to allow)
+MSGID_CITATION = re.compile(r"(?i)(?:\bid|\bin|article)\s*:?\s*(?:<[^<>\n]*>\s*)*$")
+PERSONAL_LOCAL = re.compile(r"^[A-Za-z]+(?:[._'-][A-Za-z]+){0,3}\d{0,4}$")
 # A local part no person chooses: a timestamp or counter (8+ digits), only digits/dots, a hex blob, "$", ".fsf".
 # "name12345@host" is a person's address (typed email, so `email: block` catches it), not a Message-ID.
 ID_SHAPED = re.compile(r"^\d{8,}\.|\$|\.fsf$|^\d+\.[\d.]+$|^\d{4}[A-Z][a-z]{2}\d|^[0-9A-Fa-f]{16,}$|^\d{6,}[A-Z]")
@@ -71,7 +79,9 @@ BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(
 
 # ------------------------------------------------------------------------------------------ checksummed numbers
 SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
-CARD = re.compile(r"(?<![\w.-])(?:[2-6]\d{3}|1800|0604)(?:[ -]?\d){8,15}(?![\w-])")
+CARD = re.compile(
+    r"(?<![\w.-])(?:[2-6]\d{3}|1800|0604)(?:[ -]?\d){8,15}(?![\w-])|(?<![\w.-])[2-6]\d{3}(?:\.\d{4}){3}(?![\w.-])"
+)
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 IBAN_LENGTH = {
     "AD": 24,
@@ -146,9 +156,10 @@ IBAN_LENGTH = {
 }
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d|-\d)")
 NOT_IP_BEFORE = re.compile(
-    r"(?i)(?:version|ver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?"
-    r"|chapter|clause|\brfc|\bno\.|[\w+]\s\()\s*$"
+    r"(?i)(?:version|\bver\.?|\bv|section|sect?\.|§|\brev(?:ision)?\.?|release|\bsee(?: also)?|firmware|\bfw|\bbuild"
+    r"|\bkernel|\bbios|chapter|clause|\brfc)\s*$"
 )
+NOT_IP_WEAK = re.compile(r"(?i)(?:\bno\.|[\w+]\s\()\s*$")  # "Foo (1.2.3.4)", "no. 1.2.3.4": unless a network word
 VERSION_ON_LINE = re.compile(r"(?i)version[^\n]*$")  # "Standards-Version updated to 4.6.0.1"
 LISTED_NUMBER = re.compile(r"(?:\+|0)\d+(?:-\d+){2,}")
 # "libfoo==4.2.6.5", ">= 1.2.3.4", "libfoo-4.2.6.5": a version, whatever its numbers. Phones use only these operators
@@ -158,25 +169,39 @@ VERSION_OP = re.compile(rf"(?:{_VERSION_OPERATOR})$")
 VERSION_BEFORE = re.compile(
     rf"(?i)(?:{_VERSION_OPERATOR}|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{{0,40}}?\b(?:to|from)\s+)$"
 )
-NET_WORD = re.compile(r"(?i)\b(?:ip|address|addr|host|ping|inet|server|dns|gateway|route|nameserver)\b|\[")
+NET_WORD = re.compile(
+    r"(?i)\b(?:ip|ipv4|address|addr|host|ping|inet|server|dns|gateway|route|router|nameserver|resolver|subnet|firewall"
+    r"|proxy|peer|endpoint|loopback|localhost|vpn|lan|wan|dhcp|ssh|connect\w*|login|listen\w*|bind)\b|\["
+)
 NETMASK = re.compile(r"255\.(?:0|128|192|224|240|248|252|254|255)\.\d+\.\d+")
 IPV6 = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
     r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5})?(?![\w:])"
+    r"|(?<![\w:.])::[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,6}(?![\w:])"  # "::1", "::ffff:c000:280"
 )
 
 # ------------------------------------------------------------------------------------------ phones
 # Candidates: any digit run a number could be written as (brackets, dots, dashes, slashes, spaces; a "+", "00" or
 # "011" prefix; trunk zeros; an x/ext extension). libphonenumber's PhoneNumberMatcher decides, over every region
 # in `validation.phone_regions`; the candidate only says where to ask.
+_PHONE_RUN = (
+    r"(?:\+\s?)?\(?\d[\d \t().\-/\u00a0\u2007\u2009\u202f\u2010-\u2015]{4,}\d"
+    r"(?:\s?(?:x|ext\.?|extn?\.?|extension|#)\s?\d{1,6})?(?![\w])"
+)
 PHONE_CAND = re.compile(
-    r"(?<![\w.,-])(?<!\d:)(?<!\w/)(?:\+\s?)?\(?\d[\d \t().\-/]{4,}\d(?:\s?(?:x|ext\.?|extn?\.?|#)\s?\d{1,6})?(?![\w])"
+    r"(?:(?<![\w.,\-\u2010-\u2015])|(?<=(?i:tel|tél|fax|mob)\.)|(?<=\D,)|(?<=\d,)(?=[0+]))(?<!\d:)(?<!\w/)" + _PHONE_RUN
+)
+PHONE_RUN = re.compile(_PHONE_RUN)  # right after a phone and "/", ",", ";" or ")": the next number of a list
+AFTER_PHONE = re.compile(r"[/,;)]\s?(?=[\d(+])")
+# Unusual spaces and dashes people (and word processors) put inside numbers, as libphonenumber reads them; same length.
+PHONE_PUNCT = str.maketrans(
+    {c: " " for c in "\u00a0\u2007\u2009\u202f"} | {c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2015"}
 )
 PHONE_WORD = re.compile(
     r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|reach|toll|hot ?line|ring|mobile|cell"
-    r"|telefon\w*|ruf|rufen|anruf\w*|handy|mobil\w*|erreichbar|rückruf|telefax"  # de
+    r"|telefon\w*|ruf\w*|anruf\w*|handy\w*|mobil\w*|fax\w*|erreichbar|rückruf|telefax"  # de
     r"|t[ée]l[ée]phone|t[ée]l|appel\w*|portable|joignable|joindre|t[ée]l[ée]copie"  # fr
-    r"|tel[ée]fono|llam\w*|m[óo]vil|telefono|chiam\w*|cellulare|telefoon|bel|gsm)\b"  # es, it, nl
+    r"|tel[ée]fono|llam\w*|m[óo]vil|telefono|chiam\w*|cellulare|telefoon\w*|mobiel\w*|bel|gsm)\b"  # es, it, nl
 )
 DATE_TIME = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b|\d{1,2}:\d{2}")
 # A one-digit dotted group is a version (13.9.5.17, 0.99.30-4), except a leading "1." trunk (1.800.555.1212).
@@ -195,11 +220,45 @@ VANITY = re.compile(
 )
 NOT_PHONE_BEFORE = re.compile(
     r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|ean(?:[- ]?13)?:?|cve-|\bdfars|\bfar|clause|patent numbers?|[\w.]@|\bsf|[=<>~!]=|"
-    r"\bv|\w=|(?:order|invoice|ticket|version|account|reference|ref|customer|serial|tracking|\bid)"
-    r"(?:\s*(?:number|no\.?|nr\.?|#))?(?:\s*is)?:?)\s*$"
+    r"\bv|\w=)\s*$"
 )
-NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[ .-]\d\d[ .-]\d\d)|\+ ?\d|\(\d")
-LONG_DIGITS = re.compile(r"\d{4}[ -]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
+# A number labelled as something else is not a phone, even when libphonenumber would call it valid somewhere (any
+# 10-digit number is an Indian or Italian mobile): "Kundennummer 9876543210", "numéro de commande 0612345678",
+# "Partita IVA 12345678903", "NHS number 943 476 5919", "UPC 036000291452", "Budget : 612 345 678 €". The label is
+# the last words before the number on its line: an identifier noun, optionally with the languages' number words
+# before ("numero ordine", "número de pedido") or after ("order no.", "Rechnung Nr.", "Facture n°"). A phone word
+# nearer the number wins ("Bestellhotline: 0800 ...", "customer phone 030 ...").
+_ID_NOUN = (  # a label on its own: "UPC 036000291452", "Ordine 3471234567", "Timestamp 1712345678"
+    r"order|invoice|ticket|reference|ref|serial|tracking|\bid|sku|upc|gtin|ean|isbn|issn|nhs|vat|tax|abn|acn|ein"
+    r"|roll|receipt|transaction|booking|confirmation|batch|shipment|parcel|timestamp|epoch|population|budget|price"
+    r"|revenue|amount|lat|lon|lng|latitude|longitude|coordinates?|zip|postcode|postal code|companies house|patent"
+    r"|bestell\w*|kunden\w+|rechnung\w*|steuer\w*|auftrag\w*|vertrag\w*|artikel\w*|sendung\w*|preis|betrag|summe"
+    r"|plz|ust-?id\w*|aktenzeichen|mitglieds?nummer|versicherungs\w+"  # de
+    r"|commande|facture|siren|siret|tva|prix|montant|colis|dossier|r[ée]f[ée]rence|s[ée]curit[ée] sociale"  # fr
+    r"|ordine|fattura|partita iva|iva|codice fiscale|prezzo|importo|pratica"  # it
+    r"|pedido|factura|nif|cif|nie|precio|importe|expediente"  # es
+    r"|\w+nummer|factuur\w*|klant\w+|kvk[\w-]*|btw[\w-]*|bsn|prijs|bedrag|dossiernummer|co[öo]rdinate[ns]?"  # nl
+)
+_ID_NOUN_NUMBERED = (  # only with a number word: "customer no. 0301234567", not "Customer: +1 212 ..."
+    r"customer|client|cliente|account|acct|konto|compte|conto|cuenta|case|part|item|lot|model|company|policy|claim"
+    r"|registration|reg|member|membre|socio|lid|contract|contrat|contratto|contrato|adh[ée]rent"
+)
+_NUMBER_WORD = r"number|num|no|nr|n°|nº|n|nummer|numéro|numero|número|#"
+_NUMBER_AFTER = rf"(?:\s*(?:{_NUMBER_WORD})(?:\b|(?<=[°º#]))\.?)"
+ID_LABEL = re.compile(
+    rf"(?i)(?:(?:\b(?:{_NUMBER_WORD})\.?\s*(?:de\s+|d'|del\s+|di\s+|du\s+)?)(?:{_ID_NOUN}|{_ID_NOUN_NUMBERED})\b"
+    rf"|\b(?:{_ID_NOUN})\b{_NUMBER_AFTER}?|\b(?:{_ID_NOUN_NUMBERED})\b{_NUMBER_AFTER})"
+    r"(?:\s*(?:is|ist|est|es|è|=))?[\s:]*(?:[€$£]\s?)?$"
+)
+# Money and decimals: "612 345 678 €", "€ 1.234.567,89", "51.507351" (one dot, 4+ decimals: a coordinate)
+MONEY_AFTER = re.compile(r"(?i)\s?(?:[€$£¥]|eur\b|euros?\b|usd\b|gbp\b|dollars?\b|pounds?\b|,\d\d(?!\s?\d))")
+DECIMAL = re.compile(r"[-+]?\d{1,3}\.\d{4,}")
+COUNTRY_PREFIX = re.compile(r"\+\s?\d{1,3}[\s.-]*(?:\(0\)\s*)?")
+EXTENSION_AFTER = re.compile(r"(?i),?\s?(?:x|ext\.?|extn\.?|extension|durchwahl|poste)\s?\d{1,6}(?!\w)")
+NEXT_NUMBER = re.compile(r"(?<=[\s)])(?=[(+0])|(?<=\))(?=\d)")
+PHONE_LABEL = re.compile(PHONE_WORD.pattern + r"[^\w\n]*(?:\w{1,3}[^\w\n]+)?$")
+NUMBER_GATE = re.compile(r"\d(?:\d\d|\.\d|\d[\s.\-\u2010-\u2015]\d\d[\s.\-\u2010-\u2015]\d\d)|\+ ?\d|\(\d")
+LONG_DIGITS = re.compile(r"\d{4}[ .-]?\d{4}")  # cards and IBANs hold at least 8 digits with at most one separator
 IPV4_GATE = re.compile(r"\d\.\d{1,3}\.\d")
 IPV6_GATE = re.compile(r"[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:")
 VANITY_GATE = re.compile(r"8(?:00|88|77|66|55|44|33)")
@@ -234,7 +293,12 @@ def _message_ids(text: str) -> list[tuple[int, int]]:
     out = []
     for m in MSGID.finditer(text):
         local = m.group(1)
-        if ID_SHAPED.search(local) or MSGID_HEADER.search(text[max(0, m.start() - 60) : m.start()]):
+        before = text[max(0, m.start() - 60) : m.start()]
+        if (
+            ID_SHAPED.search(local)
+            or MSGID_HEADER.search(before)
+            or (MSGID_CITATION.search(before) and not PERSONAL_LOCAL.match(local))
+        ):
             out.append(m.span())
     out += [m.span(1) for m in ENVELOPE_ID.finditer(text)]
     return out
@@ -273,15 +337,22 @@ def _ips(text: str, ids, numbers: bool) -> list[tuple[int, int]]:
     for m in IPV4.finditer(text) if numbers and IPV4_GATE.search(text) else ():
         s = m.group()
         before = text[max(0, m.start() - 30) : m.start()]
+        net = NET_WORD.search(text[max(0, m.start() - 40) : m.start()]) is not None
         if (
             NETMASK.match(s)
             or NOT_IP_BEFORE.search(before[-20:])
-            or VERSION_ON_LINE.search(before)
-            or VERSION_BEFORE.search(text[max(0, m.start() - 60) : m.start()])
+            or VERSION_OP.search(before[-20:])
+            or (VERSION_ON_LINE.search(before) and not net)
+            or (
+                not net
+                and (
+                    NOT_IP_WEAK.search(before[-20:]) or VERSION_BEFORE.search(text[max(0, m.start() - 60) : m.start()])
+                )
+            )
         ):
-            continue
+            continue  # a version, section or figure; "the gateway (192.168.1.1)", "DNS record to 203.0.113.10" are IPs
         octets = s.split(".")
-        if max(map(len, octets)) == 1 and not NET_WORD.search(text[max(0, m.start() - 30) : m.start()]):
+        if max(map(len, octets)) == 1 and not net:
             continue  # "GCC 2.7.2.3": one-digit quads are versions unless the text talks about hosts
         if all(int(o) <= 255 for o in octets) and not _overlaps(*m.span(), ids):
             out.append(m.span())
@@ -307,41 +378,63 @@ def _phonenumbers():
 
 def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]:
     """Phone spans: a candidate digit run is a phone when PhoneNumberMatcher finds it VALID in one of `regions`,
-    or POSSIBLE when a phone word (in the regions' languages) is near or it is written internationally (+...)."""
+    or POSSIBLE when a phone word (in the regions' languages) is near or it is written internationally (+...).
+    Other categories' spans are blanked first: a candidate never runs into them and they are never context."""
     out: list[tuple[int, int]] = []
+    if taken:
+        chars = list(text)
+        for a, b in taken:
+            chars[a:b] = "\0" * (b - a)
+        text = "".join(chars)
 
-    def keep(a: int, b: int, vanity: bool = False) -> None:
+    def labelled_otherwise(a: int) -> bool:
+        """The words before `a` name another identifier ("Kundennummer", "UPC", "Budget :") and no phone word is
+        nearer the number than that label."""
+        before = text[max(0, a - 40) : a]
+        label = ID_LABEL.search(before)
+        if not label:
+            return NOT_PHONE_BEFORE.search(before[-20:]) is not None and not PHONE_WORD.search(before[-12:])
+        return not any(w.end() > label.start() for w in PHONE_WORD.finditer(before))
+
+    def keep(a: int, b: int, vanity: bool = False) -> bool:
         digits = set(text[a:b]) & DIGITS  # "888888888" in ASCII art is not a number anyone dials
         if (
             len(digits) > 2
             and (vanity or sum(ch in DIGITS for ch in text[a:b]) >= 7)
             and not WIDE_GAP.search(text, a, b)
-            and not _overlaps(a, b, taken)
             and not _overlaps(a, b, out)
-            and not (
-                NOT_PHONE_BEFORE.search(text[max(0, a - 20) : a]) and not PHONE_WORD.search(text[max(0, a - 12) : a])
-            )
+            and not labelled_otherwise(a)
             and not text[b : b + 1].isalnum()
+            and not MONEY_AFTER.match(text, b)
+            and not re.search(r"[€$£¥]\s?$", text[max(0, a - 2) : a])
+            and not (
+                DECIMAL.fullmatch(text, a, b) and text[a] != "0" and not PHONE_LABEL.search(text, max(0, a - 25), a)
+            )
         ):
             out.append((a, b))
+            return True
+        return False
 
     for m in VANITY.finditer(text) if VANITY_GATE.search(text) else ():
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
         if len(digits.removeprefix("1")) >= 10:
             keep(*m.span(), vanity=True)
-    cands = []
+    cands: list[tuple[int, int]] = []
+
+    def candidate(lo: int, hi: int) -> None:
+        part = text[lo:hi].strip(" \t.-/")
+        if part.endswith(")") and "(" not in part:
+            part = part[:-1].rstrip(" \t.-/")  # "+44 20 7946 0958)06 ...": the bracket closes, it is not the number's
+        if sum(ch in DIGITS for ch in part) >= 6:
+            start = text.index(part, lo)
+            cands.append((start, start + len(part)))
+
     for m in PHONE_CAND.finditer(text):
-        # a candidate running into another category ("... 1937 39 314.673.0331" after an IBAN): the parts outside it
-        lo = m.start()
-        for a, b in sorted(s for s in taken if s[0] < m.end() and m.start() < s[1]) + [(m.end(), m.end())]:
-            part = text[lo:a].strip(" \t.-/")
-            if sum(ch in DIGITS for ch in part) >= 6:
-                start = text.index(part, lo)
-                cands.append((start, start + len(part)))
-            lo = max(lo, b)
+        candidate(*m.span())
     if cands:
         pn = _phonenumbers()
-        for lo, hi in cands:
+        while cands:
+            lo, hi = cands.pop(0)
             if _overlaps(lo, hi, out):
                 continue
             near_word = PHONE_WORD.search(text[max(0, lo - 40) : lo]) is not None or (
@@ -349,11 +442,13 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                 # with a trunk zero or +country, never a figure, coordinate or price that follows a phone
                 bool(out) and lo - out[-1][1] < 40 and LISTED_NUMBER.fullmatch(text[lo:hi]) is not None
             )
-            window = text[lo:hi]
+            window = text[lo:hi].translate(PHONE_PUNCT)
+            # "Téléphone : 0.801.61.11.84", "+33 6.11.01.04.59": dotted like a version, but labelled or +country
+            dotted_ok = window.startswith("+") or PHONE_LABEL.search(text[max(0, lo - 25) : lo]) is not None
             if (
                 DATE_TIME.match(window)
                 or text[hi : hi + 1] == ":"
-                or ("." in window and DOTTED_VERSION.search(window))
+                or ("." in window and not dotted_ok and DOTTED_VERSION.search(window))
                 or NOT_PHONE_SHAPE.fullmatch(window.strip())
             ):
                 continue  # "2018-09-13 04:00:27", "13.9.5.17": a date/time or a version, not a number to dial
@@ -370,17 +465,48 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                         break  # the whole candidate: no other region can do better
                 if found:
                     break
-            for a, b in sorted(set(found), key=lambda ab: ab[0] - ab[1]):  # longest first, then non-overlapping
+            kept = []
+            for a, b in sorted(set(found), key=lambda ab: (ab[0] - ab[1], ab[0])):  # longest (earliest) first
                 a, b = lo + a, lo + b
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
-                if a > lo and text[lo] in "+(" and text[lo + 1 : a].strip(" ()0") == "":
-                    a = lo  # "+44(0)..." or "(0)": the whole written number
-                keep(a, b)
+                if a > lo and (
+                    text[lo + 1 : a].strip(" ()0") == "" and text[lo] in "+(" or COUNTRY_PREFIX.fullmatch(text, lo, a)
+                ):
+                    a = lo  # "+44(0)...", "(0)", "+44 (0) 7700 ...": the whole written number
+                if ext := EXTENSION_AFTER.match(text, b):
+                    b = ext.end()  # "212-555-0123, ext. 45"
+                if keep(a, b):
+                    kept.append((a, b))
+                    if (nxt := AFTER_PHONE.match(text, b)) and (run := PHONE_RUN.match(text, nxt.end())):
+                        candidate(*run.span())  # "+1-415-555-0132x12/0301234567": the next number of a list
+            gaps = [lo, *[x for ab in sorted(kept) for x in ab], hi]
+            for a, b in zip(gaps[::2], gaps[1::2]) if kept else ():
+                candidate(a, b)  # "Tel. 030 1234567 0301234568": numbers run together; the rest is tried on its own
+            if not kept and sum(ch in DIGITS for ch in window) >= 14:
+                # too many digits for one number and libphonenumber found none: two numbers written back to back
+                # ("(212) 555-0123 06 12 34 56 78"); split where a new number starts and try both halves
+                cuts = [
+                    c.start()
+                    for c in NEXT_NUMBER.finditer(window, 1)
+                    if min(sum(ch in DIGITS for ch in part) for part in (window[: c.start()], window[c.start() :])) >= 6
+                ]
+                whole_left = [  # prefer the cut whose left part is one whole valid number
+                    c
+                    for c in cuts
+                    if any(
+                        pm.end >= len(window[:c].rstrip(" )")) - 1
+                        for region in regions
+                        for pm in pn.PhoneNumberMatcher(window[:c].rstrip(" )"), region, leniency=pn.Leniency.VALID)
+                    )
+                ]
+                if cut := (whole_left or cuts)[:1]:
+                    candidate(lo, lo + cut[0])
+                    candidate(lo + cut[0], hi)
     for m in LOCAL7.finditer(text):
         if PHONE_WORD.search(text[max(0, m.start() - 40) : m.start()]):
             keep(*m.span())
-    return out
+    return sorted(out)
 
 
 MAESTRO = {"0604", "5018", "5020", "5038", "5893", "6304", "6390", "6759", "6761", "6762", "6763"}
@@ -445,7 +571,9 @@ def find_pii(
             if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group()) and not _overlaps(*m.span(), ids)]:
                 spans["iban"] = iban
             cards = []
-            for m in CARD.finditer(text):
+            pos = 0
+            while m := CARD.search(text, pos):
+                pos = m.end()
                 if _overlaps(*m.span(), iban + ids):
                     continue
                 near_word = CARD_WORD.search(text[max(0, m.start() - 40) : m.start()]) is not None
@@ -459,6 +587,7 @@ def find_pii(
                         and (card_issuer_ok(d) or (13 <= len(d) and near_word))
                     ):
                         cards.append((m.start(), m.start() + len("".join(groups))))
+                        pos = cards[-1][1]  # what the card did not take is scanned again (a second card after it)
                         break
                     if len(groups) == 1 or len(d) < 12:
                         break

@@ -238,3 +238,163 @@ def test_validation_uses_these_detectors():
     spans = find_pii(text, MRN)
     assert set(spans) == {"email", "phone", "credit_card"}
     assert redact(text, spans, {"email"}) == text.replace("jane@example.org", "[EMAIL]")
+
+
+# --- red-team round 2 (a subagent's own data, 9 locales): labelled identifiers, money, separators, adjacency ---
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Kundennummer 9876543210, Vertrag 4711.",
+        "Bestellnummer 9876543210 ist unterwegs.",
+        "Rechnung Nr. 0301234567 bezahlt.",
+        "Steuernummer 21/815/08150",
+        "Numéro de commande 0612345678 expédié.",
+        "SIREN 732 829 320, SIRET 732 829 320 00074.",
+        "Facture n° 2024-03-0042 du 15 mars.",
+        "Partita IVA 12345678903",
+        "Numero ordine 3456789012",
+        "Fattura n. 2024/0042 del 15.03.2024.",
+        "Número de pedido 6123456789",
+        "Pedido 612345678 enviado",
+        "Ordernummer 0612345678",
+        "KvK-nummer 12345678",
+        "NHS number 943 476 5919",
+        "UPC 036000291452 on the box.",
+        "Timestamp 1712345678",
+        "Roll no 9876543210",
+        "Model number 2125550123 in stock",
+        "Population: 2125550123 (estimate)",
+        "Budget : 612 345 678 €",
+        "Prijs: € 1.234.567,89",
+        "Coordinates 40.7127753 -74.0059728",
+        "Lat 51.507351, lon -0.127758",
+        "ABN 51 824 753 556",
+        "Companies House no. 01234567 registered.",
+        "customer no. 0301234567",
+    ],
+)
+def test_a_number_labelled_as_another_identifier_is_not_a_phone(text):
+    """Any 10-digit number is a valid Indian or Italian mobile: the label before it decides."""
+    assert "phone" not in find_pii(text, MRN), (text, find_pii(text, MRN))
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("Telefonnummer 0301234567", "0301234567"),  # a phone compound is a phone label, not an identifier
+        ("Kundennummer 4711, Rufnummer 0301234567", "0301234567"),  # the phone word is nearer
+        ("Customer: +1 212-555-0123", "+1 212-555-0123"),  # "customer" alone is no identifier label
+        ("Tel.0301234567", "0301234567"),
+        ("Call 212\u2013555\u20130123", "212\u2013555\u20130123"),  # en dashes
+        ("Call 212\u00a0555\u00a00123", "212\u00a0555\u00a00123"),  # no-break spaces
+        ("Tél.\u202f06\u202f12\u202f34\u202f56\u202f78", "06\u202f12\u202f34\u202f56\u202f78"),  # narrow NBSP
+        ("Tél. : +33 1.23.45.67.89", "+33 1.23.45.67.89"),  # dotted like a version, but +country
+        ("Téléphone : 0.801.61.11.84", "0.801.61.11.84"),  # dotted, but labelled
+        ("Mobiel: 06.12089554", "06.12089554"),  # one dot, not a decimal
+        ("Tel: +44 (0) 7700 900123", "+44 (0) 7700 900123"),
+        ("Call 212-555-0123, ext. 45 today", "212-555-0123, ext. 45"),
+    ],
+)
+def test_phones_written_unusually_are_found_whole(text, number):
+    assert _only(text, "phone") == [number]
+
+
+def test_values_that_touch_are_all_found_in_one_pass():
+    """Redaction needs no second pass when values touch: other categories are blanked before phones are sought."""
+    cases = {
+        "Kontakt: anna.weber@example.de/0301234567": {"email", "phone"},
+        "Tel. 030 1234567 0301234568": {"phone"},
+        "card 4111 1111 1111 1111 from 10.1.2.3": {"credit_card", "ip_address"},
+    }
+    for text, cats in cases.items():
+        spans = find_pii(text, MRN)
+        assert set(spans) == cats, (text, spans)
+        once = redact(text, spans, set(CATEGORIES))
+        assert find_pii(once, MRN) == {} and not re.search(r"\d{3}", once), (text, once)
+    assert _only("Tel. 030 1234567 0301234568", "phone") == ["030 1234567", "0301234568"]
+
+
+@pytest.mark.parametrize(
+    "text, ip",
+    [
+        ("The gateway (192.168.1.1) is down.", "192.168.1.1"),
+        ("We updated the DNS record to 203.0.113.10.", "203.0.113.10"),
+        ("Upgraded the server from 10.0.0.5 to 10.0.0.6", "10.0.0.5"),
+        ("Server no. 10.20.30.40 rebooted.", "10.20.30.40"),
+        ("resolver 1.1.1.1 is fast", "1.1.1.1"),
+        ("loopback ::1 only", "::1"),
+    ],
+)
+def test_a_network_word_beats_weak_version_hints(text, ip):
+    assert _only(text, "ip_address")[:1] == [ip]
+
+
+def test_versions_and_citations_that_are_not_ips_or_message_ids():
+    assert "ip_address" not in find_pii("Firmware 2.10.100.12 released today.", MRN)
+    assert "ip_address" not in find_pii("Changes (1.2.3.4) in this release", MRN)
+    for text, addr in [
+        ("Details in <jane.doe@example.com>", "jane.doe@example.com"),
+        ("Reply to John Smith (id <john.smith@example.co.uk>)", "john.smith@example.co.uk"),
+    ]:
+        assert _only(text, "email") == [addr] and "message_id" not in find_pii(text, MRN)
+    assert "message_id" in find_pii("Larry Wall in <1992Aug26.184221.29627@netlabs.com> writes:", MRN)
+    assert _only("card 4111.1111.1111.1111", "credit_card") == ["4111.1111.1111.1111"]
+
+
+def test_every_valid_example_number_of_every_default_region_is_found():
+    """The property behind phone recall: whatever number libphonenumber calls valid in one of the regions, written in
+    any of its standard formats, after a phone word of any of the regions' languages, is found whole."""
+    import phonenumbers as pn
+
+    from llmops.text.pii import DEFAULT_PHONE_REGIONS
+
+    fmts = [pn.PhoneNumberFormat.NATIONAL, pn.PhoneNumberFormat.INTERNATIONAL, pn.PhoneNumberFormat.E164]
+    words = ["Call", "Ruf an:", "Appelez le", "Llame al", "Chiama il", "Bel", "Tel."]
+    missed = []
+    n = 0
+    for region in DEFAULT_PHONE_REGIONS:
+        for kind in (pn.PhoneNumberType.FIXED_LINE, pn.PhoneNumberType.MOBILE, pn.PhoneNumberType.TOLL_FREE):
+            num = pn.example_number_for_type(region, kind)
+            if num is None:
+                continue
+            for fmt in fmts:
+                written = pn.format_number(num, fmt)
+                for word in words:
+                    text = f"{word} {written} please."
+                    n += 1
+                    if _only(text, "phone") != [written]:
+                        missed.append((text, _only(text, "phone")))
+    assert n > 500 and not missed, missed[:10]
+
+
+def test_redaction_of_any_two_touching_values_needs_one_pass_and_leaves_no_digits():
+    """Every pair of values (any categories, both orders) joined by each separator people write between values:
+    one redaction pass finds everything, and no 4-digit run of either value is left in the text."""
+    import itertools
+
+    values = [
+        "anna.weber@example.de",
+        "0301234567",
+        "+44 20 7946 0958",
+        "(212) 555-0123",
+        "06 12 34 56 78",
+        "+1-415-555-0132x12",
+        "4111 1111 1111 1111",
+        "378282246310005",
+        "10.1.2.3",
+        "fe80::1ff:fe23:4567:890a",
+        "DE89 3704 0044 0532 0130 00",
+        "GB82WEST12345698765432",
+        "123-45-6789",
+    ]
+    seps = [" ", "/", ",", ", ", " - ", ";", "|", " or ", "\n", "(", ")"]
+    bad = []
+    for v1, v2, sep in itertools.product(values, values, seps):
+        text = f"Kontakt: {v1}{sep}{v2} bitte."
+        once = redact(text, find_pii(text, MRN), set(CATEGORIES))
+        runs = [r for v in (v1, v2) for r in re.findall(r"\d{4,}", v)]
+        if find_pii(once, MRN) or any(r in once.replace(" ", "") for r in runs):
+            bad.append((text, once))
+    assert len(values) ** 2 * len(seps) == 1859 and not bad, bad[:5]
