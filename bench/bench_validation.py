@@ -5,6 +5,7 @@ process tree (the CLI plus its worker processes, sampled every 0.1 s).
     .venv/bin/python bench/bench_validation.py                       # 100k and 1M records
     .venv/bin/python bench/bench_validation.py --records 100000 --max-tokens 64   # force exact token counts
     .venv/bin/python bench/bench_validation.py --profile 20000       # where the time goes, per stage (one process)
+    .venv/bin/python bench/bench_validation.py --pii-dense           # 30% of records hold held-out PII, all redacted
 
 Records are built from the shipped sample (speeches, re-combined) with 1% carrying an email (redact policy) and
 0.5% a backspace (control characters are stripped), so the cleaned-copy path is measured too. Token counts use
@@ -28,8 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def make_data(path: Path, n: int) -> int:
+def make_data(path: Path, n: int, pii_dense: bool = False) -> int:
     src = [json.loads(x)["text"] for x in (ROOT / "data/sample/shakespeare.jsonl").read_text().splitlines()]
+    held = [
+        json.loads(x)["text"]
+        for name in ("records.jsonl", "fresh.jsonl")
+        for x in (ROOT / "tests/assets/pii_heldout" / name).read_text(encoding="utf-8").splitlines()
+    ]
     rng = random.Random(0)
     size = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -39,6 +45,8 @@ def make_data(path: Path, n: int) -> int:
                 text += f" Write to user{i}@example.org."
             if i % 200 == 7:
                 text = text.replace(" ", " _\b", 1)  # nroff underline
+            if pii_dense and i % 10 < 3:  # 30%: a held-out record (phones, IPs, cards, IBANs in 4 locales) inside
+                text = text[: len(text) // 2] + " " + rng.choice(held) + " " + text[len(text) // 2 :]
             line = json.dumps({"id": f"r{i}", "text": text}) + "\n"
             size += len(line)
             f.write(line)
@@ -124,11 +132,19 @@ def profile(n: int) -> None:
 
 
 def main() -> None:
+    from llmops.text.pii import pii_categories
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, nargs="*", default=[100_000, 1_000_000])
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--profile", type=int, default=0, help="per-stage CPU profile over this many records, then exit")
     ap.add_argument("--keep", help="directory for the generated data (reused if present)")
+    ap.add_argument(
+        "--pii-dense",
+        action="store_true",
+        help="30%% of records carry a tests/assets/pii_heldout record (every category, 4 locales); all categories "
+        "set to redact, so the phone matcher, the redaction fixed point and the cleaned copy are all exercised",
+    )
     args = ap.parse_args()
     if args.profile:
         return profile(args.profile)
@@ -148,17 +164,19 @@ def main() -> None:
         base = Path(args.keep or tmp)
         base.mkdir(parents=True, exist_ok=True)
         for n in args.records:
-            data = base / f"bench-{n}.jsonl"
+            tag = f"{n}-dense" if args.pii_dense else f"{n}"
+            data = base / f"bench-{tag}.jsonl"
             if not data.is_file():
-                make_data(data, n)
-            config = base / f"bench-{n}.yaml"
+                make_data(data, n, args.pii_dense)
+            policy = ", pii: {" + ", ".join(f"{c}: redact" for c in pii_categories()) + "}" if args.pii_dense else ""
+            config = base / f"bench-{tag}.yaml"
             config.write_text(
                 f"data: {{path: {data}}}\nmodel: {{source: tiny, max_seq_len: 64}}\n"
                 f"validation: {{min_records: 100, max_tokens: {args.max_tokens}, "
-                f"max_duplicate_rate: 0.5}}\n"
+                f"max_duplicate_rate: 0.5{policy}}}\n"
             )
             load = os.getloadavg()[0]
-            dt, cpu, peak, out = run_cli(config, base / f"home-{n}")
+            dt, cpu, peak, out = run_cli(config, base / f"home-{tag}")
             report = json.loads(Path(out.split("Report: `", 1)[1].split("`", 1)[0]).read_text())
             print(
                 f"{n:>10,}{data.stat().st_size / 1e6:>8.0f}{dt:>9.1f}{n / dt:>11,.0f}{cpu:>8.1f}"
