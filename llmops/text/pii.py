@@ -253,7 +253,8 @@ ID_LABEL = re.compile(
 # Money and decimals: "612 345 678 €", "€ 1.234.567,89", "51.507351" (one dot, 4+ decimals: a coordinate)
 MONEY_AFTER = re.compile(r"(?i)\s?(?:[€$£¥]|eur\b|euros?\b|usd\b|gbp\b|dollars?\b|pounds?\b|,\d\d(?!\s?\d))")
 DECIMAL = re.compile(r"[-+]?\d{1,3}\.\d{4,}")
-COUNTRY_PREFIX = re.compile(r"\+\s?\d{1,3}[\s.-]*(?:\(0\)\s*)?")
+# what libphonenumber may leave in front of the number it matched: "+44 (0) ", "+420/", "+98 21 " (an old number)
+COUNTRY_PREFIX = re.compile(r"\(?\+\s?\d{1,3}\)?(?:[\s./-]*\(?\d{1,4}\)?)?[\s./-]*(?:\(0\)\s*)?")
 EXTENSION_AFTER = re.compile(r"(?i),?\s?(?:x|ext\.?|extn\.?|extension|durchwahl|poste)\s?\d{1,6}(?!\w)")
 NEXT_NUMBER = re.compile(r"(?<=[\s)])(?=[(+0])|(?<=\))(?=\d)")
 PHONE_LABEL = re.compile(PHONE_WORD.pattern + r"[^\w\n]*(?:\w{1,3}[^\w\n]+)?$")
@@ -401,7 +402,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
         if (
             len(digits) > 2
             and (vanity or sum(ch in DIGITS for ch in text[a:b]) >= 7)
-            and not WIDE_GAP.search(text, a, b)
+            and not (WIDE_GAP.search(text, a, b) and not (text[a] == "+" and "\n" not in text[a:b]))
             and not _overlaps(a, b, out)
             and not labelled_otherwise(a)
             and not text[b : b + 1].isalnum()
@@ -470,6 +471,8 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                 a, b = lo + a, lo + b
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
+                if a > 0 and text[a - 1] == "(" and ")" in text[a:b] and "(" not in text[a:b]:
+                    a -= 1  # "(+98) 914 492 1058"
                 if a > lo and (
                     text[lo + 1 : a].strip(" ()0") == "" and text[lo] in "+(" or COUNTRY_PREFIX.fullmatch(text, lo, a)
                 ):

@@ -295,6 +295,10 @@ def test_a_number_labelled_as_another_identifier_is_not_a_phone(text):
         ("Mobiel: 06.12089554", "06.12089554"),  # one dot, not a decimal
         ("Tel: +44 (0) 7700 900123", "+44 (0) 7700 900123"),
         ("Call 212-555-0123, ext. 45 today", "212-555-0123, ext. 45"),
+        ("% Tel: (+98) 914 492 1058", "(+98) 914 492 1058"),  # glibc locale headers (pii_heldout/glibc_locales)
+        ("% Tel: +420/68/5391545", "+420/68/5391545"),
+        ("% Tel: +27 83  2797047", "+27 83  2797047"),  # two spaces, but written +country on one line
+        ("% Fax: +98 21 6022372", "+98 21 6022372"),  # an old Tehran number: the whole of it, not the last part
     ],
 )
 def test_phones_written_unusually_are_found_whole(text, number):
@@ -398,3 +402,29 @@ def test_redaction_of_any_two_touching_values_needs_one_pass_and_leaves_no_digit
         if find_pii(once, MRN) or any(r in once.replace(" ", "") for r in runs):
             bad.append((text, once))
     assert len(values) ** 2 * len(seps) == 1859 and not bad, bad[:5]
+
+
+# Measured on the held-out files (bench/bench_pii.py --heldout FILE): (phone precision, recall on the numbers
+# libphonenumber calls valid in the record's region). glibc_locales holds territories outside the default
+# phone_regions (ta_LK's national "94-777-315206" needs LK in phone_regions: the one valid number missed).
+HELDOUT_FLOOR = {"records.jsonl": (1.0, 1.0), "fresh.jsonl": (1.0, 1.0), "glibc_locales.jsonl": (1.0, 121 / 122)}
+
+
+@pytest.mark.parametrize("name", sorted(HELDOUT_FLOOR))
+def test_held_out_sets_stay_at_the_measured_floor(name):
+    import json
+    from pathlib import Path
+
+    from bench.bench_pii import valid_phone_recall
+
+    path = Path(__file__).resolve().parents[2] / "tests/assets/pii_heldout" / name
+    records = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    preds = [find_pii(r["text"], MRN) for r in records]
+    got = score(records, preds)
+    found, n = valid_phone_recall(records, preds)
+    p_floor, r_floor = HELDOUT_FLOOR[name]
+    assert got["phone"]["precision"] >= p_floor - 1e-9 and found / n >= r_floor - 1e-9, (got["phone"], found, n)
+    for cat, v in got.items():  # every other category: nothing lost and nothing invented on these sets
+        if cat != "phone" and (v["n"] or v["n_pred"]):
+            p_min = 0.99 if cat == "email" else 1.0  # records.jsonl: 5 real Maintainer: addresses the labeller skips
+            assert v["recall"] == 1.0 and v["precision"] >= p_min, (cat, v)
