@@ -189,7 +189,8 @@ _PHONE_RUN = (
     r"(?:\s?(?:x|ext\.?|extn?\.?|extension|#)\s?\d{1,6})?(?![\w])"
 )
 PHONE_CAND = re.compile(
-    r"(?:(?<![\w.,\-\u2010-\u2015])|(?<=(?i:tel|tél|fax|mob)\.)|(?<=\D,)|(?<=\d,)(?=[0+]))(?<!\d:)(?<!\w/)" + _PHONE_RUN
+    r"(?=[+(\d])(?:(?<![\w.,\-\u2010-\u2015])|(?<=(?i:tel|tél|fax|mob)\.)|(?<=\D,)|(?<=\d,)(?=[0+]))(?<!\d:)(?<!\w/)"
+    + _PHONE_RUN
 )
 PHONE_RUN = re.compile(_PHONE_RUN)  # right after a phone and "/", ",", ";" or ")": the next number of a list
 AFTER_PHONE = re.compile(r"[/,;)]\s?(?=[\d(+])")
@@ -455,6 +456,8 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                 continue  # "2018-09-13 04:00:27", "13.9.5.17": a date/time or a version, not a number to dial
             if VERSION_OP.search(text[max(0, lo - 20) : lo]):
                 continue
+            if window.isdigit() and len(window) <= 8 and window[0] != "0" and not near_word:
+                continue  # a bare "654321" with no phone word is a count or an id (<= 4% are valid anywhere: lax ranges)
             whole = len(window.rstrip(" .-/")) - 1
             found: list[tuple[int, int]] = []
             for leniency in (pn.Leniency.VALID, pn.Leniency.POSSIBLE):
