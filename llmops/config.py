@@ -133,7 +133,7 @@ class ValidationConfig(Section):
         for r in v:
             if r not in known:
                 raise ValueError(
-                    f"unknown phone region '{r}' in validation.phone_regions: use ISO 3166 alpha-2 codes "
+                    f"unknown phone region '{r}': use ISO 3166 alpha-2 codes "
                     f"libphonenumber knows (e.g. US, GB, DE, FR){did_you_mean(r, sorted(known))}"
                 )
         return list(dict.fromkeys(v))

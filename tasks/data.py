@@ -141,11 +141,39 @@ def bom_encoding(path) -> str | None:
     return next((enc for bom, enc in BOMS if head.startswith(bom)), None)
 
 
+# Files that are no text at all, whatever the encoding: what they are and what to do (data.encoding cannot help)
+MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it (gunzip) first"),
+    (b"PK\x03\x04", "a ZIP archive (or .docx/.xlsx)", "extract or export the text first"),
+    (b"PAR1", "Parquet", "export the text column to JSONL or CSV first"),
+    (b"%PDF", "a PDF", "extract its text first"),
+    (b"BZh", "bzip2-compressed", "decompress it (bunzip2) first"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz) first"),
+    (b"(\xb5/\xfd", "zstd-compressed", "decompress it (unzstd) first"),
+    (b"SQLite format 3\x00", "an SQLite database", "export the text to JSONL or CSV first"),
+)
+
+
+def binary_kind(path) -> tuple[str, str] | None:
+    """(what the file is, what to do) when its first bytes are a known binary format, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    return next(((what, fix) for magic, what, fix in MAGIC if head.startswith(magic)), None)
+
+
 def encoding_error(bad: list[tuple[str, int, int]], encoding: str) -> DataError:
     """One error naming every undecodable file (up to MAX_NAMED) as file:line, and the setting to change."""
     named = ", ".join(f"{f}:{line} (byte {off})" for f, line, off in bad[:MAX_NAMED])
     more = f" (+{len(bad) - MAX_NAMED} more files)" if len(bad) > MAX_NAMED else ""
     boms = {enc for f, _, _ in bad if (enc := bom_encoding(f))}
+    binary = [(f, kind) for f, _, _ in bad if (kind := binary_kind(f))]
+    if binary:
+        f, (what, todo) = binary[0]
+        others = f" (and {len(binary) - 1} more binary file(s))" if len(binary) > 1 else ""
+        return DataError(f"{what}, not text{others}", f, f"{todo}, or remove it from data.path")
     if len(boms) == 1:
         (enc,) = boms
         fix = (

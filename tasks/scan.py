@@ -92,24 +92,27 @@ def plan_chunks(
             chunks.append(Chunk(len(chunks), fi, str(f), 0, size, 1, kind, name))
             continue
         sep = b"\n\n" if kind == "text" else b"\n"
+        keep = len(sep) - 1  # bytes of a separator that may straddle two reads
         with open(f, "rb") as fh:
             start, line = 0, 1
             while start < size:
                 fh.seek(start)
                 block = fh.read(chunk_bytes)
-                end = start + len(block)
-                while end < size:  # extend to the end of the next separator
-                    more = fh.read(1 << 16)
+                end, newlines = start + len(block), block.count(b"\n")
+                tail = block[len(block) - keep :] if keep else b""
+                while end < size:  # extend to the end of the next separator (read on, never re-joined: one long
+                    more = fh.read(1 << 20)  # line of 60 MB costs one pass, not a quadratic concatenation)
                     if not more:
                         break
-                    look = block[-(len(sep) - 1) :] if len(sep) > 1 else b""
-                    pos = (look + more).find(sep)
-                    block += more if pos < 0 else more[: pos + len(sep) - len(look)]
-                    end = start + len(block)
+                    pos = (tail + more).find(sep)
                     if pos >= 0:
+                        take = pos + len(sep) - len(tail)
+                        end, newlines = end + take, newlines + more.count(b"\n", 0, take)
                         break
+                    end, newlines = end + len(more), newlines + more.count(b"\n")
+                    tail = more[len(more) - keep :] if keep else b""
                 chunks.append(Chunk(len(chunks), fi, str(f), start, end, line, kind, name))
-                line += block.count(b"\n")
+                line += newlines
                 start = end
     return chunks
 

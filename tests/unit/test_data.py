@@ -134,6 +134,16 @@ def test_bad_input_is_named_with_the_fix(tmp_path, caplog):
         check_encoding([u16], "utf-8")
     assert "UTF-16 byte-order mark: set data.encoding: utf-16" in str(e.value)
     assert [r.text for r in load_dataset(u16, encoding="utf-16").records] == ["hello"]
+    import gzip
+
+    gz = tmp_path / "gz" / "a.jsonl"  # compressed bytes under a text name: said as such, not as an encoding problem
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 50))
+    with pytest.raises(DataError) as e:
+        check_encoding([gz], "utf-8")
+    assert (
+        str(e.value) == f"{gz}: gzip-compressed, not text — decompress it (gunzip) first, or remove it from data.path"
+    )
 
     (tmp_path / "m.csv").write_text('id,text\na,"one\ntwo\nthree"\nb,four\n', encoding="utf-8")
     recs = load_dataset(tmp_path / "m.csv").records
