@@ -78,6 +78,11 @@ NOT_HOSTS = {"base", "localhost", "plt", "got", "home"}
 BANG = re.compile(r"(?<![\w.-])(?<!\w!)[a-z][\w.-]*(?:![A-Za-z][\w.-]*)+(?![\w!(])")  # "(": C's return!puts(
 
 # ------------------------------------------------------------------------------------------ checksummed numbers
+# An SSN written with spaces or none is one only where it is labelled: "SSN: 017 26 6681", "Social Security No.: 423987480"
+SSN_LABELLED = re.compile(
+    r"(?i)(?:\bssn|social security(?: number| no\.?| #)?)\s*(?:#|no\.?|number)?\s*:?\s*"
+    r"((?!000|666|9\d\d)\d{3}([ -]?)(?!00)\d{2}\2(?!0000)\d{4})(?![\w-])"
+)
 SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])")
 CARD = re.compile(
     r"(?<![\w.-])(?:[2-6]\d{3}|1800|0604)(?:[ -]?\d){8,15}(?![\w-])|(?<![\w.-])[2-6]\d{3}(?:\.\d{4}){3}(?![\w.-])"
@@ -167,7 +172,7 @@ LISTED_NUMBER = re.compile(r"(?:\+|0)\d+(?:-\d+){2,}")
 _VERSION_OPERATOR = r"[=<>~!]=\s*|[A-Za-z]\w*-"
 VERSION_OP = re.compile(rf"(?:{_VERSION_OPERATOR})$")
 VERSION_BEFORE = re.compile(
-    rf"(?i)(?:{_VERSION_OPERATOR}|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b[^\n.;]{{0,40}}?\b(?:to|from)\s+)$"
+    rf"(?i)(?:{_VERSION_OPERATOR}|\b(?:upgrad|updat|bump|downgrad|pinn?|releas)\w*\b(?:[^\n.;]|\.(?=\w)){{0,40}}?\b(?:to|from)\s+)$"
 )
 NET_WORD = re.compile(
     r"(?i)\b(?:ip|ipv4|address|addr|host|ping|inet|server|dns|gateway|route|router|nameserver|resolver|subnet|firewall"
@@ -185,11 +190,11 @@ IPV6 = re.compile(
 # "011" prefix; trunk zeros; an x/ext extension). libphonenumber's PhoneNumberMatcher decides, over every region
 # in `validation.phone_regions`; the candidate only says where to ask.
 _PHONE_RUN = (
-    r"(?:\+\s?)?\(?\d[\d \t().\-/\u00a0\u2007\u2009\u202f\u2010-\u2015]{4,}\d"
+    r"(?:\+\s?)?\(?\d[\d ().\-/\u00a0\u2007\u2009\u202f\u2010-\u2015]{4,}\d"
     r"(?:\s?(?:x|ext\.?|extn?\.?|extension|#)\s?\d{1,6})?(?![\w])"
 )
 PHONE_CAND = re.compile(
-    r"(?=[+(\d])(?:(?<![\w.,\-\u2010-\u2015])|(?<=(?i:tel|tél|fax|mob)\.)|(?<=\D,)|(?<=\d,)(?=[0+]))(?<!\d:)(?<!\w/)"
+    r"(?=[+(\d])(?:(?<![\w.,\-\u2010-\u2015])|(?<=(?i:tel|tél|fax|mob)\.)|(?<=(?i:ph)\.)|(?<=:-)|(?<=\D,)|(?<=\d,)(?=[0+]))(?<!\d:)(?<!\w/)"
     + _PHONE_RUN
 )
 PHONE_RUN = re.compile(_PHONE_RUN)  # right after a phone and "/", ",", ";" or ")": the next number of a list
@@ -202,7 +207,7 @@ PHONE_WORD = re.compile(
     r"(?i)\b(?:phone|telephone|tel|fax|call|dial|voice|reached|reach|toll|hot ?line|ring|mobile|cell"
     r"|telefon\w*|ruf\w*|anruf\w*|handy\w*|mobil\w*|fax\w*|erreichbar|rückruf|telefax"  # de
     r"|t[ée]l[ée]phone|t[ée]l|appel\w*|portable|joignable|joindre|t[ée]l[ée]copie"  # fr
-    r"|tel[ée]fono|llam\w*|m[óo]vil|telefono|chiam\w*|cellulare|telefoon\w*|mobiel\w*|bel|gsm)\b"  # es, it, nl
+    r"|tel[ée]fono|llam\w*|m[óo]vil|telefono|chiam\w*|cellulare|telefoon\w*|mobiel\w*|bel|gsm|msisdn|ph)\b"  # es, it, nl
 )
 DATE_TIME = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b|\d{1,2}[-/.]\d{1,2}[-/.]\d{4}\b|\d{1,2}:\d{2}")
 # A one-digit dotted group is a version (13.9.5.17, 0.99.30-4), except a leading "1." trunk (1.800.555.1212).
@@ -221,8 +226,11 @@ VANITY = re.compile(
 )
 NOT_PHONE_BEFORE = re.compile(
     r"(?i)(?:#|isbn[- ]?(?:1[03])?:?|ean(?:[- ]?13)?:?|cve-|\bdfars|\bfar|clause|patent numbers?|[\w.]@|\bsf|[=<>~!]=|"
-    r"\bv|\w=)\s*$"
+    r"\bv)\s*$"
 )
+# "key=value" / "SEED = 935287179": a phone only when the key is a phone word ("msisdn=+1800...", "phone=...")
+# or the value is written +country
+KEY_VALUE = re.compile(r"(\w+)\s*=\s*$")
 # A number labelled as something else is not a phone, even when libphonenumber would call it valid somewhere (any
 # 10-digit number is an Indian or Italian mobile): "Kundennummer 9876543210", "numéro de commande 0612345678",
 # "Partita IVA 12345678903", "NHS number 943 476 5919", "UPC 036000291452", "Budget : 612 345 678 €". The label is
@@ -230,18 +238,22 @@ NOT_PHONE_BEFORE = re.compile(
 # before ("numero ordine", "número de pedido") or after ("order no.", "Rechnung Nr.", "Facture n°"). A phone word
 # nearer the number wins ("Bestellhotline: 0800 ...", "customer phone 030 ...").
 _ID_NOUN = (  # a label on its own: "UPC 036000291452", "Ordine 3471234567", "Timestamp 1712345678"
-    r"order|invoice|ticket|reference|ref|serial|tracking|\bid|sku|upc|gtin|ean|isbn|issn|nhs|vat|tax|abn|acn|ein"
-    r"|roll|receipt|transaction|booking|confirmation|batch|shipment|parcel|timestamp|epoch|population|budget|price"
+    r"order|invoice|ticket|reference|ref|serial|sn|s/n|tracking|\bid|sku|upc|gtin|ean|barcode|isbn|issn|imei|imsi"
+    r"|iccid|nhs|vat|vat reg|tax|abn|acn|ein|bn|po|case|routing|aba|sort ?code|account|acct|seed|random seed|roll|receipt"
+    r"|transaction|booking|confirmation|batch|shipment|parcel|timestamp|epoch|population|budget|price|model"
     r"|revenue|amount|lat|lon|lng|latitude|longitude|coordinates?|zip|postcode|postal code|companies house|patent"
-    r"|bestell\w*|kunden\w+|rechnung\w*|steuer\w*|auftrag\w*|vertrag\w*|artikel\w*|sendung\w*|preis|betrag|summe"
-    r"|plz|ust-?id\w*|aktenzeichen|mitglieds?nummer|versicherungs\w+"  # de
+    r"|rechnung|bestellung|auftrag|vertrag|artikel|sendung|preis|betrag|summe|konto"
+    r"|plz|ust-?id\w*|steuer-?id|aktenzeichen"  # de
     r"|commande|facture|siren|siret|tva|prix|montant|colis|dossier|r[ée]f[ée]rence|s[ée]curit[ée] sociale"  # fr
     r"|ordine|fattura|partita iva|iva|codice fiscale|prezzo|importo|pratica"  # it
     r"|pedido|factura|nif|cif|nie|precio|importe|expediente"  # es
-    r"|\w+nummer|factuur\w*|klant\w+|kvk[\w-]*|btw[\w-]*|bsn|prijs|bedrag|dossiernummer|co[öo]rdinate[ns]?"  # nl
+    # de/nl compounds: Kundennummer, Bestellnummer, Steuernummer, KvK-nummer, factuurnummer; not the phone ones
+    r"|(?!(?:telefon|telefoon|ruf|notruf|handy|fax|mobil|mobiel|service|hotline|kontakt|contact|durchwahl|zentral"
+    r"|fest|tel|gsm|bel)\w*nummer)\w+nummer|\w+nr|factuur\w*|kvk[\w-]*|btw[\w-]*|bsn|prijs|bedrag"
+    r"|co[öo]rdinate[ns]?"  # nl
 )
 _ID_NOUN_NUMBERED = (  # only with a number word: "customer no. 0301234567", not "Customer: +1 212 ..."
-    r"customer|client|cliente|account|acct|konto|compte|conto|cuenta|case|part|item|lot|model|company|policy|claim"
+    r"customer|client|cliente|compte|conto|cuenta|part|item|lot|company|policy|claim"
     r"|registration|reg|member|membre|socio|lid|contract|contrat|contratto|contrato|adh[ée]rent"
 )
 _NUMBER_WORD = r"number|num|no|nr|n°|nº|n|nummer|numéro|numero|número|#"
@@ -249,10 +261,14 @@ _NUMBER_AFTER = rf"(?:\s*(?:{_NUMBER_WORD})(?:\b|(?<=[°º#]))\.?)"
 ID_LABEL = re.compile(
     rf"(?i)(?:(?:\b(?:{_NUMBER_WORD})\.?\s*(?:de\s+|d'|del\s+|di\s+|du\s+)?)(?:{_ID_NOUN}|{_ID_NOUN_NUMBERED})\b"
     rf"|\b(?:{_ID_NOUN})\b{_NUMBER_AFTER}?|\b(?:{_ID_NOUN_NUMBERED})\b{_NUMBER_AFTER})"
-    r"(?:\s*(?:is|ist|est|es|è|=))?[\s:]*(?:[€$£]\s?)?$"
+    r"(?:\s*(?:is|ist|est|es|è|=))?[\s:]*(?:[A-Z]{2}\s?)?(?:[€$£]\s?)?$"  # "VAT Reg No. GB 692 6660 37"
 )
 # Money and decimals: "612 345 678 €", "€ 1.234.567,89", "51.507351" (one dot, 4+ decimals: a coordinate)
-MONEY_AFTER = re.compile(r"(?i)\s?(?:[€$£¥]|eur\b|euros?\b|usd\b|gbp\b|dollars?\b|pounds?\b|,\d\d(?!\s?\d))")
+MONEY_AFTER = re.compile(  # and counts with a unit: "639869754 bytes", "49.881.035 abitanti"
+    r"(?i)(?:%|[ \u00a0]?(?:,\d\d[ \u00a0]?)?(?:[€$£¥]|eur\b|euros?\b|usd\b|gbp\b|dollars?\b|pounds?\b"
+    r"|(?:bytes?|[kmgt]i?b|ms|km|kg|rows|records|users|views|downloads|inhabitants|habitants|einwohner|abitanti"
+    r"|habitantes|inwoners|people|votes|copies|units|pcs|stück)\b))"
+)
 DECIMAL = re.compile(r"[-+]?\d{1,3}\.\d{4,}")
 # what libphonenumber may leave in front of the number it matched: "+44 (0) ", "+420/", "+98 21 " (an old number)
 COUNTRY_PREFIX = re.compile(r"\(?\+\s?\d{1,3}\)?(?:[\s./-]*\(?\d{1,4}\)?)?[\s./-]*(?:\(0\)\s*)?")
@@ -364,8 +380,9 @@ def _ips(text: str, ids, numbers: bool) -> list[tuple[int, int]]:
                 ipaddress.IPv6Address(m.group())
             except ValueError:
                 continue
-            if sum(1 for g in m.group().split(":") if g) < 2 and m.group() != "::1":
-                continue  # "8::" in ASCII art parses as IPv6
+            groups = [g for g in m.group().split(":") if g]
+            if (len(groups) < 2 or max(map(len, groups)) == 1) and m.group() != "::1":
+                continue  # "8::" in ASCII art, "x[2::8]" (a slice) parse as IPv6
             if not _overlaps(*m.span(), ids):
                 out.append(m.span())
     return out
@@ -393,6 +410,8 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
         """The words before `a` name another identifier ("Kundennummer", "UPC", "Budget :") and no phone word is
         nearer the number than that label."""
         before = text[max(0, a - 40) : a]
+        if (kv := KEY_VALUE.search(before)) and text[a] != "+" and not PHONE_WORD.search(kv.group(1).replace("_", " ")):
+            return True
         label = ID_LABEL.search(before)
         if not label:
             return NOT_PHONE_BEFORE.search(before[-20:]) is not None and not PHONE_WORD.search(before[-12:])
@@ -439,6 +458,9 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             lo, hi = cands.pop(0)
             if _overlaps(lo, hi, out):
                 continue
+            # "SIRET 462 578 077 33108": a labelled value, whatever part of it libphonenumber likes; only a number
+            # that plainly starts anew inside it is tried ("ISBN 978-0-489-99107-5 (361)770-9137")
+            labelled = labelled_otherwise(lo)
             near_word = PHONE_WORD.search(text[max(0, lo - 40) : lo]) is not None or (
                 # a list of numbers ("800-292-9263 in the USA, or 0800-89-1131 in the UK"): only dashed numbers
                 # with a trunk zero or +country, never a figure, coordinate or price that follows a phone
@@ -472,12 +494,17 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             kept = []
             for a, b in sorted(set(found), key=lambda ab: (ab[0] - ab[1], ab[0])):  # longest (earliest) first
                 a, b = lo + a, lo + b
+                if labelled and (a == lo or text[a] not in "(+"):
+                    continue
                 if text[a] == "(" and ")" not in text[a:b]:
                     a += 1
                 if a > 0 and text[a - 1] == "(" and ")" in text[a:b] and "(" not in text[a:b]:
                     a -= 1  # "(+98) 914 492 1058"
                 if a > lo and (
-                    text[lo + 1 : a].strip(" ()0") == "" and text[lo] in "+(" or COUNTRY_PREFIX.fullmatch(text, lo, a)
+                    text[lo + 1 : a].strip(" ()0") == ""
+                    and text[lo] in "+("
+                    or COUNTRY_PREFIX.fullmatch(text, lo, a)
+                    or (text[a] == "(" and re.fullmatch(r"1[\s.-]?", text[lo:a]))  # "1 (687) 138-7880"
                 ):
                     a = lo  # "+44(0)...", "(0)", "+44 (0) 7700 ...": the whole written number
                 if ext := EXTENSION_AFTER.match(text, b):
@@ -489,7 +516,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             gaps = [lo, *[x for ab in sorted(kept) for x in ab], hi]
             for a, b in zip(gaps[::2], gaps[1::2]) if kept else ():
                 candidate(a, b)  # "Tel. 030 1234567 0301234568": numbers run together; the rest is tried on its own
-            if not kept and sum(ch in DIGITS for ch in window) >= 14:
+            if not kept and not labelled and sum(ch in DIGITS for ch in window) >= 14:
                 # too many digits for one number and libphonenumber found none: two numbers written back to back
                 # ("(212) 555-0123 06 12 34 56 78"); split where a new number starts and try both halves
                 cuts = [
@@ -571,10 +598,22 @@ def find_pii(
             spans["email"] = found
     numbers = NUMBER_GATE.search(text) is not None  # no number category but IPv6 can match without one of these
     if numbers:
-        if "-" in text and (ssn := [m.span() for m in SSN.finditer(text) if not _overlaps(*m.span(), ids)]):
+        ssn = [m.span() for m in SSN.finditer(text) if not _overlaps(*m.span(), ids)] if "-" in text else []
+        if ssn_word := [m.span(1) for m in SSN_LABELLED.finditer(text) if not _overlaps(*m.span(1), ssn)]:
+            ssn = sorted(ssn + ssn_word)
+        if ssn:
             spans["ssn"] = ssn
         if LONG_DIGITS.search(text):  # IBANs first: the digits of an IBAN can pass Luhn (held-out split, id 1250)
-            if iban := [m.span() for m in IBAN.finditer(text) if iban_ok(m.group()) and not _overlaps(*m.span(), ids)]:
+            iban = []
+            for m in IBAN.finditer(text):
+                if _overlaps(*m.span(), ids):
+                    continue
+                value = m.group()
+                while value and not iban_ok(value):  # "IBAN: ES33 0333 ... 0959 BIC": the word after is no group
+                    value = value[: max(value.rfind(" "), 0)] if " " in value else ""
+                if value:
+                    iban.append((m.start(), m.start() + len(value)))
+            if iban:
                 spans["iban"] = iban
             cards = []
             pos = 0

@@ -428,3 +428,66 @@ def test_held_out_sets_stay_at_the_measured_floor(name):
         if cat != "phone" and (v["n"] or v["n_pred"]):
             p_min = 0.99 if cat == "email" else 1.0  # records.jsonl: 5 real Maintainer: addresses the labeller skips
             assert v["recall"] == 1.0 and v["precision"] >= p_min, (cat, v)
+
+
+# --- red-team round 3 (a fresh subagent's 1,200 records in 10 locales): block categories next to words, logs, CSV ---
+
+
+def test_block_categories_are_found_next_to_the_words_that_follow_them():
+    assert _only("IBAN: ES33 0333 9837 0465 4456 0959 BIC LGEIESLF36", "iban") == ["ES33 0333 9837 0465 4456 0959"]
+    assert _only("IBAN: ES6798303737436019755755 BIC OKLWESG", "iban") == ["ES6798303737436019755755"]
+    for text, ssn in [
+        ("SSN: 017 26 6681\nEmployee ID", "017 26 6681"),
+        ("Social Security No.: 423987480", "423987480"),
+        ("SSN#: 465066934", "465066934"),
+    ]:
+        assert _only(text, "ssn") == [ssn] and "phone" not in find_pii(text, MRN), text
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("2024-01-01T10:00:00Z INFO sms sent msisdn=+18004062160 id=15c7a31b", "+18004062160"),
+        ("INFO sms sent to=+441215146716 id=51cce62a", "+441215146716"),
+        ("phone=2125550123", "2125550123"),
+        ("art,gilbertcharles8@yahoo.com,+18002818034,62,Lake Hay", "+18002818034"),
+        (",richard.sharp@hunt-brown.org,07727257003,29,Saunders", "07727257003"),
+        ("Kundenservice: +49 1514 6697592", "+49 1514 6697592"),
+        ("Ph.0820910483. Autem", "0820910483"),
+        ("Mobile No:-086603-14910", "086603-14910"),
+        ("call 1 (687) 138-7880 today", "1 (687) 138-7880"),
+        ("ISBN 978-0-489-99107-5 (361)770-9137x11534 is the number", "(361)770-9137x11534"),
+    ],
+)
+def test_phones_in_logs_csv_and_abbreviations(text, number):
+    assert _only(text, "phone") == [number], find_pii(text, MRN)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SEED = 935287179",
+        "Routing number 031356224",
+        "Direct deposit routing 036328626 account 864570957",
+        "Phone model Galaxy S21, IMEI: 356994158308969",
+        "VAT Reg No. GB 692 6660 37",
+        "SIRET 462 578 077 33108",
+        "PO 6336167424",
+        "Case 0938153450.",
+        "BN 862354350 RT0001",
+        "SN: 7548506418",
+        "Model 8555951955",
+        "639869754 bytes",
+        "49.881.035 abitanti",
+        "Barcode 332355518696",
+        "75968\t3215.05\t1976-02-25",
+    ],
+)
+def test_labelled_ids_counts_and_columns_are_not_phones(text):
+    assert "phone" not in find_pii(text, MRN), (text, find_pii(text, MRN))
+
+
+def test_slices_and_bumped_versions_are_not_ips():
+    assert "ip_address" not in find_pii("    return x[2::8]", MRN)
+    assert "ip_address" not in find_pii("- Bump ground from 2.27.5 to 3.10.7.5", MRN)
+    assert _only("peer fe80::1 up", "ip_address") == ["fe80::1"]
