@@ -239,7 +239,8 @@ KEY_VALUE = re.compile(r"(\w+)\s*=\s*$")
 # nearer the number wins ("Bestellhotline: 0800 ...", "customer phone 030 ...").
 _ID_NOUN = (  # a label on its own: "UPC 036000291452", "Ordine 3471234567", "Timestamp 1712345678"
     r"order|invoice|ticket|reference|ref|serial|sn|s/n|tracking|\bid|sku|upc|gtin|ean|barcode|isbn|issn|imei|imsi"
-    r"|iccid|nhs|vat|vat reg|tax|abn|acn|ein|bn|po|case|routing|aba|sort ?code|account|acct|seed|random seed|roll|receipt"
+    r"|iccid|nhs|vat|vat reg|tax|abn|acn|ein|bn|po|case|suivi|seguimiento|localizador|codice(?: \w+)?|referenz"
+    r"|referentie|referencia|riferimento|rif|r[ée]f|\w+-nr|routing|aba|sort ?code|account|acct|seed|random seed|roll|receipt"
     r"|transaction|booking|confirmation|batch|shipment|parcel|timestamp|epoch|population|budget|price|model"
     r"|revenue|amount|lat|lon|lng|latitude|longitude|coordinates?|zip|postcode|postal code|companies house|patent"
     r"|rechnung|bestellung|auftrag|vertrag|artikel|sendung|preis|betrag|summe|konto"
@@ -260,7 +261,7 @@ _NUMBER_WORD = r"number|num|no|nr|n°|nº|n|nummer|numéro|numero|número|#"
 _NUMBER_AFTER = rf"(?:\s*(?:{_NUMBER_WORD})(?:\b|(?<=[°º#]))\.?)"
 ID_LABEL = re.compile(
     rf"(?i)(?:(?:\b(?:{_NUMBER_WORD})\.?\s*(?:de\s+|d'|del\s+|di\s+|du\s+)?)(?:{_ID_NOUN}|{_ID_NOUN_NUMBERED})\b"
-    rf"|\b(?:{_ID_NOUN})\b{_NUMBER_AFTER}?|\b(?:{_ID_NOUN_NUMBERED})\b{_NUMBER_AFTER})"
+    rf"|\b(?:{_ID_NOUN})\b\.?{_NUMBER_AFTER}?|\b(?:{_ID_NOUN_NUMBERED})\b{_NUMBER_AFTER})"
     r"(?:\s*(?:is|ist|est|es|è|=))?[\s:]*(?:[A-Z]{2}\s?)?(?:[€$£]\s?)?$"  # "VAT Reg No. GB 692 6660 37"
 )
 # Money and decimals: "612 345 678 €", "€ 1.234.567,89", "51.507351" (one dot, 4+ decimals: a coordinate)

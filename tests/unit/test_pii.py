@@ -481,6 +481,11 @@ def test_phones_in_logs_csv_and_abbreviations(text, number):
         "49.881.035 abitanti",
         "Barcode 332355518696",
         "75968\t3215.05\t1976-02-25",
+        "N° de suivi : 0612345678",
+        "Ref. 0301234567",
+        "Rechnungsnr. 0301234567",
+        "Codice cliente: 3471234567",
+        "Kunden-Nr. 0301234567",
     ],
 )
 def test_labelled_ids_counts_and_columns_are_not_phones(text):
