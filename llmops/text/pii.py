@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from functools import lru_cache
+from collections import deque
+from functools import cache, lru_cache
 
 CATEGORIES = ("email", "phone", "ssn", "credit_card", "ip_address", "iban", "mrn", "message_id")
 PLACEHOLDER = {c: f"[{c.upper()}]" for c in CATEGORIES}
@@ -271,6 +272,8 @@ MONEY_AFTER = re.compile(  # and counts with a unit: "639869754 bytes", "49.881.
     r"|habitantes|inwoners|people|votes|copies|units|pcs|stück)\b))"
 )
 DECIMAL = re.compile(r"[-+]?\d{1,3}\.\d{4,}")
+CURRENCY_BEFORE = re.compile(r"[€$£¥]\s?$")  # "€ 1.234.567,89"
+NANP_TRUNK = re.compile(r"1[\s.-]?")  # the "1 " before "(687) 138-7880" libphonenumber leaves out
 # what libphonenumber may leave in front of the number it matched: "+44 (0) ", "+420/", "+98 21 " (an old number)
 COUNTRY_PREFIX = re.compile(r"\(?\+\s?\d{1,3}\)?(?:[\s./-]*\(?\d{1,4}\)?)?[\s./-]*(?:\(0\)\s*)?")
 EXTENSION_AFTER = re.compile(r"(?i),?\s?(?:x|ext\.?|extn\.?|extension|durchwahl|poste)\s?\d{1,6}(?!\w)")
@@ -407,6 +410,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             chars[a:b] = "\0" * (b - a)
         text = "".join(chars)
 
+    @cache  # asked for a candidate's start and again for a phone found there
     def labelled_otherwise(a: int) -> bool:
         """The words before `a` name another identifier ("Kundennummer", "UPC", "Budget :") and no phone word is
         nearer the number than that label."""
@@ -428,7 +432,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             and not labelled_otherwise(a)
             and not text[b : b + 1].isalnum()
             and not MONEY_AFTER.match(text, b)
-            and not re.search(r"[€$£¥]\s?$", text[max(0, a - 2) : a])
+            and not CURRENCY_BEFORE.search(text, max(0, a - 2), a)
             and not (
                 DECIMAL.fullmatch(text, a, b) and text[a] != "0" and not PHONE_LABEL.search(text, max(0, a - 25), a)
             )
@@ -441,7 +445,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
         digits = re.sub(r"\D", "", m.group().translate(KEYPAD))
         if len(digits.removeprefix("1")) >= 10:
             keep(*m.span(), vanity=True)
-    cands: list[tuple[int, int]] = []
+    cands: deque[tuple[int, int]] = deque()
 
     def candidate(lo: int, hi: int) -> None:
         part = text[lo:hi].strip(" \t.-/")
@@ -455,8 +459,14 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
         candidate(*m.span())
     if cands:
         pn = _phonenumbers()
+
+        def per_region(window: str, leniency):
+            """PhoneNumberMatcher's spans in `window`, one list per region of `regions`, lazily (callers stop early)."""
+            for region in regions:
+                yield [(pm.start, pm.end) for pm in pn.PhoneNumberMatcher(window, region, leniency=leniency)]
+
         while cands:
-            lo, hi = cands.pop(0)
+            lo, hi = cands.popleft()
             if _overlaps(lo, hi, out):
                 continue
             # "SIRET 462 578 077 33108": a labelled value, whatever part of it libphonenumber likes; only a number
@@ -486,8 +496,8 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
             for leniency in (pn.Leniency.VALID, pn.Leniency.POSSIBLE):
                 if leniency is pn.Leniency.POSSIBLE and not (near_word or window.startswith("+")):
                     break
-                for region in regions:
-                    found += [(pm.start, pm.end) for pm in pn.PhoneNumberMatcher(window, region, leniency=leniency)]
+                for spans in per_region(window, leniency):
+                    found += spans
                     if any(b - a >= whole for a, b in found):
                         break  # the whole candidate: no other region can do better
                 if found:
@@ -505,7 +515,7 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                     text[lo + 1 : a].strip(" ()0") == ""
                     and text[lo] in "+("
                     or COUNTRY_PREFIX.fullmatch(text, lo, a)
-                    or (text[a] == "(" and re.fullmatch(r"1[\s.-]?", text[lo:a]))  # "1 (687) 138-7880"
+                    or (text[a] == "(" and NANP_TRUNK.fullmatch(text, lo, a))  # "1 (687) 138-7880"
                 ):
                     a = lo  # "+44(0)...", "(0)", "+44 (0) 7700 ...": the whole written number
                 if ext := EXTENSION_AFTER.match(text, b):
@@ -529,9 +539,10 @@ def _phones(text: str, regions: tuple[str, ...], taken) -> list[tuple[int, int]]
                     c
                     for c in cuts
                     if any(
-                        pm.end >= len(window[:c].rstrip(" )")) - 1
-                        for region in regions
-                        for pm in pn.PhoneNumberMatcher(window[:c].rstrip(" )"), region, leniency=pn.Leniency.VALID)
+                        b >= len(left) - 1
+                        for left in [window[:c].rstrip(" )")]
+                        for spans in per_region(left, pn.Leniency.VALID)
+                        for _, b in spans
                     )
                 ]
                 if cut := (whole_left or cuts)[:1]:
