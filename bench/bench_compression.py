@@ -79,7 +79,6 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--eval-records", type=int, default=64)
     ap.add_argument("--out", default=None, help="where variants go (default: a temp dir, removed)")
-    ap.add_argument("--onnx-int8-method", default="blockwise", choices=["blockwise", "dynamic"])
     ap.add_argument("--onnx-block-size", type=int, default=32)
     ap.add_argument("--skip", nargs="*", default=[], choices=["distill", "onnx", "structured"])
     args = ap.parse_args()
@@ -113,7 +112,6 @@ def main() -> None:
         distill_batch_size=4,
         distill_learning_rate=1e-4,
         export_onnx="onnx" not in args.skip,
-        onnx_int8_method=args.onnx_int8_method,
         onnx_int8_block_size=args.onnx_block_size,
         **common,
     )

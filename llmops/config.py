@@ -279,13 +279,29 @@ class CompressionConfig(Section):
     distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = alpha*T^2*KL + (1-alpha)*CE")
     distill_seed: int = 0
     export_onnx: bool = False
-    onnx_int8: bool = Field(True, description="Also write an onnxruntime int8 copy of the ONNX export")
-    onnx_int8_method: Literal["blockwise", "dynamic"] = Field(
-        "blockwise", description="blockwise = MatMulNBits 8-bit per-block scales; dynamic = per-tensor quantize_dynamic"
+    onnx_int8: bool = Field(True, description="Also write an int8 copy of the ONNX KV decoder (MatMulNBits)")
+    onnx_int8_method: Literal["blockwise"] = Field(
+        "blockwise", description="MatMulNBits, 8-bit weights with one scale per block of input channels"
     )
-    onnx_int8_block_size: int = Field(32, ge=16, description="Input channels per scale (blockwise); power of two")
+    onnx_int8_block_size: int = Field(32, ge=16, description="Input channels per scale; power of two")
+    onnx_lm_head_block_size: int = Field(
+        16, ge=16, description="Block size of the lm_head / tied embedding (activations are quantized per block too)"
+    )
+    onnx_accuracy_level: Literal[1, 4] = Field(
+        4, description="MatMulNBits accuracy level: 4 = int8 activations (fast), 1 = fp32 activations (slow on CPU)"
+    )
+    onnx_mixed: bool = Field(False, description="Also write a mixed int4/int8 copy, bits per layer by sensitivity")
+    onnx_mixed_max_size: float = Field(
+        0.20, gt=0.0, le=1.0, description="Mixed bundle's model bytes, as a fraction of the fp32 bundle's"
+    )
+    onnx_sensitivity_data: Path | None = Field(
+        None, description="Public text to measure int4 sensitivity on; default: text sampled from the model itself"
+    )
     onnx_source: Literal["original", "pruned", "distilled"] = Field("original", description="Model exported to ONNX")
     max_perplexity_increase: float = Field(0.02, ge=0.0, description="Relative, e.g. 0.02 = +2%")
+    min_top1_agreement: float = Field(
+        0.94, ge=0.0, le=1.0, description="Teacher-forced agreement with the original's top token on held-out text"
+    )
     min_speedup: float = Field(1.0, gt=0.0)
     pick_speed_tolerance: float = Field(
         0.10,
@@ -309,11 +325,10 @@ class CompressionConfig(Section):
             raise ValueError("compression.onnx_source 'pruned' needs compression.prune_sparsity > 0")
         if self.export_onnx and self.onnx_source == "distilled" and not self.distill:
             raise ValueError("compression.onnx_source 'distilled' needs compression.distill: true")
-        if self.onnx_int8_block_size & (self.onnx_int8_block_size - 1):
-            raise ValueError(
-                f"compression.onnx_int8_block_size must be a power of two (16, 32, 64, 128...), "
-                f"got {self.onnx_int8_block_size}"
-            )
+        for key in ("onnx_int8_block_size", "onnx_lm_head_block_size"):
+            v = getattr(self, key)
+            if v & (v - 1):
+                raise ValueError(f"compression.{key} must be a power of two (16, 32, 64, 128...), got {v}")
         return self
 
 

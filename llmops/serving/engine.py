@@ -1,8 +1,8 @@
 """Inference engines behind a model replica: one token loop, three ways to get the next token's logits.
 
 - `TorchEngine`: transformers on CPU or GPU, with a KV cache.
-- `OnnxEngine`: the ONNX edge bundle (tasks.compression's export: input_ids + attention_mask -> logits, no KV
-  cache, so each step re-reads the prefix) with onnxruntime.
+- `OnnxEngine`: the ONNX edge bundle (tasks.compression's KV decoder: one prefill, then one cached step per token)
+  with onnxruntime, through llmops/edge_runner.py.
 - `VllmEngine`: vLLM on a CUDA box (continuous batching, paged attention); chosen by `engine: vllm` or `auto` when
   CUDA and vllm are present. Not runnable here (no GPU): its test is `gpu`-marked.
 Sampling is per request: greedy at temperature 0, else temperature + top-p from a `torch.Generator` seeded with the
@@ -141,37 +141,43 @@ class TorchEngine(_TokenLoop):
 
 
 class OnnxEngine(_TokenLoop):
+    """The edge bundle's KV decoder (llmops/edge_runner.py's `EdgeModel`): one prefill per request, then one
+    cached step per token, on onnxruntime."""
+
     def __init__(self, path: Path, num_threads: int = 1):
         import json
 
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = max(1, num_threads)
-        so.log_severity_level = 3
+        from llmops.edge_runner import BundleError, EdgeModel
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            self.session = ort.InferenceSession(str(Path(path) / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+            self.model = EdgeModel(path, max(1, num_threads))
+        except BundleError as e:
+            raise EngineError(f"cannot load the ONNX bundle: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"cannot load the ONNX bundle {path}: {str(e).splitlines()[0][:200]}") from None
         cfg = Path(path) / "config.json"
         conf = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        self.max_positions = conf.get("max_position_embeddings") or conf.get("n_positions")
+        self.max_positions = conf.get("max_position_embeddings") or conf.get("n_positions") or self.model.context_length
 
     def _all_logits(self, ids):
-        import numpy as np
         import torch
 
-        x = np.asarray([ids], dtype=np.int64)
-        return torch.from_numpy(self.session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0][0])
+        return torch.from_numpy(self.model.all_logits(list(ids)))
 
     def _start(self, ids):
-        return self._all_logits(ids)[-1], list(ids)
+        import torch
 
-    def _step(self, token, ids):
-        ids = ids + [token]
-        return self._all_logits(ids)[-1], ids
+        logits, state = self.model.prefill(list(ids))
+        return torch.from_numpy(logits), state
+
+    def _step(self, token, state):
+        import torch
+
+        logits, state = self.model.step(token, state)
+        return torch.from_numpy(logits), state
 
 
 class VllmEngine:

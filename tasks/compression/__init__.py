@@ -82,19 +82,27 @@ from tasks.compression.measure import (
     torch_threads,
 )
 from tasks.compression.onnx import (
+    GENAI_CONFIG,
+    GREEDY_CHECK_TOKENS,
+    LM_HEAD,
     ONNX_ATOL,
     ONNX_FILE,
     ONNX_INT8_MAX_REL_ERR,
     ONNX_RTOL,
-    compare_logits,
-    encode_for_check,
+    RUNNER_FILE,
+    block_bytes,
+    calibration_ids,
+    dequantize_blocks,
     export_onnx,
-    logits_module,
+    kv_logits,
+    matmul_nodes,
+    mixed_plan,
     onnx_matmul_weight_bytes,
-    ort_logits,
-    ort_session,
+    quantize_blocks,
     quantize_onnx,
-    verify_onnx,
+    sensitivity,
+    torch_linears,
+    verify_kv,
 )
 from tasks.compression.pruning import build_pruned, prune_magnitude, prune_mlp_channels
 from tasks.compression.quantization import QUANT_FILE, QUANT_MODES, build_quantized, load_quantized, quantize_int8
@@ -104,6 +112,20 @@ ONNX_SOURCE_KIND = {"pruned": "prune", "distilled": "distill"}  # compression.on
 
 __all__ = [
     "COLUMNS",
+    "GENAI_CONFIG",
+    "LM_HEAD",
+    "RUNNER_FILE",
+    "block_bytes",
+    "calibration_ids",
+    "dequantize_blocks",
+    "kv_logits",
+    "matmul_nodes",
+    "mixed_plan",
+    "quantize_blocks",
+    "sensitivity",
+    "torch_linears",
+    "GREEDY_CHECK_TOKENS",
+    "verify_kv",
     "META",
     "ONNX_ATOL",
     "ONNX_FILE",
@@ -120,7 +142,6 @@ __all__ = [
     "build_pruned",
     "build_quantized",
     "check_public",
-    "compare_logits",
     "compress",
     "compress_task",
     "choose",
@@ -130,19 +151,15 @@ __all__ = [
     "decoder_layers",
     "disk_bytes",
     "distill_loss",
-    "encode_for_check",
     "export_onnx",
     "gate",
     "linear_sparsity",
     "linear_weight_bytes",
     "load_quantized",
     "load_variant",
-    "logits_module",
     "make_student",
     "measure",
     "onnx_matmul_weight_bytes",
-    "ort_logits",
-    "ort_session",
     "perplexity",
     "Pick",
     "plan",
@@ -160,7 +177,6 @@ __all__ = [
     "time_variants",
     "timing_input",
     "torch_threads",
-    "verify_onnx",
     "write_meta",
 ]
 
@@ -168,7 +184,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ gates + selection
 
 
-def gate(metrics: dict, baseline: dict, max_perplexity_increase: float, min_speedup: float) -> tuple[bool, str]:
+def gate(
+    metrics: dict, baseline: dict, max_perplexity_increase: float, min_speedup: float, min_top1: float = 0.0
+) -> tuple[bool, str]:
     """Pure: does a measured variant pass? Every check is stated, passing or not."""
     reasons, ok = [], True
     ppl, base = metrics["perplexity"], baseline["perplexity"]
@@ -180,6 +198,13 @@ def gate(metrics: dict, baseline: dict, max_perplexity_increase: float, min_spee
         )
     else:
         reasons.append(f"perplexity {rel:+.1%} (allowed +{max_perplexity_increase:.1%})")
+    top1 = metrics.get("top1_agreement")
+    if min_top1 > 0 and top1 is not None:
+        if top1 < min_top1:
+            ok = False
+            reasons.append(f"top-1 agreement {top1:.3f} is below the required {min_top1:g}")
+        else:
+            reasons.append(f"top-1 agreement {top1:.3f} (required {min_top1:g})")
     speedup = metrics["speedup"]
     if speedup < min_speedup:
         ok = False
@@ -280,6 +305,8 @@ def plan(cfg) -> list[tuple[str, dict]]:
         out.append(("onnx", {"kind": "onnx"}))
         if cfg.onnx_int8:
             out.append(("onnx-int8", {"kind": "onnx_int8"}))
+        if cfg.onnx_mixed:
+            out.append(("onnx-mixed", {"kind": "onnx_mixed"}))
     return out
 
 
@@ -382,7 +409,7 @@ def _build(
     if kind == "onnx":
         src = _onnx_source_model(src_name, model, built)
         return {"onnx_check": export_onnx(src, tok, tmp, texts, max_len, src_name), "onnx_source": src_name}
-    if kind == "onnx_int8":
+    if kind in ("onnx_int8", "onnx_mixed"):
         if "onnx" not in built:
             raise CompressionError(
                 "the fp32 ONNX export failed, so there is nothing to quantize",
@@ -390,19 +417,54 @@ def _build(
                 "see the onnx variant's reason",
             )
         src = _onnx_source_model(src_name, model, built)
+        fp32 = built["onnx"]
+        shapes = matmul_nodes(fp32 / ONNX_FILE)
+        heads = {LM_HEAD: cfg.onnx_lm_head_block_size} if LM_HEAD in shapes else {}
+        if kind == "onnx_int8":
+            plan_bits, extra = {n: 8 for n in shapes}, {}
+        else:
+            plan_bits, extra = _mixed(src, tok, fp32, shapes, cfg)
         check = quantize_onnx(
-            built["onnx"],
+            fp32,
             tmp,
-            logits_module(src),
+            src,
             tok,
             texts,
             max_len,
             src_name,
-            cfg.onnx_int8_method,
+            plan_bits,
             cfg.onnx_int8_block_size,
+            cfg.onnx_accuracy_level,
+            technique=spec["kind"].replace("_", "-"),
+            extra=extra,
+            block_sizes=heads,
+            check_drift=kind == "onnx_int8",
         )
-        return {"onnx_check": check, "onnx_source": src_name}
+        return {"onnx_check": check, "onnx_source": src_name, **({"mixed": extra} if extra else {})}
     raise CompressionError(f"unknown variant kind '{kind}'", "compression", "this is a bug")
+
+
+def _mixed(src, tok, fp32: Path, shapes: dict, cfg) -> tuple[dict[str, int], dict]:
+    """Bits per node for the mixed bundle: int4 sensitivity measured on public (or self-sampled) text, then the
+    most sensitive nodes per byte go to int8 within `onnx_mixed_max_size` of the fp32 bundle."""
+    from tasks.data import read_texts
+
+    public = None
+    if cfg.onnx_sensitivity_data is not None:
+        p = Path(cfg.onnx_sensitivity_data)
+        public = read_texts(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]
+    calib = calibration_ids(src, tok, public)
+    cost = sensitivity(src, list(shapes), calib, cfg.onnx_int8_block_size)
+    total = sum(f.stat().st_size for f in fp32.iterdir() if f.name.startswith(ONNX_FILE))
+    other = total - onnx_matmul_weight_bytes(fp32 / ONNX_FILE)  # norms, rotary caches: stay fp32
+    budget = int(cfg.onnx_mixed_max_size * total) - other
+    plan_bits, info = mixed_plan(shapes, cost, budget, cfg.onnx_int8_block_size)
+    info.update(
+        sensitivity_on="public text" if public else "text sampled from the model (no records read)",
+        max_size=cfg.onnx_mixed_max_size,
+        cost={n: round(c, 6) for n, c in cost.items()},
+    )
+    return plan_bits, info
 
 
 def _onnx_source_model(src_name: str, model, built: dict[str, Path]):
@@ -420,7 +482,9 @@ def decide(measured: dict, cfg) -> CompressionResult:
     base, variants = measured["baseline"], measured["variants"]
     for v in variants:
         if v.get("built", True):
-            v["passed"], v["reason"] = gate(v, base, cfg.max_perplexity_increase, cfg.min_speedup)
+            v["passed"], v["reason"] = gate(
+                v, base, cfg.max_perplexity_increase, cfg.min_speedup, cfg.min_top1_agreement
+            )
     rows = table_rows(base, variants)
     band = noise_band(variants, cfg.pick_speed_tolerance)
     selected = choose(variants, band)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.compression.common import count_params, linear_sparsity, linear_weight_bytes, read_meta
-from tasks.compression.onnx import ONNX_FILE, onnx_matmul_weight_bytes, ort_logits, ort_session
+from tasks.compression.onnx import ONNX_FILE, kv_logits, onnx_matmul_weight_bytes
 from tasks.compression.quantization import load_quantized
 from tasks.model import disk_bytes
 
@@ -37,9 +37,11 @@ def load_variant(path: str | Path) -> Loaded:
     path = Path(path)
     meta = read_meta(path)
     if meta["format"] == "onnx":
-        session = ort_session(path / ONNX_FILE)
+        from llmops.edge_runner import EdgeModel
+
+        em = EdgeModel(path, torch.get_num_threads())  # the same thread count as the torch rows
         return Loaded(
-            lambda ids, am: ort_logits(session, ids, am),
+            lambda ids, am: kv_logits(em, ids, am),
             load_tokenizer(path),
             meta.get("params"),
             onnx_matmul_weight_bytes(path / ONNX_FILE),
@@ -61,16 +63,26 @@ def load_variant(path: str | Path) -> Loaded:
     )
 
 
-def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int = 8) -> dict:
+def perplexity(runner: Loaded, texts: list[str], max_len: int, batch_size: int = 8, ref_top=None) -> dict:
+    """Held-out loss/perplexity; `top` = each real position's top token (teacher-forced), and with `ref_top` (the
+    original's) the agreement with it: near ties flip under any quantization, so this is the gate, not greedy text."""
+    import torch
+
     from tasks.lm import encode, logits_nll
 
-    total, count = 0.0, 0
+    total, count, tops = 0.0, 0, []
     for i in range(0, len(texts), batch_size):
         b = encode(runner.tok, texts[i : i + batch_size], max_len)
-        nll, n = logits_nll(runner.logits(b["input_ids"], b["attention_mask"]), b["input_ids"], b["attention_mask"])
+        logits = runner.logits(b["input_ids"], b["attention_mask"])
+        nll, n = logits_nll(logits, b["input_ids"], b["attention_mask"])
         total, count = total + nll, count + n
+        tops.append(logits.argmax(-1)[b["attention_mask"].bool()])
     loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    top = torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long)
+    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count, "top": top}
+    if ref_top is not None:
+        out["top1_agreement"] = round(float((top == ref_top).float().mean()) if len(top) else 1.0, 4)
+    return out
 
 
 def timing_input(tok, texts: list[str], max_len: int) -> dict:
@@ -142,10 +154,14 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
     base_entry = {"name": "original", "path": str(model_path), "technique": "none", "format": "hf"}
     todo = [base_entry, *[v for v in variants if v.get("built", True)]]
     runners: dict[str, Loaded] = {}
+    ref_top = None
     for v in tqdm(todo, desc="reload + perplexity", unit="variant", dynamic_ncols=True):
         runners[v["name"]] = r = load_variant(v["path"])
         v.setdefault("format", read_meta(v["path"])["format"])
-        v.update(perplexity(r, texts, max_len), params=r.params, size_bytes=disk_bytes(v["path"]), sparsity=r.sparsity)
+        scored = perplexity(r, texts, max_len, ref_top=ref_top)
+        top = scored.pop("top")
+        ref_top = top if ref_top is None else ref_top  # the original is scored first
+        v.update(scored, params=r.params, size_bytes=disk_bytes(v["path"]), sparsity=r.sparsity)
         if r.linear_bytes is not None:
             v["linear_bytes"] = r.linear_bytes
     batch = timing_input(runners["original"].tok, texts, max_len)
@@ -156,6 +172,7 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
         speedup=1.0,
         size_ratio=1.0,
         ppl_delta=0.0,
+        top1_agreement=1.0,
         linear_bytes_ratio=1.0,
         size_mb=round(base["size_bytes"] / 1e6, 1),
     )
@@ -172,7 +189,7 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
             v["linear_bytes_ratio"] = round(v["linear_bytes"] / base["linear_bytes"], 4)
     note = (
         f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
-        f"(max_len {max_len}); latency = one forward of a batch-1, {max_len}-token sequence, "
+        f"(max_len {max_len}); top-1 = teacher-forced agreement with the original's top token on that text; latency = one forward of a batch-1, {max_len}-token sequence, "
         f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
         f"tokens/s = {max_len} / p50."
     )
@@ -195,6 +212,7 @@ COLUMNS = [
     ("Linear bytes x", "linear_bytes_ratio"),
     ("perplexity", "perplexity"),
     ("ppl delta", "ppl_delta"),
+    ("top-1", "top1_agreement"),
     ("tokens/s", "tokens_per_s"),
     ("speed-up", "speedup"),
     ("p50 ms", "latency_ms_p50"),
