@@ -313,7 +313,10 @@ class CompressionConfig(Section):
         "moved by 0-8.4% between five repeated measurements (bench/bench_pick_stability.py); noise must "
         "not buy a variant twice the size; 0 = fastest wins",
     )
-    bench_rounds: int = Field(20, ge=3, description="Timed forward passes per variant, interleaved")
+    bench_rounds: int = Field(20, ge=3, description="Timed rounds per variant (one forward + one decode), interleaved")
+    bench_decode_tokens: int = Field(
+        32, ge=2, description="Greedy tokens per timed decode (after a 32-token prompt); speed-up = decode tokens/s"
+    )
     bench_threads: int | None = Field(None, ge=1, description="CPU threads while measuring; None = torch default")
     max_eval_records: int = Field(64, ge=1, description="Held-out records for the perplexity column")
 

@@ -26,6 +26,7 @@ class Loaded:
     params: int
     linear_bytes: int | None = None
     sparsity: float | None = None
+    decode: Callable | None = None  # decode(ids, n) -> seconds for n greedy tokens after the prompt (KV cache)
 
 
 def load_variant(path: str | Path) -> Loaded:
@@ -40,11 +41,22 @@ def load_variant(path: str | Path) -> Loaded:
         from llmops.edge_runner import EdgeModel
 
         em = EdgeModel(path, torch.get_num_threads())  # the same thread count as the torch rows
+
+        def onnx_decode(ids, n):
+            import numpy as np
+
+            t0 = time.perf_counter()
+            logits, state = em.prefill(ids)
+            for _ in range(n - 1):
+                logits, state = em.step(int(np.argmax(logits)), state)
+            return time.perf_counter() - t0
+
         return Loaded(
             lambda ids, am: kv_logits(em, ids, am),
             load_tokenizer(path),
             meta.get("params"),
             onnx_matmul_weight_bytes(path / ONNX_FILE),
+            decode=onnx_decode,
         )
     if meta["format"] == "torchao":
         model, tok = load_quantized(path, meta["quantize"])
@@ -56,10 +68,24 @@ def load_variant(path: str | Path) -> Loaded:
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=am, use_cache=False).logits
 
+    def torch_decode(ids, n):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(input_ids=torch.tensor([ids]), use_cache=True)
+            for _ in range(n - 1):
+                nxt = out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            return time.perf_counter() - t0
+
     run.model = model  # for callers that want the module (tests)
     sparsity = linear_sparsity(model)
     return Loaded(
-        run, tok, count_params(model), linear_weight_bytes(model), None if sparsity is None else round(sparsity, 4)
+        run,
+        tok,
+        count_params(model),
+        linear_weight_bytes(model),
+        None if sparsity is None else round(sparsity, 4),
+        decode=torch_decode,
     )
 
 
@@ -95,25 +121,34 @@ def timing_input(tok, texts: list[str], max_len: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int) -> dict[str, dict]:
-    """Forward latency per variant, interleaved round by round so machine noise hits every variant alike."""
+def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int, decode_tokens: int = 32) -> dict[str, dict]:
+    """Per variant, interleaved round by round so machine noise hits every variant alike: one batch-1 forward of
+    the timing sequence (prefill latency) and one greedy decode of `decode_tokens` after its first 32 tokens (the
+    KV-cache path generation runs). The speed-up is the median of per-round paired decode ratios to the original."""
     from tqdm.auto import tqdm
 
+    prompt = batch["input_ids"][0, :32].tolist()
     for r in runners.values():  # warm-up: allocator, ORT graph, lazy inits
         for _ in range(2):
             r.logits(batch["input_ids"], batch["attention_mask"])
+        if r.decode is not None:
+            r.decode(prompt, 4)
     samples: dict[str, list[float]] = {name: [] for name in runners}
+    decodes: dict[str, list[float]] = {name: [] for name in runners}
     for _ in tqdm(range(rounds), desc="timing", unit="round", dynamic_ncols=True):
         for name, r in runners.items():
             t0 = time.perf_counter()
             r.logits(batch["input_ids"], batch["attention_mask"])
             samples[name].append(time.perf_counter() - t0)
+            if r.decode is not None:
+                decodes[name].append(r.decode(prompt, decode_tokens))
     n_tok = batch["input_ids"].numel()
     out = {}
-    base = samples.get("original")
+    base = decodes.get("original") or samples.get("original")
     for name, s in samples.items():
-        if base is not None:  # paired by round: a load spike slows both sides of one ratio alike
-            ratios = sorted(b / x for b, x in zip(base, s))
+        mine = decodes[name] or s
+        if base is not None and len(mine) == len(base):  # paired by round: a load spike slows both sides alike
+            ratios = sorted(b / x for b, x in zip(base, mine))
             med = statistics.median(ratios)
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             paired = {"speedup_paired": round(med, 3), "speedup_spread": round((q3 - q1) / med, 3) if med else 0.0}
@@ -126,6 +161,11 @@ def time_variants(runners: dict[str, Loaded], batch: dict, rounds: int) -> dict[
             "latency_ms_p50": round(1000 * p50, 2),
             "latency_ms_p95": round(1000 * p95, 2),
             "tokens_per_s": round(n_tok / p50, 1),
+            **(
+                {"decode_tokens_per_s": round(decode_tokens / statistics.median(decodes[name]), 1)}
+                if decodes[name]
+                else {}
+            ),
             **paired,
         }
     return out
@@ -165,7 +205,7 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
         if r.linear_bytes is not None:
             v["linear_bytes"] = r.linear_bytes
     batch = timing_input(runners["original"].tok, texts, max_len)
-    timing = time_variants(runners, batch, cfg.bench_rounds)
+    timing = time_variants(runners, batch, cfg.bench_rounds, cfg.bench_decode_tokens)
     base = base_entry
     base.update(
         timing["original"],
@@ -181,7 +221,9 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
             continue
         v.update(timing[v["name"]])
         # the median of per-round paired ratios (same round, same load), not a ratio of two medians
-        v["speedup"] = v.get("speedup_paired") or round(v["tokens_per_s"] / base["tokens_per_s"], 3)
+        v["speedup"] = v.get("speedup_paired") or round(
+            v.get("decode_tokens_per_s", v["tokens_per_s"]) / base.get("decode_tokens_per_s", base["tokens_per_s"]), 3
+        )
         v["size_mb"] = round(v["size_bytes"] / 1e6, 1)
         v["size_ratio"] = round(v["size_bytes"] / base["size_bytes"], 3)
         v["ppl_delta"] = v["perplexity"] / base["perplexity"] - 1
@@ -189,9 +231,11 @@ def _measure(model_path: str, variants: list[dict], texts: list[str], max_len: i
             v["linear_bytes_ratio"] = round(v["linear_bytes"] / base["linear_bytes"], 4)
     note = (
         f"Measured by running each variant reloaded from disk: perplexity on {len(texts)} held-out records "
-        f"(max_len {max_len}); top-1 = teacher-forced agreement with the original's top token on that text; latency = one forward of a batch-1, {max_len}-token sequence, "
-        f"{cfg.bench_rounds} interleaved rounds, {torch_threads()} CPU thread(s); "
-        f"tokens/s = {max_len} / p50."
+        f"(max_len {max_len}); top-1 = teacher-forced agreement with the original's top token on that text; "
+        f"decode tokens/s = {cfg.bench_decode_tokens} greedy tokens after a 32-token prompt with the KV cache "
+        f"(median; speed-up = median of paired per-round decode ratios to the original); latency = one forward "
+        f"(prefill) of a batch-1, {max_len}-token sequence; {cfg.bench_rounds} interleaved rounds, "
+        f"{torch_threads()} CPU thread(s); prefill tokens/s = {max_len} / p50."
     )
     return {"baseline": base, "variants": variants, "note": note}
 
@@ -213,8 +257,9 @@ COLUMNS = [
     ("perplexity", "perplexity"),
     ("ppl delta", "ppl_delta"),
     ("top-1", "top1_agreement"),
-    ("tokens/s", "tokens_per_s"),
+    ("decode tok/s", "decode_tokens_per_s"),
     ("speed-up", "speedup"),
+    ("prefill tok/s", "tokens_per_s"),
     ("p50 ms", "latency_ms_p50"),
     ("p95 ms", "latency_ms_p95"),
     ("gate", "gate"),
