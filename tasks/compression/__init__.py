@@ -21,11 +21,17 @@ Variants (each selectable in `compression.*`):
                     torchao tensors (+ config) and reloaded by re-applying the same config (`load_variant`).
   distilled         fewer layers, initialised from evenly spaced teacher layers, trained on the teacher's logits
                     (temperature-scaled KL + CE) on `compression.distill_data`, which must be public.
-  onnx / onnx-int8  torch.onnx (dynamo) export of an fp32 variant, checked against torch with onnxruntime. The int8
-                    copy is, by default, onnxruntime's block-wise int8 (`MatMulNBits`, 8 bits, symmetric, one fp32
-                    scale per `onnx_int8_block_size` input channels, accuracy level 4 = int8 compute with activations
-                    quantized per block at run time). `onnx_int8_method: dynamic` is the older per-tensor
-                    `quantize_dynamic`; on SmolLM2 its activation outliers cost ~+75% perplexity, so it is gated out.
+  onnx / onnx-int8  the edge bundle: a KV-cached decoder built by onnxruntime-genai's model builder (GQA with
+                    past_key_values), checked against torch (prompt logits, cached one-token steps, greedy tokens of
+                    `generate`), and our block-wise MatMulNBits copy: int8 weights, one scale per
+                    `onnx_int8_block_size` (32) input channels, the lm_head at `onnx_lm_head_block_size` (16) and read
+                    by the tied embedding through GatherBlockQuantized, accuracy level 4 (int8 activations per block).
+  onnx-mixed        (opt-in) int4 body, int8 lm_head, and the nodes with the largest measured int4 error per byte
+                    promoted to int8 within `onnx_mixed_max_size` of the fp32 bundle (sensitivity on public text or on
+                    text the model samples itself: no record is read).
+  Every bundle ships tokenizer.json (no truncation, no padding), config, genai_config.json and edge_runner.py.
+  Gates: held-out perplexity (`max_perplexity_increase`), teacher-forced top-1 agreement with the original
+  (`min_top1_agreement`), and the decode speed-up with the KV cache (`min_speedup`).
 
 Privacy: pruning, weight-only int8 and dynamic int8 are post-processing of the DP model and cost no epsilon; none of
 the techniques here uses calibration data. Distillation reads text, so it is refused (PrivacyError) when any record of
@@ -37,7 +43,7 @@ Modules (this package re-exports their public names, so `from tasks.compression 
   pruning.py       magnitude and MLP-channel pruning
   quantization.py  torchao int8
   distillation.py  student, KL+CE training, the public-text check
-  onnx.py          export, int8 copy, onnxruntime check
+  onnx.py          KV-decoder export, block quantization (int8, mixed int4/int8), checks against torch
   measure.py       reload, perplexity, timing, the table
   __init__.py      the pipeline: plan, build, measure, gate, pick (`compress`, `compress_task`)
 """
@@ -355,6 +361,8 @@ def compress(
     distill_fp = None
     if cfg.distill:  # refuse before any work: the privacy rule is not a late surprise
         distill_fp = check_public(cfg.distill_data, private_paths)
+    if cfg.export_onnx and cfg.onnx_mixed and cfg.onnx_sensitivity_data is not None:
+        check_public(cfg.onnx_sensitivity_data, private_paths)  # what the bit choice reads must be public too
     texts = read_texts(Path(eval_path))[: cfg.max_eval_records]
     if not texts:
         raise CompressionError("no held-out records", eval_path, "pass the held-out split written by the data step")

@@ -566,3 +566,33 @@ def test_serving_onnx_engine_streams_what_torch_streams_through_the_cache(bundle
     seeded = [list(onnx_eng.stream(ids, 8, temperature=0.8, top_p=0.9, seed=3)) for _ in range(2)]
     assert seeded[0] == seeded[1]  # a fixed seed is deterministic (the response cache relies on it)
     assert onnx_eng.max_positions == 64
+
+
+def test_mixed_bundle_is_built_gated_and_its_sensitivity_text_must_be_public(tiny, tmp_path):
+    ref, data = tiny
+    cfg = Cfg(enabled=True, export_onnx=True, onnx_int8=False, onnx_mixed=True, onnx_sensitivity_data=data.train_path)
+    with pytest.raises(PrivacyError):  # the bit choice would read private records: refused before any work
+        c.compress(ref.path, str(tmp_path / "x"), cfg, data.eval_path, MAX_LEN, [data.train_path, data.eval_path])
+    assert not (tmp_path / "x").exists()
+    cfg = Cfg(
+        enabled=True,
+        export_onnx=True,
+        onnx_int8=False,
+        onnx_mixed=True,
+        onnx_mixed_max_size=0.3,
+        max_perplexity_increase=10.0,
+        min_speedup=0.01,
+        min_top1_agreement=0.0,
+        bench_rounds=3,
+        max_eval_records=4,
+        bench_threads=1,
+    )
+    res = c.compress(ref.path, str(tmp_path / "o"), cfg, data.eval_path, MAX_LEN, [data.train_path, data.eval_path])
+    mixed = {v["name"]: v for v in res["variants"]}["onnx-mixed"]
+    assert mixed["passed"], mixed["reason"]
+    meta = c.read_meta(Path(mixed["path"]))
+    assert meta["bits"] == "int4/int8" and meta["plan"][c.LM_HEAD] == 8 and meta["nodes_by_bits"]["int4"] >= 1
+    assert meta["sensitivity_on"].startswith("text sampled from the model")
+    assert meta["weight_bytes"] <= meta["budget_bytes"]
+    assert 0 <= mixed["top1_agreement"] <= 1 and mixed["decode_tokens_per_s"] > 0
+    assert res["edge_name"] == "onnx-mixed"  # the smallest passing ONNX variant
