@@ -596,3 +596,29 @@ def test_mixed_bundle_is_built_gated_and_its_sensitivity_text_must_be_public(tin
     assert meta["weight_bytes"] <= meta["budget_bytes"]
     assert 0 <= mixed["top1_agreement"] <= 1 and mixed["decode_tokens_per_s"] > 0
     assert res["edge_name"] == "onnx-mixed"  # the smallest passing ONNX variant
+
+
+def test_onnxruntime_genai_runs_the_int8_bundle_greedy_like_our_runner(bundles):
+    """The bundle is an onnxruntime-genai model folder too: its C++ loop gives the same greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import numpy as np
+
+    from llmops.edge_runner import EdgeModel
+
+    d = bundles["int8"]
+    ids = bundles["tok"](TEXTS[1], add_special_tokens=False)["input_ids"][:12]
+    m = og.Model(str(d))
+    p = og.GeneratorParams(m)
+    p.set_search_options(max_length=len(ids) + 10, min_length=len(ids) + 10)
+    g = og.Generator(m, p)
+    g.append_tokens(ids)
+    while not g.is_done():
+        g.generate_next_token()
+    theirs = [int(t) for t in g.get_sequence(0)][len(ids) :]
+    em = EdgeModel(d)
+    logits, state = em.prefill(ids)
+    ours = []
+    for _ in range(10):
+        ours.append(int(np.argmax(logits)))
+        logits, state = em.step(ours[-1], state)
+    assert theirs == ours
