@@ -396,6 +396,7 @@ def quantize_onnx(
     if not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(m, str(out / ONNX_FILE), save_as_external_data=True, location=ONNX_DATA, size_threshold=1024)
+    (out / ONNX_DATA).chmod(0o644)  # onnx writes it 0600; the bundle is published to readers like the graph
     for f in src.iterdir():
         if f.is_file() and f.name not in (ONNX_FILE, ONNX_DATA, "compression.json"):
             shutil.copy2(f, out / f.name)
