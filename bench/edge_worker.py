@@ -89,6 +89,12 @@ class Genai:
         import onnxruntime_genai as og
 
         self.og = og
+        gc = Path(path) / "genai_config.json"  # same thread count as every other engine (its default is all cores)
+        conf = json.loads(gc.read_text())
+        conf["model"]["decoder"].setdefault("session_options", {}).update(
+            intra_op_num_threads=threads, inter_op_num_threads=1
+        )
+        gc.write_text(json.dumps(conf, indent=4))
         cfg = og.Config(str(path))
         self.model = og.Model(cfg)
         self.path, self.threads = path, threads

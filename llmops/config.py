@@ -285,7 +285,7 @@ class CompressionConfig(Section):
     )
     onnx_int8_block_size: int = Field(32, ge=16, description="Input channels per scale; power of two")
     onnx_lm_head_block_size: int = Field(
-        16, ge=16, description="Block size of the lm_head / tied embedding (activations are quantized per block too)"
+        32, ge=16, description="Block size of the lm_head / tied embedding (16: finer activation blocks, top-1 +0.3 pt)"
     )
     onnx_accuracy_level: Literal[1, 4] = Field(
         4, description="MatMulNBits accuracy level: 4 = int8 activations (fast), 1 = fp32 activations (slow on CPU)"
