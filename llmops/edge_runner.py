@@ -97,6 +97,18 @@ class EdgeModel:
         logits, past = self._run([int(token)], past, total + 1)
         return logits[-1], (past, total + 1)
 
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """`n` greedy tokens after `ids`, not stopping at end-of-sequence (checks and timings compare fixed lengths)."""
+        import numpy as np
+
+        logits, state = self.prefill(ids)
+        out: list[int] = []
+        for i in range(n):
+            out.append(int(np.argmax(logits)))
+            if i + 1 < n:
+                logits, state = self.step(out[-1], state)
+        return out
+
     def all_logits(self, ids: list[int]):
         """Teacher-forced logits of every position (one prefill, no cache reuse): perplexity and top-1 checks."""
         return self._run(list(ids), self._empty(), len(ids))[0]

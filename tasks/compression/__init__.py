@@ -24,7 +24,7 @@ Variants (each selectable in `compression.*`):
   onnx / onnx-int8  the edge bundle: a KV-cached decoder built by onnxruntime-genai's model builder (GQA with
                     past_key_values), checked against torch (prompt logits, cached one-token steps, greedy tokens of
                     `generate`), and our block-wise MatMulNBits copy: int8 weights, one scale per
-                    `onnx_int8_block_size` (32) input channels, the lm_head at `onnx_lm_head_block_size` (16) and read
+                    `onnx_int8_block_size` (32) input channels, the lm_head at `onnx_lm_head_block_size` (32) and read
                     by the tied embedding through GatherBlockQuantized, accuracy level 4 (int8 activations per block).
   onnx-mixed        (opt-in) int4 body, int8 lm_head, and the nodes with the largest measured int4 error per byte
                     promoted to int8 within `onnx_mixed_max_size` of the fp32 bundle (sensitivity on public text or on
@@ -455,12 +455,11 @@ def _build(
 def _mixed(src, tok, fp32: Path, shapes: dict, cfg) -> tuple[dict[str, int], dict]:
     """Bits per node for the mixed bundle: int4 sensitivity measured on public (or self-sampled) text, then the
     most sensitive nodes per byte go to int8 within `onnx_mixed_max_size` of the fp32 bundle."""
-    from tasks.data import read_texts
+    from tasks.data import load_dataset
 
     public = None
-    if cfg.onnx_sensitivity_data is not None:
-        p = Path(cfg.onnx_sensitivity_data)
-        public = read_texts(p) if p.suffix == ".jsonl" else [p.read_text(encoding="utf-8")]
+    if cfg.onnx_sensitivity_data is not None:  # read as `check_public` read it: the records it found public
+        public = [r.text for r in load_dataset(Path(cfg.onnx_sensitivity_data)).records]
     calib = calibration_ids(src, tok, public)
     cost = sensitivity(src, [n for n in shapes if n != LM_HEAD], calib, cfg.onnx_int8_block_size)  # head: int8
     total = sum(f.stat().st_size for f in fp32.iterdir() if f.name.startswith(ONNX_FILE))

@@ -43,12 +43,8 @@ def load_variant(path: str | Path) -> Loaded:
         em = EdgeModel(path, torch.get_num_threads())  # the same thread count as the torch rows
 
         def onnx_decode(ids, n):
-            import numpy as np
-
             t0 = time.perf_counter()
-            logits, state = em.prefill(ids)
-            for _ in range(n - 1):
-                logits, state = em.step(int(np.argmax(logits)), state)
+            em.greedy(ids, n)
             return time.perf_counter() - t0
 
         return Loaded(

@@ -201,7 +201,7 @@ def verify_kv(bundle: Path, model, tok, texts: list[str], max_len: int, greedy: 
                     do_sample=False,
                     pad_token_id=tok.eos_token_id,
                 )[0, len(ids) :].tolist()
-            have = _greedy(em, ids, len(want))
+            have = em.greedy(ids, len(want))
             first_diff = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
     rel = float(np.sqrt(np.mean(errs)) / max(np.mean(scales), 1e-12))
     out = {
@@ -214,19 +214,6 @@ def verify_kv(bundle: Path, model, tok, texts: list[str], max_len: int, greedy: 
     }
     if greedy:
         out.update(greedy_identical=first_diff is None, greedy_first_diff=first_diff, greedy_tokens=GREEDY_CHECK_TOKENS)
-    return out
-
-
-def _greedy(em, ids: list[int], n: int) -> list[int]:
-    """Greedy tokens without stopping at end-of-sequence (torch's reference above uses min_new_tokens)."""
-    import numpy as np
-
-    logits, state = em.prefill(ids)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        out.append(t)
-        logits, state = em.step(t, state)
     return out
 
 
